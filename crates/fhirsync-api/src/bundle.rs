@@ -1,0 +1,105 @@
+//! `POST /fhir` with a `transaction` or `batch` Bundle.
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::response::Response;
+use fhirsync_core::resource::{check_resource, parse_resource};
+use fhirsync_store::{BundleKind, EntryResult, StoreError, WriteOutcome, WriteRequest};
+use serde_json::{json, Value};
+
+use crate::error::{issue_code, outcome};
+use crate::http::{base_url, fhir_json, prefer, read_body, status_text, Return};
+use crate::render::{etag, full_url, BundleBuilder};
+use crate::search::searchset;
+use crate::{ApiError, AppState};
+
+pub async fn process(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let bytes = read_body(&state, &headers, body).await?;
+    let res = parse_resource(&bytes).map_err(StoreError::from)?;
+    check_resource(&res, Some("Bundle")).map_err(StoreError::from)?;
+    let out = state.store.write(WriteRequest::Bundle(res)).await?;
+    let WriteOutcome::Bundle(out) = out else {
+        return Err(ApiError::new(
+            500,
+            "exception",
+            "unexpected outcome for a bundle",
+        ));
+    };
+    let base = base_url(&state, &headers);
+    let with_resource =
+        prefer(&headers).ret == Return::Representation && headers.get("prefer").is_some();
+    let btype = match out.kind {
+        BundleKind::Transaction => "transaction-response",
+        BundleKind::Batch => "batch-response",
+    };
+    let mut b = BundleBuilder::new(btype, None, &[], Value::Null);
+    for e in out.entries {
+        match e {
+            EntryResult::Write { status, version } => {
+                let mut response = json!({"status": status_text(status)});
+                if let Some(v) = &version {
+                    if status != 204 {
+                        response["location"] =
+                            json!(format!("{}/{}/_history/{}", v.rtype, v.id, v.vid));
+                    }
+                    response["etag"] = json!(etag(v));
+                    response["lastModified"] =
+                        json!(fhirsync_core::instant::format_instant(v.last_updated_ms));
+                }
+                let fu = version
+                    .as_ref()
+                    .filter(|v| !v.deleted)
+                    .map(|v| full_url(&base, v));
+                let body = version
+                    .as_ref()
+                    .filter(|_| with_resource)
+                    .and_then(|v| v.body.as_deref());
+                b.entry(None, fu.as_deref(), body, json!({"response": response}));
+            }
+            EntryResult::Read(v) => {
+                let response = json!({
+                    "status": status_text(200),
+                    "etag": etag(&v),
+                    "lastModified": fhirsync_core::instant::format_instant(v.last_updated_ms),
+                });
+                b.entry(
+                    None,
+                    Some(&full_url(&base, &v)),
+                    v.body.as_deref(),
+                    json!({"response": response}),
+                );
+            }
+            EntryResult::Search(s) => {
+                let (q, page) = *s;
+                let set = searchset(&base, &q, &page, None);
+                b.entry(
+                    None,
+                    None,
+                    Some(&set),
+                    json!({"response": {"status": status_text(200)}}),
+                );
+            }
+            EntryResult::Failed(err) => {
+                let status = err.status();
+                let msg = if status >= 500 {
+                    tracing::error!(error = %err, "batch entry failed in storage");
+                    "internal error; the cause is in the server log".to_string()
+                } else {
+                    err.to_string()
+                };
+                b.entry(
+                    None,
+                    None,
+                    None,
+                    json!({"response": {"status": status_text(status), "outcome": outcome("error", issue_code(status), &msg)}}),
+                );
+            }
+        }
+    }
+    Ok(fhir_json(b.finish()))
+}

@@ -1,0 +1,132 @@
+//! The change feed `GET /fhir/$changes`: the node's change log after a
+//! cursor, oldest first, each entry with its sync metadata (seq, origin,
+//! version vector, HLC); with `wait` it long-polls.
+
+use std::time::Duration;
+
+use axum::extract::{RawQuery, State};
+use axum::http::HeaderMap;
+use axum::response::Response;
+use fhirsync_core::resource::is_resource_type;
+use fhirsync_store::{ChangesQuery, StoredVersion};
+use serde_json::{json, Value};
+
+use crate::http::{base_url, check_accept, fhir_json, prefer, query_pairs};
+use crate::render::{full_url, history_rest, BundleBuilder};
+use crate::{ApiError, AppState};
+
+/// Canonical base of fhirsync's own definitions.
+pub const CANONICAL_BASE: &str = "https://fhirsync.dev/fhir";
+/// Canonical base of the extensions fhirsync writes.
+pub const EXTENSION_BASE: &str = "https://fhirsync.dev/fhir/StructureDefinition";
+/// Entries returned when `_count` is absent.
+pub const CHANGES_COUNT_DEFAULT: usize = 100;
+/// Most entries one call returns.
+pub const CHANGES_COUNT_MAX: usize = 1000;
+
+/// The sync metadata extension of one change-log entry.
+pub fn sync_extension(v: &StoredVersion) -> Value {
+    json!([{
+        "url": format!("{EXTENSION_BASE}/sync-metadata"),
+        "extension": [
+            {"url": "seq", "valueDecimal": v.seq},
+            {"url": "origin", "valueString": v.origin},
+            {"url": "vector", "valueString": v.vv.to_json()},
+            {"url": "hlc", "valueString": v.hlc.to_string()},
+        ]
+    }])
+}
+
+pub async fn changes(
+    State(state): State<AppState>,
+    RawQuery(raw): RawQuery,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let pairs = query_pairs(raw.as_deref());
+    check_accept(&headers, &pairs)?;
+    let mut q = ChangesQuery {
+        since: 0,
+        count: CHANGES_COUNT_DEFAULT,
+        types: Vec::new(),
+    };
+    let mut wait_s = 0u64;
+    let mut unsupported = Vec::new();
+    for (k, v) in &pairs {
+        let num = |what: &str| -> Result<u64, ApiError> {
+            v.parse().map_err(|_| {
+                ApiError::bad_request(format!("{what} '{v}' is not a non-negative integer"))
+            })
+        };
+        match k.as_str() {
+            "since" => q.since = num("since")?,
+            "_count" => q.count = (num("_count")? as usize).clamp(1, CHANGES_COUNT_MAX),
+            "wait" => wait_s = num("wait")?.min(state.cfg.long_poll_s_max),
+            "_type" => {
+                for t in v.split(',').filter(|t| !t.is_empty()) {
+                    if !is_resource_type(t) {
+                        return Err(ApiError::bad_request(format!(
+                            "_type '{t}' is not a resource type"
+                        )));
+                    }
+                    q.types.push(t.to_owned());
+                }
+            }
+            "_format" | "_pretty" => {}
+            other => unsupported.push(other.to_owned()),
+        }
+    }
+    if !unsupported.is_empty() && prefer(&headers).strict {
+        return Err(ApiError::new(
+            400,
+            "not-supported",
+            format!(
+                "unsupported $changes parameters: {}",
+                unsupported.join(", ")
+            ),
+        ));
+    }
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(wait_s);
+    let mut seq_rx = state.store.watch_seq();
+    let mut shutdown = state.shutdown.clone();
+    let rows = loop {
+        seq_rx.borrow_and_update();
+        let rows = state.store.changes(q.clone()).await?;
+        if !rows.is_empty() || wait_s == 0 || *shutdown.borrow() {
+            break rows;
+        }
+        tokio::select! {
+            r = seq_rx.changed() => if r.is_err() { break rows },
+            _ = tokio::time::sleep_until(deadline) => break rows,
+            _ = shutdown.changed() => break rows,
+        }
+    };
+
+    let base = base_url(&state, &headers);
+    let next_since = rows.last().map_or(q.since, |v| v.seq);
+    let link = |since: u64| {
+        let mut s = form_urlencoded::Serializer::new(String::new());
+        s.append_pair("since", &since.to_string());
+        s.append_pair("_count", &q.count.to_string());
+        if !q.types.is_empty() {
+            s.append_pair("_type", &q.types.join(","));
+        }
+        format!("{base}/$changes?{}", s.finish())
+    };
+    let links = [("self", link(q.since)), ("next", link(next_since))];
+    let ext = json!([
+        {"url": format!("{EXTENSION_BASE}/changes-next-since"), "valueDecimal": next_since},
+        {"url": format!("{EXTENSION_BASE}/changes-last-seq"), "valueDecimal": state.store.last_seq()},
+        {"url": format!("{EXTENSION_BASE}/node-id"), "valueString": state.store.node_id()},
+    ]);
+    let mut b = BundleBuilder::new("history", None, &links, ext);
+    for v in &rows {
+        b.entry(
+            Some(sync_extension(v)),
+            Some(&full_url(&base, v)),
+            v.body.as_deref(),
+            history_rest(v),
+        );
+    }
+    Ok(fhir_json(b.finish()))
+}

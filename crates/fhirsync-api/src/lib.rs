@@ -1,0 +1,85 @@
+//! The FHIR R4 REST API of a node (`/fhir`), including the change feed
+//! `$changes`. Handlers translate HTTP to [`fhirsync_store::Store`] calls and
+//! back; FHIR semantics live in the store's engine, not here.
+
+mod bundle;
+mod capability;
+mod changes;
+mod crud;
+mod error;
+mod history;
+mod http;
+mod render;
+mod search;
+
+use std::sync::Arc;
+
+use axum::routing::{get, post};
+use axum::Router;
+use fhirsync_store::Store;
+use tokio::sync::watch;
+
+pub use error::ApiError;
+
+/// Limits and settings of the API.
+#[derive(Debug, Clone)]
+pub struct ApiConfig {
+    /// Largest request body accepted, in bytes.
+    pub body_bytes_max: usize,
+    /// Longest `wait` a `$changes` long-poll may ask for, in seconds.
+    pub long_poll_s_max: u64,
+    /// Public base URL (`http://host:port/fhir`); from the `Host` header when unset.
+    pub base_url: Option<String>,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig {
+            body_bytes_max: 32 * 1024 * 1024,
+            long_poll_s_max: 60,
+            base_url: None,
+        }
+    }
+}
+
+/// What every handler can reach.
+#[derive(Clone)]
+pub struct AppState {
+    pub store: Arc<dyn Store>,
+    pub cfg: Arc<ApiConfig>,
+    /// Becomes `true` when the server shuts down (ends long-polls early).
+    pub shutdown: watch::Receiver<bool>,
+}
+
+/// The whole HTTP application.
+pub fn app(state: AppState) -> Router {
+    let fhir = Router::new()
+        .route("/", post(bundle::process).get(search::system_search))
+        .route("/metadata", get(capability::metadata))
+        .route("/$changes", get(changes::changes))
+        .route("/_history", get(history::system))
+        .route(
+            "/{rtype}",
+            get(search::type_search)
+                .post(crud::create)
+                .put(crud::conditional_update)
+                .delete(crud::conditional_delete),
+        )
+        .route("/{rtype}/_search", post(search::type_search_post))
+        .route("/{rtype}/_history", get(history::type_level))
+        .route(
+            "/{rtype}/{id}",
+            get(crud::read).put(crud::update).delete(crud::delete),
+        )
+        .route("/{rtype}/{id}/_history", get(history::instance))
+        .route("/{rtype}/{id}/_history/{vid}", get(crud::vread))
+        .method_not_allowed_fallback(error::method_not_allowed);
+    Router::new()
+        .nest("/fhir", fhir)
+        .fallback(error::not_found)
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(
+            error::panic_response,
+        ))
+        .layer(tower_http::trace::TraceLayer::new_for_http())
+        .with_state(state)
+}

@@ -1,0 +1,656 @@
+//! `transaction` and `batch` Bundles. A transaction is all or nothing and
+//! runs in the specification's order (DELETE, POST, PUT, GET); `urn:uuid:`
+//! full URLs become server ids and every reference to them is rewritten
+//! before anything is stored; conditional create, update, delete and
+//! conditional references are resolved inside the same transaction.
+
+use std::collections::{HashMap, HashSet};
+
+use fhirsync_core::refs::rewrite_references;
+use fhirsync_core::resource::{check_resource, is_resource_type, is_valid_id};
+use fhirsync_core::search::SearchQuery;
+use fhirsync_core::{ResourceKey, ValidationError};
+use serde_json::{Map, Value};
+
+use crate::engine::{self, atomically, single_match, NewVersion, WriteTx};
+use crate::types::*;
+use crate::StoreError;
+
+/// One request entry, parsed and checked.
+#[derive(Debug)]
+enum Op {
+    Read {
+        rtype: String,
+        id: String,
+    },
+    VRead {
+        rtype: String,
+        id: String,
+        vid: u64,
+    },
+    Search(SearchQuery),
+    Create {
+        res: Map<String, Value>,
+        rtype: String,
+        if_none_exist: Option<SearchQuery>,
+    },
+    Update {
+        rtype: String,
+        id: String,
+        res: Map<String, Value>,
+        if_match: Option<u64>,
+    },
+    CondUpdate {
+        rtype: String,
+        query: SearchQuery,
+        res: Map<String, Value>,
+        if_match: Option<u64>,
+    },
+    Delete {
+        rtype: String,
+        id: String,
+        if_match: Option<u64>,
+    },
+    CondDelete {
+        query: SearchQuery,
+    },
+}
+
+#[derive(Debug)]
+struct Planned {
+    full_url: Option<String>,
+    op: Op,
+}
+
+pub fn execute(
+    tx: &mut dyn WriteTx,
+    bundle: Map<String, Value>,
+) -> Result<BundleOutcome, StoreError> {
+    if bundle.get("resourceType").and_then(Value::as_str) != Some("Bundle") {
+        return Err(StoreError::BadRequest(
+            "POST to the base URL takes a Bundle".into(),
+        ));
+    }
+    let kind = match bundle.get("type").and_then(Value::as_str) {
+        Some("transaction") => BundleKind::Transaction,
+        Some("batch") => BundleKind::Batch,
+        other => {
+            return Err(StoreError::BadRequest(format!(
+                "Bundle.type must be transaction or batch, not {}",
+                other.unwrap_or("absent")
+            )))
+        }
+    };
+    let entries = match bundle.get("entry") {
+        None => Vec::new(),
+        Some(Value::Array(a)) => a.clone(),
+        Some(_) => {
+            return Err(StoreError::BadRequest(
+                "Bundle.entry must be an array".into(),
+            ))
+        }
+    };
+    let planned: Vec<Result<Planned, StoreError>> = entries.into_iter().map(plan_entry).collect();
+    let entries = match kind {
+        BundleKind::Transaction => {
+            let mut ok = Vec::with_capacity(planned.len());
+            for (index, p) in planned.into_iter().enumerate() {
+                ok.push(p.map_err(|e| entry_err(index, e))?);
+            }
+            transaction(tx, ok)?
+        }
+        BundleKind::Batch => planned
+            .into_iter()
+            .map(|p| match p {
+                Ok(p) => match atomically(tx, |tx| run_alone(tx, p)) {
+                    Ok(r) => r,
+                    Err(e) => EntryResult::Failed(e),
+                },
+                Err(e) => EntryResult::Failed(e),
+            })
+            .collect(),
+    };
+    Ok(BundleOutcome { kind, entries })
+}
+
+fn entry_err(index: usize, e: StoreError) -> StoreError {
+    match e {
+        e @ StoreError::Entry { .. } => e,
+        e => StoreError::Entry {
+            index,
+            source: Box::new(e),
+        },
+    }
+}
+
+fn plan_entry(entry: Value) -> Result<Planned, StoreError> {
+    let Value::Object(mut entry) = entry else {
+        return Err(StoreError::BadRequest("entry must be an object".into()));
+    };
+    let mut resource = entry.remove("resource");
+    let full_url = entry
+        .get("fullUrl")
+        .and_then(Value::as_str)
+        .map(str::to_owned);
+    let request = entry
+        .get("request")
+        .and_then(Value::as_object)
+        .ok_or_else(|| StoreError::BadRequest("entry.request is required".into()))?;
+    let method = request.get("method").and_then(Value::as_str).unwrap_or("");
+    let url = request
+        .get("url")
+        .and_then(Value::as_str)
+        .ok_or_else(|| StoreError::BadRequest("entry.request.url is required".into()))?;
+    let if_match = match request.get("ifMatch").and_then(Value::as_str) {
+        Some(s) => Some(
+            parse_etag(s).ok_or_else(|| StoreError::BadRequest(format!("bad ifMatch '{s}'")))?,
+        ),
+        None => None,
+    };
+    let if_none_exist = match request.get("ifNoneExist").and_then(Value::as_str) {
+        Some(s) => Some(parse_condition(None, s)?),
+        None => None,
+    };
+    let (path, query) = split_url(url)?;
+    let seg: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    let method = method.to_owned();
+    let mut take_resource = |expected: &str| -> Result<Map<String, Value>, StoreError> {
+        match resource.take() {
+            Some(Value::Object(m)) => {
+                check_resource(&m, Some(expected))?;
+                Ok(m)
+            }
+            Some(_) => Err(ValidationError::NotAnObject.into()),
+            None => Err(StoreError::BadRequest(format!(
+                "{method} entry needs a resource"
+            ))),
+        }
+    };
+    let op = match (method.as_str(), seg.as_slice(), query) {
+        ("GET" | "HEAD", [t], q) => {
+            Op::Search(SearchQuery::parse_query_string(Some(t), q.unwrap_or(""))?)
+        }
+        ("GET" | "HEAD", [t, id], None) => Op::Read {
+            rtype: t.to_string(),
+            id: id.to_string(),
+        },
+        ("GET" | "HEAD", [t, id, "_history", v], None) => Op::VRead {
+            rtype: t.to_string(),
+            id: id.to_string(),
+            vid: v
+                .parse()
+                .map_err(|_| StoreError::NotFound(format!("{t}/{id}/_history/{v}")))?,
+        },
+        ("POST", [t], None) => Op::Create {
+            res: take_resource(t)?,
+            rtype: t.to_string(),
+            if_none_exist,
+        },
+        ("PUT", [t, id], None) => {
+            let res = take_resource(t)?;
+            match fhirsync_core::resource::body_id(&res) {
+                Some(b) if b != *id => {
+                    return Err(ValidationError::IdMismatch {
+                        url: id.to_string(),
+                        body: b.into(),
+                    }
+                    .into())
+                }
+                None => return Err(ValidationError::MissingId.into()),
+                _ => {}
+            }
+            Op::Update {
+                rtype: t.to_string(),
+                id: id.to_string(),
+                res,
+                if_match,
+            }
+        }
+        ("PUT", [t], Some(q)) => Op::CondUpdate {
+            res: take_resource(t)?,
+            rtype: t.to_string(),
+            query: parse_condition(Some(t), q)?,
+            if_match,
+        },
+        ("DELETE", [t, id], None) => Op::Delete {
+            rtype: t.to_string(),
+            id: id.to_string(),
+            if_match,
+        },
+        ("DELETE", [t], Some(q)) => Op::CondDelete {
+            query: parse_condition(Some(t), q)?,
+        },
+        ("GET" | "HEAD" | "POST" | "PUT" | "DELETE", _, _) => {
+            return Err(StoreError::BadRequest(format!(
+                "unsupported request.url '{url}' for {method}"
+            )))
+        }
+        _ => {
+            return Err(StoreError::BadRequest(format!(
+                "unsupported request.method '{method}'"
+            )))
+        }
+    };
+    Ok(Planned { full_url, op })
+}
+
+/// Splits an entry URL (relative, or absolute to this server) into path
+/// and query; checks the type segment.
+fn split_url(url: &str) -> Result<(&str, Option<&str>), StoreError> {
+    let (path, query) = match url.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (url, None),
+    };
+    let path = if path.contains("://") {
+        // Absolute: keep from the first segment that names a resource type.
+        let mut start = None;
+        let mut off = 0;
+        for s in path.split('/') {
+            if is_resource_type(s) {
+                start = Some(off);
+                break;
+            }
+            off += s.len() + 1;
+        }
+        &path[start
+            .ok_or_else(|| StoreError::BadRequest(format!("no resource type in url '{url}'")))?..]
+    } else {
+        path
+    };
+    let t = path.trim_start_matches('/').split('/').next().unwrap_or("");
+    if !is_resource_type(t) {
+        return Err(StoreError::BadRequest(format!(
+            "unknown resource type '{t}' in url '{url}'"
+        )));
+    }
+    if let Some(id) = path.trim_start_matches('/').split('/').nth(1) {
+        if id != "_history" && !is_valid_id(id) {
+            return Err(ValidationError::BadId(id.into()).into());
+        }
+    }
+    Ok((path, query))
+}
+
+fn parse_condition(rtype: Option<&str>, q: &str) -> Result<SearchQuery, StoreError> {
+    let q = q.strip_prefix('?').unwrap_or(q);
+    // `ifNoneExist` may carry a `Type?` prefix.
+    let (t, q) = match q.split_once('?') {
+        Some((t, rest)) if is_resource_type(t) => (Some(t), rest),
+        _ => (rtype, q),
+    };
+    Ok(SearchQuery::parse_query_string(t, q)?)
+}
+
+/// `W/"3"`, `"3"` or `3`.
+pub fn parse_etag(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let s = s.strip_prefix("W/").unwrap_or(s);
+    s.trim_matches('"').parse().ok()
+}
+
+/// Runs one batch entry on its own.
+fn run_alone(tx: &mut dyn WriteTx, p: Planned) -> Result<EntryResult, StoreError> {
+    let mut op = p.op;
+    if let Op::Create { res, .. } | Op::Update { res, .. } | Op::CondUpdate { res, .. } = &mut op {
+        resolve_references(tx, res, &HashMap::new())?;
+    }
+    match op {
+        Op::Create {
+            res,
+            rtype,
+            if_none_exist,
+        } => {
+            let out = engine::create(tx, Prepared::new(rtype, res), if_none_exist.as_ref())?;
+            Ok(write_result(out))
+        }
+        Op::Update {
+            id,
+            res,
+            rtype,
+            if_match,
+        } => Ok(write_result(engine::update(
+            tx,
+            &id,
+            Prepared::new(rtype, res),
+            if_match,
+        )?)),
+        Op::CondUpdate {
+            rtype,
+            query,
+            res,
+            if_match,
+        } => Ok(write_result(engine::conditional_update(
+            tx,
+            &query,
+            Prepared::new(rtype, res),
+            if_match,
+        )?)),
+        Op::Delete {
+            rtype,
+            id,
+            if_match,
+        } => Ok(write_result(engine::delete(tx, &rtype, &id, if_match)?)),
+        Op::CondDelete { query } => cond_delete(tx, &query),
+        op => read_op(tx, op),
+    }
+}
+
+fn cond_delete(tx: &mut dyn WriteTx, q: &SearchQuery) -> Result<EntryResult, StoreError> {
+    match single_match(tx, q)? {
+        Some(k) => Ok(write_result(engine::delete(tx, &k.rtype, &k.id, None)?)),
+        None => Ok(EntryResult::Write {
+            status: 204,
+            version: None,
+        }),
+    }
+}
+
+fn read_op(tx: &mut dyn WriteTx, op: Op) -> Result<EntryResult, StoreError> {
+    match op {
+        Op::Read { rtype, id } => match tx.read(&rtype, &id)? {
+            Some(v) if v.deleted => Err(StoreError::Gone(format!("{rtype}/{id}"))),
+            Some(v) => Ok(EntryResult::Read(v)),
+            None => Err(StoreError::NotFound(format!("{rtype}/{id}"))),
+        },
+        Op::VRead { rtype, id, vid } => match tx.vread(&rtype, &id, vid)? {
+            Some(v) if v.deleted => Err(StoreError::Gone(format!("{rtype}/{id}/_history/{vid}"))),
+            Some(v) => Ok(EntryResult::Read(v)),
+            None => Err(StoreError::NotFound(format!("{rtype}/{id}/_history/{vid}"))),
+        },
+        Op::Search(q) => {
+            let page = tx.search(&q)?;
+            Ok(EntryResult::Search(Box::new((q, page))))
+        }
+        _ => Err(StoreError::Backend("not a read operation".into())),
+    }
+}
+
+fn write_result(out: WriteOutcome) -> EntryResult {
+    match out {
+        WriteOutcome::Written { version, created } => EntryResult::Write {
+            status: if created { 201 } else { 200 },
+            version: Some(version),
+        },
+        WriteOutcome::Unchanged { version } | WriteOutcome::Existing { version } => {
+            EntryResult::Write {
+                status: 200,
+                version: Some(version),
+            }
+        }
+        WriteOutcome::Deleted { version } => EntryResult::Write {
+            status: 204,
+            version,
+        },
+        WriteOutcome::Bundle(_) => {
+            EntryResult::Failed(StoreError::BadRequest("nested bundles are not run".into()))
+        }
+    }
+}
+
+/// Rewrites references through `ids` (full URL → `Type/id`) and resolves
+/// conditional references; an unresolvable `urn:` reference is an error.
+fn resolve_references(
+    tx: &mut dyn WriteTx,
+    res: &mut Map<String, Value>,
+    ids: &HashMap<String, String>,
+) -> Result<(), StoreError> {
+    let mut wanted: Vec<String> = Vec::new();
+    let mut v = Value::Object(std::mem::take(res));
+    rewrite_references(&mut v, &mut |r| {
+        if let Some(new) = ids.get(r) {
+            return Some(new.clone());
+        }
+        if r.starts_with("urn:") || (r.contains('?') && !r.starts_with('#')) {
+            wanted.push(r.to_owned());
+        }
+        None
+    });
+    let mut resolved: HashMap<String, String> = HashMap::new();
+    for r in wanted {
+        if resolved.contains_key(&r) {
+            continue;
+        }
+        if r.starts_with("urn:") {
+            return Err(StoreError::BadRequest(format!(
+                "reference '{r}' points to no entry of this bundle"
+            )));
+        }
+        let (t, q) = r.split_once('?').unwrap_or((&r, ""));
+        if !is_resource_type(t) {
+            return Err(StoreError::BadRequest(format!(
+                "conditional reference '{r}' has no resource type"
+            )));
+        }
+        let query = SearchQuery::parse_query_string(Some(t), q)?;
+        match single_match(tx, &query)? {
+            Some(k) => {
+                resolved.insert(r.clone(), k.to_string());
+            }
+            None => {
+                return Err(StoreError::MultipleMatches(format!(
+                    "conditional reference '{r}' matches no resource"
+                )))
+            }
+        }
+    }
+    if !resolved.is_empty() {
+        rewrite_references(&mut v, &mut |r| resolved.get(r).cloned());
+    }
+    if let Value::Object(m) = v {
+        *res = m;
+    }
+    Ok(())
+}
+
+fn transaction(
+    tx: &mut dyn WriteTx,
+    planned: Vec<Planned>,
+) -> Result<Vec<EntryResult>, StoreError> {
+    let n = planned.len();
+    let mut results: Vec<Option<EntryResult>> = (0..n).map(|_| None).collect();
+
+    // No two entries may write the same resource.
+    let mut seen = HashSet::new();
+    for (i, p) in planned.iter().enumerate() {
+        let key = match &p.op {
+            Op::Update { rtype, id, .. } | Op::Delete { rtype, id, .. } => {
+                Some(ResourceKey::new(rtype, id))
+            }
+            _ => None,
+        };
+        if let Some(k) = key {
+            if !seen.insert(k.clone()) {
+                return Err(entry_err(
+                    i,
+                    StoreError::BadRequest(format!("{k} is written by more than one entry")),
+                ));
+            }
+        }
+    }
+
+    let mut deletes = Vec::new();
+    let mut posts = Vec::new();
+    let mut puts = Vec::new();
+    let mut gets = Vec::new();
+    for (i, p) in planned.into_iter().enumerate() {
+        match &p.op {
+            Op::Delete { .. } | Op::CondDelete { .. } => deletes.push((i, p)),
+            Op::Create { .. } => posts.push((i, p)),
+            Op::Update { .. } | Op::CondUpdate { .. } => puts.push((i, p)),
+            _ => gets.push((i, p)),
+        }
+    }
+
+    for (i, p) in deletes {
+        let r = match p.op {
+            Op::Delete {
+                rtype,
+                id,
+                if_match,
+            } => engine::delete(tx, &rtype, &id, if_match).map(write_result),
+            Op::CondDelete { query } => cond_delete(tx, &query),
+            _ => unreachable_op(),
+        };
+        results[i] = Some(r.map_err(|e| entry_err(i, e))?);
+    }
+
+    // Identities of everything that will be written, before any reference is rewritten.
+    let mut ids: HashMap<String, String> = HashMap::new();
+    let mut post_targets: Vec<Option<String>> = Vec::with_capacity(posts.len());
+    for (i, p) in &posts {
+        let Op::Create {
+            rtype,
+            if_none_exist,
+            ..
+        } = &p.op
+        else {
+            continue;
+        };
+        let existing = match if_none_exist {
+            Some(q) => single_match(tx, q).map_err(|e| entry_err(*i, e))?,
+            None => None,
+        };
+        let (key, new_id) = match existing {
+            Some(k) => (k, None),
+            None => {
+                let id = tx.new_id();
+                (ResourceKey::new(rtype, &id), Some(id))
+            }
+        };
+        if let Some(fu) = &p.full_url {
+            ids.insert(fu.clone(), key.to_string());
+        }
+        post_targets.push(new_id);
+        if post_targets.last().is_some_and(Option::is_none) {
+            results[*i] = Some(EntryResult::Write {
+                status: 200,
+                version: tx.read(&key.rtype, &key.id).map_err(|e| entry_err(*i, e))?,
+            });
+        }
+    }
+    let mut put_targets: Vec<String> = Vec::with_capacity(puts.len());
+    for (i, p) in &puts {
+        let (rtype, id) = match &p.op {
+            Op::Update { rtype, id, .. } => (rtype.clone(), id.clone()),
+            Op::CondUpdate {
+                rtype, query, res, ..
+            } => {
+                let id = match single_match(tx, query).map_err(|e| entry_err(*i, e))? {
+                    Some(k) => {
+                        if let Some(b) = fhirsync_core::resource::body_id(res) {
+                            if b != k.id {
+                                let e = ValidationError::IdMismatch {
+                                    url: k.id,
+                                    body: b.into(),
+                                };
+                                return Err(entry_err(*i, e.into()));
+                            }
+                        }
+                        k.id
+                    }
+                    None => match fhirsync_core::resource::body_id(res) {
+                        Some(b) => b.to_owned(),
+                        None => tx.new_id(),
+                    },
+                };
+                (rtype.clone(), id)
+            }
+            _ => unreachable_op()?,
+        };
+        if !seen.insert(ResourceKey::new(&rtype, &id)) {
+            return Err(entry_err(
+                *i,
+                StoreError::BadRequest(format!("{rtype}/{id} is written by more than one entry")),
+            ));
+        }
+        if let Some(fu) = &p.full_url {
+            ids.insert(fu.clone(), format!("{rtype}/{id}"));
+        }
+        put_targets.push(id);
+    }
+
+    for ((i, p), new_id) in posts.into_iter().zip(post_targets) {
+        let Some(id) = new_id else { continue };
+        let Op::Create { mut res, rtype, .. } = p.op else {
+            continue;
+        };
+        resolve_references(tx, &mut res, &ids).map_err(|e| entry_err(i, e))?;
+        let version = tx
+            .insert(NewVersion {
+                rtype: &rtype,
+                id: &id,
+                res: Some(Prepared::new(rtype.clone(), res)),
+                method: Method::Post,
+                prev: None,
+            })
+            .map_err(|e| entry_err(i, e))?;
+        results[i] = Some(EntryResult::Write {
+            status: 201,
+            version: Some(version),
+        });
+    }
+    for ((i, p), id) in puts.into_iter().zip(put_targets) {
+        let (rtype, mut res, if_match) = match p.op {
+            Op::Update {
+                rtype,
+                res,
+                if_match,
+                ..
+            }
+            | Op::CondUpdate {
+                rtype,
+                res,
+                if_match,
+                ..
+            } => (rtype, res, if_match),
+            _ => continue,
+        };
+        resolve_references(tx, &mut res, &ids).map_err(|e| entry_err(i, e))?;
+        let out = engine::update(tx, &id, Prepared::new(rtype, res), if_match)
+            .map_err(|e| entry_err(i, e))?;
+        results[i] = Some(write_result(out));
+    }
+    for (i, p) in gets {
+        results[i] = Some(read_op(tx, p.op).map_err(|e| entry_err(i, e))?);
+    }
+    Ok(results
+        .into_iter()
+        .map(|r| {
+            r.unwrap_or_else(|| EntryResult::Failed(StoreError::Backend("entry not run".into())))
+        })
+        .collect())
+}
+
+fn unreachable_op<T>() -> Result<T, StoreError> {
+    Err(StoreError::Backend(
+        "bundle entry in the wrong phase".into(),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn etags() {
+        assert_eq!(parse_etag("W/\"3\""), Some(3));
+        assert_eq!(parse_etag("\"12\""), Some(12));
+        assert_eq!(parse_etag("7"), Some(7));
+        assert_eq!(parse_etag("W/\"x\""), None);
+    }
+
+    #[test]
+    fn urls() {
+        assert_eq!(split_url("Patient/1").unwrap(), ("Patient/1", None));
+        assert_eq!(
+            split_url("http://h/fhir/Patient/1").unwrap(),
+            ("Patient/1", None)
+        );
+        assert_eq!(
+            split_url("Patient?identifier=a|b").unwrap(),
+            ("Patient", Some("identifier=a|b"))
+        );
+        assert!(split_url("Nope/1").is_err());
+        assert!(split_url("Patient/a_b").is_err());
+    }
+}

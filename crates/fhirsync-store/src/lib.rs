@@ -1,0 +1,56 @@
+//! Storage of versioned FHIR resources and the node's change log.
+//!
+//! The [`Store`] trait is what the API layer sees; [`engine`] and
+//! [`bundle`] hold the FHIR write semantics once, written against the small
+//! [`engine::WriteTx`] trait that each backend implements ([`sqlite`] today,
+//! PostgreSQL later) so no backend repeats them.
+
+pub mod bundle;
+pub mod engine;
+pub mod error;
+pub mod sqlite;
+pub mod types;
+
+pub use error::StoreError;
+pub use types::*;
+
+use async_trait::async_trait;
+use fhirsync_core::search::SearchQuery;
+use tokio::sync::watch;
+
+/// A node's resource store. Every successful write has been committed
+/// durably (per the configured sync mode) before the call returns.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// This node's stable id.
+    fn node_id(&self) -> &str;
+
+    /// Runs one write request atomically.
+    async fn write(&self, req: WriteRequest) -> Result<WriteOutcome, StoreError>;
+
+    /// The current version of a resource, tombstones included.
+    async fn read(&self, rtype: &str, id: &str) -> Result<Option<StoredVersion>, StoreError>;
+
+    /// One version of a resource.
+    async fn vread(
+        &self,
+        rtype: &str,
+        id: &str,
+        vid: u64,
+    ) -> Result<Option<StoredVersion>, StoreError>;
+
+    /// Versions newest first, for `_history`.
+    async fn history(&self, q: HistoryQuery) -> Result<Vec<StoredVersion>, StoreError>;
+
+    /// Current resources matching a search, one page.
+    async fn search(&self, q: SearchQuery) -> Result<SearchPage, StoreError>;
+
+    /// The change log after `since`, in `seq` order.
+    async fn changes(&self, q: ChangesQuery) -> Result<Vec<StoredVersion>, StoreError>;
+
+    /// Highest committed `seq`; every `seq` up to it is readable.
+    fn last_seq(&self) -> u64;
+
+    /// Notified with the highest committed `seq` after each commit.
+    fn watch_seq(&self) -> watch::Receiver<u64>;
+}

@@ -1,0 +1,317 @@
+//! The embedded SQLite backend: one writer thread with group commit, a pool
+//! of read connections, WAL mode.
+
+mod query;
+mod schema;
+mod writer;
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use async_trait::async_trait;
+use fhirsync_core::clock::{Clock, SystemClock};
+use fhirsync_core::search::SearchQuery;
+use fhirsync_core::Hlc;
+use rusqlite::{Connection, OpenFlags, OptionalExtension};
+use tokio::sync::{mpsc, oneshot, watch};
+
+pub use schema::SyncMode;
+pub use writer::{LoadSummary, StreamMsg};
+
+use crate::types::*;
+use crate::{Store, StoreError};
+
+/// Settings of the SQLite backend; every limit has a default.
+#[derive(Debug, Clone)]
+pub struct SqliteConfig {
+    /// The database file.
+    pub path: PathBuf,
+    /// The node id to use; must match the one stored in an existing database.
+    /// `None`: use the stored one, or mint one for a new database.
+    pub node_id: Option<String>,
+    pub sync: SyncMode,
+    /// Most write requests that share one commit.
+    pub group_commit_max: usize,
+    /// Write requests that may wait for the writer before callers wait.
+    pub write_queue_max: usize,
+    /// Read connections kept open.
+    pub readers_max: usize,
+}
+
+impl SqliteConfig {
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        SqliteConfig {
+            path: path.into(),
+            node_id: None,
+            sync: SyncMode::Full,
+            group_commit_max: 256,
+            write_queue_max: 4096,
+            readers_max: 16,
+        }
+    }
+}
+
+struct Readers {
+    path: PathBuf,
+    idle: Mutex<Vec<Connection>>,
+    max: usize,
+}
+
+impl Readers {
+    fn with<R>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<R, StoreError>,
+    ) -> Result<R, StoreError> {
+        let conn = self.idle.lock().map_err(|_| poisoned())?.pop();
+        let conn = match conn {
+            Some(c) => c,
+            None => {
+                let c = Connection::open_with_flags(
+                    &self.path,
+                    OpenFlags::SQLITE_OPEN_READ_ONLY
+                        | OpenFlags::SQLITE_OPEN_NO_MUTEX
+                        | OpenFlags::SQLITE_OPEN_URI,
+                )?;
+                schema::configure_reader(&c)?;
+                c
+            }
+        };
+        let r = f(&conn);
+        let mut idle = self.idle.lock().map_err(|_| poisoned())?;
+        if idle.len() < self.max {
+            idle.push(conn);
+        }
+        r
+    }
+}
+
+fn poisoned() -> StoreError {
+    StoreError::Backend("reader pool lock poisoned".into())
+}
+
+/// The SQLite store. Cheap to share behind an `Arc`.
+pub struct SqliteStore {
+    node_id: String,
+    jobs: Mutex<Option<mpsc::Sender<writer::Job>>>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+    readers: Arc<Readers>,
+    seq_rx: watch::Receiver<u64>,
+}
+
+/// Characters allowed in a node id (it becomes part of NATS subjects later).
+pub fn is_valid_node_id(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+impl SqliteStore {
+    pub fn open(cfg: SqliteConfig) -> Result<Self, StoreError> {
+        Self::open_with_clock(cfg, Arc::new(SystemClock))
+    }
+
+    pub fn open_with_clock(cfg: SqliteConfig, clock: Arc<dyn Clock>) -> Result<Self, StoreError> {
+        if let Some(dir) = cfg.path.parent() {
+            if !dir.as_os_str().is_empty() {
+                std::fs::create_dir_all(dir).map_err(|e| {
+                    StoreError::Backend(format!("cannot create {}: {e}", dir.display()))
+                })?;
+            }
+        }
+        let conn = Connection::open(&cfg.path)?;
+        schema::configure_writer(&conn, cfg.sync)?;
+        conn.execute_batch(schema::SCHEMA)?;
+        let node_id = init_node(&conn, cfg.node_id.as_deref())?;
+        let hlc: i64 = conn.query_row("SELECT coalesce(max(hlc), 0) FROM versions", [], |r| {
+            r.get(0)
+        })?;
+        let last = query::last_seq(&conn)?;
+        let (seq_tx, seq_rx) = watch::channel(last);
+        let (jobs_tx, jobs_rx) = mpsc::channel(cfg.write_queue_max.max(1));
+        let w = writer::Writer {
+            conn,
+            node_id: node_id.clone(),
+            clock,
+            hlc: Hlc::from_packed(hlc as u64),
+            group_max: cfg.group_commit_max.max(1),
+            seq_tx,
+        };
+        let handle = std::thread::Builder::new()
+            .name("fhirsync-writer".into())
+            .spawn(move || w.run(jobs_rx))
+            .map_err(|e| StoreError::Backend(format!("cannot start writer: {e}")))?;
+        tracing::info!(path = %cfg.path.display(), node_id, last_seq = last, "store open");
+        Ok(SqliteStore {
+            node_id,
+            jobs: Mutex::new(Some(jobs_tx)),
+            writer: Mutex::new(Some(handle)),
+            readers: Arc::new(Readers {
+                path: cfg.path,
+                idle: Mutex::new(Vec::new()),
+                max: cfg.readers_max.max(1),
+            }),
+            seq_rx,
+        })
+    }
+
+    /// The database file of a data directory.
+    pub fn db_path(data_dir: &Path) -> PathBuf {
+        data_dir.join("fhirsync.db")
+    }
+
+    fn sender(&self) -> Result<mpsc::Sender<writer::Job>, StoreError> {
+        self.jobs
+            .lock()
+            .map_err(|_| poisoned())?
+            .clone()
+            .ok_or(StoreError::ShuttingDown)
+    }
+
+    /// Loads everything sent on the returned channel in one transaction;
+    /// it commits only when [`StreamMsg::Commit`] is sent.
+    pub fn load_stream(
+        &self,
+        depth: usize,
+    ) -> Result<
+        (
+            mpsc::Sender<StreamMsg>,
+            oneshot::Receiver<Result<LoadSummary, StoreError>>,
+        ),
+        StoreError,
+    > {
+        let (tx, rx) = mpsc::channel(depth.max(1));
+        let (done_tx, done_rx) = oneshot::channel();
+        self.sender()?
+            .blocking_send(writer::Job::Stream(rx, done_tx))
+            .map_err(|_| StoreError::ShuttingDown)?;
+        Ok((tx, done_rx))
+    }
+
+    /// Stops the writer after the queued writes and waits for it.
+    pub fn shutdown(&self) {
+        if let Ok(mut j) = self.jobs.lock() {
+            j.take();
+        }
+        let handle = self.writer.lock().ok().and_then(|mut h| h.take());
+        if let Some(h) = handle {
+            let _ = h.join();
+        }
+    }
+
+    async fn read_with<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<R, StoreError> + Send + 'static,
+    ) -> Result<R, StoreError> {
+        let readers = self.readers.clone();
+        tokio::task::spawn_blocking(move || readers.with(f))
+            .await
+            .map_err(|e| StoreError::Backend(format!("reader task failed: {e}")))?
+    }
+}
+
+impl Drop for SqliteStore {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+fn init_node(conn: &Connection, wanted: Option<&str>) -> Result<String, StoreError> {
+    let stored: Option<String> = conn
+        .query_row(
+            "SELECT value FROM node_info WHERE key = 'node_id'",
+            [],
+            |r| r.get(0),
+        )
+        .optional()?;
+    let version: Option<String> = conn
+        .query_row(
+            "SELECT value FROM node_info WHERE key = 'schema_version'",
+            [],
+            |r| r.get(0),
+        )
+        .optional()?;
+    if let Some(v) = version {
+        if v != schema::SCHEMA_VERSION.to_string() {
+            return Err(StoreError::Backend(format!(
+                "database schema version {v} is not the supported {}",
+                schema::SCHEMA_VERSION
+            )));
+        }
+    }
+    if let Some(w) = wanted {
+        if !is_valid_node_id(w) {
+            return Err(StoreError::BadRequest(format!(
+                "invalid node id '{w}' (1 to 64 of A-Z a-z 0-9 - _)"
+            )));
+        }
+    }
+    let id = match (stored, wanted) {
+        (Some(s), Some(w)) if s != w => {
+            return Err(StoreError::BadRequest(format!(
+                "this data directory belongs to node '{s}', not '{w}'; a node id cannot change"
+            )))
+        }
+        (Some(s), _) => s,
+        (None, Some(w)) => w.to_owned(),
+        (None, None) => format!("node-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]),
+    };
+    conn.execute(
+        "INSERT OR IGNORE INTO node_info (key, value) VALUES ('node_id', ?1), ('schema_version', ?2)",
+        rusqlite::params![id, schema::SCHEMA_VERSION.to_string()],
+    )?;
+    Ok(id)
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    fn node_id(&self) -> &str {
+        &self.node_id
+    }
+
+    async fn write(&self, req: WriteRequest) -> Result<WriteOutcome, StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.sender()?
+            .send(writer::Job::Write(req, tx))
+            .await
+            .map_err(|_| StoreError::ShuttingDown)?;
+        rx.await.map_err(|_| StoreError::ShuttingDown)?
+    }
+
+    async fn read(&self, rtype: &str, id: &str) -> Result<Option<StoredVersion>, StoreError> {
+        let (t, i) = (rtype.to_owned(), id.to_owned());
+        self.read_with(move |c| query::read_current(c, &t, &i))
+            .await
+    }
+
+    async fn vread(
+        &self,
+        rtype: &str,
+        id: &str,
+        vid: u64,
+    ) -> Result<Option<StoredVersion>, StoreError> {
+        let (t, i) = (rtype.to_owned(), id.to_owned());
+        self.read_with(move |c| query::vread(c, &t, &i, vid)).await
+    }
+
+    async fn history(&self, q: HistoryQuery) -> Result<Vec<StoredVersion>, StoreError> {
+        self.read_with(move |c| query::history(c, &q)).await
+    }
+
+    async fn search(&self, q: SearchQuery) -> Result<SearchPage, StoreError> {
+        self.read_with(move |c| query::search(c, &q)).await
+    }
+
+    async fn changes(&self, q: ChangesQuery) -> Result<Vec<StoredVersion>, StoreError> {
+        self.read_with(move |c| query::changes(c, &q)).await
+    }
+
+    fn last_seq(&self) -> u64 {
+        *self.seq_rx.borrow()
+    }
+
+    fn watch_seq(&self) -> watch::Receiver<u64> {
+        self.seq_rx.clone()
+    }
+}

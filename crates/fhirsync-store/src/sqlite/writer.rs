@@ -1,0 +1,381 @@
+//! The single writer thread. It owns the write connection, takes requests
+//! from a bounded queue, and commits them in groups: every request already
+//! waiting joins the open transaction (each in its own savepoint, so one
+//! failing request rolls back alone) and all share one fsync. Answers are
+//! sent only after the commit.
+
+use std::sync::Arc;
+
+use fhirsync_core::clock::Clock;
+use fhirsync_core::instant::format_instant;
+use fhirsync_core::meta::stamp;
+use fhirsync_core::search::SearchQuery;
+use fhirsync_core::{Hlc, ResourceKey, VersionVector};
+use rusqlite::{params, Connection, OptionalExtension};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::query;
+use crate::engine::{self, CurrentVersion, NewVersion, WriteTx};
+use crate::types::*;
+use crate::StoreError;
+
+pub type Reply = oneshot::Sender<Result<WriteOutcome, StoreError>>;
+
+/// A message of a streamed, all-or-nothing load.
+pub enum StreamMsg {
+    Batch(Vec<WriteRequest>),
+    /// Commit everything sent so far and end the stream.
+    Commit,
+}
+
+/// Counts of what a streamed load did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct LoadSummary {
+    pub requests: u64,
+    pub created: u64,
+    pub updated: u64,
+    pub unchanged: u64,
+    pub deleted: u64,
+    pub first_seq: Option<u64>,
+    pub last_seq: u64,
+}
+
+pub enum Job {
+    Write(WriteRequest, Reply),
+    /// Everything from the receiver in one transaction; rolled back unless
+    /// `Commit` arrives.
+    Stream(
+        mpsc::Receiver<StreamMsg>,
+        oneshot::Sender<Result<LoadSummary, StoreError>>,
+    ),
+}
+
+pub struct Writer {
+    pub conn: Connection,
+    pub node_id: String,
+    pub clock: Arc<dyn Clock>,
+    pub hlc: Hlc,
+    pub group_max: usize,
+    pub seq_tx: watch::Sender<u64>,
+}
+
+impl Writer {
+    pub fn run(mut self, mut rx: mpsc::Receiver<Job>) {
+        let mut pending: Option<Job> = None;
+        loop {
+            let job = match pending.take() {
+                Some(j) => j,
+                None => match rx.blocking_recv() {
+                    Some(j) => j,
+                    None => break,
+                },
+            };
+            match job {
+                Job::Stream(srx, done) => {
+                    let r = self.run_stream(srx);
+                    self.publish_seq();
+                    let _ = done.send(r);
+                }
+                Job::Write(req, reply) => {
+                    let mut group = vec![(req, reply)];
+                    while group.len() < self.group_max {
+                        match rx.try_recv() {
+                            Ok(Job::Write(r, s)) => group.push((r, s)),
+                            Ok(other) => {
+                                pending = Some(other);
+                                break;
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    self.run_group(group);
+                }
+            }
+        }
+        if let Err(e) = self.conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);") {
+            tracing::warn!(error = %e, "checkpoint at shutdown failed");
+        }
+        tracing::debug!("writer stopped");
+    }
+
+    fn run_group(&mut self, group: Vec<(WriteRequest, Reply)>) {
+        if let Err(e) = self.conn.execute_batch("BEGIN IMMEDIATE") {
+            for (_, reply) in group {
+                let _ = reply.send(Err(StoreError::Backend(e.to_string())));
+            }
+            return;
+        }
+        let mut results = Vec::with_capacity(group.len());
+        for (req, reply) in group {
+            let r = engine::atomically(self, |tx| engine::execute(tx, req));
+            results.push((reply, r));
+        }
+        match self.conn.execute_batch("COMMIT") {
+            Ok(()) => {
+                self.publish_seq();
+                for (reply, r) in results {
+                    let _ = reply.send(r);
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "group commit failed");
+                let _ = self.conn.execute_batch("ROLLBACK");
+                for (reply, _) in results {
+                    let _ = reply.send(Err(StoreError::Backend(format!("commit failed: {e}"))));
+                }
+            }
+        }
+    }
+
+    fn run_stream(&mut self, mut rx: mpsc::Receiver<StreamMsg>) -> Result<LoadSummary, StoreError> {
+        self.conn.execute_batch("BEGIN IMMEDIATE")?;
+        let mut sum = LoadSummary::default();
+        let r = (|| {
+            loop {
+                match rx.blocking_recv() {
+                    Some(StreamMsg::Batch(reqs)) => {
+                        for req in reqs {
+                            let index = sum.requests as usize;
+                            sum.requests += 1;
+                            let entry = |e| StoreError::Entry {
+                                index,
+                                source: Box::new(e),
+                            };
+                            let mut out = engine::execute(self, req).map_err(entry)?;
+                            // A batch entry that failed fails the load: it is all or nothing.
+                            if let WriteOutcome::Bundle(b) = &mut out {
+                                if let Some(pos) = b
+                                    .entries
+                                    .iter()
+                                    .position(|e| matches!(e, EntryResult::Failed(_)))
+                                {
+                                    if let EntryResult::Failed(e) = b.entries.swap_remove(pos) {
+                                        return Err(entry(StoreError::Entry {
+                                            index: pos,
+                                            source: Box::new(e),
+                                        }));
+                                    }
+                                }
+                            }
+                            count(&mut sum, &out);
+                        }
+                    }
+                    Some(StreamMsg::Commit) => return Ok(()),
+                    None => return Err(StoreError::BadRequest("load ended without commit".into())),
+                }
+            }
+        })();
+        match r {
+            Ok(()) => {
+                self.conn.execute_batch("COMMIT")?;
+                sum.last_seq = query::last_seq(&self.conn)?;
+                Ok(sum)
+            }
+            Err(e) => {
+                self.conn.execute_batch("ROLLBACK")?;
+                Err(e)
+            }
+        }
+    }
+
+    fn publish_seq(&self) {
+        match query::last_seq(&self.conn) {
+            Ok(s) => {
+                self.seq_tx.send_replace(s);
+            }
+            Err(e) => tracing::error!(error = %e, "cannot read last seq"),
+        }
+    }
+}
+
+fn count(sum: &mut LoadSummary, out: &WriteOutcome) {
+    let mut note = |v: &StoredVersion| {
+        sum.first_seq.get_or_insert(v.seq);
+    };
+    match out {
+        WriteOutcome::Written { version, created } => {
+            note(version);
+            if *created {
+                sum.created += 1
+            } else {
+                sum.updated += 1
+            }
+        }
+        WriteOutcome::Unchanged { .. } | WriteOutcome::Existing { .. } => sum.unchanged += 1,
+        WriteOutcome::Deleted { version } => {
+            if let Some(v) = version {
+                note(v);
+                sum.deleted += 1;
+            }
+        }
+        WriteOutcome::Bundle(b) => {
+            for e in &b.entries {
+                match e {
+                    EntryResult::Write {
+                        status: 201,
+                        version: Some(v),
+                    } => {
+                        note(v);
+                        sum.created += 1
+                    }
+                    EntryResult::Write {
+                        status: 204,
+                        version: Some(v),
+                    } => {
+                        note(v);
+                        sum.deleted += 1
+                    }
+                    EntryResult::Write {
+                        version: Some(v), ..
+                    } => {
+                        note(v);
+                        sum.updated += 1
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+}
+
+impl WriteTx for Writer {
+    fn node_id(&self) -> &str {
+        &self.node_id
+    }
+
+    fn current(&mut self, rtype: &str, id: &str) -> Result<Option<CurrentVersion>, StoreError> {
+        let mut st = self.conn.prepare_cached(
+            "SELECT seq, vid, deleted, vv, hash FROM versions WHERE type = ?1 AND id = ?2 AND superseded IS NULL",
+        )?;
+        let row = st
+            .query_row(params![rtype, id], |r| {
+                let vv: String = r.get(3)?;
+                let hash: Option<Vec<u8>> = r.get(4)?;
+                Ok(CurrentVersion {
+                    seq: r.get::<_, i64>(0)? as u64,
+                    vid: r.get::<_, i64>(1)? as u64,
+                    deleted: r.get::<_, i64>(2)? != 0,
+                    vv: VersionVector::from_json(&vv).unwrap_or_default(),
+                    hash: hash
+                        .and_then(|h| <[u8; 16]>::try_from(h.as_slice()).ok())
+                        .map(u128::from_be_bytes)
+                        .unwrap_or(0),
+                })
+            })
+            .optional()?;
+        Ok(row)
+    }
+
+    fn read(&mut self, rtype: &str, id: &str) -> Result<Option<StoredVersion>, StoreError> {
+        query::read_current(&self.conn, rtype, id)
+    }
+
+    fn vread(
+        &mut self,
+        rtype: &str,
+        id: &str,
+        vid: u64,
+    ) -> Result<Option<StoredVersion>, StoreError> {
+        query::vread(&self.conn, rtype, id, vid)
+    }
+
+    fn search(&mut self, q: &SearchQuery) -> Result<SearchPage, StoreError> {
+        query::search(&self.conn, q)
+    }
+
+    fn matches(&mut self, q: &SearchQuery, limit: usize) -> Result<Vec<ResourceKey>, StoreError> {
+        query::matches(&self.conn, q, limit)
+    }
+
+    fn insert(&mut self, v: NewVersion<'_>) -> Result<StoredVersion, StoreError> {
+        let seq = query::last_seq(&self.conn)? + 1;
+        self.hlc = self.hlc.tick(self.clock.now_ms());
+        let lu_ms = self.hlc.wall_ms();
+        let vid = v.prev.as_ref().map_or(1, |p| p.vid + 1);
+        let vv = v
+            .prev
+            .as_ref()
+            .map_or_else(VersionVector::new, |p| p.vv.clone())
+            .bumped(&self.node_id);
+        let (body, hash, index) = match v.res {
+            Some(mut p) => {
+                stamp(&mut p.res, v.id, &vid.to_string(), &format_instant(lu_ms));
+                let body = serde_json::to_string(&p.res)
+                    .map_err(|e| StoreError::Backend(e.to_string()))?;
+                (Some(body), Some(p.hash.to_be_bytes().to_vec()), p.index)
+            }
+            None => (None, None, Vec::new()),
+        };
+        if let Some(p) = &v.prev {
+            let n = self
+                .conn
+                .prepare_cached(
+                    "UPDATE versions SET superseded = ?1 WHERE seq = ?2 AND superseded IS NULL",
+                )?
+                .execute(params![seq as i64, p.seq as i64])?;
+            if n != 1 {
+                return Err(StoreError::Backend(format!(
+                    "{}/{} version {} is not current any more",
+                    v.rtype, v.id, p.vid
+                )));
+            }
+        }
+        let vv_json = vv.to_json();
+        self.conn
+            .prepare_cached(
+                "INSERT INTO versions (seq, type, id, vid, lu_ms, deleted, method, origin, vv, hlc, hash, body)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+            )?
+            .execute(params![
+                seq as i64,
+                v.rtype,
+                v.id,
+                vid as i64,
+                lu_ms as i64,
+                body.is_none() as i64,
+                v.method.as_str(),
+                self.node_id,
+                vv_json,
+                self.hlc.packed() as i64,
+                hash,
+                body,
+            ])?;
+        if !index.is_empty() {
+            let mut st = self.conn.prepare_cached(
+                "INSERT OR IGNORE INTO tokens (param, value, system, seq) VALUES (?1, ?2, ?3, ?4)",
+            )?;
+            for e in &index {
+                st.execute(params![e.param, e.value, e.system, seq as i64])?;
+            }
+        }
+        Ok(StoredVersion {
+            seq,
+            rtype: v.rtype.to_owned(),
+            id: v.id.to_owned(),
+            vid,
+            last_updated_ms: lu_ms,
+            deleted: body.is_none(),
+            method: v.method,
+            origin: self.node_id.clone(),
+            vv,
+            hlc: self.hlc,
+            body: body.map(Arc::from),
+        })
+    }
+
+    fn new_id(&mut self) -> String {
+        uuid::Uuid::new_v4().to_string()
+    }
+
+    fn savepoint(&mut self) -> Result<(), StoreError> {
+        Ok(self.conn.execute_batch("SAVEPOINT sp")?)
+    }
+
+    fn release(&mut self) -> Result<(), StoreError> {
+        Ok(self.conn.execute_batch("RELEASE sp")?)
+    }
+
+    fn rollback(&mut self) -> Result<(), StoreError> {
+        Ok(self.conn.execute_batch("ROLLBACK TO sp; RELEASE sp")?)
+    }
+}

@@ -1,0 +1,193 @@
+//! Values that cross the [`crate::Store`] boundary.
+
+use std::sync::Arc;
+
+use fhirsync_core::index::{extract, IndexEntry};
+use fhirsync_core::meta::content_hash;
+use fhirsync_core::search::SearchQuery;
+use fhirsync_core::{Hlc, VersionVector};
+use serde_json::{Map, Value};
+
+/// How a version came to be (the `request.method` in history).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    Post,
+    Put,
+    Delete,
+}
+
+impl Method {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Method::Post => "POST",
+            Method::Put => "PUT",
+            Method::Delete => "DELETE",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Method> {
+        match s {
+            "POST" => Some(Method::Post),
+            "PUT" => Some(Method::Put),
+            "DELETE" => Some(Method::Delete),
+            _ => None,
+        }
+    }
+}
+
+/// One stored version of a resource: an entry of the change log.
+#[derive(Debug, Clone)]
+pub struct StoredVersion {
+    pub seq: u64,
+    pub rtype: String,
+    pub id: String,
+    pub vid: u64,
+    pub last_updated_ms: u64,
+    pub deleted: bool,
+    pub method: Method,
+    pub origin: String,
+    pub vv: VersionVector,
+    pub hlc: Hlc,
+    /// The resource JSON as stored (with `meta` set); `None` for tombstones.
+    pub body: Option<Arc<str>>,
+}
+
+/// A resource ready to be written: parsed, checked, hashed and indexed.
+/// Built outside the writer so that work runs in parallel.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    pub rtype: String,
+    pub res: Map<String, Value>,
+    pub hash: u128,
+    pub index: Vec<IndexEntry>,
+}
+
+impl Prepared {
+    pub fn new(rtype: String, res: Map<String, Value>) -> Self {
+        let hash = content_hash(&res);
+        let index = extract(&res);
+        Prepared {
+            rtype,
+            res,
+            hash,
+            index,
+        }
+    }
+
+    pub fn body_id(&self) -> Option<&str> {
+        fhirsync_core::resource::body_id(&self.res)
+    }
+}
+
+/// A write the API asks for.
+#[derive(Debug)]
+pub enum WriteRequest {
+    /// POST: server-assigned id; with `if_none_exist`, a conditional create.
+    Create {
+        res: Prepared,
+        if_none_exist: Option<SearchQuery>,
+    },
+    /// PUT `Type/id`: update, or create with the client's id.
+    Update {
+        id: String,
+        res: Prepared,
+        if_match: Option<u64>,
+    },
+    /// PUT `Type?query`.
+    ConditionalUpdate {
+        query: SearchQuery,
+        res: Prepared,
+        if_match: Option<u64>,
+    },
+    Delete {
+        rtype: String,
+        id: String,
+        if_match: Option<u64>,
+    },
+    /// DELETE `Type?query`: deletes the single match, if any.
+    ConditionalDelete { query: SearchQuery },
+    /// A `transaction` (all or nothing) or `batch` Bundle.
+    Bundle(Map<String, Value>),
+}
+
+/// What a write did.
+#[derive(Debug)]
+pub enum WriteOutcome {
+    /// A new version was stored; `created` when there was no live resource.
+    Written {
+        version: StoredVersion,
+        created: bool,
+    },
+    /// The content equals the current version: nothing stored.
+    Unchanged {
+        version: StoredVersion,
+    },
+    /// Conditional create matched this existing resource.
+    Existing {
+        version: StoredVersion,
+    },
+    /// Delete: the tombstone, or `None` when nothing live existed.
+    Deleted {
+        version: Option<StoredVersion>,
+    },
+    Bundle(BundleOutcome),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BundleKind {
+    Transaction,
+    Batch,
+}
+
+#[derive(Debug)]
+pub struct BundleOutcome {
+    pub kind: BundleKind,
+    /// One result per request entry, in request order.
+    pub entries: Vec<EntryResult>,
+}
+
+#[derive(Debug)]
+pub enum EntryResult {
+    /// A write; `status` is the HTTP status; `version` is absent for a
+    /// delete of nothing.
+    Write {
+        status: u16,
+        version: Option<StoredVersion>,
+    },
+    Read(StoredVersion),
+    Search(Box<(SearchQuery, SearchPage)>),
+    Failed(crate::StoreError),
+}
+
+/// One page of search results, evaluated at `snapshot` (a `seq`).
+#[derive(Debug)]
+pub struct SearchPage {
+    pub snapshot: u64,
+    pub total: Option<u64>,
+    pub items: Vec<StoredVersion>,
+    /// Position to continue from, when more results exist.
+    pub next_cursor: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HistoryScope {
+    System,
+    Type(String),
+    Instance(String, String),
+}
+
+/// `_history`: newest first; `before` is the paging cursor (a `seq`).
+#[derive(Debug, Clone)]
+pub struct HistoryQuery {
+    pub scope: HistoryScope,
+    pub since_ms: Option<i64>,
+    pub before: Option<u64>,
+    pub count: usize,
+}
+
+/// `$changes`: after `since`, oldest first.
+#[derive(Debug, Clone, Default)]
+pub struct ChangesQuery {
+    pub since: u64,
+    pub count: usize,
+    pub types: Vec<String>,
+}

@@ -1,0 +1,182 @@
+//! The node's TOML configuration. Every field has a documented default;
+//! unknown fields are rejected; command-line flags and their environment
+//! variables override the file.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use fhirsync_store::sqlite::{SqliteConfig, SyncMode};
+use serde::Deserialize;
+
+use crate::NodeArgs;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// This node's id; minted and stored at first start when absent.
+    pub node_id: Option<String>,
+    /// Directory of the embedded database.
+    pub data_dir: PathBuf,
+    /// HTTP listen address.
+    pub listen: String,
+    /// Public FHIR base URL; derived from the `Host` header when absent.
+    pub base_url: Option<String>,
+    pub storage: StorageConfig,
+    pub api: ApiSection,
+    /// Log filter (`info`, `fhirsync=debug`, ...); `RUST_LOG` overrides it.
+    pub log: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    /// `full`: fsync every (group) commit; `normal`: survive process
+    /// crashes but not power loss.
+    pub sync: String,
+    /// Most write requests sharing one commit.
+    pub group_commit_max: usize,
+    /// Write requests queued for the writer before callers wait.
+    pub write_queue_max: usize,
+    /// Read connections kept open.
+    pub readers_max: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiSection {
+    /// Largest accepted request body, in bytes.
+    pub body_bytes_max: usize,
+    /// Longest `$changes` long-poll, in seconds.
+    pub long_poll_s_max: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            node_id: None,
+            data_dir: PathBuf::from("./fhirsync-data"),
+            listen: "127.0.0.1:8080".into(),
+            base_url: None,
+            storage: StorageConfig::default(),
+            api: ApiSection::default(),
+            log: "info".into(),
+        }
+    }
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        let d = SqliteConfig::new("");
+        StorageConfig {
+            sync: "full".into(),
+            group_commit_max: d.group_commit_max,
+            write_queue_max: d.write_queue_max,
+            readers_max: d.readers_max,
+        }
+    }
+}
+
+impl Default for ApiSection {
+    fn default() -> Self {
+        let d = fhirsync_api::ApiConfig::default();
+        ApiSection {
+            body_bytes_max: d.body_bytes_max,
+            long_poll_s_max: d.long_poll_s_max,
+        }
+    }
+}
+
+impl Config {
+    /// The file (if any), then flags and environment on top.
+    pub fn load(args: &NodeArgs, listen: Option<&str>) -> anyhow::Result<Config> {
+        let mut c = match &args.config {
+            Some(p) => Self::from_file(p)?,
+            None => Config::default(),
+        };
+        if let Some(d) = &args.data_dir {
+            c.data_dir = d.clone();
+        }
+        if let Some(n) = &args.node_id {
+            c.node_id = Some(n.clone());
+        }
+        if let Some(l) = listen {
+            c.listen = l.to_owned();
+        }
+        c.check()?;
+        Ok(c)
+    }
+
+    pub fn from_file(p: &Path) -> anyhow::Result<Config> {
+        let text = std::fs::read_to_string(p)
+            .with_context(|| format!("cannot read config {}", p.display()))?;
+        toml::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("config {}: {}", p.display(), e.to_string().trim()))
+    }
+
+    fn check(&self) -> anyhow::Result<()> {
+        self.listen_addr()?;
+        self.sync_mode()?;
+        if let Some(n) = &self.node_id {
+            anyhow::ensure!(
+                fhirsync_store::sqlite::is_valid_node_id(n),
+                "invalid node id '{n}' (1 to 64 of A-Z a-z 0-9 - _)"
+            );
+        }
+        Ok(())
+    }
+
+    pub fn listen_addr(&self) -> anyhow::Result<SocketAddr> {
+        self.listen
+            .parse()
+            .with_context(|| format!("listen address '{}' is not IP:PORT", self.listen))
+    }
+
+    pub fn sync_mode(&self) -> anyhow::Result<SyncMode> {
+        match self.storage.sync.as_str() {
+            "full" => Ok(SyncMode::Full),
+            "normal" => Ok(SyncMode::Normal),
+            s => anyhow::bail!("storage.sync '{s}' must be full or normal"),
+        }
+    }
+
+    pub fn sqlite(&self) -> anyhow::Result<SqliteConfig> {
+        let mut s = SqliteConfig::new(fhirsync_store::sqlite::SqliteStore::db_path(&self.data_dir));
+        s.node_id = self.node_id.clone();
+        s.sync = self.sync_mode()?;
+        s.group_commit_max = self.storage.group_commit_max;
+        s.write_queue_max = self.storage.write_queue_max;
+        s.readers_max = self.storage.readers_max;
+        Ok(s)
+    }
+
+    pub fn api(&self) -> fhirsync_api::ApiConfig {
+        fhirsync_api::ApiConfig {
+            body_bytes_max: self.api.body_bytes_max,
+            long_poll_s_max: self.api.long_poll_s_max,
+            base_url: self.base_url.clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_fields_rejected() {
+        let e = toml::from_str::<Config>("lisen = \"x\"").unwrap_err();
+        assert!(e.to_string().contains("unknown field"), "{e}");
+        let e = toml::from_str::<Config>("[storage]\nsnyc = \"full\"").unwrap_err();
+        assert!(e.to_string().contains("unknown field"), "{e}");
+    }
+
+    #[test]
+    fn file_values_and_defaults() {
+        let c: Config = toml::from_str("node_id = \"a\"\n[storage]\nsync = \"normal\"").unwrap();
+        assert_eq!(c.node_id.as_deref(), Some("a"));
+        assert_eq!(c.sync_mode().unwrap(), SyncMode::Normal);
+        assert_eq!(c.listen, "127.0.0.1:8080");
+        assert_eq!(c.storage.group_commit_max, 256);
+    }
+}

@@ -1,0 +1,278 @@
+//! `fhirsync import`: streams files into the store without HTTP. Files are
+//! read in chunks, parsed in parallel, and applied by the store's writer in
+//! one transaction: the whole import lands, or (on the first bad line)
+//! nothing does and the error names the file and line.
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use fhirsync_core::resource::{body_id, check_resource, parse_resource};
+use fhirsync_store::sqlite::{SqliteStore, StreamMsg};
+use fhirsync_store::{Prepared, StoreError, WriteRequest};
+use indicatif::{ProgressBar, ProgressStyle};
+use rayon::prelude::*;
+use serde_json::Value;
+
+use crate::config::Config;
+use crate::lock::lock_data_dir;
+
+/// Batches in flight between the parser and the writer.
+const PIPELINE_DEPTH: usize = 4;
+
+/// Where a request came from, to name it in errors.
+#[derive(Clone)]
+struct Origin {
+    file: PathBuf,
+    line: usize,
+}
+
+/// Origins of the batches that may still be in the writer's hands.
+struct Recent {
+    batches: VecDeque<(u64, Vec<Origin>)>,
+}
+
+impl Recent {
+    fn push(&mut self, first: u64, origins: Vec<Origin>) {
+        self.batches.push_back((first, origins));
+        while self.batches.len() > PIPELINE_DEPTH + 2 {
+            self.batches.pop_front();
+        }
+    }
+    fn find(&self, index: u64) -> Option<&Origin> {
+        self.batches
+            .iter()
+            .find(|(first, o)| index >= *first && index < first + o.len() as u64)
+            .map(|(first, o)| &o[(index - first) as usize])
+    }
+}
+
+pub fn run(cfg: Config, batch_size: usize, paths: &[PathBuf]) -> anyhow::Result<()> {
+    crate::serve::init_logging("warn");
+    let files = collect_files(paths)?;
+    let total_bytes: u64 = files
+        .iter()
+        .filter_map(|f| f.metadata().ok())
+        .map(|m| m.len())
+        .sum();
+    let _lock = lock_data_dir(&cfg.data_dir)?;
+    let store = SqliteStore::open(cfg.sqlite()?).context("cannot open the store")?;
+    let (tx, done) = store.load_stream(PIPELINE_DEPTH)?;
+
+    let bar = ProgressBar::new(total_bytes);
+    bar.set_style(
+        ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} {binary_bytes_per_sec} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let started = Instant::now();
+    let mut sent: u64 = 0;
+    let mut recent = Recent {
+        batches: VecDeque::new(),
+    };
+    let mut send =
+        |reqs: Vec<WriteRequest>, origins: Vec<Origin>, sent: &mut u64| -> anyhow::Result<()> {
+            recent.push(*sent, origins);
+            *sent += reqs.len() as u64;
+            tx.blocking_send(StreamMsg::Batch(reqs))
+                .map_err(|_| anyhow::anyhow!("the store stopped accepting the import"))
+        };
+
+    let result: anyhow::Result<()> = (|| {
+        for file in &files {
+            let is_ndjson = file.extension().is_some_and(|e| e == "ndjson");
+            if is_ndjson {
+                let f =
+                    File::open(file).with_context(|| format!("cannot open {}", file.display()))?;
+                let mut reader = BufReader::with_capacity(1 << 20, f);
+                let mut line_no = 0usize;
+                loop {
+                    let mut lines: Vec<(usize, String)> = Vec::with_capacity(batch_size);
+                    let mut buf = String::new();
+                    while lines.len() < batch_size {
+                        buf.clear();
+                        let n = reader.read_line(&mut buf).with_context(|| {
+                            format!("{}:{}: cannot read", file.display(), line_no + 1)
+                        })?;
+                        if n == 0 {
+                            break;
+                        }
+                        line_no += 1;
+                        bar.inc(n as u64);
+                        if !buf.trim().is_empty() {
+                            lines.push((line_no, std::mem::take(&mut buf)));
+                        }
+                    }
+                    if lines.is_empty() {
+                        break;
+                    }
+                    let parsed: Vec<Result<WriteRequest, String>> = lines
+                        .par_iter()
+                        .map(|(_, l)| to_request(l.as_bytes(), true))
+                        .collect();
+                    let mut reqs = Vec::with_capacity(parsed.len());
+                    let mut origins = Vec::with_capacity(parsed.len());
+                    for ((line, _), p) in lines.iter().zip(parsed) {
+                        match p {
+                            Ok(r) => {
+                                reqs.push(r);
+                                origins.push(Origin {
+                                    file: file.clone(),
+                                    line: *line,
+                                });
+                            }
+                            Err(e) => bail!("{}:{}: {}", file.display(), line, e),
+                        }
+                    }
+                    send(reqs, origins, &mut sent)?;
+                }
+            } else {
+                let bytes = std::fs::read(file)
+                    .with_context(|| format!("cannot read {}", file.display()))?;
+                bar.inc(bytes.len() as u64);
+                let reqs = file_requests(&bytes)
+                    .map_err(|e| anyhow::anyhow!("{}: {}", file.display(), e))?;
+                let origins = vec![
+                    Origin {
+                        file: file.clone(),
+                        line: 1,
+                    };
+                    reqs.len()
+                ];
+                send(reqs, origins, &mut sent)?;
+            }
+        }
+        Ok(())
+    })();
+
+    if let Err(e) = result {
+        drop(tx); // no Commit: the writer rolls everything back
+        let _ = done.blocking_recv();
+        bar.abandon();
+        return Err(e.context("nothing was imported"));
+    }
+    tx.blocking_send(StreamMsg::Commit)
+        .map_err(|_| anyhow::anyhow!("the store stopped accepting the import"))?;
+    let summary = match done.blocking_recv() {
+        Ok(Ok(s)) => s,
+        Ok(Err(StoreError::Entry { index, source })) => {
+            bar.abandon();
+            let at = recent
+                .find(index as u64)
+                .map(|o| format!("{}:{}", o.file.display(), o.line))
+                .unwrap_or_else(|| format!("request {index}"));
+            bail!("{at}: {source}; nothing was imported");
+        }
+        Ok(Err(e)) => bail!("{e}; nothing was imported"),
+        Err(_) => bail!("the store writer stopped; nothing was imported"),
+    };
+    bar.finish_and_clear();
+    drop(store);
+    let secs = started.elapsed().as_secs_f64();
+    println!(
+        "imported {} resources from {} files in {:.2} s ({:.0}/s): {} created, {} updated, {} unchanged, {} deleted; change log at seq {}",
+        summary.requests,
+        files.len(),
+        secs,
+        summary.requests as f64 / secs.max(1e-9),
+        summary.created,
+        summary.updated,
+        summary.unchanged,
+        summary.deleted,
+        summary.last_seq
+    );
+    Ok(())
+}
+
+/// Files to load, in a stable order; directories are searched recursively.
+fn collect_files(paths: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for p in paths {
+        let meta = std::fs::metadata(p).with_context(|| format!("{}: cannot read", p.display()))?;
+        if meta.is_dir() {
+            walk(p, &mut out)?;
+        } else {
+            out.push(p.clone());
+        }
+    }
+    if out.is_empty() {
+        bail!("no .json or .ndjson files found");
+    }
+    Ok(out)
+}
+
+fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> anyhow::Result<()> {
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("{}: cannot list", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .collect();
+    entries.sort();
+    for e in entries {
+        if e.is_dir() {
+            walk(&e, out)?;
+        } else if e.extension().is_some_and(|x| x == "json" || x == "ndjson") {
+            out.push(e);
+        }
+    }
+    Ok(())
+}
+
+/// One resource: with an id it is an update (create-or-update), without one
+/// a create. In NDJSON every line is a resource, Bundles included.
+fn to_request(bytes: &[u8], _ndjson: bool) -> Result<WriteRequest, String> {
+    let res = parse_resource(bytes).map_err(|e| e.to_string())?;
+    resource_request(res)
+}
+
+fn resource_request(res: serde_json::Map<String, Value>) -> Result<WriteRequest, String> {
+    let rtype = check_resource(&res, None).map_err(|e| e.to_string())?;
+    let id = body_id(&res).map(str::to_owned);
+    let res = Prepared::new(rtype, res);
+    Ok(match id {
+        Some(id) => WriteRequest::Update {
+            id,
+            res,
+            if_match: None,
+        },
+        None => WriteRequest::Create {
+            res,
+            if_none_exist: None,
+        },
+    })
+}
+
+/// A `.json` file: a `transaction`/`batch` Bundle runs as such; the entries
+/// of a `collection`/`searchset` Bundle load one by one; anything else is a
+/// resource.
+fn file_requests(bytes: &[u8]) -> Result<Vec<WriteRequest>, String> {
+    let res = parse_resource(bytes).map_err(|e| e.to_string())?;
+    if res.get("resourceType").and_then(Value::as_str) == Some("Bundle") {
+        match res.get("type").and_then(Value::as_str) {
+            Some("transaction") | Some("batch") => return Ok(vec![WriteRequest::Bundle(res)]),
+            Some("collection") | Some("searchset") => {
+                let entries = res
+                    .get("entry")
+                    .and_then(Value::as_array)
+                    .cloned()
+                    .unwrap_or_default();
+                return entries
+                    .into_iter()
+                    .enumerate()
+                    .filter_map(|(i, e)| match e {
+                        Value::Object(mut e) => match e.remove("resource") {
+                            Some(Value::Object(r)) => {
+                                Some(resource_request(r).map_err(|m| format!("entry {i}: {m}")))
+                            }
+                            _ => None,
+                        },
+                        _ => Some(Err(format!("entry {i} is not an object"))),
+                    })
+                    .collect();
+            }
+            _ => {}
+        }
+    }
+    resource_request(res).map(|r| vec![r])
+}

@@ -1,0 +1,84 @@
+//! The `fhirsync` command: `serve` runs a node, `import` loads files into a
+//! node's store without HTTP.
+
+mod config;
+mod import;
+mod lock;
+mod serve;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "fhirsync",
+    version,
+    about = "Keeps FHIR R4 data in sync between sites"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Flags shared by the commands that open a node's store.
+#[derive(clap::Args, Debug, Clone)]
+pub struct NodeArgs {
+    /// TOML configuration file.
+    #[arg(long, env = "FHIRSYNC_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Directory of the node's embedded database [default: ./fhirsync-data].
+    #[arg(long, env = "FHIRSYNC_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// This node's id (fixed once the data directory exists).
+    #[arg(long, env = "FHIRSYNC_NODE_ID")]
+    pub node_id: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a node: FHIR REST API and change feed over HTTP.
+    Serve {
+        #[command(flatten)]
+        node: NodeArgs,
+        /// Address to listen on [default: 127.0.0.1:8080].
+        #[arg(long, env = "FHIRSYNC_LISTEN")]
+        listen: Option<String>,
+    },
+    /// Load .json resources, Bundles and .ndjson files into a node's store,
+    /// all or nothing.
+    Import {
+        #[command(flatten)]
+        node: NodeArgs,
+        /// Resources per batch handed to the writer.
+        #[arg(long, default_value_t = 2000)]
+        batch_size: usize,
+        /// Files or directories (searched for .json and .ndjson).
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let r = match cli.command {
+        Command::Serve { node, listen } => {
+            config::Config::load(&node, listen.as_deref()).and_then(serve::run)
+        }
+        Command::Import {
+            node,
+            batch_size,
+            paths,
+        } => config::Config::load(&node, None).and_then(|c| import::run(c, batch_size, &paths)),
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One line: the reason and its causes.
+            let msg: Vec<String> = e.chain().map(|c| c.to_string()).collect();
+            eprintln!("fhirsync: error: {}", msg.join(": "));
+            ExitCode::FAILURE
+        }
+    }
+}

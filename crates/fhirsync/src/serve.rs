@@ -1,0 +1,86 @@
+//! `fhirsync serve`: opens the store, serves the API, shuts down cleanly on
+//! SIGINT/SIGTERM (in-flight requests finish, long-polls end, the writer
+//! drains its queue and checkpoints).
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use fhirsync_api::{app, AppState};
+use fhirsync_store::sqlite::SqliteStore;
+use fhirsync_store::Store;
+use tokio::sync::watch;
+
+use crate::config::Config;
+use crate::lock::lock_data_dir;
+
+pub fn init_logging(filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(filter));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+pub fn run(cfg: Config) -> anyhow::Result<()> {
+    init_logging(&cfg.log);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    rt.block_on(serve(cfg))
+}
+
+async fn serve(cfg: Config) -> anyhow::Result<()> {
+    let addr = cfg.listen_addr()?;
+    let _lock = lock_data_dir(&cfg.data_dir)?;
+    let store = Arc::new(SqliteStore::open(cfg.sqlite()?).context("cannot open the store")?);
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let state = AppState {
+        store: store.clone(),
+        cfg: Arc::new(cfg.api()),
+        shutdown: shutdown_rx,
+    };
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr}"))?;
+    let local = listener.local_addr()?;
+    tracing::info!(
+        node_id = store.node_id(),
+        "listening on http://{local}/fhir"
+    );
+    // Scripts and tests read this line to find the port of `--listen 127.0.0.1:0`.
+    println!(
+        "fhirsync node {} listening on http://{local}/fhir",
+        store.node_id()
+    );
+    axum::serve(listener, app(state))
+        .with_graceful_shutdown(async move {
+            wait_for_signal().await;
+            tracing::info!("shutting down");
+            let _ = shutdown_tx.send(true);
+        })
+        .await
+        .context("server failed")?;
+    let s = store.clone();
+    tokio::task::spawn_blocking(move || s.shutdown()).await?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    match (term, int) {
+        (Ok(mut t), Ok(mut i)) => {
+            tokio::select! {
+                _ = t.recv() => {},
+                _ = i.recv() => {},
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
