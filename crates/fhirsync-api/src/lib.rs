@@ -75,6 +75,8 @@ pub fn app(state: AppState) -> Router {
         .route("/{rtype}/{id}/_history/{vid}", get(crud::vread))
         .method_not_allowed_fallback(error::method_not_allowed);
     Router::new()
+        // Clients POST transactions to the base with and without a trailing slash.
+        .route("/fhir/", post(bundle::process).get(search::system_search))
         .nest("/fhir", fhir)
         .fallback(error::not_found)
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(

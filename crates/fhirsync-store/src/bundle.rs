@@ -557,7 +557,8 @@ fn transaction(
             }
             _ => unreachable_op()?,
         };
-        if !seen.insert(ResourceKey::new(&rtype, &id)) {
+        // Plain updates were checked above; a conditional one is known only now.
+        if matches!(p.op, Op::CondUpdate { .. }) && !seen.insert(ResourceKey::new(&rtype, &id)) {
             return Err(entry_err(
                 *i,
                 StoreError::BadRequest(format!("{rtype}/{id} is written by more than one entry")),

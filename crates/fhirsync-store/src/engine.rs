@@ -3,7 +3,7 @@
 //! Runs inside the backend's writer; pure apart from the [`WriteTx`] calls.
 
 use fhirsync_core::search::SearchQuery;
-use fhirsync_core::{ResourceKey, ValidationError, VersionVector};
+use fhirsync_core::{ResourceKey, VersionVector};
 
 use crate::types::*;
 use crate::StoreError;
@@ -184,11 +184,7 @@ pub fn conditional_update(
         Some(k) => {
             if let Some(body) = res.body_id() {
                 if body != k.id {
-                    return Err(ValidationError::IdMismatch {
-                        url: k.id,
-                        body: body.to_owned(),
-                    }
-                    .into());
+                    return Err(id_not_matched(body, &k));
                 }
             }
             update(tx, &k.id, res, if_match)
@@ -198,6 +194,14 @@ pub fn conditional_update(
             None => create(tx, res, None),
         },
     }
+}
+
+/// Conditional update found `k`, but the body names another id (400 per
+/// the specification).
+pub fn id_not_matched(body: &str, k: &ResourceKey) -> StoreError {
+    StoreError::BadRequest(format!(
+        "resource id '{body}' is not the id of the resource the condition found ({k})"
+    ))
 }
 
 pub fn delete(

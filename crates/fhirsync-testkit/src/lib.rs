@@ -1,0 +1,8 @@
+//! Harnesses that start real fhirsync servers on 127.0.0.1 (in-process or
+//! as a child process, each with its own data directory, stopped on drop)
+//! and seeded generators of realistic FHIR data.
+
+pub mod gen;
+pub mod server;
+
+pub use server::{InProcess, NodeProcess};

@@ -1,0 +1,173 @@
+//! Real servers for tests: [`InProcess`] runs the API in this process on a
+//! free port; [`NodeProcess`] runs the `fhirsync` binary and can be killed.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use fhirsync_api::{app, ApiConfig, AppState};
+use fhirsync_core::clock::{Clock, SystemClock};
+use fhirsync_store::sqlite::{SqliteConfig, SqliteStore};
+use tokio::sync::watch;
+
+/// The API served from this process over real HTTP on 127.0.0.1.
+pub struct InProcess {
+    pub base: String,
+    pub client: reqwest::Client,
+    pub store: Arc<SqliteStore>,
+    pub dir: tempfile::TempDir,
+    shutdown: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+#[derive(Clone)]
+pub struct Options {
+    pub api: ApiConfig,
+    pub clock: Arc<dyn Clock>,
+    pub node_id: Option<String>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            api: ApiConfig::default(),
+            clock: Arc::new(SystemClock),
+            node_id: Some("test-node".into()),
+        }
+    }
+}
+
+impl InProcess {
+    pub async fn start() -> InProcess {
+        Self::start_with(Options::default()).await
+    }
+
+    pub async fn start_with(opts: Options) -> InProcess {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut cfg = SqliteConfig::new(SqliteStore::db_path(dir.path()));
+        cfg.node_id = opts.node_id.clone();
+        let store =
+            Arc::new(SqliteStore::open_with_clock(cfg, opts.clock.clone()).expect("open store"));
+        let (shutdown, rx) = watch::channel(false);
+        let state = AppState {
+            store: store.clone(),
+            cfg: Arc::new(opts.api.clone()),
+            shutdown: rx,
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let mut stop = shutdown.subscribe();
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app(state))
+                .with_graceful_shutdown(async move {
+                    let _ = stop.wait_for(|v| *v).await;
+                })
+                .await;
+        });
+        InProcess {
+            base: format!("http://{addr}/fhir"),
+            client: reqwest::Client::new(),
+            store,
+            dir,
+            shutdown,
+            task,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}/{}", self.base, path.trim_start_matches('/'))
+    }
+}
+
+impl Drop for InProcess {
+    fn drop(&mut self) {
+        let _ = self.shutdown.send(true);
+        self.task.abort();
+    }
+}
+
+/// A `fhirsync serve` child process on a free port, killed on drop.
+pub struct NodeProcess {
+    pub base: String,
+    pub data_dir: PathBuf,
+    child: Child,
+}
+
+impl NodeProcess {
+    /// Starts `bin serve --listen 127.0.0.1:0 --data-dir DIR` plus `extra`
+    /// and waits until it listens.
+    pub fn spawn(bin: &Path, data_dir: &Path, extra: &[&str]) -> anyhow::Result<NodeProcess> {
+        let mut child = Command::new(bin)
+            .arg("serve")
+            .args(["--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(data_dir)
+            .args(extra)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()?;
+        let stdout = child
+            .stdout
+            .take()
+            .ok_or_else(|| anyhow::anyhow!("no stdout"))?;
+        let mut lines = BufReader::new(stdout).lines();
+        let base = loop {
+            match lines.next() {
+                Some(Ok(l)) => {
+                    if let Some(i) = l.find("http://") {
+                        break l[i..].trim().to_owned();
+                    }
+                }
+                _ => {
+                    let _ = child.kill();
+                    let status = child.wait()?;
+                    anyhow::bail!("fhirsync serve exited before listening ({status})");
+                }
+            }
+        };
+        // Keep draining stdout so the child never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        Ok(NodeProcess {
+            base,
+            data_dir: data_dir.to_owned(),
+            child,
+        })
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}/{}", self.base, path.trim_start_matches('/'))
+    }
+
+    /// SIGKILL: no shutdown code runs.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then waits up to `timeout` for a clean exit.
+    pub fn terminate(&mut self, timeout: Duration) -> anyhow::Result<std::process::ExitStatus> {
+        let pid = self.child.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status()?;
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.child.try_wait()? {
+                return Ok(s);
+            }
+            if std::time::Instant::now() > deadline {
+                self.kill();
+                anyhow::bail!("did not stop within {timeout:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

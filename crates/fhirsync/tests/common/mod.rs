@@ -1,0 +1,98 @@
+//! Helpers shared by the integration tests: a real server on 127.0.0.1 and
+//! small request shorthands.
+#![allow(dead_code)]
+
+pub use fhirsync_testkit::InProcess;
+use reqwest::{RequestBuilder, Response};
+use serde_json::Value;
+
+pub const FHIR_JSON: &str = "application/fhir+json";
+
+pub fn with_body(rb: RequestBuilder, body: &Value) -> RequestBuilder {
+    rb.header("content-type", FHIR_JSON).body(body.to_string())
+}
+
+pub async fn put(s: &InProcess, path: &str, body: &Value) -> Response {
+    with_body(s.client.put(s.url(path)), body)
+        .send()
+        .await
+        .expect("PUT")
+}
+
+pub async fn post(s: &InProcess, path: &str, body: &Value) -> Response {
+    with_body(s.client.post(s.url(path)), body)
+        .send()
+        .await
+        .expect("POST")
+}
+
+pub async fn get(s: &InProcess, path: &str) -> Response {
+    s.client.get(s.url(path)).send().await.expect("GET")
+}
+
+pub async fn delete(s: &InProcess, path: &str) -> Response {
+    s.client.delete(s.url(path)).send().await.expect("DELETE")
+}
+
+/// Status and parsed body (numbers keep their exact text).
+pub async fn status_json(r: Response) -> (u16, Value) {
+    let status = r.status().as_u16();
+    let text = r.text().await.expect("body");
+    let v = if text.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
+    };
+    (status, v)
+}
+
+/// Asserts an OperationOutcome with `status`; returns its diagnostics.
+pub async fn expect_outcome(r: Response, status: u16) -> String {
+    let ct = r
+        .headers()
+        .get("content-type")
+        .map(|c| c.to_str().unwrap_or("").to_owned())
+        .unwrap_or_default();
+    let (s, v) = status_json(r).await;
+    assert_eq!(s, status, "unexpected status, body {v}");
+    assert!(ct.starts_with("application/fhir+json"), "content-type {ct}");
+    assert_eq!(v["resourceType"], "OperationOutcome", "{v}");
+    v["issue"][0]["diagnostics"]
+        .as_str()
+        .unwrap_or("")
+        .to_owned()
+}
+
+/// Ids of a Bundle's entries with a resource (excluding OperationOutcomes).
+pub fn entry_ids(b: &Value) -> Vec<String> {
+    b["entry"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter(|e| e["resource"]["resourceType"] != "OperationOutcome")
+                .filter_map(|e| {
+                    let r = &e["resource"];
+                    Some(format!(
+                        "{}/{}",
+                        r["resourceType"].as_str()?,
+                        r["id"].as_str()?
+                    ))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The `next` link of a Bundle, if any.
+pub fn next_link(b: &Value) -> Option<String> {
+    b["link"]
+        .as_array()?
+        .iter()
+        .find(|l| l["relation"] == "next")
+        .and_then(|l| l["url"].as_str())
+        .map(str::to_owned)
+}
+
+pub fn pat(id: &str) -> Value {
+    serde_json::json!({"resourceType": "Patient", "id": id, "active": true})
+}
