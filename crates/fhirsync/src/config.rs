@@ -110,8 +110,14 @@ impl Config {
     pub fn from_file(p: &Path) -> anyhow::Result<Config> {
         let text = std::fs::read_to_string(p)
             .with_context(|| format!("cannot read config {}", p.display()))?;
-        toml::from_str(&text)
-            .map_err(|e| anyhow::anyhow!("config {}: {}", p.display(), e.to_string().trim()))
+        toml::from_str(&text).map_err(|e| {
+            // One line: file, line number and the parser's message.
+            let line = e
+                .span()
+                .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1)
+                .unwrap_or(1);
+            anyhow::anyhow!("config {}:{line}: {}", p.display(), e.message().trim())
+        })
     }
 
     fn check(&self) -> anyhow::Result<()> {

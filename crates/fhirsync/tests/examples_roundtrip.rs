@@ -1,0 +1,139 @@
+//! Every resource of the official FHIR R4 examples survives PUT then GET:
+//! the same JSON apart from `meta.versionId` / `meta.lastUpdated`, numbers
+//! compared by their exact text.
+
+mod common;
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use common::*;
+use serde_json::Value;
+
+fn examples_dir() -> PathBuf {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let dir = root.join(".cache/fhir-r4-examples");
+    if !dir.join(".complete").exists() {
+        let st = std::process::Command::new("bash")
+            .arg(root.join("scripts/fetch-fhir-examples.sh"))
+            .arg(&dir)
+            .status()
+            .expect("run scripts/fetch-fhir-examples.sh");
+        assert!(st.success(), "fetching the FHIR R4 examples failed");
+    }
+    dir
+}
+
+/// Removes what the server sets; a `meta` left empty was added by the server.
+fn strip_server_meta(v: &mut Value) {
+    let Some(obj) = v.as_object_mut() else { return };
+    if let Some(m) = obj.get_mut("meta").and_then(Value::as_object_mut) {
+        m.remove("versionId");
+        m.remove("lastUpdated");
+        if m.is_empty() {
+            obj.remove("meta");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn official_r4_examples_round_trip() {
+    let dir = examples_dir();
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "json"))
+        .collect();
+    files.sort();
+    assert!(files.len() >= 5000, "only {} examples", files.len());
+    let total = files.len();
+    // One example (Bundle-resources.json) is larger than the default body limit.
+    let s = Arc::new(
+        InProcess::start_with(fhirsync_testkit::server::Options {
+            api: fhirsync_api::ApiConfig {
+                body_bytes_max: 128 << 20,
+                ..Default::default()
+            },
+            ..Default::default()
+        })
+        .await,
+    );
+    let queue = Arc::new(Mutex::new(files));
+    let mut workers = Vec::new();
+    for _ in 0..8 {
+        let (s, queue) = (s.clone(), queue.clone());
+        workers.push(tokio::spawn(async move {
+            let mut ok = 0usize;
+            let mut refused = Vec::new();
+            let mut types = std::collections::HashSet::new();
+            loop {
+                let Some(path) = queue.lock().unwrap().pop() else {
+                    break;
+                };
+                let text = std::fs::read_to_string(&path).unwrap();
+                let sent: Value = serde_json::from_str(&text).unwrap();
+                let t = sent["resourceType"].as_str().unwrap().to_owned();
+                let id = sent["id"].as_str().unwrap().to_owned();
+                let url = s.url(&format!("{t}/{id}"));
+                let r = s
+                    .client
+                    .put(&url)
+                    .header("content-type", FHIR_JSON)
+                    .body(text)
+                    .send()
+                    .await
+                    .unwrap();
+                let st = r.status().as_u16();
+                if !(200..300).contains(&st) {
+                    refused.push((
+                        path.file_name().unwrap().to_string_lossy().into_owned(),
+                        st,
+                        r.text().await.unwrap(),
+                    ));
+                    continue;
+                }
+                let back = s
+                    .client
+                    .get(&url)
+                    .send()
+                    .await
+                    .unwrap()
+                    .text()
+                    .await
+                    .unwrap();
+                let mut back: Value = serde_json::from_str(&back).unwrap();
+                assert!(
+                    back["meta"]["versionId"].is_string()
+                        && back["meta"]["lastUpdated"].is_string()
+                );
+                let mut sent = sent;
+                strip_server_meta(&mut sent);
+                strip_server_meta(&mut back);
+                assert_eq!(back, sent, "{} changed in the round trip", path.display());
+                types.insert(t);
+                ok += 1;
+            }
+            (ok, refused, types)
+        }));
+    }
+    let mut ok = 0;
+    let mut refused = Vec::new();
+    let mut types = std::collections::HashSet::new();
+    for w in workers {
+        let (o, r, t) = w.await.unwrap();
+        ok += o;
+        refused.extend(r);
+        types.extend(t);
+    }
+    // The one example whose id breaks the FHIR id rule (over 64 characters)
+    // must be refused with 422; everything else must round-trip.
+    assert_eq!(refused.len(), 1, "refused: {refused:?}");
+    assert_eq!(refused[0].1, 422, "{refused:?}");
+    assert!(refused[0].2.contains("invalid resource id"), "{refused:?}");
+    assert_eq!(ok, total - 1);
+    assert!(types.len() >= 127, "{} types", types.len());
+    println!(
+        "{ok} of {total} examples round-tripped, {} resource types",
+        types.len()
+    );
+}
