@@ -5,7 +5,7 @@ use axum::body::Body;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
-use fhirsync_core::resource::{body_id, check_resource, is_valid_id, parse_resource};
+use fhirsync_core::resource::{check_resource, is_valid_id, parse_resource};
 use fhirsync_core::search::SearchQuery;
 use fhirsync_core::ValidationError;
 use fhirsync_store::{Prepared, StoreError, WriteOutcome, WriteRequest};
@@ -106,7 +106,7 @@ pub async fn update(
         return Err(StoreError::from(ValidationError::BadId(id)).into());
     }
     let res = prepared_body(&state, &headers, body, &rtype).await?;
-    match body_id(&res.res) {
+    match res.body_id() {
         None => return Err(StoreError::from(ValidationError::MissingId).into()),
         Some(b) if b != id => {
             let e = ValidationError::IdMismatch {

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use fhirsync_core::index::{extract, IndexEntry};
-use fhirsync_core::meta::content_hash;
+use fhirsync_core::meta::{assemble, content_hash, split, Split};
 use fhirsync_core::search::SearchQuery;
 use fhirsync_core::{Hlc, VersionVector};
 use serde_json::{Map, Value};
@@ -51,30 +51,41 @@ pub struct StoredVersion {
     pub body: Option<Arc<str>>,
 }
 
-/// A resource ready to be written: parsed, checked, hashed and indexed.
-/// Built outside the writer so that work runs in parallel.
+/// A resource ready to be written: checked, serialized once (without the
+/// server's fields), hashed and indexed. Built outside the writer so this
+/// work runs in parallel.
 #[derive(Debug, Clone)]
 pub struct Prepared {
     pub rtype: String,
-    pub res: Map<String, Value>,
+    /// The `id` element of the body, if any.
+    pub id: Option<String>,
+    pub split: Split,
     pub hash: u128,
     pub index: Vec<IndexEntry>,
 }
 
 impl Prepared {
     pub fn new(rtype: String, res: Map<String, Value>) -> Self {
-        let hash = content_hash(&res);
+        let split = split(&res);
+        let hash = content_hash(&rtype, &split);
         let index = extract(&res);
+        let id = fhirsync_core::resource::body_id(&res).map(str::to_owned);
         Prepared {
             rtype,
-            res,
+            id,
+            split,
             hash,
             index,
         }
     }
 
     pub fn body_id(&self) -> Option<&str> {
-        fhirsync_core::resource::body_id(&self.res)
+        self.id.as_deref()
+    }
+
+    /// The JSON to store for version `vid` of resource `id`.
+    pub fn body(&self, id: &str, vid: u64, last_updated: &str) -> String {
+        assemble(&self.rtype, id, &vid.to_string(), last_updated, &self.split)
     }
 }
 

@@ -123,7 +123,7 @@ pub fn observation(
 pub fn ndjson_line(seed: u64, i: u64) -> String {
     let mut rng = Rng::new(seed ^ i.wrapping_mul(0x2545_F491_4F6C_DD1D));
     let p = i / 5;
-    let v = if i % 5 == 0 {
+    let v = if i.is_multiple_of(5) {
         patient(&mut rng, &format!("p{p}"))
     } else {
         observation(

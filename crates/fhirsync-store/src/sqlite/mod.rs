@@ -17,7 +17,7 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension};
 use tokio::sync::{mpsc, oneshot, watch};
 
 pub use schema::SyncMode;
-pub use writer::{LoadSummary, StreamMsg};
+pub use writer::{LoadDone, LoadSummary, StreamMsg};
 
 use crate::types::*;
 use crate::{Store, StoreError};
@@ -137,6 +137,8 @@ impl SqliteStore {
             hlc: Hlc::from_packed(hlc as u64),
             group_max: cfg.group_commit_max.max(1),
             seq_tx,
+            next_seq: None,
+            lu_text: (0, String::new()),
         };
         let handle = std::thread::Builder::new()
             .name("fhirsync-writer".into())
@@ -174,13 +176,7 @@ impl SqliteStore {
     pub fn load_stream(
         &self,
         depth: usize,
-    ) -> Result<
-        (
-            mpsc::Sender<StreamMsg>,
-            oneshot::Receiver<Result<LoadSummary, StoreError>>,
-        ),
-        StoreError,
-    > {
+    ) -> Result<(mpsc::Sender<StreamMsg>, writer::LoadDone), StoreError> {
         let (tx, rx) = mpsc::channel(depth.max(1));
         let (done_tx, done_rx) = oneshot::channel();
         self.sender()?
@@ -273,7 +269,7 @@ impl Store for SqliteStore {
     async fn write(&self, req: WriteRequest) -> Result<WriteOutcome, StoreError> {
         let (tx, rx) = oneshot::channel();
         self.sender()?
-            .send(writer::Job::Write(req, tx))
+            .send(writer::Job::Write(Box::new(req), tx))
             .await
             .map_err(|_| StoreError::ShuttingDown)?;
         rx.await.map_err(|_| StoreError::ShuttingDown)?

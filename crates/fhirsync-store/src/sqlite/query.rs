@@ -158,7 +158,7 @@ fn search_where(q: &SearchQuery, snapshot: u64) -> (String, Vec<Sql>) {
                     w.push_str("system = ?");
                     a.push(Sql::Text(s.clone()));
                 }
-                (None, None) => w.push_str("1"),
+                (None, None) => w.push('1'),
             }
         }
         w.push_str("))");

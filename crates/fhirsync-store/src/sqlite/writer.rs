@@ -8,7 +8,6 @@ use std::sync::Arc;
 
 use fhirsync_core::clock::Clock;
 use fhirsync_core::instant::format_instant;
-use fhirsync_core::meta::stamp;
 use fhirsync_core::search::SearchQuery;
 use fhirsync_core::{Hlc, ResourceKey, VersionVector};
 use rusqlite::{params, Connection, OptionalExtension};
@@ -20,6 +19,9 @@ use crate::types::*;
 use crate::StoreError;
 
 pub type Reply = oneshot::Sender<Result<WriteOutcome, StoreError>>;
+
+/// The end of a streamed load: its summary, or why nothing was loaded.
+pub type LoadDone = oneshot::Receiver<Result<LoadSummary, StoreError>>;
 
 /// A message of a streamed, all-or-nothing load.
 pub enum StreamMsg {
@@ -41,7 +43,7 @@ pub struct LoadSummary {
 }
 
 pub enum Job {
-    Write(WriteRequest, Reply),
+    Write(Box<WriteRequest>, Reply),
     /// Everything from the receiver in one transaction; rolled back unless
     /// `Commit` arrives.
     Stream(
@@ -57,6 +59,11 @@ pub struct Writer {
     pub hlc: Hlc,
     pub group_max: usize,
     pub seq_tx: watch::Sender<u64>,
+    /// The `seq` the next insert gets; `None` after any rollback, when it
+    /// is read again from the database.
+    pub next_seq: Option<u64>,
+    /// The last formatted `lastUpdated`: many versions share a millisecond.
+    pub lu_text: (u64, String),
 }
 
 impl Writer {
@@ -77,10 +84,10 @@ impl Writer {
                     let _ = done.send(r);
                 }
                 Job::Write(req, reply) => {
-                    let mut group = vec![(req, reply)];
+                    let mut group = vec![(*req, reply)];
                     while group.len() < self.group_max {
                         match rx.try_recv() {
-                            Ok(Job::Write(r, s)) => group.push((r, s)),
+                            Ok(Job::Write(r, s)) => group.push((*r, s)),
                             Ok(other) => {
                                 pending = Some(other);
                                 break;
@@ -120,6 +127,7 @@ impl Writer {
             Err(e) => {
                 tracing::error!(error = %e, "group commit failed");
                 let _ = self.conn.execute_batch("ROLLBACK");
+                self.next_seq = None;
                 for (reply, _) in results {
                     let _ = reply.send(Err(StoreError::Backend(format!("commit failed: {e}"))));
                 }
@@ -172,6 +180,7 @@ impl Writer {
                 Ok(sum)
             }
             Err(e) => {
+                self.next_seq = None;
                 self.conn.execute_batch("ROLLBACK")?;
                 Err(e)
             }
@@ -288,7 +297,10 @@ impl WriteTx for Writer {
     }
 
     fn insert(&mut self, v: NewVersion<'_>) -> Result<StoredVersion, StoreError> {
-        let seq = query::last_seq(&self.conn)? + 1;
+        let seq = match self.next_seq.take() {
+            Some(s) => s,
+            None => query::last_seq(&self.conn)? + 1,
+        };
         self.hlc = self.hlc.tick(self.clock.now_ms());
         let lu_ms = self.hlc.wall_ms();
         let vid = v.prev.as_ref().map_or(1, |p| p.vid + 1);
@@ -298,10 +310,11 @@ impl WriteTx for Writer {
             .map_or_else(VersionVector::new, |p| p.vv.clone())
             .bumped(&self.node_id);
         let (body, hash, index) = match v.res {
-            Some(mut p) => {
-                stamp(&mut p.res, v.id, &vid.to_string(), &format_instant(lu_ms));
-                let body = serde_json::to_string(&p.res)
-                    .map_err(|e| StoreError::Backend(e.to_string()))?;
+            Some(p) => {
+                if self.lu_text.0 != lu_ms || self.lu_text.1.is_empty() {
+                    self.lu_text = (lu_ms, format_instant(lu_ms));
+                }
+                let body = p.body(v.id, vid, &self.lu_text.1);
                 (Some(body), Some(p.hash.to_be_bytes().to_vec()), p.index)
             }
             None => (None, None, Vec::new()),
@@ -348,6 +361,7 @@ impl WriteTx for Writer {
                 st.execute(params![e.param, e.value, e.system, seq as i64])?;
             }
         }
+        self.next_seq = Some(seq + 1);
         Ok(StoredVersion {
             seq,
             rtype: v.rtype.to_owned(),
@@ -376,6 +390,7 @@ impl WriteTx for Writer {
     }
 
     fn rollback(&mut self) -> Result<(), StoreError> {
+        self.next_seq = None;
         Ok(self.conn.execute_batch("ROLLBACK TO sp; RELEASE sp")?)
     }
 }
