@@ -90,7 +90,7 @@ fn split_zone(s: &str) -> Option<(&str, i64)> {
     if let Some(b) = s.strip_suffix('Z') {
         return Some((b, 0));
     }
-    if s.len() > 16 {
+    if s.len() > 16 && s.is_char_boundary(s.len() - 6) {
         let (b, z) = s.split_at(s.len() - 6);
         let zb = z.as_bytes();
         if (zb[0] == b'+' || zb[0] == b'-') && zb[3] == b':' {
@@ -126,5 +126,8 @@ mod tests {
         assert_eq!(parse_range("1970-01-01T00:01"), Some((60_000, 120_000)));
         assert_eq!(parse_range("garbage"), None);
         assert_eq!(parse_range("1970-13"), None);
+        assert_eq!(parse_range("1970-01-01T00:00:00ééé"), None);
+        assert_eq!(parse_range("1970-01-01T00:00:00é12345"), None);
+        assert_eq!(parse_range("ééééééééééééééééé"), None);
     }
 }

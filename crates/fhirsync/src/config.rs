@@ -114,7 +114,7 @@ impl Config {
             // One line: file, line number and the parser's message.
             let line = e
                 .span()
-                .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1)
+                .map(|s| text.get(..s.start).unwrap_or(&text).matches('\n').count() + 1)
                 .unwrap_or(1);
             anyhow::anyhow!("config {}:{line}: {}", p.display(), e.message().trim())
         })

@@ -114,7 +114,7 @@ impl Writer {
         }
         let mut results = Vec::with_capacity(group.len());
         for (req, reply) in group {
-            let r = engine::atomically(self, |tx| engine::execute(tx, req));
+            let r = self.execute_guarded(req);
             results.push((reply, r));
         }
         match self.conn.execute_batch("COMMIT") {
@@ -185,6 +185,20 @@ impl Writer {
                 Err(e)
             }
         }
+    }
+
+    /// Runs one request in its savepoint. A panic in it (a bug) rolls that
+    /// request back and becomes an error; the writer, and the node, go on.
+    fn execute_guarded(&mut self, req: WriteRequest) -> Result<WriteOutcome, StoreError> {
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            engine::atomically(self, |tx| engine::execute(tx, req))
+        }));
+        r.unwrap_or_else(|_| {
+            tracing::error!("a write request panicked; it was rolled back");
+            self.next_seq = None;
+            let _ = self.conn.execute_batch("ROLLBACK TO sp; RELEASE sp");
+            Err(StoreError::Backend("internal error while writing".into()))
+        })
     }
 
     fn publish_seq(&self) {
