@@ -273,99 +273,86 @@ async fn conditional_update_and_delete() {
 
 #[tokio::test]
 async fn bad_input_is_refused_and_changes_nothing() {
+    use reqwest::Method as M;
     let s = InProcess::start().await;
     put(&s, "Patient/p", &pat("p")).await;
     let seq = s.store.last_seq();
-    let raw = |m: reqwest::Method, path: &str, body: &str| {
-        s.client
-            .request(m, s.url(path))
-            .header("content-type", FHIR_JSON)
-            .body(body.to_owned())
-            .send()
-    };
-    use reqwest::Method as M;
-    expect_outcome(raw(M::POST, "Patient", "{not json").await.unwrap(), 400).await;
-    expect_outcome(raw(M::POST, "Patient", "[1,2]").await.unwrap(), 400).await;
-    expect_outcome(
-        raw(M::POST, "Patient", r#"{"active":true}"#).await.unwrap(),
-        422,
-    )
-    .await;
-    expect_outcome(
-        raw(M::POST, "Foo", r#"{"resourceType":"Foo"}"#)
-            .await
-            .unwrap(),
-        422,
-    )
-    .await;
-    expect_outcome(
-        raw(M::POST, "Patient", r#"{"resourceType":"Observation"}"#)
-            .await
-            .unwrap(),
-        400,
-    )
-    .await;
-    expect_outcome(
-        raw(
+    // (method, path, content type, body, expected status)
+    let cases: &[(M, &str, &str, &str, u16)] = &[
+        (M::POST, "Patient", FHIR_JSON, "{not json", 400),
+        (M::POST, "Patient", FHIR_JSON, "[1,2]", 400),
+        (M::POST, "Patient", FHIR_JSON, "", 400),
+        (M::POST, "Patient", FHIR_JSON, r#"{"active":true}"#, 422),
+        (M::POST, "Foo", FHIR_JSON, r#"{"resourceType":"Foo"}"#, 422),
+        (
+            M::POST,
+            "Patient",
+            FHIR_JSON,
+            r#"{"resourceType":"Observation"}"#,
+            400,
+        ),
+        (
             M::PUT,
             "Patient/p",
+            FHIR_JSON,
             r#"{"resourceType":"Patient","id":"q"}"#,
-        )
-        .await
-        .unwrap(),
-        422,
-    )
-    .await;
-    expect_outcome(
-        raw(M::PUT, "Patient/p", r#"{"resourceType":"Patient"}"#)
-            .await
-            .unwrap(),
-        400,
-    )
-    .await;
-    expect_outcome(
-        raw(
+            422,
+        ),
+        (
+            M::PUT,
+            "Patient/p",
+            FHIR_JSON,
+            r#"{"resourceType":"Patient"}"#,
+            400,
+        ),
+        (
             M::PUT,
             "Patient/bad_id",
+            FHIR_JSON,
             r#"{"resourceType":"Patient","id":"bad_id"}"#,
-        )
-        .await
-        .unwrap(),
-        422,
-    )
-    .await;
-    expect_outcome(
-        raw(
+            422,
+        ),
+        (
             M::PUT,
             "Patient/ok",
+            FHIR_JSON,
             r#"{"resourceType":"Patient","id":"no spaces"}"#,
-        )
-        .await
-        .unwrap(),
-        422,
-    )
-    .await;
-    expect_outcome(
-        raw(
+            422,
+        ),
+        (
             M::PUT,
             "Patient/p",
+            FHIR_JSON,
             r#"{"resourceType":"Patient","id":"p","meta":3}"#,
-        )
-        .await
-        .unwrap(),
-        422,
-    )
-    .await;
-    expect_outcome(raw(M::POST, "Patient", "").await.unwrap(), 400).await;
-    let r = s
-        .client
-        .post(s.url("Patient"))
-        .header("content-type", "application/fhir+xml")
-        .body("<Patient/>")
-        .send()
-        .await
-        .unwrap();
-    expect_outcome(r, 415).await;
+            422,
+        ),
+        (
+            M::POST,
+            "Patient",
+            "application/fhir+xml",
+            "<Patient/>",
+            415,
+        ),
+        (M::GET, "Patient/p?_format=xml", FHIR_JSON, "", 406),
+        (M::GET, "Nope/1", FHIR_JSON, "", 404),
+        (M::GET, "Patient/missing", FHIR_JSON, "", 404),
+        (M::GET, "Patient/p/_history/9", FHIR_JSON, "", 404),
+        (M::GET, "Patient/p/_history/x", FHIR_JSON, "", 404),
+        (M::PATCH, "Patient/p", FHIR_JSON, "", 405),
+    ];
+    for (method, path, ct, body, status) in cases {
+        let r = s
+            .client
+            .request(method.clone(), s.url(path))
+            .header("content-type", *ct)
+            .body(body.to_string())
+            .send()
+            .await
+            .unwrap();
+        let st = r.status().as_u16();
+        assert_eq!(st, *status, "{method} {path} {body}");
+        expect_outcome(r, *status).await;
+    }
     let r = s
         .client
         .get(s.url("Patient/p"))
@@ -374,25 +361,8 @@ async fn bad_input_is_refused_and_changes_nothing() {
         .await
         .unwrap();
     expect_outcome(r, 406).await;
-    expect_outcome(get(&s, "Patient/p?_format=xml").await, 406).await;
-    expect_outcome(get(&s, "Nope/1").await, 404).await;
-    expect_outcome(get(&s, "Patient/missing").await, 404).await;
-    expect_outcome(get(&s, "Patient/p/_history/9").await, 404).await;
-    expect_outcome(get(&s, "Patient/p/_history/x").await, 404).await;
-    expect_outcome(
-        s.client
-            .get(format!("{}/nothing-here", s.base.trim_end_matches("/fhir")))
-            .send()
-            .await
-            .unwrap(),
-        404,
-    )
-    .await;
-    expect_outcome(
-        s.client.patch(s.url("Patient/p")).send().await.unwrap(),
-        405,
-    )
-    .await;
+    let outside = format!("{}/nothing-here", s.base.trim_end_matches("/fhir"));
+    expect_outcome(s.client.get(outside).send().await.unwrap(), 404).await;
     assert_eq!(s.store.last_seq(), seq, "bad input changed the store");
 }
 
