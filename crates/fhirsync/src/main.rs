@@ -5,6 +5,7 @@ mod config;
 mod import;
 mod lock;
 mod serve;
+mod sync_cmd;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -46,6 +47,8 @@ enum Command {
         #[arg(long, env = "FHIRSYNC_LISTEN")]
         listen: Option<String>,
     },
+    /// Copy, compare or follow FHIR data between two servers or from a directory.
+    Sync(Box<sync_cmd::SyncArgs>),
     /// Load .json resources, Bundles and .ndjson files into a node's store,
     /// all or nothing.
     Import {
@@ -66,6 +69,7 @@ fn main() -> ExitCode {
         Command::Serve { node, listen } => {
             config::Config::load(&node, listen.as_deref()).and_then(serve::run)
         }
+        Command::Sync(a) => sync_cmd::run(*a),
         Command::Import {
             node,
             batch_size,

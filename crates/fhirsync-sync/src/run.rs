@@ -1,0 +1,339 @@
+//! Drives one sync run: builds the clients, starts the source reader and
+//! the writers, and hands the mode-specific parts to [`crate::compare`] and
+//! [`crate::incremental`].
+
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use serde_json::Value;
+use tokio::sync::{mpsc, watch};
+
+use crate::client::FhirClient;
+use crate::ids::Prefixer;
+use crate::options::{Mode, SourceSpec, SyncOptions, SOURCE_RETRY_COUNT};
+use crate::report::{Count, Failure, Report};
+use crate::source::{read_directory, read_search, server_types, type_url, Item};
+use crate::upload::{Shared, Uploader};
+use crate::SyncError;
+
+/// Builds the source client, if the source is a server.
+pub fn source_client(opts: &SyncOptions) -> Result<Option<FhirClient>, SyncError> {
+    opts.source
+        .base()
+        .map(|b| {
+            FhirClient::new(
+                b,
+                opts.source_auth.clone(),
+                opts.request_id.clone(),
+                SOURCE_RETRY_COUNT,
+            )
+        })
+        .transpose()
+}
+
+pub fn uploader(opts: &SyncOptions) -> Result<Arc<Uploader>, SyncError> {
+    let targets = opts
+        .targets
+        .iter()
+        .map(|t| {
+            FhirClient::new(
+                t,
+                opts.target_auth.clone(),
+                opts.request_id.clone(),
+                opts.target_retry_count,
+            )
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let prefix = opts
+        .prefix_numeric_ids
+        .as_deref()
+        .map(|p| Prefixer::new(p, opts.source.base()));
+    if let Some(p) = &opts.semaphore_path {
+        crate::semaphore::check(p).map_err(SyncError::Options)?;
+    }
+    Ok(Arc::new(Uploader::new(
+        targets,
+        prefix,
+        opts.dry_run,
+        opts.semaphore_path.clone(),
+    )))
+}
+
+/// Checks a server answers (and accepts the credentials) before any
+/// write; returns its CapabilityStatement.
+pub async fn probe(client: &FhirClient, side: &str) -> Result<Value, SyncError> {
+    let r = client
+        .send(reqwest::Method::GET, "metadata", None)
+        .await
+        .map_err(|e| match e {
+            SyncError::Http { url, reason } => SyncError::Http {
+                url,
+                reason: format!("{side} not reachable: {reason}"),
+            },
+            e => e,
+        })?;
+    match r.status {
+        200..=299 => Ok(r.body),
+        s => Err(crate::client::status_error(
+            &format!("{side} {}", client.base()),
+            s,
+            &r.body,
+        )),
+    }
+}
+
+/// Runs the whole sync. `report` is updated as it goes (for progress);
+/// `stop` ends a `--follow` run cleanly.
+pub async fn run(
+    opts: SyncOptions,
+    report: Arc<Mutex<Report>>,
+    stop: watch::Receiver<bool>,
+) -> Result<(), SyncError> {
+    opts.check()?;
+    let started = Instant::now();
+    let shared = Shared::new(report.clone());
+    let up = uploader(&opts)?;
+    let source = source_client(&opts)?;
+    if let Some(s) = &source {
+        probe(s, "source").await?;
+    }
+    let mut all_batch = true;
+    for t in &up.targets {
+        let cap = probe(t, "target").await?;
+        all_batch &= cap["rest"][0]["interaction"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|i| i["code"] == "batch"));
+    }
+    if all_batch {
+        up.set_batch(crate::upload::BATCH_ENTRIES_MAX);
+    }
+    let r = match opts.mode {
+        Mode::Copy => copy(&opts, source, &up, &shared).await,
+        Mode::Synthea => synthea(&opts, &up, &shared).await,
+        Mode::Compare => crate::compare::compare(&opts, source, &up, &shared).await,
+        Mode::Incremental => {
+            let s = source
+                .ok_or_else(|| SyncError::Options("INCREMENTAL needs a server source".into()))?;
+            crate::incremental::incremental(&opts, s, &up, &shared, stop).await
+        }
+    };
+    if let Ok(mut rep) = report.lock() {
+        rep.seconds = started.elapsed().as_secs_f64();
+    }
+    r?;
+    match shared.take_fatal() {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// Starts the reader of `opts.source` feeding `tx`; counts what it reads.
+pub fn spawn_reader(
+    opts: &SyncOptions,
+    source: Option<FhirClient>,
+    tx: mpsc::Sender<Item>,
+    shared: Arc<Shared>,
+    bundles_as_tx: bool,
+) -> tokio::task::JoinHandle<Result<Vec<String>, SyncError>> {
+    let spec = opts.source.clone();
+    let types = opts.resource_types.clone();
+    let ids = opts.resource_ids.clone();
+    tokio::spawn(async move {
+        let count = |i: &Item| shared.count(i.rtype(), Count::Read);
+        match spec {
+            SourceSpec::Directory(dir) => {
+                // Check every file before anything is written, then read again.
+                let d = dir.clone();
+                tokio::task::spawn_blocking(move || read_directory(&d, None, bundles_as_tx))
+                    .await
+                    .map_err(|e| SyncError::Index(e.to_string()))??;
+                let sh = shared.clone();
+                let types2 = types.clone();
+                let (ftx, mut frx) = mpsc::channel::<Item>(64);
+                let reader = tokio::task::spawn_blocking(move || {
+                    read_directory(&dir, Some(&ftx), bundles_as_tx)
+                });
+                let mut seen_types: Vec<String> = Vec::new();
+                while let Some(item) = frx.recv().await {
+                    if !types2.is_empty() && !types2.iter().any(|t| t == item.rtype()) {
+                        continue;
+                    }
+                    if !seen_types.iter().any(|t| t == item.rtype()) {
+                        seen_types.push(item.rtype().to_owned());
+                    }
+                    sh.count(item.rtype(), Count::Read);
+                    if tx.send(item).await.is_err() {
+                        break;
+                    }
+                }
+                reader
+                    .await
+                    .map_err(|e| SyncError::Index(e.to_string()))??;
+                Ok(if types.is_empty() { seen_types } else { types })
+            }
+            SourceSpec::Search { url, .. } => {
+                let c = source.ok_or_else(|| SyncError::Options("no source client".into()))?;
+                read_search(&c, &url, &tx, bundles_as_tx, count).await?;
+                let t = url
+                    .rsplit('/')
+                    .next()
+                    .unwrap_or("")
+                    .split('?')
+                    .next()
+                    .unwrap_or("")
+                    .to_owned();
+                Ok(vec![t])
+            }
+            SourceSpec::Server(_) => {
+                let c = source.ok_or_else(|| SyncError::Options("no source client".into()))?;
+                if !ids.is_empty() {
+                    for (t, id) in &ids {
+                        let r = c
+                            .send(reqwest::Method::GET, &format!("{t}/{id}"), None)
+                            .await?;
+                        if r.status != 200 {
+                            shared.fail(
+                                t,
+                                Failure {
+                                    resource: format!("{t}/{id}"),
+                                    status: r.status,
+                                    message: format!(
+                                        "not readable on the source: {}",
+                                        crate::client::outcome_text(&r.body)
+                                    ),
+                                    outcome: Value::Null,
+                                },
+                            );
+                            continue;
+                        }
+                        let Value::Object(res) = r.body else { continue };
+                        let item = Item::from_resource(res, format!("{t}/{id}"), bundles_as_tx)
+                            .map_err(|reason| SyncError::Http {
+                                url: c.url(&format!("{t}/{id}")),
+                                reason,
+                            })?;
+                        count(&item);
+                        if tx.send(item).await.is_err() {
+                            break;
+                        }
+                    }
+                    let mut t: Vec<String> = ids.iter().map(|(t, _)| t.clone()).collect();
+                    t.dedup();
+                    return Ok(t);
+                }
+                let types = server_types(&c, &types).await?;
+                for t in &types {
+                    read_search(&c, &type_url(t), &tx, bundles_as_tx, count).await?;
+                }
+                Ok(types)
+            }
+        }
+    })
+}
+
+async fn copy(
+    opts: &SyncOptions,
+    source: Option<FhirClient>,
+    up: &Arc<Uploader>,
+    shared: &Arc<Shared>,
+) -> Result<(), SyncError> {
+    let n = opts.thread_count;
+    let (tx, rx) = mpsc::channel::<Item>(n * 4);
+    let (ttx, trx) = mpsc::channel::<Item>(n * 4);
+    let reader = spawn_reader(
+        opts,
+        source,
+        tx,
+        shared.clone(),
+        opts.upload_bundles_as_transactions,
+    );
+    // Transform (id prefixing) between reader and writers.
+    let upc = up.clone();
+    let transform = tokio::spawn(async move {
+        let mut rx = rx;
+        while let Some(i) = rx.recv().await {
+            if ttx.send(upc.transform(i)).await.is_err() {
+                break;
+            }
+        }
+    });
+    up.drain(trx, n, shared, true).await;
+    let _ = transform.await;
+    let read = reader.await.map_err(|e| SyncError::Index(e.to_string()))?;
+    read?;
+    up.retry_deferred(n, shared).await;
+    Ok(())
+}
+
+/// Synthea output: hospital and practitioner bundles first, then patients,
+/// each Bundle one transaction.
+async fn synthea(
+    opts: &SyncOptions,
+    up: &Arc<Uploader>,
+    shared: &Arc<Shared>,
+) -> Result<(), SyncError> {
+    let SourceSpec::Directory(dir) = &opts.source else {
+        return Err(SyncError::Options(
+            "SYNTHEA takes a directory source".into(),
+        ));
+    };
+    let files = crate::files::collect_files(std::slice::from_ref(dir))?;
+    let is_support = |p: &std::path::PathBuf| {
+        let name = p
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        name.starts_with("hospitalInformation") || name.starts_with("practitionerInformation")
+    };
+    let (support, patients): (Vec<_>, Vec<_>) = files.into_iter().partition(is_support);
+    for group in [support, patients] {
+        let (tx, rx) = mpsc::channel::<Item>(opts.thread_count * 2);
+        let sh = shared.clone();
+        let feed = tokio::task::spawn_blocking(move || -> Result<(), SyncError> {
+            for f in group {
+                let name = f.display().to_string();
+                let bytes = std::fs::read(&f).map_err(|e| SyncError::File {
+                    path: name.clone(),
+                    reason: e.to_string(),
+                })?;
+                let v: Value = serde_json::from_slice(&bytes).map_err(|e| SyncError::File {
+                    path: name.clone(),
+                    reason: format!("not valid JSON: {e}"),
+                })?;
+                let Value::Object(mut res) = v else {
+                    return Err(SyncError::File {
+                        path: name,
+                        reason: "not a JSON object".into(),
+                    });
+                };
+                if res.get("resourceType").and_then(Value::as_str) != Some("Bundle") {
+                    return Err(SyncError::File {
+                        path: name,
+                        reason: "SYNTHEA mode takes transaction Bundles".into(),
+                    });
+                }
+                res.insert("type".into(), Value::String("transaction".into()));
+                let n = res
+                    .get("entry")
+                    .and_then(Value::as_array)
+                    .map_or(0, Vec::len);
+                for _ in 0..n {
+                    sh.count("Bundle entries", Count::Read);
+                }
+                if tx
+                    .blocking_send(Item::Bundle { res, origin: name })
+                    .is_err()
+                {
+                    break;
+                }
+            }
+            Ok(())
+        });
+        up.drain(rx, opts.thread_count, shared, false).await;
+        feed.await.map_err(|e| SyncError::Index(e.to_string()))??;
+        if shared.aborted() {
+            break;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,328 @@
+//! Reading resources from a source into a bounded channel, so any size
+//! streams through in constant memory: a server's types page by page, a
+//! search URL's pages, a list of ids, or a directory's files.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+
+use fhirsync_core::resource::is_resource_type;
+use serde_json::{Map, Value};
+use tokio::sync::mpsc::Sender;
+
+use crate::client::FhirClient;
+use crate::files::{collect_files, is_ndjson};
+use crate::options::PAGE_COUNT;
+use crate::SyncError;
+
+/// One unit of work for a target.
+#[derive(Debug, Clone)]
+pub enum Item {
+    Resource {
+        rtype: String,
+        id: Option<String>,
+        res: Map<String, Value>,
+        origin: String,
+    },
+    /// A Bundle to POST to the base (transaction or batch).
+    Bundle {
+        res: Map<String, Value>,
+        origin: String,
+    },
+    Delete {
+        rtype: String,
+        id: String,
+        origin: String,
+    },
+}
+
+impl Item {
+    pub fn rtype(&self) -> &str {
+        match self {
+            Item::Resource { rtype, .. } | Item::Delete { rtype, .. } => rtype,
+            Item::Bundle { .. } => "Bundle",
+        }
+    }
+    pub fn origin(&self) -> &str {
+        match self {
+            Item::Resource { origin, .. }
+            | Item::Bundle { origin, .. }
+            | Item::Delete { origin, .. } => origin,
+        }
+    }
+    /// `Type/id` when the item names one resource.
+    pub fn key(&self) -> Option<String> {
+        match self {
+            Item::Resource {
+                rtype,
+                id: Some(id),
+                ..
+            }
+            | Item::Delete { rtype, id, .. } => Some(format!("{rtype}/{id}")),
+            _ => None,
+        }
+    }
+
+    /// A resource read from anywhere; Bundles become transactions when asked.
+    pub fn from_resource(
+        res: Map<String, Value>,
+        origin: String,
+        bundles_as_tx: bool,
+    ) -> Result<Item, String> {
+        let rtype = match res.get("resourceType").and_then(Value::as_str) {
+            Some(t) if is_resource_type(t) => t.to_owned(),
+            Some(t) => return Err(format!("unknown resourceType '{t}'")),
+            None => return Err("no resourceType".into()),
+        };
+        if rtype == "Bundle" && bundles_as_tx {
+            let mut res = res;
+            res.insert("type".into(), Value::String("transaction".into()));
+            return Ok(Item::Bundle { res, origin });
+        }
+        let id = res.get("id").and_then(Value::as_str).map(str::to_owned);
+        Ok(Item::Resource {
+            rtype,
+            id,
+            res,
+            origin,
+        })
+    }
+}
+
+/// Types that describe servers and terminologies rather than data; not
+/// synced unless named with `-r`.
+pub const INFRASTRUCTURE: &[&str] = &[
+    "CapabilityStatement",
+    "CodeSystem",
+    "CompartmentDefinition",
+    "ConceptMap",
+    "ExampleScenario",
+    "GraphDefinition",
+    "ImplementationGuide",
+    "MessageDefinition",
+    "NamingSystem",
+    "OperationDefinition",
+    "OperationOutcome",
+    "Parameters",
+    "SearchParameter",
+    "StructureDefinition",
+    "StructureMap",
+    "Subscription",
+    "TerminologyCapabilities",
+    "TestScript",
+    "TestReport",
+    "ValueSet",
+];
+
+/// Types read first, so that reference targets tend to arrive before the
+/// resources that point to them.
+pub const FIRST: &[&str] = &[
+    "Organization",
+    "Location",
+    "Practitioner",
+    "PractitionerRole",
+    "Patient",
+    "RelatedPerson",
+    "Group",
+    "Device",
+    "Medication",
+    "Substance",
+    "Encounter",
+    "EpisodeOfCare",
+];
+
+/// The types to read from a server: `requested` in its order, or all the
+/// server supports minus infrastructure, reference targets first.
+pub async fn server_types(
+    client: &FhirClient,
+    requested: &[String],
+) -> Result<Vec<String>, SyncError> {
+    if !requested.is_empty() {
+        return Ok(requested.to_vec());
+    }
+    let meta = client.get_json("metadata").await?;
+    let mut supported: Vec<String> = meta["rest"][0]["resource"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|r| r["type"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    if supported.is_empty() {
+        supported = fhirsync_core::resource::RESOURCE_TYPES
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+    }
+    supported.retain(|t| is_resource_type(t) && !INFRASTRUCTURE.contains(&t.as_str()));
+    let mut out: Vec<String> = FIRST
+        .iter()
+        .filter(|f| supported.iter().any(|s| s == *f))
+        .map(|s| s.to_string())
+        .collect();
+    out.extend(
+        supported
+            .into_iter()
+            .filter(|s| !FIRST.contains(&s.as_str())),
+    );
+    Ok(out)
+}
+
+/// Every page of a search, from `first`; resources that matched are sent.
+pub async fn read_search(
+    client: &FhirClient,
+    first: &str,
+    tx: &Sender<Item>,
+    bundles_as_tx: bool,
+    mut on_page: impl FnMut(&Item),
+) -> Result<(), SyncError> {
+    let mut url = first.to_owned();
+    let mut pages = 0u64;
+    loop {
+        let b = client.get_json(&url).await?;
+        if b["resourceType"] != "Bundle" {
+            return Err(SyncError::Http {
+                url,
+                reason: "the answer is not a Bundle".into(),
+            });
+        }
+        for e in b["entry"].as_array().map(Vec::as_slice).unwrap_or(&[]) {
+            let mode = e["search"]["mode"].as_str().unwrap_or("match");
+            let Some(res) = e["resource"].as_object() else {
+                continue;
+            };
+            if mode != "match" {
+                continue;
+            }
+            let origin = e["fullUrl"].as_str().unwrap_or(&url).to_owned();
+            let item =
+                Item::from_resource(res.clone(), origin, bundles_as_tx).map_err(|reason| {
+                    SyncError::Http {
+                        url: url.clone(),
+                        reason,
+                    }
+                })?;
+            on_page(&item);
+            if tx.send(item).await.is_err() {
+                return Ok(()); // the run is stopping
+            }
+        }
+        let next = b["link"]
+            .as_array()
+            .and_then(|l| l.iter().find(|l| l["relation"] == "next"))
+            .and_then(|l| l["url"].as_str())
+            .map(str::to_owned);
+        pages += 1;
+        match next {
+            Some(n) if n != url && pages < 10_000_000 => url = n,
+            _ => return Ok(()),
+        }
+    }
+}
+
+pub fn type_url(rtype: &str) -> String {
+    format!("{rtype}?_count={PAGE_COUNT}")
+}
+
+/// Parses a directory's files into items; `tx` is fed with blocking sends
+/// (run this on a blocking thread). An error names the file and line.
+pub fn read_directory(
+    dir: &Path,
+    tx: Option<&Sender<Item>>,
+    bundles_as_tx: bool,
+) -> Result<u64, SyncError> {
+    let files = collect_files(&[dir.to_path_buf()])?;
+    if files.is_empty() {
+        return Err(SyncError::File {
+            path: dir.display().to_string(),
+            reason: "no .json or .ndjson files".into(),
+        });
+    }
+    let mut n = 0u64;
+    let mut emit = |item: Item| -> bool {
+        n += 1;
+        match tx {
+            Some(tx) => tx.blocking_send(item).is_ok(),
+            None => true,
+        }
+    };
+    for f in files {
+        let name = f.display().to_string();
+        let bad = |line: usize, reason: String| SyncError::File {
+            path: format!("{name}:{line}"),
+            reason,
+        };
+        if is_ndjson(&f) {
+            let file = std::fs::File::open(&f).map_err(|e| bad(0, e.to_string()))?;
+            for (i, line) in BufReader::new(file).lines().enumerate() {
+                let line = line.map_err(|e| bad(i + 1, e.to_string()))?;
+                if line.trim().is_empty() {
+                    continue;
+                }
+                let res = parse_object(line.as_bytes()).map_err(|e| bad(i + 1, e))?;
+                let item = Item::from_resource(res, format!("{name}:{}", i + 1), bundles_as_tx)
+                    .map_err(|e| bad(i + 1, e))?;
+                if !emit(item) {
+                    return Ok(n);
+                }
+            }
+        } else {
+            let bytes = std::fs::read(&f).map_err(|e| bad(0, e.to_string()))?;
+            let res = parse_object(&bytes).map_err(|e| bad(1, e))?;
+            for item in file_items(res, &name, bundles_as_tx).map_err(|e| bad(1, e))? {
+                if !emit(item) {
+                    return Ok(n);
+                }
+            }
+        }
+    }
+    Ok(n)
+}
+
+fn parse_object(bytes: &[u8]) -> Result<Map<String, Value>, String> {
+    match serde_json::from_slice::<Value>(bytes) {
+        Ok(Value::Object(m)) => Ok(m),
+        Ok(_) => Err("not a JSON object".into()),
+        Err(e) => Err(format!("not valid JSON: {e}")),
+    }
+}
+
+/// A `.json` file: transaction/batch Bundles are posted as they are,
+/// collection/searchset Bundles give their entries, anything else is one
+/// resource.
+fn file_items(
+    res: Map<String, Value>,
+    name: &str,
+    bundles_as_tx: bool,
+) -> Result<Vec<Item>, String> {
+    if res.get("resourceType").and_then(Value::as_str) == Some("Bundle") {
+        match res.get("type").and_then(Value::as_str) {
+            Some("transaction") | Some("batch") => {
+                return Ok(vec![Item::Bundle {
+                    res,
+                    origin: name.to_owned(),
+                }])
+            }
+            Some("collection") | Some("searchset") if !bundles_as_tx => {
+                let entries = res
+                    .get("entry")
+                    .and_then(Value::as_array)
+                    .cloned()
+                    .unwrap_or_default();
+                return entries
+                    .into_iter()
+                    .enumerate()
+                    .filter_map(|(i, e)| match e.get("resource") {
+                        Some(Value::Object(r)) => Some(
+                            Item::from_resource(r.clone(), format!("{name} entry {i}"), false)
+                                .map_err(|m| format!("entry {i}: {m}")),
+                        ),
+                        _ => None,
+                    })
+                    .collect();
+            }
+            _ => {}
+        }
+    }
+    Item::from_resource(res, name.to_owned(), bundles_as_tx).map(|i| vec![i])
+}

@@ -1,0 +1,499 @@
+//! Writing items to the targets: round-robin over several targets, a pool
+//! of workers, optional semaphores on a path value, and a second chance
+//! for resources refused because what they point to had not arrived yet.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use serde_json::json;
+use std::sync::{Arc, Mutex};
+
+use reqwest::Method;
+use serde_json::Value;
+use tokio::sync::mpsc::Receiver;
+
+use crate::client::{outcome_text, FhirClient};
+use crate::ids::Prefixer;
+use crate::report::{Count, Failure, Report};
+use crate::semaphore::path_values;
+use crate::source::Item;
+use crate::SyncError;
+
+/// Entries per `batch` Bundle when every target supports batches.
+pub const BATCH_ENTRIES_MAX: usize = 100;
+
+/// Items kept for a second pass; past this a refusal is final at once.
+pub const DEFERRED_MAX: usize = 100_000;
+/// Passes over deferred items while each pass makes progress.
+pub const DEFERRED_PASSES_MAX: usize = 5;
+
+/// What the run shares between workers.
+pub struct Shared {
+    pub report: Arc<Mutex<Report>>,
+    /// Set when the run must stop (fatal error or interrupt).
+    pub abort: AtomicBool,
+    pub fatal: Mutex<Option<SyncError>>,
+}
+
+impl Shared {
+    pub fn new(report: Arc<Mutex<Report>>) -> Arc<Shared> {
+        Arc::new(Shared {
+            report,
+            abort: AtomicBool::new(false),
+            fatal: Mutex::new(None),
+        })
+    }
+    pub fn count(&self, rtype: &str, c: Count) {
+        if let Ok(mut r) = self.report.lock() {
+            r.count(rtype, c);
+        }
+    }
+    pub fn fail(&self, rtype: &str, f: Failure) {
+        if let Ok(mut r) = self.report.lock() {
+            r.fail(rtype, f);
+        }
+    }
+    pub fn note(&self, n: String) {
+        if let Ok(mut r) = self.report.lock() {
+            r.notes.push(n);
+        }
+    }
+    pub fn set_fatal(&self, e: SyncError) {
+        self.abort.store(true, Ordering::SeqCst);
+        if let Ok(mut f) = self.fatal.lock() {
+            f.get_or_insert(e);
+        }
+    }
+    pub fn take_fatal(&self) -> Option<SyncError> {
+        self.fatal.lock().ok().and_then(|mut f| f.take())
+    }
+    pub fn aborted(&self) -> bool {
+        self.abort.load(Ordering::SeqCst)
+    }
+}
+
+/// The result of one write.
+#[derive(Debug)]
+pub enum Written {
+    Done(Count),
+    /// Refused; `retry_later` when a later pass may succeed.
+    Refused {
+        failure: Failure,
+        retry_later: bool,
+    },
+}
+
+pub struct Uploader {
+    pub targets: Vec<FhirClient>,
+    next: AtomicUsize,
+    pub prefix: Option<Prefixer>,
+    pub dry_run: bool,
+    semaphore_path: Option<String>,
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    deferred: Mutex<Vec<Item>>,
+    /// Items sent together in one `batch` Bundle (1: one request each).
+    batch_max: AtomicUsize,
+}
+
+impl Uploader {
+    pub fn new(
+        targets: Vec<FhirClient>,
+        prefix: Option<Prefixer>,
+        dry_run: bool,
+        semaphore_path: Option<String>,
+    ) -> Self {
+        Uploader {
+            targets,
+            next: AtomicUsize::new(0),
+            prefix,
+            dry_run,
+            semaphore_path,
+            locks: Mutex::new(HashMap::new()),
+            deferred: Mutex::new(Vec::new()),
+            batch_max: AtomicUsize::new(1),
+        }
+    }
+
+    /// Sends resources in `batch` Bundles of up to `n` entries (when every
+    /// target supports batches and no semaphore path is set).
+    pub fn set_batch(&self, n: usize) {
+        if self.semaphore_path.is_none() {
+            self.batch_max.store(n.max(1), Ordering::Relaxed);
+        }
+    }
+
+    /// Writes several resources or deletes in one `batch` Bundle and
+    /// handles each entry's outcome; falls back to one request each if the
+    /// batch as a whole is refused.
+    pub async fn process_batch(&self, items: Vec<Item>, shared: &Shared, deferrable: bool) {
+        if items.len() == 1 || self.dry_run {
+            for i in items {
+                self.process(i, shared, deferrable).await;
+            }
+            return;
+        }
+        let entries: Vec<Value> = items
+            .iter()
+            .map(|i| match i {
+                Item::Resource { rtype, id: Some(id), res, .. } => {
+                    json!({"resource": res, "request": {"method": "PUT", "url": format!("{rtype}/{id}")}})
+                }
+                Item::Resource { rtype, res, .. } => json!({"resource": res, "request": {"method": "POST", "url": rtype}}),
+                Item::Delete { rtype, id, .. } => json!({"request": {"method": "DELETE", "url": format!("{rtype}/{id}")}}),
+                Item::Bundle { .. } => Value::Null,
+            })
+            .collect();
+        let bundle =
+            json!({"resourceType": "Bundle", "type": "batch", "entry": entries}).to_string();
+        let target = self.target();
+        let r = match target.send(Method::POST, "", Some(&bundle)).await {
+            Ok(r) => r,
+            Err(_) => {
+                for i in items {
+                    self.process(i, shared, deferrable).await;
+                }
+                return;
+            }
+        };
+        if matches!(r.status, 401 | 403) {
+            shared.set_fatal(crate::client::status_error(
+                target.base(),
+                r.status,
+                &r.body,
+            ));
+            return;
+        }
+        let responses = r.body["entry"].as_array().cloned().unwrap_or_default();
+        if r.status != 200 || responses.len() != items.len() {
+            for i in items {
+                self.process(i, shared, deferrable).await;
+            }
+            return;
+        }
+        for (item, e) in items.into_iter().zip(responses) {
+            let status: u16 = e["response"]["status"]
+                .as_str()
+                .and_then(|s| s.split_whitespace().next())
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(0);
+            let rtype = item.rtype().to_owned();
+            let is_delete = matches!(item, Item::Delete { .. });
+            match status {
+                201 => shared.count(&rtype, Count::Created),
+                200 => shared.count(&rtype, Count::Updated),
+                204 | 404 | 410 if is_delete => shared.count(&rtype, Count::Deleted),
+                s if crate::retry::is_retryable_status(s) || s == 0 => {
+                    // Overload inside a batch: that entry goes alone, with retries.
+                    self.process(item, shared, deferrable).await;
+                }
+                s => {
+                    let outcome = e["response"]["outcome"].clone();
+                    let failure = Failure {
+                        resource: item.key().unwrap_or_else(|| item.origin().to_owned()),
+                        status: s,
+                        message: outcome_text(&outcome),
+                        outcome,
+                    };
+                    let retry_later = matches!(s, 400 | 404 | 409 | 412 | 422) && !is_delete;
+                    self.refused(item, failure, retry_later, shared, deferrable);
+                }
+            }
+        }
+    }
+
+    fn refused(
+        &self,
+        item: Item,
+        failure: Failure,
+        retry_later: bool,
+        shared: &Shared,
+        deferrable: bool,
+    ) {
+        let rtype = item.rtype().to_owned();
+        if retry_later && deferrable {
+            if let Ok(mut d) = self.deferred.lock() {
+                if d.len() < DEFERRED_MAX {
+                    d.push(item);
+                    return;
+                }
+            }
+        }
+        shared.fail(&rtype, failure);
+    }
+
+    fn target(&self) -> &FhirClient {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.targets.len();
+        &self.targets[i]
+    }
+
+    /// Applies id prefixing to an item (before hashing or uploading).
+    pub fn transform(&self, item: Item) -> Item {
+        let Some(p) = &self.prefix else { return item };
+        match item {
+            Item::Resource {
+                rtype,
+                id,
+                mut res,
+                origin,
+            } => {
+                p.apply(&mut res);
+                Item::Resource {
+                    rtype,
+                    id: id.map(|i| p.id(&i)),
+                    res,
+                    origin,
+                }
+            }
+            Item::Bundle { mut res, origin } => {
+                p.apply(&mut res);
+                Item::Bundle { res, origin }
+            }
+            Item::Delete { rtype, id, origin } => Item::Delete {
+                id: p.id(&id),
+                rtype,
+                origin,
+            },
+        }
+    }
+
+    /// Writes one (already transformed) item to the next target.
+    pub async fn write(&self, item: &Item) -> Result<Written, SyncError> {
+        let (method, path, body) = match item {
+            Item::Resource {
+                rtype,
+                id: Some(id),
+                res,
+                ..
+            } => (
+                Method::PUT,
+                format!("{rtype}/{id}"),
+                Some(Value::Object(res.clone()).to_string()),
+            ),
+            Item::Resource {
+                rtype,
+                id: None,
+                res,
+                ..
+            } => (
+                Method::POST,
+                rtype.clone(),
+                Some(Value::Object(res.clone()).to_string()),
+            ),
+            Item::Bundle { res, .. } => (
+                Method::POST,
+                String::new(),
+                Some(Value::Object(res.clone()).to_string()),
+            ),
+            Item::Delete { rtype, id, .. } => (Method::DELETE, format!("{rtype}/{id}"), None),
+        };
+        if self.dry_run {
+            return Ok(Written::Done(match item {
+                Item::Delete { .. } => Count::Deleted,
+                _ => Count::Created,
+            }));
+        }
+        let _guards = self.lock_semaphores(item).await;
+        let target = self.target();
+        let r = target.send(method.clone(), &path, body.as_deref()).await?;
+        let what = item.key().unwrap_or_else(|| item.origin().to_owned());
+        match r.status {
+            401 | 403 => Err(crate::client::status_error(
+                &target.url(&path),
+                r.status,
+                &r.body,
+            )),
+            201 => Ok(Written::Done(Count::Created)),
+            200 if method == Method::POST && matches!(item, Item::Bundle { .. }) => {
+                // A transaction: the outcome of each entry.
+                let failed: Vec<String> = r.body["entry"]
+                    .as_array()
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(|e| e["response"]["status"].as_str())
+                            .filter(|s| !s.starts_with('2'))
+                            .map(str::to_owned)
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                if failed.is_empty() {
+                    Ok(Written::Done(Count::Created))
+                } else {
+                    Ok(Written::Refused {
+                        failure: Failure {
+                            resource: what,
+                            status: 200,
+                            message: format!("batch entries failed: {}", failed.join(", ")),
+                            outcome: r.body,
+                        },
+                        retry_later: false,
+                    })
+                }
+            }
+            200 => Ok(Written::Done(Count::Updated)),
+            204 | 404 | 410 if method == Method::DELETE => Ok(Written::Done(Count::Deleted)),
+            s => {
+                // A refusal that names a missing reference target may pass
+                // once that target has arrived.
+                let retry_later =
+                    matches!(s, 400 | 404 | 409 | 412 | 422) && method != Method::DELETE;
+                Ok(Written::Refused {
+                    failure: Failure {
+                        resource: what,
+                        status: s,
+                        message: outcome_text(&r.body),
+                        outcome: if r.body.is_object() {
+                            r.body
+                        } else {
+                            Value::Null
+                        },
+                    },
+                    retry_later,
+                })
+            }
+        }
+    }
+
+    async fn lock_semaphores(&self, item: &Item) -> Vec<tokio::sync::OwnedMutexGuard<()>> {
+        let (Some(expr), Item::Resource { res, .. } | Item::Bundle { res, .. }) =
+            (&self.semaphore_path, item)
+        else {
+            return Vec::new();
+        };
+        let mut keys = path_values(&Value::Object(res.clone()), expr);
+        keys.sort();
+        keys.dedup();
+        let locks: Vec<Arc<tokio::sync::Mutex<()>>> = {
+            let Ok(mut map) = self.locks.lock() else {
+                return Vec::new();
+            };
+            keys.iter()
+                .map(|k| map.entry(k.clone()).or_default().clone())
+                .collect()
+        };
+        let mut guards = Vec::with_capacity(locks.len());
+        // Sorted keys: every worker takes locks in the same order, so none deadlock.
+        for l in locks {
+            guards.push(l.lock_owned().await);
+        }
+        guards
+    }
+
+    /// Handles one item: write, count, defer or fail.
+    pub async fn process(&self, item: Item, shared: &Shared, deferrable: bool) {
+        if shared.aborted() {
+            return;
+        }
+        let rtype = item.rtype().to_owned();
+        match self.write(&item).await {
+            Ok(Written::Done(c)) => shared.count(&rtype, c),
+            Ok(Written::Refused {
+                failure,
+                retry_later,
+            }) => self.refused(item, failure, retry_later, shared, deferrable),
+            Err(e @ SyncError::Status { .. }) => shared.set_fatal(e),
+            Err(e) => shared.fail(
+                &rtype,
+                Failure {
+                    resource: item.key().unwrap_or_else(|| item.origin().to_owned()),
+                    status: 0,
+                    message: e.to_string(),
+                    outcome: Value::Null,
+                },
+            ),
+        }
+    }
+
+    /// Takes items from `rx` with `workers` concurrent writers until it closes.
+    pub async fn drain(
+        self: &Arc<Self>,
+        rx: Receiver<Item>,
+        workers: usize,
+        shared: &Arc<Shared>,
+        deferrable: bool,
+    ) {
+        let rx = Arc::new(tokio::sync::Mutex::new(rx));
+        let mut tasks = Vec::with_capacity(workers);
+        for _ in 0..workers {
+            let (rx, me, shared) = (rx.clone(), self.clone(), shared.clone());
+            tasks.push(tokio::spawn(async move {
+                loop {
+                    let max = me.batch_max.load(Ordering::Relaxed);
+                    let mut batch = Vec::new();
+                    let mut alone = Vec::new();
+                    {
+                        let mut rx = rx.lock().await;
+                        let Some(first) = rx.recv().await else { break };
+                        match first {
+                            b @ Item::Bundle { .. } => alone.push(b),
+                            i => batch.push(i),
+                        }
+                        while alone.is_empty() && batch.len() < max {
+                            match rx.try_recv() {
+                                // Bundles go alone, after the batch.
+                                Ok(b @ Item::Bundle { .. }) => alone.push(b),
+                                Ok(i) => batch.push(i),
+                                Err(_) => break,
+                            }
+                        }
+                    }
+                    if !batch.is_empty() {
+                        me.process_batch(batch, &shared, deferrable).await;
+                    }
+                    for b in alone {
+                        me.process(b, &shared, deferrable).await;
+                    }
+                }
+            }));
+        }
+        for t in tasks {
+            let _ = t.await;
+        }
+    }
+
+    /// Retries deferred items while a pass makes progress; what remains fails.
+    pub async fn retry_deferred(self: &Arc<Self>, workers: usize, shared: &Arc<Shared>) {
+        for pass in 0..DEFERRED_PASSES_MAX {
+            let items: Vec<Item> = self
+                .deferred
+                .lock()
+                .map(|mut d| std::mem::take(&mut *d))
+                .unwrap_or_default();
+            if items.is_empty() || shared.aborted() {
+                return;
+            }
+            let before = items.len();
+            let last = pass + 1 == DEFERRED_PASSES_MAX;
+            let (tx, rx) = tokio::sync::mpsc::channel(workers * 2);
+            let feed = tokio::spawn(async move {
+                for i in items {
+                    if tx.send(i).await.is_err() {
+                        break;
+                    }
+                }
+            });
+            self.drain(rx, workers, shared, !last).await;
+            let _ = feed.await;
+            let after = self.deferred.lock().map(|d| d.len()).unwrap_or(0);
+            tracing::debug!(pass, before, after, "deferred pass");
+            if after == before {
+                // No progress: one final pass that records the failures.
+                let items: Vec<Item> = self
+                    .deferred
+                    .lock()
+                    .map(|mut d| std::mem::take(&mut *d))
+                    .unwrap_or_default();
+                let (tx, rx) = tokio::sync::mpsc::channel(workers * 2);
+                let feed = tokio::spawn(async move {
+                    for i in items {
+                        if tx.send(i).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+                self.drain(rx, workers, shared, false).await;
+                let _ = feed.await;
+                return;
+            }
+        }
+    }
+}
