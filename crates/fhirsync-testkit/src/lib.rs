@@ -3,6 +3,8 @@
 //! and seeded generators of realistic FHIR data.
 
 pub mod gen;
+pub mod proxy;
 pub mod server;
 
+pub use proxy::{Proxy, ProxyOptions};
 pub use server::{InProcess, NodeProcess};

@@ -6,7 +6,7 @@
 use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, Context};
@@ -82,7 +82,7 @@ pub fn run(cfg: Config, batch_size: usize, paths: &[PathBuf]) -> anyhow::Result<
 
     let result: anyhow::Result<()> = (|| {
         for file in &files {
-            let is_ndjson = file.extension().is_some_and(|e| e == "ndjson");
+            let is_ndjson = fhirsync_sync::files::is_ndjson(file);
             if is_ndjson {
                 let f =
                     File::open(file).with_context(|| format!("cannot open {}", file.display()))?;
@@ -188,35 +188,11 @@ pub fn run(cfg: Config, batch_size: usize, paths: &[PathBuf]) -> anyhow::Result<
 
 /// Files to load, in a stable order; directories are searched recursively.
 fn collect_files(paths: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
-    let mut out = Vec::new();
-    for p in paths {
-        let meta = std::fs::metadata(p).with_context(|| format!("{}: cannot read", p.display()))?;
-        if meta.is_dir() {
-            walk(p, &mut out)?;
-        } else {
-            out.push(p.clone());
-        }
-    }
+    let out = fhirsync_sync::files::collect_files(paths)?;
     if out.is_empty() {
         bail!("no .json or .ndjson files found");
     }
     Ok(out)
-}
-
-fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> anyhow::Result<()> {
-    let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
-        .with_context(|| format!("{}: cannot list", dir.display()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .collect();
-    entries.sort();
-    for e in entries {
-        if e.is_dir() {
-            walk(&e, out)?;
-        } else if e.extension().is_some_and(|x| x == "json" || x == "ndjson") {
-            out.push(e);
-        }
-    }
-    Ok(())
 }
 
 /// One resource: with an id it is an update (create-or-update), without one

@@ -166,7 +166,12 @@ pub fn run(a: SyncArgs) -> anyhow::Result<()> {
         std::fs::write(path, text)
             .with_context(|| format!("cannot write report {}", path.display()))?;
     }
-    eprint!("{}", rep.summary());
+    let t = rep.totals();
+    let did_something = t.read + t.created + t.updated + t.unchanged + t.deleted + t.failed > 0;
+    // A run refused before it started is just its one-line reason.
+    if result.is_ok() || did_something {
+        eprint!("{}", rep.summary());
+    }
     result?;
     let failed = rep.totals().failed;
     if failed > 0 {

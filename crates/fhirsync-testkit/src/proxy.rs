@@ -1,0 +1,204 @@
+//! A real HTTP server on 127.0.0.1 that forwards to a node and can misbehave
+//! on purpose: require credentials, answer 429/503 with `Retry-After` to
+//! every n-th request, and record what it saw (request ids, concurrency).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use axum::body::{to_bytes, Body};
+use axum::extract::{Request, State};
+use axum::http::{HeaderValue, StatusCode};
+use axum::response::Response;
+
+#[derive(Debug, Clone, Default)]
+pub struct ProxyOptions {
+    /// Exact `Authorization` header value required (else 401).
+    pub require_auth: Option<String>,
+    /// Every n-th request fails with `fail_status` before reaching the node.
+    pub fail_every: Option<u64>,
+    pub fail_status: u16,
+    pub retry_after: Option<String>,
+    /// Track concurrent writes per value of this JSON member of entry
+    /// resources (`"id"` of Patients in transaction Bundles).
+    pub track_patient_concurrency: bool,
+}
+
+#[derive(Debug, Default)]
+pub struct ProxyStats {
+    pub requests: AtomicU64,
+    pub injected: AtomicU64,
+    pub unauthorized: AtomicU64,
+    pub request_ids: Mutex<Vec<String>>,
+    /// Largest number of requests in flight at once, and per patient key.
+    pub max_in_flight: AtomicU64,
+    pub max_same_patient: AtomicU64,
+    in_flight: Mutex<(u64, std::collections::HashMap<String, u64>)>,
+}
+
+struct Ctx {
+    target: String,
+    opts: ProxyOptions,
+    stats: Arc<ProxyStats>,
+    client: reqwest::Client,
+}
+
+pub struct Proxy {
+    pub base: String,
+    pub stats: Arc<ProxyStats>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Proxy {
+    /// Forwards `http://127.0.0.1:P/fhir/...` to `target` (a `.../fhir` base).
+    pub async fn start(target: &str, opts: ProxyOptions) -> Proxy {
+        let stats = Arc::new(ProxyStats::default());
+        let ctx = Arc::new(Ctx {
+            target: target.trim_end_matches('/').to_owned(),
+            opts,
+            stats: stats.clone(),
+            client: reqwest::Client::new(),
+        });
+        let app = axum::Router::new().fallback(handle).with_state(ctx);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Proxy {
+            base: format!("http://{addr}/fhir"),
+            stats,
+            task,
+        }
+    }
+}
+
+fn patient_keys(body: &[u8]) -> Vec<String> {
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(body) else {
+        return Vec::new();
+    };
+    let mut keys = Vec::new();
+    for e in v["entry"].as_array().map(Vec::as_slice).unwrap_or(&[]) {
+        if e["resource"]["resourceType"] == "Patient" {
+            if let Some(id) = e["resource"]["id"].as_str() {
+                keys.push(id.to_owned());
+            }
+        }
+    }
+    keys
+}
+
+async fn handle(State(ctx): State<Arc<Ctx>>, req: Request) -> Response {
+    let n = ctx.stats.requests.fetch_add(1, Ordering::SeqCst) + 1;
+    let (parts, body) = req.into_parts();
+    if let Some(id) = parts
+        .headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+    {
+        if let Ok(mut ids) = ctx.stats.request_ids.lock() {
+            ids.push(id.to_owned());
+        }
+    }
+    if let Some(want) = &ctx.opts.require_auth {
+        let got = parts
+            .headers
+            .get("authorization")
+            .and_then(|v| v.to_str().ok());
+        if got != Some(want.as_str()) {
+            ctx.stats.unauthorized.fetch_add(1, Ordering::SeqCst);
+            return status(
+                401,
+                r#"{"resourceType":"OperationOutcome","issue":[{"severity":"error","code":"login","diagnostics":"authentication required"}]}"#,
+                None,
+            );
+        }
+    }
+    if let Some(k) = ctx.opts.fail_every {
+        if n % k == 0 {
+            ctx.stats.injected.fetch_add(1, Ordering::SeqCst);
+            return status(ctx.opts.fail_status, "", ctx.opts.retry_after.as_deref());
+        }
+    }
+    let bytes = to_bytes(body, 256 << 20).await.unwrap_or_default();
+    let keys = if ctx.opts.track_patient_concurrency {
+        patient_keys(&bytes)
+    } else {
+        Vec::new()
+    };
+    {
+        let mut g = ctx.stats.in_flight.lock().expect("lock");
+        g.0 += 1;
+        ctx.stats.max_in_flight.fetch_max(g.0, Ordering::SeqCst);
+        for k in &keys {
+            let c = g.1.entry(k.clone()).or_insert(0);
+            *c += 1;
+            ctx.stats.max_same_patient.fetch_max(*c, Ordering::SeqCst);
+        }
+    }
+    // Hold writes a moment so that overlaps, if any, are seen.
+    if !keys.is_empty() {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let path = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/");
+    let rest = path.strip_prefix("/fhir").unwrap_or(path);
+    let mut rb = ctx
+        .client
+        .request(parts.method.clone(), format!("{}{rest}", ctx.target))
+        .body(bytes);
+    for (k, v) in &parts.headers {
+        if k != "host" && k != "content-length" {
+            rb = rb.header(k, v);
+        }
+    }
+    let resp = rb.send().await;
+    {
+        let mut g = ctx.stats.in_flight.lock().expect("lock");
+        g.0 -= 1;
+        for k in &keys {
+            if let Some(c) = g.1.get_mut(k) {
+                *c -= 1;
+            }
+        }
+    }
+    match resp {
+        Ok(r) => {
+            let code = r.status().as_u16();
+            let headers = r.headers().clone();
+            let body = r.bytes().await.unwrap_or_default();
+            let mut out = Response::new(Body::from(body));
+            *out.status_mut() = StatusCode::from_u16(code).unwrap_or(StatusCode::BAD_GATEWAY);
+            for (k, v) in &headers {
+                if k != "content-length" && k != "transfer-encoding" {
+                    out.headers_mut().insert(k, v.clone());
+                }
+            }
+            out
+        }
+        Err(_) => status(502, "", None),
+    }
+}
+
+fn status(code: u16, body: &'static str, retry_after: Option<&str>) -> Response {
+    let mut r = Response::new(Body::from(body));
+    *r.status_mut() = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    r.headers_mut().insert(
+        "content-type",
+        HeaderValue::from_static("application/fhir+json"),
+    );
+    if let Some(ra) = retry_after.and_then(|v| HeaderValue::from_str(v).ok()) {
+        r.headers_mut().insert("retry-after", ra);
+    }
+    r
+}
