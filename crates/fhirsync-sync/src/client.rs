@@ -86,11 +86,17 @@ impl FhirClient {
         auth: Auth,
         request_id: Option<String>,
         retries: u32,
+        tls: Option<&crate::tls::TlsAuth>,
     ) -> Result<Self, SyncError> {
-        let http = reqwest::Client::builder()
+        let mut b = reqwest::Client::builder()
+            .use_rustls_tls()
             .timeout(Duration::from_secs(REQUEST_TIMEOUT_S))
             .connect_timeout(Duration::from_secs(10))
-            .pool_max_idle_per_host(64)
+            .pool_max_idle_per_host(64);
+        if let Some(t) = tls {
+            b = t.apply(b, base)?;
+        }
+        let http = b
             .build()
             .map_err(|e| SyncError::Options(format!("cannot build an HTTP client: {e}")))?;
         Ok(FhirClient {
@@ -202,10 +208,17 @@ impl FhirClient {
                     }
                     let reason = if e.is_timeout() {
                         "timed out".to_string()
-                    } else if refused {
-                        "cannot connect".to_string()
                     } else {
-                        e.to_string()
+                        // The innermost cause says most (refused, TLS alert, ...).
+                        let mut cause: &dyn std::error::Error = &e;
+                        while let Some(c) = cause.source() {
+                            cause = c;
+                        }
+                        if refused && cause.to_string().contains("refused") {
+                            "cannot connect (connection refused)".to_string()
+                        } else {
+                            format!("cannot connect: {cause}")
+                        }
                     };
                     return Err(SyncError::Http { url, reason });
                 }

@@ -178,6 +178,7 @@ pub async fn compare(
         opts.target_auth.clone(),
         opts.request_id.clone(),
         SOURCE_RETRY_COUNT,
+        opts.target_tls.as_ref(),
     )?;
     match known_types {
         Some(types) => {

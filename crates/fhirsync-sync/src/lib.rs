@@ -18,6 +18,7 @@ pub mod retry;
 pub mod run;
 pub mod semaphore;
 pub mod source;
+pub mod tls;
 pub mod upload;
 
 pub use error::SyncError;

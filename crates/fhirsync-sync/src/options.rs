@@ -90,8 +90,10 @@ impl SourceSpec {
 pub struct SyncOptions {
     pub source: SourceSpec,
     pub source_auth: Auth,
+    pub source_tls: Option<crate::tls::TlsAuth>,
     pub targets: Vec<String>,
     pub target_auth: Auth,
+    pub target_tls: Option<crate::tls::TlsAuth>,
     pub target_retry_count: u32,
     pub resource_types: Vec<String>,
     pub resource_ids: Vec<(String, String)>,

@@ -26,6 +26,7 @@ pub fn source_client(opts: &SyncOptions) -> Result<Option<FhirClient>, SyncError
                 opts.source_auth.clone(),
                 opts.request_id.clone(),
                 SOURCE_RETRY_COUNT,
+                opts.source_tls.as_ref(),
             )
         })
         .transpose()
@@ -41,6 +42,7 @@ pub fn uploader(opts: &SyncOptions) -> Result<Arc<Uploader>, SyncError> {
                 opts.target_auth.clone(),
                 opts.request_id.clone(),
                 opts.target_retry_count,
+                opts.target_tls.as_ref(),
             )
         })
         .collect::<Result<Vec<_>, _>>()?;

@@ -5,6 +5,7 @@
 pub mod gen;
 pub mod proxy;
 pub mod server;
+pub mod tls;
 
 pub use proxy::{Proxy, ProxyOptions};
 pub use server::{InProcess, NodeProcess};

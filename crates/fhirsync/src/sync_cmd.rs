@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use fhirsync_sync::client::Auth;
 use fhirsync_sync::options::SourceSpec;
+use fhirsync_sync::tls::TlsAuth;
 use fhirsync_sync::{Mode, Report, SyncOptions};
 use tokio::sync::watch;
 
@@ -25,7 +26,7 @@ pub struct SyncArgs {
     pub source_basic_auth: Option<String>,
     #[arg(long)]
     pub source_bearer_token: Option<String>,
-    /// TLS authentication file for the source (see docs/sync.md).
+    /// TLS authentication file for the source (JSON naming PEM files; see docs/sync.md).
     #[arg(long)]
     pub source_tls_auth: Option<PathBuf>,
     /// Target base URL; repeat to spread COPY/SYNTHEA round-robin.
@@ -84,9 +85,6 @@ fn options(a: &SyncArgs) -> anyhow::Result<SyncOptions> {
     if !a.fhir_version.eq_ignore_ascii_case("R4") {
         bail!("--fhir-version {}: only R4 is supported", a.fhir_version);
     }
-    if a.source_tls_auth.is_some() || a.target_tls_auth.is_some() {
-        bail!("--source-tls-auth/--target-tls-auth are not available in this build yet; use an https URL with a trusted certificate");
-    }
     Ok(SyncOptions {
         source: SourceSpec::parse(&a.source)?,
         source_auth: Auth::from_options(
@@ -94,6 +92,11 @@ fn options(a: &SyncArgs) -> anyhow::Result<SyncOptions> {
             a.source_bearer_token.as_deref(),
             "source",
         )?,
+        source_tls: a
+            .source_tls_auth
+            .as_deref()
+            .map(TlsAuth::load)
+            .transpose()?,
         targets: a
             .targets
             .iter()
@@ -104,6 +107,11 @@ fn options(a: &SyncArgs) -> anyhow::Result<SyncOptions> {
             a.target_bearer_token.as_deref(),
             "target",
         )?,
+        target_tls: a
+            .target_tls_auth
+            .as_deref()
+            .map(TlsAuth::load)
+            .transpose()?,
         target_retry_count: a.target_retry_count,
         resource_types: a
             .resource_types
