@@ -139,7 +139,8 @@ async fn fill_target(
         fill(&mut c, "tgt", trx, &sh)
     });
     for t in types {
-        read_search(target, &type_url(t), &tx, false, |_| {}).await?;
+        // A type the target cannot search holds nothing to compare or delete.
+        let _ = read_search(target, &type_url(t), &tx, false, |_| {}).await?;
     }
     drop(tx);
     filler
@@ -180,16 +181,26 @@ pub async fn compare(
         SOURCE_RETRY_COUNT,
         opts.target_tls.as_ref(),
     )?;
-    match known_types {
+    let source_types = match known_types {
         Some(types) => {
             let target_side = fill_target(&target, &types, shared, &path, n);
             let (a, b) = tokio::join!(source_side, target_side);
-            a?;
             b?;
+            a?
         }
         None => {
             let types = source_side.await?;
             fill_target(&target, &types, shared, &path, n).await?;
+            types
+        }
+    };
+    // Only types the source could be read for are compared for deletes.
+    {
+        let c = Connection::open(&path)?;
+        c.execute_batch("CREATE TABLE src_types (type TEXT PRIMARY KEY) WITHOUT ROWID")?;
+        let mut st = c.prepare("INSERT OR IGNORE INTO src_types (type) VALUES (?1)")?;
+        for t in &source_types {
+            st.execute([t])?;
         }
     }
     if shared.aborted() {
@@ -264,7 +275,8 @@ pub async fn compare(
     let feeder = tokio::task::spawn_blocking(move || -> Result<(), SyncError> {
         let c = Connection::open(&p)?;
         let mut st = c.prepare(
-            "SELECT t.type, t.id FROM tgt t LEFT JOIN src s ON s.type = t.type AND s.id = t.id WHERE s.id IS NULL",
+            "SELECT t.type, t.id FROM tgt t LEFT JOIN src s ON s.type = t.type AND s.id = t.id
+             WHERE s.id IS NULL AND t.type IN (SELECT type FROM src_types)",
         )?;
         let mut rows = st.query([])?;
         while let Some(r) = rows.next()? {

@@ -126,8 +126,14 @@ async fn apply(
                 }
                 let rtype = item.rtype().to_owned();
                 match up.write(&item).await {
-                    Ok(Written::Done(c)) => {
-                        shared.count(&rtype, c);
+                    Ok(w @ (Written::Done(_) | Written::Entries(_))) => {
+                        match w {
+                            Written::Done(c) => shared.count(&rtype, c),
+                            Written::Entries(cs) => {
+                                cs.into_iter().for_each(|(t, c)| shared.count(&t, c))
+                            }
+                            Written::Refused { .. } => {}
+                        }
                         if let Ok(mut o) = ok.lock() {
                             o[i] = true;
                         }

@@ -12,7 +12,7 @@ use crate::client::FhirClient;
 use crate::ids::Prefixer;
 use crate::options::{Mode, SourceSpec, SyncOptions, SOURCE_RETRY_COUNT};
 use crate::report::{Count, Failure, Report};
-use crate::source::{read_directory, read_search, server_types, type_url, Item};
+use crate::source::{read_directory, read_search, server_types, type_url, Item, Searched};
 use crate::upload::{Shared, Uploader};
 use crate::SyncError;
 
@@ -175,7 +175,13 @@ pub fn spawn_reader(
             }
             SourceSpec::Search { url, .. } => {
                 let c = source.ok_or_else(|| SyncError::Options("no source client".into()))?;
-                read_search(&c, &url, &tx, bundles_as_tx, count).await?;
+                if read_search(&c, &url, &tx, bundles_as_tx, count).await? == Searched::NotSupported
+                {
+                    return Err(SyncError::Http {
+                        url: c.url(&url),
+                        reason: "the source does not support this search".into(),
+                    });
+                }
                 let t = url
                     .rsplit('/')
                     .next()
@@ -224,10 +230,16 @@ pub fn spawn_reader(
                     return Ok(t);
                 }
                 let types = server_types(&c, &types).await?;
-                for t in &types {
-                    read_search(&c, &type_url(t), &tx, bundles_as_tx, count).await?;
+                let mut read = Vec::with_capacity(types.len());
+                for t in types {
+                    match read_search(&c, &type_url(&t), &tx, bundles_as_tx, count).await? {
+                        Searched::Read => read.push(t),
+                        Searched::NotSupported => {
+                            tracing::debug!(rtype = %t, "source cannot search this type")
+                        }
+                    }
                 }
-                Ok(types)
+                Ok(read)
             }
         }
     })
@@ -315,12 +327,16 @@ async fn synthea(
                     });
                 }
                 res.insert("type".into(), Value::String("transaction".into()));
-                let n = res
+                for e in res
                     .get("entry")
                     .and_then(Value::as_array)
-                    .map_or(0, Vec::len);
-                for _ in 0..n {
-                    sh.count("Bundle entries", Count::Read);
+                    .map(Vec::as_slice)
+                    .unwrap_or(&[])
+                {
+                    sh.count(
+                        e["resource"]["resourceType"].as_str().unwrap_or("Bundle"),
+                        Count::Read,
+                    );
                 }
                 if tx
                     .blocking_send(Item::Bundle { res, origin: name })

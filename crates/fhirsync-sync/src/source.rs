@@ -113,6 +113,30 @@ pub const INFRASTRUCTURE: &[&str] = &[
     "ValueSet",
 ];
 
+/// Whether a resource describes the server rather than data: an
+/// infrastructure type, or a `Basic` that stands in for an R5
+/// SubscriptionTopic (the R4 Subscriptions Backport). Servers make these
+/// themselves; syncing them would fight the server.
+pub fn is_infrastructure(res: &Map<String, Value>) -> bool {
+    let t = res
+        .get("resourceType")
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    if INFRASTRUCTURE.contains(&t) {
+        return true;
+    }
+    t == "Basic"
+        && ["extension", "modifierExtension"].iter().any(|k| {
+            res.get(*k).and_then(Value::as_array).is_some_and(|a| {
+                a.iter().any(|e| {
+                    e["url"]
+                        .as_str()
+                        .is_some_and(|u| u.contains("/extension-SubscriptionTopic."))
+                })
+            })
+        })
+}
+
 /// Types read first, so that reference targets tend to arrive before the
 /// resources that point to them.
 pub const FIRST: &[&str] = &[
@@ -148,11 +172,12 @@ pub async fn server_types(
                 .collect()
         })
         .unwrap_or_default();
-    if supported.is_empty() {
-        supported = fhirsync_core::resource::RESOURCE_TYPES
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+    // Servers leave types out of their statements; every R4 type is tried
+    // (the statement's first), and one the server cannot search is skipped.
+    for t in fhirsync_core::resource::RESOURCE_TYPES {
+        if !supported.iter().any(|s| s == t) {
+            supported.push(t.to_string());
+        }
     }
     supported.retain(|t| is_resource_type(t) && !INFRASTRUCTURE.contains(&t.as_str()));
     let mut out: Vec<String> = FIRST
@@ -168,18 +193,39 @@ pub async fn server_types(
     Ok(out)
 }
 
-/// Every page of a search, from `first`; resources that matched are sent.
+/// How a search went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Searched {
+    Read,
+    /// The server refused the first page (400/404/405/501): it does not
+    /// search this type.
+    NotSupported,
+}
+
+/// Every page of a search, from `first`; resources that matched are sent
+/// (server infrastructure is left out, see [`is_infrastructure`]).
 pub async fn read_search(
     client: &FhirClient,
     first: &str,
     tx: &Sender<Item>,
     bundles_as_tx: bool,
     mut on_page: impl FnMut(&Item),
-) -> Result<(), SyncError> {
+) -> Result<Searched, SyncError> {
     let mut url = first.to_owned();
     let mut pages = 0u64;
     loop {
-        let b = client.get_json(&url).await?;
+        let r = client.send(reqwest::Method::GET, &url, None).await?;
+        if pages == 0 && matches!(r.status, 400 | 404 | 405 | 501) {
+            return Ok(Searched::NotSupported);
+        }
+        if !(200..300).contains(&r.status) {
+            return Err(crate::client::status_error(
+                &client.url(&url),
+                r.status,
+                &r.body,
+            ));
+        }
+        let b = r.body;
         if b["resourceType"] != "Bundle" {
             return Err(SyncError::Http {
                 url,
@@ -191,7 +237,7 @@ pub async fn read_search(
             let Some(res) = e["resource"].as_object() else {
                 continue;
             };
-            if mode != "match" {
+            if mode != "match" || is_infrastructure(res) {
                 continue;
             }
             let origin = e["fullUrl"].as_str().unwrap_or(&url).to_owned();
@@ -204,7 +250,7 @@ pub async fn read_search(
                 })?;
             on_page(&item);
             if tx.send(item).await.is_err() {
-                return Ok(()); // the run is stopping
+                return Ok(Searched::Read); // the run is stopping
             }
         }
         let next = b["link"]
@@ -215,7 +261,7 @@ pub async fn read_search(
         pages += 1;
         match next {
             Some(n) if n != url && pages < 10_000_000 => url = n,
-            _ => return Ok(()),
+            _ => return Ok(Searched::Read),
         }
     }
 }

@@ -76,6 +76,8 @@ impl Shared {
 #[derive(Debug)]
 pub enum Written {
     Done(Count),
+    /// A transaction: one count per entry, under the entry's type.
+    Entries(Vec<(String, Count)>),
     /// Refused; `retry_later` when a later pass may succeed.
     Refused {
         failure: Failure,
@@ -171,6 +173,7 @@ impl Uploader {
             return;
         }
         for (item, e) in items.into_iter().zip(responses) {
+            tracing::debug!(item = ?item.key(), status = ?e["response"]["status"], "batch entry");
             let status: u16 = e["response"]["status"]
                 .as_str()
                 .and_then(|s| s.split_whitespace().next())
@@ -179,9 +182,9 @@ impl Uploader {
             let rtype = item.rtype().to_owned();
             let is_delete = matches!(item, Item::Delete { .. });
             match status {
+                200..=299 | 404 | 410 if is_delete => shared.count(&rtype, Count::Deleted),
                 201 => shared.count(&rtype, Count::Created),
                 200 => shared.count(&rtype, Count::Updated),
-                204 | 404 | 410 if is_delete => shared.count(&rtype, Count::Deleted),
                 s if crate::retry::is_retryable_status(s) || s == 0 => {
                     // Overload inside a batch: that entry goes alone, with retries.
                     self.process(item, shared, deferrable).await;
@@ -302,6 +305,7 @@ impl Uploader {
                 r.status,
                 &r.body,
             )),
+            200..=299 | 404 | 410 if method == Method::DELETE => Ok(Written::Done(Count::Deleted)),
             201 => Ok(Written::Done(Count::Created)),
             200 if method == Method::POST && matches!(item, Item::Bundle { .. }) => {
                 // A transaction: the outcome of each entry.
@@ -316,7 +320,24 @@ impl Uploader {
                     })
                     .unwrap_or_default();
                 if failed.is_empty() {
-                    Ok(Written::Done(Count::Created))
+                    let types = match item {
+                        Item::Bundle { res, .. } => entry_types(res),
+                        _ => Vec::new(),
+                    };
+                    let statuses = r.body["entry"].as_array().cloned().unwrap_or_default();
+                    let counts = types
+                        .into_iter()
+                        .zip(statuses)
+                        .map(|(t, e)| {
+                            let c = match e["response"]["status"].as_str().unwrap_or("") {
+                                s if s.starts_with("201") => Count::Created,
+                                s if s.starts_with("204") => Count::Deleted,
+                                _ => Count::Updated,
+                            };
+                            (t, c)
+                        })
+                        .collect();
+                    Ok(Written::Entries(counts))
                 } else {
                     Ok(Written::Refused {
                         failure: Failure {
@@ -330,7 +351,6 @@ impl Uploader {
                 }
             }
             200 => Ok(Written::Done(Count::Updated)),
-            204 | 404 | 410 if method == Method::DELETE => Ok(Written::Done(Count::Deleted)),
             s => {
                 // A refusal that names a missing reference target may pass
                 // once that target has arrived.
@@ -386,6 +406,11 @@ impl Uploader {
         let rtype = item.rtype().to_owned();
         match self.write(&item).await {
             Ok(Written::Done(c)) => shared.count(&rtype, c),
+            Ok(Written::Entries(counts)) => {
+                for (t, c) in counts {
+                    shared.count(&t, c);
+                }
+            }
             Ok(Written::Refused {
                 failure,
                 retry_later,
@@ -496,4 +521,27 @@ impl Uploader {
             }
         }
     }
+}
+
+/// The resource type of each entry of a Bundle (from the resource, or the
+/// request URL for entries without one).
+fn entry_types(res: &serde_json::Map<String, Value>) -> Vec<String> {
+    res.get("entry")
+        .and_then(Value::as_array)
+        .map(|a| {
+            a.iter()
+                .map(|e| {
+                    e["resource"]["resourceType"]
+                        .as_str()
+                        .or_else(|| {
+                            e["request"]["url"]
+                                .as_str()
+                                .and_then(|u| u.split(['/', '?']).next())
+                        })
+                        .unwrap_or("Bundle")
+                        .to_owned()
+                })
+                .collect()
+        })
+        .unwrap_or_default()
 }
