@@ -5,7 +5,7 @@ use axum::body::Body;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::HeaderMap;
 use axum::response::Response;
-use fhirsync_core::search::{SearchQuery, PARAM_CURSOR, PARAM_SNAPSHOT};
+use fhirsync_core::search::{SearchQuery, PARAM_CURSOR, PARAM_SNAPSHOT, PARAM_SNAPSHOT_TOTAL};
 use fhirsync_store::{SearchPage, StoreError};
 use serde_json::{json, Value};
 
@@ -109,6 +109,10 @@ pub fn searchset(base: &str, q: &SearchQuery, page: &SearchPage, warning: Option
         None => base.to_owned(),
     };
     let qs = q.to_query_string();
+    let carried = page
+        .total
+        .map(|t| format!("&{PARAM_SNAPSHOT_TOTAL}={t}"))
+        .unwrap_or_default();
     let mut self_url = format!("{path}?{qs}");
     if let Some(c) = q.cursor {
         self_url.push_str(&format!(
@@ -121,7 +125,7 @@ pub fn searchset(base: &str, q: &SearchQuery, page: &SearchPage, warning: Option
         links.push((
             "next",
             format!(
-                "{path}?{qs}&{PARAM_SNAPSHOT}={}&{PARAM_CURSOR}={c}",
+                "{path}?{qs}&{PARAM_SNAPSHOT}={}&{PARAM_CURSOR}={c}{carried}",
                 page.snapshot
             ),
         ));

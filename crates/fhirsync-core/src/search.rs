@@ -15,6 +15,9 @@ pub const COUNT_MAX: usize = 1000;
 pub const PARAM_SNAPSHOT: &str = "_snapshot";
 /// Name of the internal paging parameter: the last position already returned.
 pub const PARAM_CURSOR: &str = "_cursor";
+/// Name of the internal paging parameter: the total counted on the first
+/// page (constant for the snapshot, so later pages need not count again).
+pub const PARAM_SNAPSHOT_TOTAL: &str = "_snapshot_total";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Prefix {
@@ -89,6 +92,8 @@ pub struct SearchQuery {
     pub total: TotalMode,
     pub snapshot: Option<u64>,
     pub cursor: Option<u64>,
+    /// The total of this snapshot, carried by paging links.
+    pub snapshot_total: Option<u64>,
     /// Parameters that were present but are not supported (name as given).
     pub unsupported: Vec<String>,
     /// The supported parameters as given, for paging links.
@@ -126,7 +131,10 @@ impl SearchQuery {
             ..Default::default()
         };
         for (k, v) in pairs {
-            let keep = !matches!(k.as_str(), "_count" | PARAM_SNAPSHOT | PARAM_CURSOR);
+            let keep = !matches!(
+                k.as_str(),
+                "_count" | PARAM_SNAPSHOT | PARAM_CURSOR | PARAM_SNAPSHOT_TOTAL
+            );
             let unsupported_before = q.unsupported.len();
             match k.as_str() {
                 "_id" => {
@@ -181,6 +189,9 @@ impl SearchQuery {
                 }
                 PARAM_CURSOR => {
                     q.cursor = Some(v.parse().map_err(|_| bad(k, v, "not a paging position"))?)
+                }
+                PARAM_SNAPSHOT_TOTAL => {
+                    q.snapshot_total = Some(v.parse().map_err(|_| bad(k, v, "not a count"))?)
                 }
                 k if IGNORED.contains(&k) => {}
                 _ => q.unsupported.push(k.clone()),

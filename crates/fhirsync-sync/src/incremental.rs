@@ -26,8 +26,14 @@ pub const FOLLOW_WAIT_S: u64 = 20;
 pub struct State {
     pub source: String,
     pub target: String,
-    /// The last change-log `seq` the target confirmed.
+    /// The last change-log `seq` the target confirmed (fhirsync sources).
     pub since: u64,
+    /// Other servers: the `lastUpdated` of the last applied version ...
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub history_since: Option<String>,
+    /// ... and the versions (`Type/id/vid`) applied at exactly that instant.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub seen: Vec<String>,
 }
 
 impl State {
@@ -52,9 +58,32 @@ impl State {
                 source: source.to_owned(),
                 target: target.to_owned(),
                 since: 0,
+                history_since: None,
+                seen: Vec::new(),
             }),
             Err(e) => Err(err(e.to_string())),
         }
+    }
+
+    /// Moves the history cursor past `applied` (`lastUpdated`, version key),
+    /// in apply order.
+    pub fn advance_history(&mut self, applied: &[(String, String)]) {
+        use fhirsync_core::instant::parse_range;
+        let Some((last, _)) = applied.last() else {
+            return;
+        };
+        let ms = |s: &str| parse_range(s).map(|r| r.0);
+        if self.history_since.as_deref().and_then(ms) != ms(last) {
+            self.seen.clear();
+        }
+        let last_ms = ms(last);
+        self.seen.extend(
+            applied
+                .iter()
+                .filter(|(lu, _)| ms(lu) == last_ms)
+                .map(|(_, k)| k.clone()),
+        );
+        self.history_since = Some(last.clone());
     }
 
     /// Written to a temporary file and renamed: never half-written.
@@ -102,7 +131,7 @@ fn entry_item(e: &Value, up: &Uploader) -> Option<(u64, Item)> {
 }
 
 /// Applies a batch in log order; returns how many from the start succeeded.
-async fn apply(
+pub(crate) async fn apply(
     items: Vec<(u64, Item)>,
     up: &Arc<Uploader>,
     shared: &Arc<Shared>,
@@ -192,10 +221,17 @@ pub async fn incremental(
     let mut state = State::load(&state_path, source.base(), &target)?;
     let meta = source.get_json("metadata").await?;
     if meta["software"]["name"] != "fhirsync" {
-        return Err(SyncError::Options(format!(
-            "INCREMENTAL follows a fhirsync node's $changes; {} is not one (use COMPARE to bring other servers up to date)",
-            source.base()
-        )));
+        let r = crate::history::follow_history(
+            opts,
+            &source,
+            up,
+            shared,
+            stop,
+            &mut state,
+            &state_path,
+        )
+        .await;
+        return r;
     }
     let types = if opts.resource_types.is_empty() {
         String::new()

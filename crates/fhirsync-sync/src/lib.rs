@@ -10,6 +10,7 @@ pub mod client;
 pub mod compare;
 pub mod error;
 pub mod files;
+pub mod history;
 pub mod ids;
 pub mod incremental;
 pub mod options;

@@ -188,3 +188,128 @@ async fn node_to_sekmet_to_node_with_synthea_patients() {
         .unwrap();
     assert_eq!(back["status"], "amended");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn incremental_follows_another_servers_history() {
+    let venv = venv();
+    let sekmet = start_sekmet(&venv).await;
+    let c = InProcess::start().await;
+    let client = reqwest::Client::new();
+    let put = |path: String, body: Value| {
+        let client = client.clone();
+        let url = format!("{}/{path}", sekmet.base);
+        async move {
+            let r = client
+                .put(url)
+                .header("content-type", "application/fhir+json")
+                .body(body.to_string())
+                .send()
+                .await
+                .unwrap();
+            assert!(r.status().is_success(), "{}", r.status());
+        }
+    };
+    for i in 0..10 {
+        put(
+            format!("Patient/h{i}"),
+            serde_json::json!({"resourceType": "Patient", "id": format!("h{i}"), "active": true}),
+        )
+        .await;
+        put(
+            format!("Observation/ho{i}"),
+            serde_json::json!({"resourceType": "Observation", "id": format!("ho{i}"), "status": "final", "code": {"text": "hr"}, "subject": {"reference": format!("Patient/h{i}")}, "valueQuantity": {"value": 60.50}}),
+        )
+        .await;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("s.json");
+    let st = state.to_str().unwrap();
+    let r = sync(&[
+        "-s",
+        &sekmet.base,
+        "-t",
+        &c.base,
+        "-m",
+        "INCREMENTAL",
+        "--state",
+        st,
+    ])
+    .await;
+    assert_eq!(total(&r, "read"), 20, "{r}");
+    let r = sync(&[
+        "-s",
+        &sekmet.base,
+        "-t",
+        &c.base,
+        "-m",
+        "COMPARE",
+        "--dry-run",
+        "-r",
+        "Patient,Observation",
+    ])
+    .await;
+    assert_eq!(writes(&r), 0, "{r}");
+
+    // Two versions of one resource and a delete.
+    put(
+        "Patient/h1".into(),
+        serde_json::json!({"resourceType": "Patient", "id": "h1", "active": false}),
+    )
+    .await;
+    put("Patient/h1".into(), serde_json::json!({"resourceType": "Patient", "id": "h1", "active": false, "gender": "female"})).await;
+    let r = client
+        .delete(format!("{}/Observation/ho2", sekmet.base))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success());
+    let r = sync(&[
+        "-s",
+        &sekmet.base,
+        "-t",
+        &c.base,
+        "-m",
+        "INCREMENTAL",
+        "--state",
+        st,
+    ])
+    .await;
+    assert_eq!(total(&r, "read"), 3, "{r}");
+    assert_eq!(total(&r, "deleted"), 1, "{r}");
+    let p: Value = client
+        .get(format!("{}/Patient/h1", c.base))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(p["gender"], "female");
+    assert_eq!(
+        client
+            .get(format!("{}/Observation/ho2", c.base))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        410
+    );
+    // Nothing new: nothing read, even though `_since` is inclusive.
+    let r = sync(&[
+        "-s",
+        &sekmet.base,
+        "-t",
+        &c.base,
+        "-m",
+        "INCREMENTAL",
+        "--state",
+        st,
+    ])
+    .await;
+    assert_eq!(total(&r, "read"), 0, "{r}");
+    let saved: Value = serde_json::from_str(&std::fs::read_to_string(&state).unwrap()).unwrap();
+    assert!(
+        saved["history_since"].is_string() && !saved["seen"].as_array().unwrap().is_empty(),
+        "{saved}"
+    );
+}

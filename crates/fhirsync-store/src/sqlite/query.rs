@@ -172,7 +172,14 @@ pub fn search(conn: &Connection, q: &SearchQuery) -> Result<SearchPage, StoreErr
         None => last_seq(conn)?,
     };
     let (w, args) = search_where(q, snapshot);
-    let total = if q.total == TotalMode::Accurate || q.summary_count {
+    // A snapshot's total does not change: later pages carry the first one's.
+    let carried = q
+        .snapshot
+        .and(q.snapshot_total)
+        .filter(|_| !q.summary_count);
+    let total = if let Some(t) = carried.filter(|_| q.total == TotalMode::Accurate) {
+        Some(t)
+    } else if q.total == TotalMode::Accurate || q.summary_count {
         let sql = format!("SELECT count(*) FROM versions v WHERE {w}");
         let n: i64 = conn
             .prepare_cached(&sql)?
