@@ -41,6 +41,9 @@ pub struct Report {
     pub failures_not_listed: u64,
     /// Notes on what the run decided (skipped deletes, cursor saved, ...).
     pub notes: Vec<String>,
+    /// Resources the source will give, when known up front (directories).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expected: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -65,6 +68,7 @@ impl Report {
             failures: Vec::new(),
             failures_not_listed: 0,
             notes: Vec::new(),
+            expected: None,
         }
     }
 

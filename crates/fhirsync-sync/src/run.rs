@@ -146,9 +146,13 @@ pub fn spawn_reader(
             SourceSpec::Directory(dir) => {
                 // Check every file before anything is written, then read again.
                 let d = dir.clone();
-                tokio::task::spawn_blocking(move || read_directory(&d, None, bundles_as_tx))
-                    .await
-                    .map_err(|e| SyncError::Index(e.to_string()))??;
+                let total =
+                    tokio::task::spawn_blocking(move || read_directory(&d, None, bundles_as_tx))
+                        .await
+                        .map_err(|e| SyncError::Index(e.to_string()))??;
+                if let Ok(mut r) = shared.report.lock() {
+                    r.expected = Some(total);
+                }
                 let sh = shared.clone();
                 let types2 = types.clone();
                 let (ftx, mut frx) = mpsc::channel::<Item>(64);

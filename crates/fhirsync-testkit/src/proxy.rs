@@ -18,6 +18,9 @@ pub struct ProxyOptions {
     pub fail_every: Option<u64>,
     pub fail_status: u16,
     pub retry_after: Option<String>,
+    /// Refuse (422) a write whose relative `Type/id` references do not
+    /// exist on the node yet, as servers with referential integrity do.
+    pub enforce_references: bool,
     /// Track concurrent writes per value of this JSON member of entry
     /// resources (`"id"` of Patients in transaction Bundles).
     pub track_patient_concurrency: bool,
@@ -32,6 +35,8 @@ pub struct ProxyStats {
     /// Largest number of requests in flight at once, and per patient key.
     pub max_in_flight: AtomicU64,
     pub max_same_patient: AtomicU64,
+    /// Writes refused because a reference target was missing.
+    pub dangling: AtomicU64,
     in_flight: Mutex<(u64, std::collections::HashMap<String, u64>)>,
 }
 
@@ -128,6 +133,17 @@ async fn handle(State(ctx): State<Arc<Ctx>>, req: Request) -> Response {
         }
     }
     let bytes = to_bytes(body, 256 << 20).await.unwrap_or_default();
+    if ctx.opts.enforce_references && (parts.method == "PUT" || parts.method == "POST") {
+        if let Some(missing) = missing_reference(&ctx, &bytes).await {
+            ctx.stats.dangling.fetch_add(1, Ordering::SeqCst);
+            let oo = format!(
+                r#"{{"resourceType":"OperationOutcome","issue":[{{"severity":"error","code":"processing","diagnostics":"reference target {missing} not found"}}]}}"#
+            );
+            let mut r = Response::new(Body::from(oo));
+            *r.status_mut() = StatusCode::UNPROCESSABLE_ENTITY;
+            return r;
+        }
+    }
     let keys = if ctx.opts.track_patient_concurrency {
         patient_keys(&bytes)
     } else {
@@ -201,4 +217,48 @@ fn status(code: u16, body: &'static str, retry_after: Option<&str>) -> Response 
         r.headers_mut().insert("retry-after", ra);
     }
     r
+}
+
+/// The first relative `Type/id` reference in a body (or its Bundle entries)
+/// that the node does not have.
+async fn missing_reference(ctx: &Ctx, body: &[u8]) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_slice(body).ok()?;
+    let mut refs = Vec::new();
+    collect_refs(&v, &mut refs);
+    for r in refs {
+        let mut it = r.split('/');
+        let (Some(t), Some(id), None) = (it.next(), it.next(), it.next()) else {
+            continue;
+        };
+        if !t.chars().next().is_some_and(|c| c.is_ascii_uppercase()) {
+            continue;
+        }
+        let url = format!("{}/{t}/{id}", ctx.target);
+        let ok = ctx
+            .client
+            .get(&url)
+            .send()
+            .await
+            .map(|r| r.status().is_success())
+            .unwrap_or(false);
+        if !ok {
+            return Some(r);
+        }
+    }
+    None
+}
+
+fn collect_refs(v: &serde_json::Value, out: &mut Vec<String>) {
+    match v {
+        serde_json::Value::Object(m) => {
+            for (k, x) in m {
+                match (k.as_str(), x) {
+                    ("reference", serde_json::Value::String(s)) => out.push(s.clone()),
+                    _ => collect_refs(x, out),
+                }
+            }
+        }
+        serde_json::Value::Array(a) => a.iter().for_each(|x| collect_refs(x, out)),
+        _ => {}
+    }
 }

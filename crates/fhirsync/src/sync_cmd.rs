@@ -213,13 +213,17 @@ async fn progress(report: Arc<Mutex<Report>>) {
             .max_by_key(|(_, c)| c.read)
             .map(|(k, _)| k.as_str())
             .unwrap_or("-");
+        let rate = t.read as f64 / secs;
+        let eta = match r.expected {
+            Some(n) if rate > 0.0 && n > t.read => {
+                format!(", ETA {:.0} s", (n - t.read) as f64 / rate)
+            }
+            Some(n) => format!(" of {n}"),
+            None => String::new(),
+        };
         let line = format!(
-            "read {} ({:.0}/s), written {}, unchanged {}, failed {}; now {busiest}",
-            t.read,
-            t.read as f64 / secs,
-            written,
-            t.unchanged,
-            t.failed
+            "read {}{eta} ({rate:.0}/s), written {written}, unchanged {}, failed {}; largest type {busiest}",
+            t.read, t.unchanged, t.failed
         );
         match &bar {
             Some(b) => b.set_message(line),

@@ -232,8 +232,21 @@ async fn directory_in_reverse_reference_order_with_bundles_and_ndjson() {
     )
     .unwrap();
     let src = format!("file:{}", dir.path().display());
-    let r = sync(&["-s", &src, "-t", &b.base]).await;
+    // The target refuses what points to something it does not have yet.
+    let strict = Proxy::start(
+        &b.base,
+        ProxyOptions {
+            enforce_references: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    let r = sync(&["-s", &src, "-t", &strict.base]).await;
     assert!(r.ok, "{}", r.stderr);
+    assert!(
+        strict.stats.dangling.load(Ordering::SeqCst) > 0,
+        "the test did not meet a missing reference"
+    );
     assert_eq!(content(&b, &["Patient"]).await.len(), 30);
     assert_eq!(content(&b, &["Observation"]).await.len(), 30);
     assert_eq!(get(&b, "Organization/org1").await.status(), 200);
