@@ -101,16 +101,8 @@ async fn fill_source(
     let n = opts.thread_count;
     let (tx, rx) = mpsc::channel::<Item>(n * 8);
     let reader = spawn_reader(opts, source, tx, shared.clone(), false);
-    let (ttx, trx) = mpsc::channel::<Item>(n * 8);
-    let upc = up.clone();
-    let transform = tokio::spawn(async move {
-        let mut rx = rx;
-        while let Some(i) = rx.recv().await {
-            if ttx.send(upc.transform(i)).await.is_err() {
-                break;
-            }
-        }
-    });
+    // Id prefixing between reader and writers.
+    let (trx, transform) = up.spawn_transform(rx, n * 4);
     let (p, sh) = (path.to_owned(), shared.clone());
     let filler = tokio::task::spawn_blocking(move || -> Result<(), SyncError> {
         let mut c = open_index(&p)?;

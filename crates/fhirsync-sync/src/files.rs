@@ -3,6 +3,8 @@
 
 use std::path::{Path, PathBuf};
 
+use serde_json::{Map, Value};
+
 use crate::SyncError;
 
 /// Files to read, sorted; directories are searched recursively for
@@ -48,4 +50,54 @@ pub fn is_fhir_file(p: &Path) -> bool {
 
 pub fn is_ndjson(p: &Path) -> bool {
     p.extension().is_some_and(|x| x == "ndjson")
+}
+
+/// What a `.json` file holds, as units of work.
+#[derive(Debug)]
+pub enum FilePart {
+    /// A `transaction` or `batch` Bundle, to be run as such.
+    Bundle(Map<String, Value>),
+    /// One resource; `entry` is its position inside a collection Bundle.
+    Resource {
+        res: Map<String, Value>,
+        entry: Option<usize>,
+    },
+}
+
+/// Splits a `.json` file: transaction/batch Bundles stay whole; the entries
+/// of collection/searchset Bundles come out one by one (unless
+/// `keep_collections`); anything else is one resource.
+pub fn split_file(
+    res: Map<String, Value>,
+    keep_collections: bool,
+) -> Result<Vec<FilePart>, String> {
+    if res.get("resourceType").and_then(Value::as_str) == Some("Bundle") {
+        match res.get("type").and_then(Value::as_str) {
+            Some("transaction") | Some("batch") => return Ok(vec![FilePart::Bundle(res)]),
+            Some("collection") | Some("searchset") if !keep_collections => {
+                let entries = match res.get("entry") {
+                    None => return Ok(Vec::new()),
+                    Some(Value::Array(a)) => a.clone(),
+                    Some(_) => return Err("Bundle.entry must be an array".into()),
+                };
+                return entries
+                    .into_iter()
+                    .enumerate()
+                    .filter_map(|(i, e)| match e {
+                        Value::Object(mut e) => match e.remove("resource") {
+                            Some(Value::Object(r)) => Some(Ok(FilePart::Resource {
+                                res: r,
+                                entry: Some(i),
+                            })),
+                            Some(_) => Some(Err(format!("entry {i}: resource is not an object"))),
+                            None => None,
+                        },
+                        _ => Some(Err(format!("entry {i} is not an object"))),
+                    })
+                    .collect();
+            }
+            _ => {}
+        }
+    }
+    Ok(vec![FilePart::Resource { res, entry: None }])
 }

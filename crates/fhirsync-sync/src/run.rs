@@ -257,7 +257,6 @@ async fn copy(
 ) -> Result<(), SyncError> {
     let n = opts.thread_count;
     let (tx, rx) = mpsc::channel::<Item>(n * 4);
-    let (ttx, trx) = mpsc::channel::<Item>(n * 4);
     let reader = spawn_reader(
         opts,
         source,
@@ -265,16 +264,8 @@ async fn copy(
         shared.clone(),
         opts.upload_bundles_as_transactions,
     );
-    // Transform (id prefixing) between reader and writers.
-    let upc = up.clone();
-    let transform = tokio::spawn(async move {
-        let mut rx = rx;
-        while let Some(i) = rx.recv().await {
-            if ttx.send(upc.transform(i)).await.is_err() {
-                break;
-            }
-        }
-    });
+    // Id prefixing between reader and writers.
+    let (trx, transform) = up.spawn_transform(rx, n * 4);
     up.drain(trx, n, shared, true).await;
     let _ = transform.await;
     let read = reader.await.map_err(|e| SyncError::Index(e.to_string()))?;

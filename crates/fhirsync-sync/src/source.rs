@@ -10,7 +10,7 @@ use serde_json::{Map, Value};
 use tokio::sync::mpsc::Sender;
 
 use crate::client::FhirClient;
-use crate::files::{collect_files, is_ndjson};
+use crate::files::{collect_files, is_ndjson, split_file, FilePart};
 use crate::options::PAGE_COUNT;
 use crate::SyncError;
 
@@ -334,42 +334,27 @@ fn parse_object(bytes: &[u8]) -> Result<Map<String, Value>, String> {
     }
 }
 
-/// A `.json` file: transaction/batch Bundles are posted as they are,
-/// collection/searchset Bundles give their entries, anything else is one
-/// resource.
+/// The items of a `.json` file (see [`crate::files::split_file`]).
 fn file_items(
     res: Map<String, Value>,
     name: &str,
     bundles_as_tx: bool,
 ) -> Result<Vec<Item>, String> {
-    if res.get("resourceType").and_then(Value::as_str) == Some("Bundle") {
-        match res.get("type").and_then(Value::as_str) {
-            Some("transaction") | Some("batch") => {
-                return Ok(vec![Item::Bundle {
-                    res,
-                    origin: name.to_owned(),
-                }])
+    split_file(res, bundles_as_tx)?
+        .into_iter()
+        .map(|part| match part {
+            FilePart::Bundle(res) => Ok(Item::Bundle {
+                res,
+                origin: name.to_owned(),
+            }),
+            FilePart::Resource { res, entry: None } => {
+                Item::from_resource(res, name.to_owned(), bundles_as_tx)
             }
-            Some("collection") | Some("searchset") if !bundles_as_tx => {
-                let entries = res
-                    .get("entry")
-                    .and_then(Value::as_array)
-                    .cloned()
-                    .unwrap_or_default();
-                return entries
-                    .into_iter()
-                    .enumerate()
-                    .filter_map(|(i, e)| match e.get("resource") {
-                        Some(Value::Object(r)) => Some(
-                            Item::from_resource(r.clone(), format!("{name} entry {i}"), false)
-                                .map_err(|m| format!("entry {i}: {m}")),
-                        ),
-                        _ => None,
-                    })
-                    .collect();
-            }
-            _ => {}
-        }
-    }
-    Item::from_resource(res, name.to_owned(), bundles_as_tx).map(|i| vec![i])
+            FilePart::Resource {
+                res,
+                entry: Some(i),
+            } => Item::from_resource(res, format!("{name} entry {i}"), false)
+                .map_err(|m| format!("entry {i}: {m}")),
+        })
+        .collect()
 }

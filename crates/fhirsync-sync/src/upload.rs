@@ -259,6 +259,25 @@ impl Uploader {
         }
     }
 
+    /// A stage between a reader and the writers that applies
+    /// [`Uploader::transform`] to every item.
+    pub fn spawn_transform(
+        self: &Arc<Self>,
+        mut rx: Receiver<Item>,
+        depth: usize,
+    ) -> (Receiver<Item>, tokio::task::JoinHandle<()>) {
+        let (tx, out) = tokio::sync::mpsc::channel(depth.max(1));
+        let me = self.clone();
+        let task = tokio::spawn(async move {
+            while let Some(i) = rx.recv().await {
+                if tx.send(me.transform(i)).await.is_err() {
+                    break;
+                }
+            }
+        });
+        (out, task)
+    }
+
     /// Writes one (already transformed) item to the next target.
     pub async fn write(&self, item: &Item) -> Result<Written, SyncError> {
         let (method, path, body) = match item {

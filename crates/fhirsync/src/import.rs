@@ -13,6 +13,7 @@ use anyhow::{bail, Context};
 use fhirsync_core::resource::{body_id, check_resource, parse_resource};
 use fhirsync_store::sqlite::{SqliteStore, StreamMsg};
 use fhirsync_store::{Prepared, StoreError, WriteRequest};
+use fhirsync_sync::files::{split_file, FilePart};
 use indicatif::{ProgressBar, ProgressStyle};
 use rayon::prelude::*;
 use serde_json::Value;
@@ -22,6 +23,18 @@ use crate::lock::lock_data_dir;
 
 /// Batches in flight between the parser and the writer.
 const PIPELINE_DEPTH: usize = 4;
+
+/// The writer closed the stream early: it refused a request.
+#[derive(Debug)]
+struct WriterStopped;
+
+impl std::fmt::Display for WriterStopped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the store stopped accepting the import")
+    }
+}
+
+impl std::error::Error for WriterStopped {}
 
 /// Where a request came from, to name it in errors.
 #[derive(Clone)]
@@ -77,7 +90,7 @@ pub fn run(cfg: Config, batch_size: usize, paths: &[PathBuf]) -> anyhow::Result<
             recent.push(*sent, origins);
             *sent += reqs.len() as u64;
             tx.blocking_send(StreamMsg::Batch(reqs))
-                .map_err(|_| anyhow::anyhow!("the store stopped accepting the import"))
+                .map_err(|_| anyhow::Error::new(WriterStopped))
         };
 
     let result: anyhow::Result<()> = (|| {
@@ -147,14 +160,20 @@ pub fn run(cfg: Config, batch_size: usize, paths: &[PathBuf]) -> anyhow::Result<
         Ok(())
     })();
 
+    // When the writer stopped (it refused a request), its own answer says why.
+    let writer_stopped = matches!(&result, Err(e) if e.is::<WriterStopped>());
     if let Err(e) = result {
-        drop(tx); // no Commit: the writer rolls everything back
-        let _ = done.blocking_recv();
-        bar.abandon();
-        return Err(e.context("nothing was imported"));
+        if !writer_stopped {
+            drop(tx); // no Commit: the writer rolls everything back
+            let _ = done.blocking_recv();
+            bar.abandon();
+            return Err(e.context("nothing was imported"));
+        }
+    } else {
+        // A failed send means the writer has already answered below.
+        let _ = tx.blocking_send(StreamMsg::Commit);
     }
-    tx.blocking_send(StreamMsg::Commit)
-        .map_err(|_| anyhow::anyhow!("the store stopped accepting the import"))?;
+    drop(tx);
     let summary = match done.blocking_recv() {
         Ok(Ok(s)) => s,
         Ok(Err(StoreError::Entry { index, source })) => {
@@ -219,36 +238,18 @@ fn resource_request(res: serde_json::Map<String, Value>) -> Result<WriteRequest,
     })
 }
 
-/// A `.json` file: a `transaction`/`batch` Bundle runs as such; the entries
-/// of a `collection`/`searchset` Bundle load one by one; anything else is a
-/// resource.
+/// A `.json` file as write requests (see `fhirsync_sync::files::split_file`).
 fn file_requests(bytes: &[u8]) -> Result<Vec<WriteRequest>, String> {
     let res = parse_resource(bytes).map_err(|e| e.to_string())?;
-    if res.get("resourceType").and_then(Value::as_str) == Some("Bundle") {
-        match res.get("type").and_then(Value::as_str) {
-            Some("transaction") | Some("batch") => return Ok(vec![WriteRequest::Bundle(res)]),
-            Some("collection") | Some("searchset") => {
-                let entries = res
-                    .get("entry")
-                    .and_then(Value::as_array)
-                    .cloned()
-                    .unwrap_or_default();
-                return entries
-                    .into_iter()
-                    .enumerate()
-                    .filter_map(|(i, e)| match e {
-                        Value::Object(mut e) => match e.remove("resource") {
-                            Some(Value::Object(r)) => {
-                                Some(resource_request(r).map_err(|m| format!("entry {i}: {m}")))
-                            }
-                            _ => None,
-                        },
-                        _ => Some(Err(format!("entry {i} is not an object"))),
-                    })
-                    .collect();
-            }
-            _ => {}
-        }
-    }
-    resource_request(res).map(|r| vec![r])
+    split_file(res, false)?
+        .into_iter()
+        .map(|part| match part {
+            FilePart::Bundle(b) => Ok(WriteRequest::Bundle(b)),
+            FilePart::Resource { res, entry: None } => resource_request(res),
+            FilePart::Resource {
+                res,
+                entry: Some(i),
+            } => resource_request(res).map_err(|m| format!("entry {i}: {m}")),
+        })
+        .collect()
 }
