@@ -653,6 +653,42 @@ async fn credentials_are_sent_and_refusals_are_clear() {
     .await;
     assert!(r.ok, "{}", r.stderr);
     assert_eq!(content(&b, &["Patient"]).await.len(), 5);
+    // The other way round: a bearer token for the source, basic auth for the target.
+    let c = InProcess::start().await;
+    let bearer_src = Proxy::start(
+        &a.base,
+        ProxyOptions {
+            require_auth: Some("Bearer src-token".into()),
+            ..Default::default()
+        },
+    )
+    .await;
+    let basic_tgt = Proxy::start(
+        &c.base,
+        ProxyOptions {
+            require_auth: Some("Basic dXNlcjpwYXNz".into()),
+            ..Default::default()
+        },
+    )
+    .await;
+    let r = sync(&[
+        "-s",
+        &bearer_src.base,
+        "--source-bearer-token",
+        "src-token",
+        "-t",
+        &basic_tgt.base,
+        "--target-basic-auth",
+        "user:pass",
+    ])
+    .await;
+    assert!(r.ok, "{}", r.stderr);
+    assert_eq!(content(&c, &["Observation"]).await.len(), 5);
+    assert_eq!(
+        bearer_src.stats.unauthorized.load(Ordering::SeqCst)
+            + basic_tgt.stats.unauthorized.load(Ordering::SeqCst),
+        0
+    );
     for args in [
         vec![
             "-s",
@@ -892,4 +928,38 @@ async fn mutual_tls_with_generated_certificates() {
         assert_eq!(lines.len(), 1, "{args:?}: {}", r.stderr);
         assert!(lines[0].contains(want), "{args:?}: {}", r.stderr);
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bundles_as_resources_or_as_transactions() {
+    let (a, b, c) = (
+        InProcess::start().await,
+        InProcess::start().await,
+        InProcess::start().await,
+    );
+    // A stored Bundle resource whose entries carry requests.
+    let bundle = json!({"resourceType": "Bundle", "id": "stored", "type": "batch", "entry": [
+        {"resource": {"resourceType": "Patient", "id": "from-bundle"}, "request": {"method": "PUT", "url": "Patient/from-bundle"}}
+    ]});
+    let r = put(&a, "Bundle/stored", &bundle).await;
+    assert_eq!(r.status(), 201);
+    // Plain COPY: the Bundle is a resource like any other.
+    let r = sync(&["-s", &a.base, "-t", &b.base, "-r", "Bundle"]).await;
+    assert!(r.ok, "{}", r.stderr);
+    assert_eq!(get(&b, "Bundle/stored").await.status(), 200);
+    assert_eq!(get(&b, "Patient/from-bundle").await.status(), 404);
+    // As transactions: its entries are carried out on the target.
+    let r = sync(&[
+        "-s",
+        &a.base,
+        "-t",
+        &c.base,
+        "-r",
+        "Bundle",
+        "--upload-bundles-as-transactions",
+    ])
+    .await;
+    assert!(r.ok, "{}", r.stderr);
+    assert_eq!(get(&c, "Patient/from-bundle").await.status(), 200);
+    assert_eq!(get(&c, "Bundle/stored").await.status(), 404);
 }
