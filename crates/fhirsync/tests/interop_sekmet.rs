@@ -2,10 +2,13 @@
 //! SQLite) on realistic PySynthea patients: node → sekmet → node with COPY
 //! and COMPARE ends with zero differences in every direction.
 
+mod common;
+
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use common::total;
 use fhirsync_testkit::InProcess;
 use serde_json::Value;
 
@@ -95,15 +98,6 @@ async fn sync(args: &[&str]) -> Value {
         String::from_utf8_lossy(&o.stderr)
     );
     serde_json::from_str(&std::fs::read_to_string(rep).unwrap()).unwrap()
-}
-
-fn total(r: &Value, what: &str) -> u64 {
-    r["types"]
-        .as_object()
-        .unwrap()
-        .values()
-        .map(|c| c[what].as_u64().unwrap())
-        .sum()
 }
 
 fn writes(r: &Value) -> u64 {

@@ -95,17 +95,20 @@ fn people(n: usize) -> Vec<Value> {
     v
 }
 
-fn report(path: &std::path::Path) -> Value {
-    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+/// A proxy in front of `base` that demands this `Authorization` header.
+async fn auth_proxy(base: &str, header: &str) -> Proxy {
+    Proxy::start(
+        base,
+        ProxyOptions {
+            require_auth: Some(header.into()),
+            ..Default::default()
+        },
+    )
+    .await
 }
 
-fn total(r: &Value, what: &str) -> u64 {
-    r["types"]
-        .as_object()
-        .unwrap()
-        .values()
-        .map(|c| c[what].as_u64().unwrap())
-        .sum()
+fn report(path: &std::path::Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -624,22 +627,8 @@ async fn retries_with_backoff_and_retry_after_lose_nothing() {
 async fn credentials_are_sent_and_refusals_are_clear() {
     let (a, b) = (InProcess::start().await, InProcess::start().await);
     load(&a, &people(5)).await;
-    let bearer = Proxy::start(
-        &b.base,
-        ProxyOptions {
-            require_auth: Some("Bearer s3cret".into()),
-            ..Default::default()
-        },
-    )
-    .await;
-    let basic_src = Proxy::start(
-        &a.base,
-        ProxyOptions {
-            require_auth: Some("Basic dXNlcjpwYXNz".into()),
-            ..Default::default()
-        },
-    )
-    .await;
+    let bearer = auth_proxy(&b.base, "Bearer s3cret").await;
+    let basic_src = auth_proxy(&a.base, "Basic dXNlcjpwYXNz").await;
     let r = sync(&[
         "-s",
         &basic_src.base,
@@ -655,22 +644,8 @@ async fn credentials_are_sent_and_refusals_are_clear() {
     assert_eq!(content(&b, &["Patient"]).await.len(), 5);
     // The other way round: a bearer token for the source, basic auth for the target.
     let c = InProcess::start().await;
-    let bearer_src = Proxy::start(
-        &a.base,
-        ProxyOptions {
-            require_auth: Some("Bearer src-token".into()),
-            ..Default::default()
-        },
-    )
-    .await;
-    let basic_tgt = Proxy::start(
-        &c.base,
-        ProxyOptions {
-            require_auth: Some("Basic dXNlcjpwYXNz".into()),
-            ..Default::default()
-        },
-    )
-    .await;
+    let bearer_src = auth_proxy(&a.base, "Bearer src-token").await;
+    let basic_tgt = auth_proxy(&c.base, "Basic dXNlcjpwYXNz").await;
     let r = sync(&[
         "-s",
         &bearer_src.base,

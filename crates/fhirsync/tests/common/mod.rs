@@ -96,3 +96,13 @@ pub fn next_link(b: &Value) -> Option<String> {
 pub fn pat(id: &str) -> Value {
     serde_json::json!({"resourceType": "Patient", "id": id, "active": true})
 }
+
+/// A count summed over all types of a `--report` JSON (`created`, ...).
+pub fn total(r: &Value, what: &str) -> u64 {
+    r["types"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|c| c[what].as_u64().unwrap())
+        .sum()
+}
