@@ -8,46 +8,47 @@ use axum::extract::{RawQuery, State};
 use axum::http::HeaderMap;
 use axum::response::Response;
 use fhirsync_core::resource::is_resource_type;
-use fhirsync_store::{ChangesQuery, StoredVersion};
-use serde_json::{json, Value};
+use fhirsync_store::{sync_extension, ChangesQuery, SyncWrite, WriteRequest, EXTENSION_BASE};
+use serde_json::json;
 
 use crate::http::{base_url, check_accept, fhir_json, prefer, query_pairs};
+use crate::peers::Access;
 use crate::render::{full_url, history_rest, BundleBuilder};
 use crate::{ApiError, AppState};
 
 /// Canonical base of fhirsync's own definitions.
 pub const CANONICAL_BASE: &str = "https://fhirsync.dev/fhir";
-/// Canonical base of the extensions fhirsync writes.
-pub const EXTENSION_BASE: &str = "https://fhirsync.dev/fhir/StructureDefinition";
 /// Entries returned when `_count` is absent.
 pub const CHANGES_COUNT_DEFAULT: usize = 100;
 /// Most entries one call returns.
 pub const CHANGES_COUNT_MAX: usize = 1000;
-
-/// The sync metadata extension of one change-log entry.
-pub fn sync_extension(v: &StoredVersion) -> Value {
-    json!([{
-        "url": format!("{EXTENSION_BASE}/sync-metadata"),
-        "extension": [
-            {"url": "seq", "valueDecimal": v.seq},
-            {"url": "origin", "valueString": v.origin},
-            {"url": "vector", "valueString": v.vv.to_json()},
-            {"url": "hlc", "valueString": v.hlc.to_string()},
-        ]
-    }])
-}
 
 pub async fn changes(
     State(state): State<AppState>,
     RawQuery(raw): RawQuery,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
+    // A node with registered children serves its feed to them only; a
+    // caller that sends a token is checked even on a node without.
+    let child = if !state.children.is_empty() || headers.contains_key("authorization") {
+        Some(
+            state
+                .children
+                .authenticate(&headers, Access::Pull)?
+                .node_id
+                .clone(),
+        )
+    } else {
+        None
+    };
     let pairs = query_pairs(raw.as_deref());
     check_accept(&headers, &pairs)?;
     let mut q = ChangesQuery {
         since: 0,
         count: CHANGES_COUNT_DEFAULT,
         types: Vec::new(),
+        // A child has the versions it sent: no echoes.
+        exclude_via: child.clone(),
     };
     let mut wait_s = 0u64;
     let mut unsupported = Vec::new();
@@ -89,21 +90,42 @@ pub async fn changes(
     let deadline = tokio::time::Instant::now() + Duration::from_secs(wait_s);
     let mut seq_rx = state.store.watch_seq();
     let mut shutdown = state.shutdown.clone();
-    let rows = loop {
-        seq_rx.borrow_and_update();
+    let (rows, upper) = loop {
+        // Every seq up to `upper` is committed, so a short page has seen
+        // all matching rows below it and the cursor may pass filtered ones.
+        let upper = *seq_rx.borrow_and_update();
         let rows = state.store.changes(q.clone()).await?;
         if !rows.is_empty() || wait_s == 0 || *shutdown.borrow() {
-            break rows;
+            break (rows, upper);
         }
         tokio::select! {
-            r = seq_rx.changed() => if r.is_err() { break rows },
-            _ = tokio::time::sleep_until(deadline) => break rows,
-            _ = shutdown.changed() => break rows,
+            r = seq_rx.changed() => if r.is_err() { break (rows, upper) },
+            _ = tokio::time::sleep_until(deadline) => break (rows, upper),
+            _ = shutdown.changed() => break (rows, upper),
         }
     };
 
     let base = base_url(&state, &headers);
-    let next_since = rows.last().map_or(q.since, |v| v.seq);
+    let last_row = rows.last().map_or(q.since, |v| v.seq);
+    let next_since = if rows.len() < q.count {
+        last_row.max(upper.max(q.since))
+    } else {
+        last_row
+    };
+    if let Some(node_id) = child {
+        if state.children.contact_due(&node_id) {
+            let store = state.store.clone();
+            tokio::spawn(async move {
+                let w = SyncWrite::PeerContact {
+                    node_id,
+                    sent: Some(next_since),
+                };
+                if let Err(e) = store.write(WriteRequest::Sync(w)).await {
+                    tracing::warn!(error = %e, "cannot record a child's contact");
+                }
+            });
+        }
+    }
     let link = |since: u64| {
         let mut s = form_urlencoded::Serializer::new(String::new());
         s.append_pair("since", &since.to_string());

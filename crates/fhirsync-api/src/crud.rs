@@ -72,8 +72,8 @@ fn write_response(state: &AppState, headers: &HeaderMap, out: WriteOutcome) -> R
             }
             r
         }
-        WriteOutcome::Bundle(_) => {
-            ApiError::new(500, "exception", "unexpected bundle outcome").into_response()
+        WriteOutcome::Bundle(_) | WriteOutcome::Applied(_) | WriteOutcome::Done => {
+            ApiError::new(500, "exception", "unexpected write outcome").into_response()
         }
     }
 }

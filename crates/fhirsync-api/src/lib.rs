@@ -2,6 +2,9 @@
 //! `$changes`. Handlers translate HTTP to [`fhirsync_store::Store`] calls and
 //! back; FHIR semantics live in the store's engine, not here.
 
+mod admin;
+pub mod agent;
+mod apply;
 mod bundle;
 mod capability;
 mod changes;
@@ -9,6 +12,7 @@ mod crud;
 mod error;
 mod history;
 mod http;
+pub mod peers;
 mod render;
 mod search;
 
@@ -19,7 +23,9 @@ use axum::Router;
 use fhirsync_store::Store;
 use tokio::sync::watch;
 
+pub use agent::SyncAgent;
 pub use error::ApiError;
+pub use peers::{ChildConfig, Children};
 
 /// Limits and settings of the API.
 #[derive(Debug, Clone)]
@@ -30,6 +36,8 @@ pub struct ApiConfig {
     pub long_poll_s_max: u64,
     /// Public base URL (`http://host:port/fhir`); from the `Host` header when unset.
     pub base_url: Option<String>,
+    /// Bearer token the admin API requires; `None`: the admin API is open.
+    pub admin_token: Option<String>,
 }
 
 impl Default for ApiConfig {
@@ -38,6 +46,7 @@ impl Default for ApiConfig {
             body_bytes_max: 32 * 1024 * 1024,
             long_poll_s_max: 60,
             base_url: None,
+            admin_token: None,
         }
     }
 }
@@ -49,6 +58,23 @@ pub struct AppState {
     pub cfg: Arc<ApiConfig>,
     /// Becomes `true` when the server shuts down (ends long-polls early).
     pub shutdown: watch::Receiver<bool>,
+    /// Children registered with this node.
+    pub children: Arc<Children>,
+    /// The node's sync agent, when it has a parent edge.
+    pub agent: Option<Arc<dyn SyncAgent>>,
+}
+
+impl AppState {
+    /// A node without children or parent.
+    pub fn new(store: Arc<dyn Store>, cfg: ApiConfig, shutdown: watch::Receiver<bool>) -> Self {
+        AppState {
+            store,
+            cfg: Arc::new(cfg),
+            shutdown,
+            children: Arc::new(Children::default()),
+            agent: None,
+        }
+    }
 }
 
 /// The whole HTTP application.
@@ -57,6 +83,7 @@ pub fn app(state: AppState) -> Router {
         .route("/", post(bundle::process).get(search::system_search))
         .route("/metadata", get(capability::metadata))
         .route("/$changes", get(changes::changes))
+        .route("/$apply", post(apply::apply))
         .route("/_history", get(history::system))
         .route(
             "/{rtype}",
@@ -74,7 +101,22 @@ pub fn app(state: AppState) -> Router {
         .route("/{rtype}/{id}/_history", get(history::instance))
         .route("/{rtype}/{id}/_history/{vid}", get(crud::vread))
         .method_not_allowed_fallback(error::method_not_allowed);
+    let admin = Router::new()
+        .route("/status", get(admin::status))
+        .route("/edges", get(admin::edges))
+        .route("/children", get(admin::children))
+        .route("/conflicts", get(admin::conflicts))
+        .route("/conflicts/{id}", get(admin::conflict))
+        .route("/conflicts/{id}/resolve", post(admin::resolve))
+        .route("/deadletters", get(admin::dead_letters))
+        .route("/deadletters/retry", post(admin::retry_all))
+        .route("/deadletters/{id}", get(admin::dead_letter))
+        .route("/deadletters/{id}/retry", post(admin::retry))
+        .route("/audit", get(admin::audit))
+        .method_not_allowed_fallback(error::method_not_allowed);
     Router::new()
+        .nest("/admin", admin)
+        .route("/metrics", get(admin::metrics))
         // Clients POST transactions to the base with and without a trailing slash.
         .route("/fhir/", post(bundle::process).get(search::system_search))
         .nest("/fhir", fhir)

@@ -4,11 +4,13 @@
 //! directly; time comes in through [`clock::Clock`].
 
 pub mod clock;
+pub mod fhirpath;
 pub mod hlc;
 pub mod index;
 pub mod instant;
 pub mod meta;
 pub mod refs;
+pub mod replicate;
 pub mod resource;
 pub mod search;
 pub mod vv;

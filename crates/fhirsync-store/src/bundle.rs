@@ -12,7 +12,7 @@ use fhirsync_core::search::SearchQuery;
 use fhirsync_core::{ResourceKey, ValidationError};
 use serde_json::{Map, Value};
 
-use crate::engine::{self, atomically, single_match, NewVersion, WriteTx};
+use crate::engine::{self, atomically, single_match, NewVersion, Stamp, WriteTx};
 use crate::types::*;
 use crate::StoreError;
 
@@ -384,6 +384,9 @@ fn write_result(out: WriteOutcome) -> EntryResult {
         WriteOutcome::Bundle(_) => {
             EntryResult::Failed(StoreError::BadRequest("nested bundles are not run".into()))
         }
+        WriteOutcome::Applied(_) | WriteOutcome::Done => EntryResult::Failed(
+            StoreError::BadRequest("replication requests are not bundle entries".into()),
+        ),
     }
 }
 
@@ -583,6 +586,7 @@ fn transaction(
                 res: Some(Prepared::new(rtype.clone(), res)),
                 method: Method::Post,
                 prev: None,
+                stamp: Stamp::Local,
             })
             .map_err(|e| entry_err(i, e))?;
         results[i] = Some(EntryResult::Write {

@@ -3,7 +3,9 @@
 //! Runs inside the backend's writer; pure apart from the [`WriteTx`] calls.
 
 use fhirsync_core::search::SearchQuery;
-use fhirsync_core::{ResourceKey, VersionVector};
+use fhirsync_core::{Hlc, ResourceKey, VersionVector};
+
+use crate::sync::{AuditEntry, Conflict, NewDeadLetter};
 
 use crate::types::*;
 use crate::StoreError;
@@ -15,7 +17,26 @@ pub struct CurrentVersion {
     pub vid: u64,
     pub deleted: bool,
     pub vv: VersionVector,
+    /// Content hash (0 for a tombstone).
     pub hash: u128,
+    pub hlc: Hlc,
+    pub origin: String,
+}
+
+/// Where a new version's vector, origin and HLC come from.
+#[derive(Debug, Clone)]
+pub enum Stamp {
+    /// A local edit: the previous vector bumped for this node, a fresh HLC.
+    Local,
+    /// Given by replication: a received version (`via` the peer it came
+    /// from) or a version that settles a conflict. `hlc: None` ticks the
+    /// local clock; a given HLC also advances it.
+    Given {
+        vv: VersionVector,
+        origin: String,
+        hlc: Option<Hlc>,
+        via: Option<String>,
+    },
 }
 
 /// A version to append. The backend assigns `seq`, HLC, `lastUpdated`,
@@ -28,6 +49,7 @@ pub struct NewVersion<'a> {
     pub res: Option<Prepared>,
     pub method: Method,
     pub prev: Option<CurrentVersion>,
+    pub stamp: Stamp,
 }
 
 /// What a backend's open write transaction offers the engine.
@@ -50,6 +72,30 @@ pub trait WriteTx {
     fn savepoint(&mut self) -> Result<(), StoreError>;
     fn release(&mut self) -> Result<(), StoreError>;
     fn rollback(&mut self) -> Result<(), StoreError>;
+
+    /// Wall-clock milliseconds (bookkeeping timestamps).
+    fn now_ms(&self) -> u64;
+    /// Up to `limit` versions of a resource, newest first.
+    fn lineage(
+        &mut self,
+        rtype: &str,
+        id: &str,
+        limit: usize,
+    ) -> Result<Vec<StoredVersion>, StoreError>;
+    fn open_conflict(&mut self, rtype: &str, id: &str) -> Result<Option<Conflict>, StoreError>;
+    fn conflict(&mut self, id: u64) -> Result<Option<Conflict>, StoreError>;
+    /// Inserts (`id == 0`) or updates; returns the id.
+    fn put_conflict(&mut self, c: &Conflict) -> Result<u64, StoreError>;
+    fn put_cursor(&mut self, key: &str, seq: u64) -> Result<(), StoreError>;
+    fn put_peer(
+        &mut self,
+        node_id: &str,
+        received: Option<u64>,
+        sent: Option<u64>,
+    ) -> Result<(), StoreError>;
+    fn add_dead_letter(&mut self, l: &NewDeadLetter) -> Result<u64, StoreError>;
+    fn drop_dead_letter(&mut self, id: u64) -> Result<bool, StoreError>;
+    fn add_audit(&mut self, a: &AuditEntry) -> Result<(), StoreError>;
 }
 
 /// Runs `f` inside a savepoint: its writes stay only if it succeeds.
@@ -90,6 +136,8 @@ pub fn execute(tx: &mut dyn WriteTx, req: WriteRequest) -> Result<WriteOutcome, 
             None => Ok(WriteOutcome::Deleted { version: None }),
         },
         WriteRequest::Bundle(b) => crate::bundle::execute(tx, b).map(WriteOutcome::Bundle),
+        WriteRequest::Apply(r) => crate::replica::apply(tx, *r).map(WriteOutcome::Applied),
+        WriteRequest::Sync(w) => crate::replica::sync_write(tx, w),
     }
 }
 
@@ -139,6 +187,7 @@ pub fn create(
         res: Some(res),
         method: Method::Post,
         prev: None,
+        stamp: Stamp::Local,
     })?;
     Ok(WriteOutcome::Written {
         version,
@@ -170,6 +219,7 @@ pub fn update(
         res: Some(res),
         method: Method::Put,
         prev: cur,
+        stamp: Stamp::Local,
     })?;
     Ok(WriteOutcome::Written { version, created })
 }
@@ -220,6 +270,7 @@ pub fn delete(
                 res: None,
                 method: Method::Delete,
                 prev: Some(c),
+                stamp: Stamp::Local,
             })?;
             Ok(WriteOutcome::Deleted {
                 version: Some(version),

@@ -21,6 +21,9 @@ pub enum StoreError {
     MultipleMatches(String),
     #[error("{0}")]
     Unprocessable(String),
+    /// The request does not fit the current state (409).
+    #[error("{0}")]
+    State(String),
     #[error("bundle entry {index}: {source}")]
     Entry {
         index: usize,
@@ -49,6 +52,7 @@ impl StoreError {
             StoreError::Gone(_) => 410,
             StoreError::VersionConflict(_) | StoreError::MultipleMatches(_) => 412,
             StoreError::Unprocessable(_) => 422,
+            StoreError::State(_) => 409,
             StoreError::Entry { source, .. } => source.status(),
             StoreError::ShuttingDown => 503,
             StoreError::Backend(_) => 500,

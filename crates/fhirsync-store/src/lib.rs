@@ -8,10 +8,13 @@
 pub mod bundle;
 pub mod engine;
 pub mod error;
+pub mod replica;
 pub mod sqlite;
+pub mod sync;
 pub mod types;
 
 pub use error::StoreError;
+pub use sync::*;
 pub use types::*;
 
 use async_trait::async_trait;
@@ -47,6 +50,21 @@ pub trait Store: Send + Sync + 'static {
 
     /// The change log after `since`, in `seq` order.
     async fn changes(&self, q: ChangesQuery) -> Result<Vec<StoredVersion>, StoreError>;
+
+    /// Conflicts, newest first.
+    async fn conflicts(&self, q: ListQuery) -> Result<Vec<Conflict>, StoreError>;
+    async fn conflict(&self, id: u64) -> Result<Option<Conflict>, StoreError>;
+    /// Dead letters, newest first.
+    async fn dead_letters(&self, q: ListQuery) -> Result<Vec<DeadLetter>, StoreError>;
+    async fn dead_letter(&self, id: u64) -> Result<Option<DeadLetter>, StoreError>;
+    /// The audit log of sync operations, newest first.
+    async fn audit(&self, q: ListQuery) -> Result<Vec<AuditEntry>, StoreError>;
+    /// A replication cursor.
+    async fn cursor(&self, key: &str) -> Result<Option<u64>, StoreError>;
+    /// Every replication cursor: key, seq, when it last moved (ms).
+    async fn cursors(&self) -> Result<Vec<(String, u64, u64)>, StoreError>;
+    /// Children (and other peers) this node has heard from.
+    async fn peers(&self) -> Result<Vec<PeerInfo>, StoreError>;
 
     /// Highest committed `seq`; every `seq` up to it is readable.
     fn last_seq(&self) -> u64;

@@ -118,6 +118,10 @@ pub enum WriteRequest {
     ConditionalDelete { query: SearchQuery },
     /// A `transaction` (all or nothing) or `batch` Bundle.
     Bundle(Map<String, Value>),
+    /// Versions received from a peer.
+    Apply(Box<crate::sync::ApplyRequest>),
+    /// Replication bookkeeping.
+    Sync(crate::sync::SyncWrite),
 }
 
 /// What a write did.
@@ -141,6 +145,9 @@ pub enum WriteOutcome {
         version: Option<StoredVersion>,
     },
     Bundle(BundleOutcome),
+    Applied(crate::sync::ApplyReport),
+    /// A bookkeeping write was done.
+    Done,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -201,4 +208,6 @@ pub struct ChangesQuery {
     pub since: u64,
     pub count: usize,
     pub types: Vec<String>,
+    /// Leaves out versions received from this node (it has them already).
+    pub exclude_via: Option<String>,
 }

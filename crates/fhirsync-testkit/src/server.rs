@@ -18,6 +18,8 @@ pub struct InProcess {
     pub client: reqwest::Client,
     pub store: Arc<SqliteStore>,
     pub dir: tempfile::TempDir,
+    /// The parent edge's agent, when `Options::parent` was given.
+    pub replicator: Option<Arc<fhirsync_replica::Replicator>>,
     shutdown: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -27,6 +29,8 @@ pub struct Options {
     pub api: ApiConfig,
     pub clock: Arc<dyn Clock>,
     pub node_id: Option<String>,
+    pub children: Vec<fhirsync_api::ChildConfig>,
+    pub parent: Option<fhirsync_replica::EdgeConfig>,
 }
 
 impl Default for Options {
@@ -35,6 +39,8 @@ impl Default for Options {
             api: ApiConfig::default(),
             clock: Arc::new(SystemClock),
             node_id: Some("test-node".into()),
+            children: Vec::new(),
+            parent: None,
         }
     }
 }
@@ -51,10 +57,16 @@ impl InProcess {
         let store =
             Arc::new(SqliteStore::open_with_clock(cfg, opts.clock.clone()).expect("open store"));
         let (shutdown, rx) = watch::channel(false);
-        let state = AppState {
-            store: store.clone(),
-            cfg: Arc::new(opts.api.clone()),
-            shutdown: rx,
+        let mut state = AppState::new(store.clone(), opts.api.clone(), rx);
+        state.children = Arc::new(fhirsync_api::Children::new(opts.children.clone()));
+        let replicator = match &opts.parent {
+            Some(p) => {
+                let r = fhirsync_replica::Replicator::start(store.clone(), vec![p.clone()])
+                    .expect("start the parent edge");
+                state.agent = Some(r.clone());
+                Some(r)
+            }
+            None => None,
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
@@ -73,6 +85,7 @@ impl InProcess {
             client: reqwest::Client::new(),
             store,
             dir,
+            replicator,
             shutdown,
             task,
         }
@@ -85,6 +98,9 @@ impl InProcess {
 
 impl Drop for InProcess {
     fn drop(&mut self) {
+        if let Some(r) = &self.replicator {
+            r.stop();
+        }
         let _ = self.shutdown.send(true);
         self.task.abort();
     }

@@ -26,6 +26,34 @@ pub struct Config {
     pub api: ApiSection,
     /// Log filter (`info`, `fhirsync=debug`, ...); `RUST_LOG` overrides it.
     pub log: String,
+    /// Bearer token the admin API (`/admin`) requires; open when absent.
+    pub admin_token: Option<String>,
+    /// This node's parent edge (it is then a child).
+    pub parent: Option<fhirsync_replica::EdgeConfig>,
+    /// Children allowed to pull from and push to this node.
+    pub children: Vec<ChildSection>,
+}
+
+/// A registered child (`[[children]]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChildSection {
+    pub node_id: String,
+    /// The token the child sends as `Authorization: Bearer`.
+    pub token: String,
+    /// May pull this node's changes.
+    #[serde(default = "yes")]
+    pub pull: bool,
+    /// May push its changes here.
+    #[serde(default = "yes")]
+    pub push: bool,
+    /// Resource types it may push; empty: all.
+    #[serde(default)]
+    pub push_types: Vec<String>,
+}
+
+fn yes() -> bool {
+    true
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -61,6 +89,9 @@ impl Default for Config {
             storage: StorageConfig::default(),
             api: ApiSection::default(),
             log: "info".into(),
+            admin_token: None,
+            parent: None,
+            children: Vec::new(),
         }
     }
 }
@@ -129,6 +160,46 @@ impl Config {
                 "invalid node id '{n}' (1 to 64 of A-Z a-z 0-9 - _)"
             );
         }
+        let mut tokens = std::collections::HashSet::new();
+        for c in &self.children {
+            anyhow::ensure!(
+                fhirsync_store::sqlite::is_valid_node_id(&c.node_id),
+                "children: invalid node id '{}'",
+                c.node_id
+            );
+            anyhow::ensure!(
+                c.token.len() >= 16,
+                "children: the token of '{}' is shorter than 16 characters",
+                c.node_id
+            );
+            anyhow::ensure!(
+                tokens.insert(c.token.as_str()),
+                "children: two children share a token"
+            );
+            for t in &c.push_types {
+                anyhow::ensure!(
+                    fhirsync_core::resource::is_resource_type(t),
+                    "children: push type '{t}' of '{}' is not a resource type",
+                    c.node_id
+                );
+            }
+        }
+        if let Some(p) = &self.parent {
+            anyhow::ensure!(
+                p.url.starts_with("http://") || p.url.starts_with("https://"),
+                "parent.url '{}' is not an http(s) URL",
+                p.url
+            );
+            anyhow::ensure!(
+                p.batch_size_max >= 1,
+                "parent.batch_size_max must be at least 1"
+            );
+            anyhow::ensure!(p.retry_max >= 1, "parent.retry_max must be at least 1");
+            fhirsync_replica::filter::Filter::new(&p.pull_filter)
+                .map_err(|e| anyhow::anyhow!("parent.pull_filter: {e}"))?;
+            fhirsync_replica::filter::Filter::new(&p.push_filter)
+                .map_err(|e| anyhow::anyhow!("parent.push_filter: {e}"))?;
+        }
         Ok(())
     }
 
@@ -161,7 +232,23 @@ impl Config {
             body_bytes_max: self.api.body_bytes_max,
             long_poll_s_max: self.api.long_poll_s_max,
             base_url: self.base_url.clone(),
+            admin_token: self.admin_token.clone(),
         }
+    }
+
+    pub fn children(&self) -> fhirsync_api::Children {
+        fhirsync_api::Children::new(
+            self.children
+                .iter()
+                .map(|c| fhirsync_api::ChildConfig {
+                    node_id: c.node_id.clone(),
+                    token: c.token.clone(),
+                    pull: c.pull,
+                    push: c.push,
+                    push_types: c.push_types.clone(),
+                })
+                .collect(),
+        )
     }
 }
 

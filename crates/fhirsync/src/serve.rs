@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use fhirsync_api::{app, AppState};
+use fhirsync_replica::Replicator;
 use fhirsync_store::sqlite::SqliteStore;
 use fhirsync_store::Store;
 use tokio::sync::watch;
@@ -36,11 +37,18 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     let _lock = lock_data_dir(&cfg.data_dir)?;
     let store = Arc::new(SqliteStore::open(cfg.sqlite()?).context("cannot open the store")?);
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let state = AppState {
-        store: store.clone(),
-        cfg: Arc::new(cfg.api()),
-        shutdown: shutdown_rx,
+    let replicator = match &cfg.parent {
+        Some(p) => Some(
+            Replicator::start(store.clone(), vec![p.clone()])
+                .map_err(|e| anyhow::anyhow!("parent edge: {e}"))?,
+        ),
+        None => None,
     };
+    let mut state = AppState::new(store.clone(), cfg.api(), shutdown_rx);
+    state.children = Arc::new(cfg.children());
+    state.agent = replicator
+        .clone()
+        .map(|r| r as Arc<dyn fhirsync_api::SyncAgent>);
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot listen on {addr}"))?;
@@ -62,6 +70,9 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         })
         .await
         .context("server failed")?;
+    if let Some(r) = replicator {
+        r.shutdown().await;
+    }
     let s = store.clone();
     tokio::task::spawn_blocking(move || s.shutdown()).await?;
     tracing::info!("stopped");

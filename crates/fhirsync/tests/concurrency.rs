@@ -83,6 +83,7 @@ async fn eight_clients_with_if_match_lose_no_update() {
             since: 0,
             count: 1000,
             types: vec![],
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -114,6 +115,7 @@ async fn concurrent_creates_share_commits_without_gaps() {
             since: 0,
             count: 1000,
             types: vec![],
+            ..Default::default()
         })
         .await
         .unwrap();

@@ -3,6 +3,7 @@
 
 mod query;
 mod schema;
+mod sync_rows;
 mod writer;
 
 use std::path::{Path, PathBuf};
@@ -19,6 +20,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 pub use schema::SyncMode;
 pub use writer::{LoadDone, LoadSummary, StreamMsg};
 
+use crate::sync::*;
 use crate::types::*;
 use crate::{Store, StoreError};
 
@@ -228,7 +230,14 @@ fn init_node(conn: &Connection, wanted: Option<&str>) -> Result<String, StoreErr
             |r| r.get(0),
         )
         .optional()?;
-    if let Some(v) = version {
+    if version.as_deref() == Some("1") {
+        conn.execute_batch(schema::MIGRATE_1_TO_2)?;
+        conn.execute(
+            "UPDATE node_info SET value = ?1 WHERE key = 'schema_version'",
+            [schema::SCHEMA_VERSION.to_string()],
+        )?;
+        tracing::info!("store schema migrated from 1 to 2");
+    } else if let Some(v) = version {
         if v != schema::SCHEMA_VERSION.to_string() {
             return Err(StoreError::Backend(format!(
                 "database schema version {v} is not the supported {}",
@@ -301,6 +310,40 @@ impl Store for SqliteStore {
 
     async fn changes(&self, q: ChangesQuery) -> Result<Vec<StoredVersion>, StoreError> {
         self.read_with(move |c| query::changes(c, &q)).await
+    }
+
+    async fn conflicts(&self, q: ListQuery) -> Result<Vec<Conflict>, StoreError> {
+        self.read_with(move |c| sync_rows::conflicts(c, &q)).await
+    }
+
+    async fn conflict(&self, id: u64) -> Result<Option<Conflict>, StoreError> {
+        self.read_with(move |c| sync_rows::conflict(c, id)).await
+    }
+
+    async fn dead_letters(&self, q: ListQuery) -> Result<Vec<DeadLetter>, StoreError> {
+        self.read_with(move |c| sync_rows::dead_letters(c, &q))
+            .await
+    }
+
+    async fn dead_letter(&self, id: u64) -> Result<Option<DeadLetter>, StoreError> {
+        self.read_with(move |c| sync_rows::dead_letter(c, id)).await
+    }
+
+    async fn audit(&self, q: ListQuery) -> Result<Vec<AuditEntry>, StoreError> {
+        self.read_with(move |c| sync_rows::audit(c, &q)).await
+    }
+
+    async fn cursor(&self, key: &str) -> Result<Option<u64>, StoreError> {
+        let k = key.to_owned();
+        self.read_with(move |c| sync_rows::cursor(c, &k)).await
+    }
+
+    async fn cursors(&self) -> Result<Vec<(String, u64, u64)>, StoreError> {
+        self.read_with(sync_rows::cursors).await
+    }
+
+    async fn peers(&self) -> Result<Vec<PeerInfo>, StoreError> {
+        self.read_with(sync_rows::peers).await
     }
 
     fn last_seq(&self) -> u64 {

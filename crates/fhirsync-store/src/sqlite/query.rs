@@ -89,6 +89,20 @@ pub fn history(conn: &Connection, q: &HistoryQuery) -> Result<Vec<StoredVersion>
     Ok(rows.collect::<Result<_, _>>()?)
 }
 
+pub fn lineage(
+    conn: &Connection,
+    rtype: &str,
+    id: &str,
+    limit: usize,
+) -> Result<Vec<StoredVersion>, StoreError> {
+    let sql = format!(
+        "SELECT {COLS} FROM versions WHERE type = ?1 AND id = ?2 ORDER BY vid DESC LIMIT {limit}"
+    );
+    let mut st = conn.prepare_cached(&sql)?;
+    let rows = st.query_map(params![rtype, id], row_to_version)?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
 pub fn changes(conn: &Connection, q: &ChangesQuery) -> Result<Vec<StoredVersion>, StoreError> {
     let mut sql = format!("SELECT {COLS} FROM versions WHERE seq > ?1");
     let mut args: Vec<Sql> = vec![Sql::Integer(q.since as i64)];
@@ -99,6 +113,10 @@ pub fn changes(conn: &Connection, q: &ChangesQuery) -> Result<Vec<StoredVersion>
             args.push(Sql::Text(t.clone()));
         }
         sql.push(')');
+    }
+    if let Some(v) = &q.exclude_via {
+        sql.push_str(" AND (via IS NULL OR via <> ?)");
+        args.push(Sql::Text(v.clone()));
     }
     sql.push_str(&format!(" ORDER BY seq LIMIT {}", q.count));
     let mut st = conn.prepare_cached(&sql)?;

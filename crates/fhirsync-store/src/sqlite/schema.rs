@@ -3,7 +3,11 @@
 use rusqlite::Connection;
 
 /// Bumped when the schema changes; a store of another version is refused.
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
+
+/// Schema 1 lacked `versions.via` and the replication tables (which
+/// `SCHEMA` creates when missing).
+pub const MIGRATE_1_TO_2: &str = "ALTER TABLE versions ADD COLUMN via TEXT;";
 
 /// `versions` is the change log and the version history at once: `seq` is
 /// the gapless log position, `superseded` the `seq` of the next version of
@@ -27,7 +31,8 @@ CREATE TABLE IF NOT EXISTS versions (
     hlc        INTEGER NOT NULL,
     hash       BLOB,
     superseded INTEGER,
-    body       TEXT
+    body       TEXT,
+    via        TEXT
 );
 CREATE UNIQUE INDEX IF NOT EXISTS versions_key ON versions(type, id, vid);
 CREATE UNIQUE INDEX IF NOT EXISTS versions_current ON versions(type, id) WHERE superseded IS NULL;
@@ -39,6 +44,56 @@ CREATE TABLE IF NOT EXISTS tokens (
     seq    INTEGER NOT NULL,
     PRIMARY KEY (param, value, system, seq)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS cursors (
+    key        TEXT PRIMARY KEY,
+    seq        INTEGER NOT NULL,
+    updated_ms INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS conflicts (
+    cid        INTEGER PRIMARY KEY,
+    type       TEXT    NOT NULL,
+    id         TEXT    NOT NULL,
+    state      TEXT    NOT NULL,
+    edge       TEXT    NOT NULL,
+    policy     TEXT    NOT NULL,
+    created_ms INTEGER NOT NULL,
+    closed_ms  INTEGER,
+    resolution TEXT,
+    local      TEXT    NOT NULL,
+    remote     TEXT    NOT NULL,
+    ancestor   TEXT
+);
+CREATE INDEX IF NOT EXISTS conflicts_open ON conflicts(type, id) WHERE state = 'open';
+CREATE TABLE IF NOT EXISTS dead_letters (
+    did        INTEGER PRIMARY KEY,
+    created_ms INTEGER NOT NULL,
+    edge       TEXT    NOT NULL,
+    direction  TEXT    NOT NULL,
+    type       TEXT    NOT NULL,
+    id         TEXT    NOT NULL,
+    seq        INTEGER NOT NULL,
+    record     TEXT    NOT NULL,
+    error      TEXT    NOT NULL,
+    attempts   INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS audit (
+    aid        INTEGER PRIMARY KEY,
+    at_ms      INTEGER NOT NULL,
+    edge       TEXT    NOT NULL,
+    action     TEXT    NOT NULL,
+    outcome    TEXT    NOT NULL,
+    count      INTEGER NOT NULL,
+    first_seq  INTEGER,
+    last_seq   INTEGER,
+    detail     TEXT    NOT NULL
+);
+CREATE TABLE IF NOT EXISTS peers (
+    node_id            TEXT PRIMARY KEY,
+    first_ms           INTEGER NOT NULL,
+    last_ms            INTEGER NOT NULL,
+    last_seq_received  INTEGER NOT NULL,
+    last_seq_sent      INTEGER NOT NULL
+);
 "#;
 
 /// How hard a commit waits for the disk.

@@ -13,8 +13,9 @@ use fhirsync_core::{Hlc, ResourceKey, VersionVector};
 use rusqlite::{params, Connection, OptionalExtension};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::query;
-use crate::engine::{self, CurrentVersion, NewVersion, WriteTx};
+use super::{query, sync_rows};
+use crate::engine::{self, CurrentVersion, NewVersion, Stamp, WriteTx};
+use crate::sync::{AuditEntry, Conflict, NewDeadLetter};
 use crate::types::*;
 use crate::StoreError;
 
@@ -231,6 +232,7 @@ fn count(sum: &mut LoadSummary, out: &WriteOutcome) {
                 sum.deleted += 1;
             }
         }
+        WriteOutcome::Applied(_) | WriteOutcome::Done => {}
         WriteOutcome::Bundle(b) => {
             for e in &b.entries {
                 match e {
@@ -268,7 +270,7 @@ impl WriteTx for Writer {
 
     fn current(&mut self, rtype: &str, id: &str) -> Result<Option<CurrentVersion>, StoreError> {
         let mut st = self.conn.prepare_cached(
-            "SELECT seq, vid, deleted, vv, hash FROM versions WHERE type = ?1 AND id = ?2 AND superseded IS NULL",
+            "SELECT seq, vid, deleted, vv, hash, hlc, origin FROM versions WHERE type = ?1 AND id = ?2 AND superseded IS NULL",
         )?;
         let row = st
             .query_row(params![rtype, id], |r| {
@@ -283,6 +285,8 @@ impl WriteTx for Writer {
                         .and_then(|h| <[u8; 16]>::try_from(h.as_slice()).ok())
                         .map(u128::from_be_bytes)
                         .unwrap_or(0),
+                    hlc: Hlc::from_packed(r.get::<_, i64>(5)? as u64),
+                    origin: r.get(6)?,
                 })
             })
             .optional()?;
@@ -315,14 +319,32 @@ impl WriteTx for Writer {
             Some(s) => s,
             None => query::last_seq(&self.conn)? + 1,
         };
-        self.hlc = self.hlc.tick(self.clock.now_ms());
+        let now = self.clock.now_ms();
+        let (vv, origin, hlc, via) = match v.stamp {
+            Stamp::Local => {
+                self.hlc = self.hlc.tick(now);
+                let vv = v
+                    .prev
+                    .as_ref()
+                    .map_or_else(VersionVector::new, |p| p.vv.clone())
+                    .bumped(&self.node_id);
+                (vv, self.node_id.clone(), self.hlc, None)
+            }
+            Stamp::Given {
+                vv,
+                origin,
+                hlc,
+                via,
+            } => {
+                self.hlc = match hlc {
+                    Some(h) => self.hlc.receive(h, now),
+                    None => self.hlc.tick(now),
+                };
+                (vv, origin, hlc.unwrap_or(self.hlc), via)
+            }
+        };
         let lu_ms = self.hlc.wall_ms();
         let vid = v.prev.as_ref().map_or(1, |p| p.vid + 1);
-        let vv = v
-            .prev
-            .as_ref()
-            .map_or_else(VersionVector::new, |p| p.vv.clone())
-            .bumped(&self.node_id);
         let (body, hash, index) = match v.res {
             Some(p) => {
                 if self.lu_text.0 != lu_ms || self.lu_text.1.is_empty() {
@@ -350,8 +372,8 @@ impl WriteTx for Writer {
         let vv_json = vv.to_json();
         self.conn
             .prepare_cached(
-                "INSERT INTO versions (seq, type, id, vid, lu_ms, deleted, method, origin, vv, hlc, hash, body)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+                "INSERT INTO versions (seq, type, id, vid, lu_ms, deleted, method, origin, vv, hlc, hash, body, via)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
             )?
             .execute(params![
                 seq as i64,
@@ -361,11 +383,12 @@ impl WriteTx for Writer {
                 lu_ms as i64,
                 body.is_none() as i64,
                 v.method.as_str(),
-                self.node_id,
+                origin,
                 vv_json,
-                self.hlc.packed() as i64,
+                hlc.packed() as i64,
                 hash,
                 body,
+                via,
             ])?;
         if !index.is_empty() {
             let mut st = self.conn.prepare_cached(
@@ -384,9 +407,9 @@ impl WriteTx for Writer {
             last_updated_ms: lu_ms,
             deleted: body.is_none(),
             method: v.method,
-            origin: self.node_id.clone(),
+            origin,
             vv,
-            hlc: self.hlc,
+            hlc,
             body: body.map(Arc::from),
         })
     }
@@ -406,5 +429,55 @@ impl WriteTx for Writer {
     fn rollback(&mut self) -> Result<(), StoreError> {
         self.next_seq = None;
         Ok(self.conn.execute_batch("ROLLBACK TO sp; RELEASE sp")?)
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.clock.now_ms()
+    }
+
+    fn lineage(
+        &mut self,
+        rtype: &str,
+        id: &str,
+        limit: usize,
+    ) -> Result<Vec<StoredVersion>, StoreError> {
+        query::lineage(&self.conn, rtype, id, limit)
+    }
+
+    fn open_conflict(&mut self, rtype: &str, id: &str) -> Result<Option<Conflict>, StoreError> {
+        sync_rows::open_conflict(&self.conn, rtype, id)
+    }
+
+    fn conflict(&mut self, id: u64) -> Result<Option<Conflict>, StoreError> {
+        sync_rows::conflict(&self.conn, id)
+    }
+
+    fn put_conflict(&mut self, c: &Conflict) -> Result<u64, StoreError> {
+        sync_rows::put_conflict(&self.conn, c)
+    }
+
+    fn put_cursor(&mut self, key: &str, seq: u64) -> Result<(), StoreError> {
+        sync_rows::put_cursor(&self.conn, key, seq, self.clock.now_ms())
+    }
+
+    fn put_peer(
+        &mut self,
+        node_id: &str,
+        received: Option<u64>,
+        sent: Option<u64>,
+    ) -> Result<(), StoreError> {
+        sync_rows::put_peer(&self.conn, node_id, received, sent, self.clock.now_ms())
+    }
+
+    fn add_dead_letter(&mut self, l: &NewDeadLetter) -> Result<u64, StoreError> {
+        sync_rows::add_dead_letter(&self.conn, l, self.clock.now_ms())
+    }
+
+    fn drop_dead_letter(&mut self, id: u64) -> Result<bool, StoreError> {
+        sync_rows::drop_dead_letter(&self.conn, id)
+    }
+
+    fn add_audit(&mut self, a: &AuditEntry) -> Result<(), StoreError> {
+        sync_rows::add_audit(&self.conn, a, self.clock.now_ms())
     }
 }

@@ -1,0 +1,127 @@
+//! `POST /fhir/$apply`: a registered child sends a batch of its change
+//! records (the same entries `$changes` serves). They are applied in order
+//! in one transaction; applying the same batch again changes nothing, so a
+//! child may resend whenever it did not see the answer.
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::response::Response;
+use fhirsync_core::replicate::Policy;
+use fhirsync_store::{ApplyRequest, Direction, RemoteVersion, WriteOutcome, WriteRequest};
+use serde_json::{json, Value};
+
+use crate::http::{fhir_json, read_body};
+use crate::peers::Access;
+use crate::{ApiError, AppState};
+
+/// Extension of the request Bundle naming the edge's conflict policy.
+pub const POLICY_EXTENSION: &str = "conflict-policy";
+
+/// Most entries one `$apply` call takes.
+pub const APPLY_ENTRIES_MAX: usize = 5_000;
+
+fn bundle_extension<'a>(b: &'a Value, name: &str) -> Option<&'a str> {
+    let url = format!("{}/{name}", fhirsync_store::EXTENSION_BASE);
+    b.get("extension")?
+        .as_array()?
+        .iter()
+        .find(|e| e.get("url").and_then(Value::as_str) == Some(&url))?
+        .get("valueCode")?
+        .as_str()
+}
+
+pub async fn apply(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let child = state.children.authenticate(&headers, Access::Push)?.clone();
+    let bytes = read_body(&state, &headers, body).await?;
+    let parsed = tokio::task::spawn_blocking(move || parse(&bytes, &child.push_types))
+        .await
+        .map_err(|e| ApiError::new(500, "exception", format!("parser failed: {e}")))??;
+    let (policy, versions, refused) = parsed;
+    let received = versions.len() + usize::from(refused.is_some());
+    let out = state
+        .store
+        .write(WriteRequest::Apply(Box::new(ApplyRequest {
+            edge: child.node_id.clone(),
+            direction: Direction::Push,
+            peer: child.node_id.clone(),
+            policy,
+            versions,
+            cursor: None,
+            dead_letters: Vec::new(),
+            record_peer: true,
+        })))
+        .await?;
+    let WriteOutcome::Applied(rep) = out else {
+        return Err(ApiError::new(500, "exception", "unexpected write outcome"));
+    };
+    let mut failure = rep
+        .failed()
+        .map(|(i, status, why)| (i, status, why.to_owned()));
+    if failure.is_none() {
+        failure = refused.map(|(status, why)| (rep.results.len(), status, why));
+    }
+    let applied = failure.as_ref().map_or(rep.results.len(), |f| f.0);
+    let mut params = vec![
+        json!({"name": "node-id", "valueString": state.store.node_id()}),
+        json!({"name": "received", "valueInteger": received}),
+        json!({"name": "applied", "valueInteger": applied}),
+        json!({"name": "stored", "valueInteger": rep.stored}),
+        json!({"name": "skipped", "valueInteger": rep.skipped}),
+        json!({"name": "conflicts", "valueInteger": rep.conflicts}),
+        json!({"name": "last-seq", "valueDecimal": state.store.last_seq()}),
+    ];
+    if let Some((i, status, why)) = failure {
+        params.push(json!({"name": "failed-index", "valueInteger": i}));
+        params.push(json!({"name": "failed-status", "valueInteger": status}));
+        params.push(json!({"name": "failed-reason", "valueString": why}));
+    }
+    Ok(fhir_json(
+        json!({"resourceType": "Parameters", "parameter": params}).to_string(),
+    ))
+}
+
+type Parsed = (Policy, Vec<RemoteVersion>, Option<(u16, String)>);
+
+/// The batch's policy and versions, up to the first entry that cannot be
+/// applied (its status and reason come back as the refusal).
+fn parse(bytes: &[u8], push_types: &[String]) -> Result<Parsed, ApiError> {
+    let b: Value = serde_json::from_slice(bytes)
+        .map_err(|e| ApiError::bad_request(format!("body is not JSON: {e}")))?;
+    if b.get("resourceType").and_then(Value::as_str) != Some("Bundle") {
+        return Err(ApiError::bad_request(
+            "$apply takes a Bundle of change records",
+        ));
+    }
+    let policy = match bundle_extension(&b, POLICY_EXTENSION) {
+        Some(p) => p.parse::<Policy>().map_err(ApiError::bad_request)?,
+        None => Policy::Manual,
+    };
+    let entries = b
+        .get("entry")
+        .and_then(Value::as_array)
+        .map_or(&[][..], |v| v);
+    if entries.len() > APPLY_ENTRIES_MAX {
+        return Err(ApiError::new(
+            413,
+            "too-costly",
+            format!("more than {APPLY_ENTRIES_MAX} entries in one $apply"),
+        ));
+    }
+    let mut versions = Vec::with_capacity(entries.len());
+    for (i, e) in entries.iter().enumerate() {
+        match RemoteVersion::from_entry(e) {
+            Ok(v) if !push_types.is_empty() && !push_types.contains(&v.rtype) => {
+                let why = format!("entry {i}: this child may not push {} resources", v.rtype);
+                return Ok((policy, versions, Some((403, why))));
+            }
+            Ok(v) => versions.push(v),
+            Err(why) => return Ok((policy, versions, Some((422, format!("entry {i}: {why}"))))),
+        }
+    }
+    Ok((policy, versions, None))
+}

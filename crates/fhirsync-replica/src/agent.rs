@@ -1,0 +1,156 @@
+//! The node's sync agent: starts the edge loops, stops them, and answers
+//! the admin API and `/metrics` about them.
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use fhirsync_api::SyncAgent;
+use fhirsync_store::Store;
+use serde_json::{json, Value};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::config::EdgeConfig;
+use crate::edge::{DirStats, Edge};
+
+pub struct Replicator {
+    edges: Vec<Arc<Edge>>,
+    stop: watch::Sender<bool>,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl Replicator {
+    /// Starts the loops of each edge (pull and push, as enabled).
+    pub fn start(store: Arc<dyn Store>, cfgs: Vec<EdgeConfig>) -> Result<Arc<Replicator>, String> {
+        let (stop, rx) = watch::channel(false);
+        let mut edges = Vec::new();
+        let mut tasks = Vec::new();
+        for c in cfgs {
+            let e = Arc::new(Edge::new(c, store.clone())?);
+            if e.cfg.pull {
+                tasks.push(tokio::spawn(e.clone().run_pull(rx.clone())));
+            }
+            if e.cfg.push {
+                tasks.push(tokio::spawn(e.clone().run_push(rx.clone())));
+            }
+            edges.push(e);
+        }
+        Ok(Arc::new(Replicator {
+            edges,
+            stop,
+            tasks: Mutex::new(tasks),
+        }))
+    }
+
+    pub fn edges_ref(&self) -> &[Arc<Edge>] {
+        &self.edges
+    }
+
+    /// Tells every loop to stop, without waiting.
+    pub fn stop(&self) {
+        let _ = self.stop.send(true);
+    }
+
+    /// Stops every loop and waits for them; in-flight writes finish.
+    pub async fn shutdown(&self) {
+        self.stop();
+        let tasks: Vec<_> = self
+            .tasks
+            .lock()
+            .map(|mut t| t.drain(..).collect())
+            .unwrap_or_default();
+        for t in tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+#[async_trait]
+impl SyncAgent for Replicator {
+    async fn edges(&self) -> Vec<Value> {
+        self.edges
+            .iter()
+            .map(|e| {
+                json!({
+                    "name": e.cfg.name,
+                    "parentUrl": e.cfg.url,
+                    "parentNodeId": e.parent_id(),
+                    "conflictPolicy": e.cfg.conflict_policy.as_str(),
+                    "pull": e.pull.to_json("pull", e.cfg.pull),
+                    "push": e.push.to_json("push", e.cfg.push),
+                })
+            })
+            .collect()
+    }
+
+    async fn retry_dead_letter(&self, id: u64) -> Result<(), (u16, String)> {
+        let d = self
+            .edges
+            .first()
+            .ok_or((409, "this node has no parent edge".to_string()))?;
+        d.retry_dead_letter(id).await
+    }
+
+    fn metrics(&self, out: &mut String) {
+        type Pick = fn(&DirStats) -> u64;
+        let series: [(&str, &str, &str, Pick); 7] = [
+            (
+                "fhirsync_edge_lag_seq",
+                "gauge",
+                "Changes the edge has not carried yet.",
+                |s| s.lag.load(Ordering::Relaxed),
+            ),
+            (
+                "fhirsync_edge_applied_total",
+                "counter",
+                "Versions stored at the receiving node.",
+                |s| s.stored.load(Ordering::Relaxed),
+            ),
+            (
+                "fhirsync_edge_skipped_total",
+                "counter",
+                "Versions the receiver had already seen.",
+                |s| s.skipped.load(Ordering::Relaxed),
+            ),
+            (
+                "fhirsync_edge_conflicts_total",
+                "counter",
+                "Concurrent edits met.",
+                |s| s.conflicts.load(Ordering::Relaxed),
+            ),
+            (
+                "fhirsync_edge_filtered_total",
+                "counter",
+                "Records left out by the edge's filters.",
+                |s| s.filtered.load(Ordering::Relaxed),
+            ),
+            (
+                "fhirsync_edge_dead_letters_total",
+                "counter",
+                "Records set aside after their retries.",
+                |s| s.dead_letters.load(Ordering::Relaxed),
+            ),
+            (
+                "fhirsync_edge_errors_total",
+                "counter",
+                "Failed attempts (retried; no data is lost).",
+                |s| s.errors.load(Ordering::Relaxed),
+            ),
+        ];
+        for (name, kind, help, pick) in series {
+            out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
+            for e in &self.edges {
+                for (dir, s, on) in [("pull", &e.pull, e.cfg.pull), ("push", &e.push, e.cfg.push)] {
+                    if on {
+                        out.push_str(&format!(
+                            "{name}{{edge=\"{}\",direction=\"{dir}\"}} {}\n",
+                            e.cfg.name,
+                            pick(s)
+                        ));
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,779 @@
+//! One parent edge at runtime: the pull loop, the push loop, their
+//! counters and state. Transport failures retry with backoff for ever; a
+//! record that fails `retry_max` times blocks its direction or becomes a
+//! dead letter, as configured.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use fhirsync_api::peers::NODE_HEADER;
+use fhirsync_store::replica::cursor_key;
+use fhirsync_store::{
+    change_entry_text, entry_seq, ApplyReport, ApplyRequest, AuditEntry, ChangesQuery, Direction,
+    NewDeadLetter, RemoteVersion, Store, StoredVersion, SyncWrite, WriteOutcome, WriteRequest,
+    EXTENSION_BASE,
+};
+use fhirsync_sync::retry::{backoff, Jitter};
+use serde_json::{json, Value};
+use tokio::sync::watch;
+
+use crate::config::{EdgeConfig, OnError};
+use crate::filter::Filter;
+
+/// Seconds a request may take beyond the long-poll wait.
+pub const REQUEST_TIMEOUT_S: u64 = 60;
+
+/// Counters and state of one direction.
+#[derive(Debug, Default)]
+pub struct DirStats {
+    pub stored: AtomicU64,
+    pub skipped: AtomicU64,
+    pub conflicts: AtomicU64,
+    pub filtered: AtomicU64,
+    pub dead_letters: AtomicU64,
+    pub errors: AtomicU64,
+    /// Changes not yet carried (sender's last seq minus the cursor).
+    pub lag: AtomicU64,
+    pub cursor: AtomicU64,
+    /// `starting`, `ok`, `retrying`, `blocked`, `off`.
+    pub state: Mutex<(String, Option<String>)>,
+}
+
+impl DirStats {
+    fn set_state(&self, s: &str, err: Option<String>) {
+        if let Ok(mut g) = self.state.lock() {
+            *g = (s.to_owned(), err);
+        }
+    }
+    fn count(&self, r: &ApplyReport) {
+        self.stored.fetch_add(r.stored, Ordering::Relaxed);
+        self.skipped.fetch_add(r.skipped, Ordering::Relaxed);
+        self.conflicts.fetch_add(r.conflicts, Ordering::Relaxed);
+    }
+    pub fn to_json(&self, dir: &str, enabled: bool) -> Value {
+        let (state, err) = self.state.lock().map(|g| g.clone()).unwrap_or_default();
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        json!({
+            "direction": dir,
+            "enabled": enabled,
+            "state": if enabled { state } else { "off".into() },
+            "lastError": err,
+            "cursor": g(&self.cursor),
+            "lagSeq": g(&self.lag),
+            "stored": g(&self.stored),
+            "skipped": g(&self.skipped),
+            "conflicts": g(&self.conflicts),
+            "filtered": g(&self.filtered),
+            "deadLetters": g(&self.dead_letters),
+            "errors": g(&self.errors),
+        })
+    }
+}
+
+/// Why a request to the parent failed.
+#[derive(Debug)]
+pub struct Failure {
+    pub status: Option<u16>,
+    pub reason: String,
+}
+
+/// What the parent answered to `$apply`.
+#[derive(Debug, Default)]
+pub struct ApplyAnswer {
+    pub node_id: String,
+    pub applied: usize,
+    pub stored: u64,
+    pub skipped: u64,
+    pub conflicts: u64,
+    /// Index, status and reason of the entry that failed.
+    pub failed: Option<(usize, u16, String)>,
+}
+
+pub struct Edge {
+    pub cfg: EdgeConfig,
+    store: Arc<dyn Store>,
+    http: reqwest::Client,
+    pull_filter: Filter,
+    push_filter: Filter,
+    /// The parent's node id, learned at the first contact.
+    parent_id: Mutex<Option<String>>,
+    pub pull: DirStats,
+    pub push: DirStats,
+    jitter: Mutex<Jitter>,
+}
+
+/// A failing record and how many times it failed.
+struct Failing {
+    seq: u64,
+    attempts: u32,
+}
+
+impl Edge {
+    pub fn new(cfg: EdgeConfig, store: Arc<dyn Store>) -> Result<Edge, String> {
+        let http = reqwest::Client::builder()
+            .use_rustls_tls()
+            .timeout(Duration::from_secs(cfg.long_poll_s + REQUEST_TIMEOUT_S))
+            .connect_timeout(Duration::from_secs(10))
+            .build()
+            .map_err(|e| format!("cannot build an HTTP client: {e}"))?;
+        let seed = store
+            .node_id()
+            .bytes()
+            .fold(7u64, |h, b| h.wrapping_mul(31) ^ b as u64);
+        Ok(Edge {
+            pull_filter: Filter::new(&cfg.pull_filter)?,
+            push_filter: Filter::new(&cfg.push_filter)?,
+            cfg,
+            store,
+            http,
+            parent_id: Mutex::new(None),
+            pull: DirStats::default(),
+            push: DirStats::default(),
+            jitter: Mutex::new(Jitter::new(seed)),
+        })
+    }
+
+    pub fn parent_id(&self) -> Option<String> {
+        self.parent_id.lock().ok().and_then(|g| g.clone())
+    }
+
+    fn learn_parent(&self, id: &str) {
+        if let Ok(mut g) = self.parent_id.lock() {
+            if g.as_deref() != Some(id) {
+                *g = Some(id.to_owned());
+            }
+        }
+    }
+
+    fn delay(&self, attempt: u32) -> Duration {
+        let unit = self.jitter.lock().map(|mut j| j.unit()).unwrap_or(0.5);
+        backoff(attempt, unit).min(Duration::from_millis(self.cfg.retry_delay_ms_max))
+    }
+
+    fn request(&self, rb: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        rb.bearer_auth(&self.cfg.token)
+            .header(NODE_HEADER, self.store.node_id())
+            .header("accept", "application/fhir+json")
+    }
+
+    async fn send(&self, rb: reqwest::RequestBuilder) -> Result<Value, Failure> {
+        let resp = self.request(rb).send().await.map_err(|e| Failure {
+            status: None,
+            reason: format!("cannot reach the parent: {e}"),
+        })?;
+        let status = resp.status().as_u16();
+        let bytes = resp.bytes().await.map_err(|e| Failure {
+            status: Some(status),
+            reason: format!("the parent's answer broke off: {e}"),
+        })?;
+        let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        if status != 200 {
+            return Err(Failure {
+                status: Some(status),
+                reason: format!(
+                    "the parent answered {status}: {}",
+                    fhirsync_sync::client::outcome_text(&body)
+                ),
+            });
+        }
+        Ok(body)
+    }
+
+    /// Sends change records (entry texts) to the parent's `$apply`.
+    pub async fn post_apply(&self, entries: &[String]) -> Result<ApplyAnswer, Failure> {
+        let mut body =
+            String::with_capacity(entries.iter().map(|e| e.len() + 1).sum::<usize>() + 300);
+        body.push_str(r#"{"resourceType":"Bundle","type":"collection","extension":"#);
+        body.push_str(
+            &json!([{"url": format!("{EXTENSION_BASE}/conflict-policy"), "valueCode": self.cfg.conflict_policy.as_str()}])
+                .to_string(),
+        );
+        body.push_str(r#","entry":["#);
+        for (i, e) in entries.iter().enumerate() {
+            if i > 0 {
+                body.push(',');
+            }
+            body.push_str(e);
+        }
+        body.push_str("]}");
+        let v = self
+            .send(
+                self.http
+                    .post(format!("{}/$apply", self.cfg.url))
+                    .header("content-type", "application/fhir+json")
+                    .body(body),
+            )
+            .await?;
+        let p = |name: &str| {
+            v.get("parameter")
+                .and_then(Value::as_array)
+                .and_then(|a| a.iter().find(|x| x["name"] == name))
+                .cloned()
+        };
+        let int = |name: &str| {
+            p(name)
+                .and_then(|x| x.get("valueInteger").and_then(Value::as_u64))
+                .unwrap_or(0)
+        };
+        let node_id = p("node-id")
+            .and_then(|x| x["valueString"].as_str().map(str::to_owned))
+            .ok_or_else(|| Failure {
+                status: Some(200),
+                reason: "the parent's $apply answer has no node-id".into(),
+            })?;
+        let failed = p("failed-index").map(|x| {
+            (
+                x["valueInteger"].as_u64().unwrap_or(0) as usize,
+                int("failed-status") as u16,
+                p("failed-reason")
+                    .and_then(|x| x["valueString"].as_str().map(str::to_owned))
+                    .unwrap_or_default(),
+            )
+        });
+        Ok(ApplyAnswer {
+            node_id,
+            applied: int("applied") as usize,
+            stored: int("stored"),
+            skipped: int("skipped"),
+            conflicts: int("conflicts"),
+            failed,
+        })
+    }
+
+    /// Waits, unless the edge is stopping; `false` when it is.
+    async fn pause(&self, d: Duration, stop: &mut watch::Receiver<bool>) -> bool {
+        if *stop.borrow() {
+            return false;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(d) => true,
+            _ = stop.changed() => false,
+        }
+    }
+
+    /// A record failed once more: retry later, or after `retry_max`
+    /// attempts block the direction or set it aside as a dead letter.
+    /// Returns the wait before the next attempt.
+    async fn record_failed(
+        &self,
+        dir: Direction,
+        failing: &mut Option<Failing>,
+        letter: NewDeadLetter,
+    ) -> Duration {
+        let stats = self.stats(dir);
+        stats.errors.fetch_add(1, Ordering::Relaxed);
+        let attempts = match failing {
+            Some(f) if f.seq == letter.seq => f.attempts + 1,
+            _ => 1,
+        };
+        *failing = Some(Failing {
+            seq: letter.seq,
+            attempts,
+        });
+        let what = format!(
+            "{}/{} (seq {}) failed {attempts} times: {}",
+            letter.rtype, letter.rid, letter.seq, letter.error
+        );
+        if attempts < self.cfg.retry_max {
+            stats.set_state("retrying", Some(what));
+            return self.delay(attempts);
+        }
+        match self.cfg.on_error {
+            OnError::Block => {
+                tracing::error!(edge = %self.cfg.name, direction = dir.as_str(), "{what}; the edge is blocked");
+                stats.set_state("blocked", Some(what));
+                Duration::from_millis(self.cfg.retry_delay_ms_max)
+            }
+            OnError::DeadLetter => {
+                let key = cursor_key(&self.cfg.name, dir);
+                let seq = letter.seq;
+                let letter = NewDeadLetter { attempts, ..letter };
+                let w = SyncWrite::DeadLetters {
+                    letters: vec![letter],
+                    cursor: Some((key, seq)),
+                };
+                match self.store.write(WriteRequest::Sync(w)).await {
+                    Ok(_) => {
+                        tracing::warn!(edge = %self.cfg.name, direction = dir.as_str(), "{what}; set aside as a dead letter");
+                        stats.dead_letters.fetch_add(1, Ordering::Relaxed);
+                        stats.cursor.store(seq, Ordering::Relaxed);
+                        *failing = None;
+                        Duration::ZERO
+                    }
+                    Err(e) => {
+                        stats.set_state(
+                            "retrying",
+                            Some(format!("cannot store a dead letter: {e}")),
+                        );
+                        self.delay(attempts)
+                    }
+                }
+            }
+        }
+    }
+
+    pub fn stats(&self, dir: Direction) -> &DirStats {
+        match dir {
+            Direction::Pull => &self.pull,
+            Direction::Push => &self.push,
+        }
+    }
+
+    fn letter(
+        &self,
+        dir: Direction,
+        rtype: &str,
+        rid: &str,
+        seq: u64,
+        record: String,
+        error: String,
+    ) -> NewDeadLetter {
+        NewDeadLetter {
+            edge: self.cfg.name.clone(),
+            direction: dir,
+            rtype: rtype.to_owned(),
+            rid: rid.to_owned(),
+            seq,
+            record,
+            error,
+            attempts: 0,
+        }
+    }
+
+    /// Pulls the parent's change feed until `stop`.
+    pub async fn run_pull(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        let key = cursor_key(&self.cfg.name, Direction::Pull);
+        let mut attempt = 0u32;
+        let mut failing: Option<Failing> = None;
+        self.pull.set_state("starting", None);
+        while !*stop.borrow() {
+            let since = match self.store.cursor(&key).await {
+                Ok(c) => c.unwrap_or(0),
+                Err(e) => {
+                    self.pull.set_state("retrying", Some(e.to_string()));
+                    if !self.pause(self.delay(attempt), &mut stop).await {
+                        break;
+                    }
+                    attempt += 1;
+                    continue;
+                }
+            };
+            self.pull.cursor.store(since, Ordering::Relaxed);
+            let mut url = format!(
+                "{}/$changes?since={since}&_count={}&wait={}",
+                self.cfg.url, self.cfg.batch_size_max, self.cfg.long_poll_s
+            );
+            if !self.pull_filter.types.is_empty() {
+                url.push_str(&format!("&_type={}", self.pull_filter.types.join(",")));
+            }
+            let fetched = tokio::select! {
+                r = self.send(self.http.get(&url)) => r,
+                _ = stop.changed() => break,
+            };
+            let page = match fetched {
+                Ok(p) => {
+                    attempt = 0;
+                    p
+                }
+                Err(f) => {
+                    self.pull.errors.fetch_add(1, Ordering::Relaxed);
+                    self.pull.set_state("retrying", Some(f.reason));
+                    if !self.pause(self.delay(attempt), &mut stop).await {
+                        break;
+                    }
+                    attempt += 1;
+                    continue;
+                }
+            };
+            match self.apply_page(since, &page, &mut failing).await {
+                Ok(None) => {}
+                Ok(Some(wait)) => {
+                    if !self.pause(wait, &mut stop).await {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    self.pull.errors.fetch_add(1, Ordering::Relaxed);
+                    self.pull.set_state("retrying", Some(e));
+                    if !self.pause(self.delay(attempt), &mut stop).await {
+                        break;
+                    }
+                    attempt += 1;
+                }
+            }
+        }
+        tracing::debug!(edge = %self.cfg.name, "pull stopped");
+    }
+
+    /// Applies one page of the parent's feed with its cursor. `Ok(Some)`:
+    /// a record failed; wait that long before the next attempt.
+    async fn apply_page(
+        &self,
+        since: u64,
+        page: &Value,
+        failing: &mut Option<Failing>,
+    ) -> Result<Option<Duration>, String> {
+        let ext = |name: &str| {
+            page.get("extension")
+                .and_then(Value::as_array)
+                .and_then(|a| {
+                    a.iter()
+                        .find(|x| x["url"] == format!("{EXTENSION_BASE}/{name}").as_str())
+                })
+                .cloned()
+        };
+        let parent = ext("node-id")
+            .and_then(|x| x["valueString"].as_str().map(str::to_owned))
+            .ok_or("the parent's feed has no node-id")?;
+        self.learn_parent(&parent);
+        let dec =
+            |name: &str| ext(name).and_then(|x| x["valueDecimal"].to_string().parse::<u64>().ok());
+        let next = dec("changes-next-since").ok_or("the parent's feed has no next cursor")?;
+        let last = dec("changes-last-seq").unwrap_or(next);
+        let entries = page
+            .get("entry")
+            .and_then(Value::as_array)
+            .map_or(&[][..], |v| v);
+        let mut versions = Vec::with_capacity(entries.len());
+        let mut from_entry = Vec::with_capacity(entries.len());
+        let mut bad = None;
+        for (i, e) in entries.iter().enumerate() {
+            match RemoteVersion::from_entry(e) {
+                Ok(v) => {
+                    if self.pull_filter.passes(&v.rtype, e.get("resource")) {
+                        versions.push(v);
+                        from_entry.push(i);
+                    } else {
+                        self.pull.filtered.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                Err(why) => {
+                    let seq = entry_seq(e)
+                        .ok_or_else(|| format!("the parent sent an entry without seq: {why}"))?;
+                    bad = Some((i, seq, why));
+                    break;
+                }
+            }
+        }
+        let cursor = match &bad {
+            None => next,
+            Some((_, seq, _)) => seq.saturating_sub(1).max(since),
+        };
+        let out = self
+            .store
+            .write(WriteRequest::Apply(Box::new(ApplyRequest {
+                edge: self.cfg.name.clone(),
+                direction: Direction::Pull,
+                peer: parent,
+                policy: self.cfg.conflict_policy,
+                versions,
+                cursor: Some(cursor),
+                dead_letters: Vec::new(),
+                record_peer: false,
+            })))
+            .await
+            .map_err(|e| format!("cannot store pulled changes: {e}"))?;
+        let WriteOutcome::Applied(rep) = out else {
+            return Err("unexpected write outcome".into());
+        };
+        self.pull.count(&rep);
+        let now = rep.cursor.unwrap_or(since);
+        self.pull.cursor.store(now, Ordering::Relaxed);
+        self.pull
+            .lag
+            .store(last.saturating_sub(now), Ordering::Relaxed);
+        let failed = match (rep.failed(), bad) {
+            (Some((i, status, why)), _) => {
+                let e = &entries[from_entry[i]];
+                let v = RemoteVersion::from_entry(e).map_err(|w| w.to_string())?;
+                Some(self.letter(
+                    Direction::Pull,
+                    &v.rtype,
+                    &v.id,
+                    v.seq,
+                    e.to_string(),
+                    format!("{status}: {why}"),
+                ))
+            }
+            (None, Some((i, seq, why))) => {
+                let e = &entries[i];
+                let url = e
+                    .pointer("/request/url")
+                    .and_then(Value::as_str)
+                    .unwrap_or("?/?");
+                let (t, id) = url.split_once('/').unwrap_or((url, ""));
+                Some(self.letter(Direction::Pull, t, id, seq, e.to_string(), why))
+            }
+            (None, None) => None,
+        };
+        match failed {
+            Some(l) => Ok(Some(self.record_failed(Direction::Pull, failing, l).await)),
+            None => {
+                *failing = None;
+                self.pull.set_state("ok", None);
+                Ok(None)
+            }
+        }
+    }
+
+    /// Pushes this node's change log to the parent until `stop`.
+    pub async fn run_push(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        let key = cursor_key(&self.cfg.name, Direction::Push);
+        self.push.set_state("starting", None);
+        let mut attempt = 0u32;
+        // The parent's node id first: its own versions are never sent back.
+        let parent = loop {
+            let hello = tokio::select! {
+                r = self.post_apply(&[]) => r,
+                _ = stop.changed() => return,
+            };
+            match hello {
+                Ok(a) => break a.node_id,
+                Err(f) => {
+                    self.push.errors.fetch_add(1, Ordering::Relaxed);
+                    self.push.set_state("retrying", Some(f.reason));
+                    if !self.pause(self.delay(attempt), &mut stop).await {
+                        return;
+                    }
+                    attempt += 1;
+                }
+            }
+        };
+        self.learn_parent(&parent);
+        let mut cursor = match self.store.cursor(&key).await {
+            Ok(c) => c.unwrap_or(0),
+            Err(e) => {
+                self.push.set_state("blocked", Some(e.to_string()));
+                return;
+            }
+        };
+        let mut seq_rx = self.store.watch_seq();
+        let mut failing: Option<Failing> = None;
+        attempt = 0;
+        self.push.set_state("ok", None);
+        while !*stop.borrow() {
+            let upper = *seq_rx.borrow_and_update();
+            let rows = match self
+                .store
+                .changes(ChangesQuery {
+                    since: cursor,
+                    count: self.cfg.batch_size_max,
+                    types: self.push_filter.types.clone(),
+                    exclude_via: Some(parent.clone()),
+                })
+                .await
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    self.push.set_state("retrying", Some(e.to_string()));
+                    if !self.pause(self.delay(attempt), &mut stop).await {
+                        break;
+                    }
+                    attempt += 1;
+                    continue;
+                }
+            };
+            let scanned = match rows.last() {
+                Some(v) if rows.len() >= self.cfg.batch_size_max => v.seq,
+                Some(v) => v.seq.max(upper),
+                None => upper.max(cursor),
+            };
+            self.push.cursor.store(cursor, Ordering::Relaxed);
+            self.push.lag.store(
+                self.store.last_seq().saturating_sub(cursor),
+                Ordering::Relaxed,
+            );
+            let sel: Vec<&StoredVersion> = rows
+                .iter()
+                .filter(|v| {
+                    let body = if self.push_filter.has_expr() {
+                        v.body
+                            .as_deref()
+                            .and_then(|b| serde_json::from_str::<Value>(b).ok())
+                    } else {
+                        None
+                    };
+                    let pass = self.push_filter.passes(&v.rtype, body.as_ref());
+                    if !pass {
+                        self.push.filtered.fetch_add(1, Ordering::Relaxed);
+                    }
+                    pass
+                })
+                .collect();
+            if sel.is_empty() {
+                // Nothing to send up to `scanned`: remember it in memory only
+                // (a restart scans those rows again, harmlessly).
+                cursor = scanned;
+                self.push.cursor.store(cursor, Ordering::Relaxed);
+                self.push.lag.store(
+                    self.store.last_seq().saturating_sub(cursor),
+                    Ordering::Relaxed,
+                );
+                if rows.is_empty() || scanned == upper {
+                    tokio::select! {
+                        r = seq_rx.changed() => if r.is_err() { break },
+                        _ = stop.changed() => break,
+                    }
+                }
+                continue;
+            }
+            let texts: Vec<String> = sel.iter().map(|v| change_entry_text(None, v)).collect();
+            let sent = tokio::select! {
+                r = self.post_apply(&texts) => r,
+                _ = stop.changed() => break,
+            };
+            let ans = match sent {
+                Ok(a) => {
+                    attempt = 0;
+                    a
+                }
+                Err(f) => {
+                    self.push.errors.fetch_add(1, Ordering::Relaxed);
+                    self.push.set_state("retrying", Some(f.reason));
+                    if !self.pause(self.delay(attempt), &mut stop).await {
+                        break;
+                    }
+                    attempt += 1;
+                    continue;
+                }
+            };
+            self.push.stored.fetch_add(ans.stored, Ordering::Relaxed);
+            self.push.skipped.fetch_add(ans.skipped, Ordering::Relaxed);
+            self.push
+                .conflicts
+                .fetch_add(ans.conflicts, Ordering::Relaxed);
+            let (to, outcome) = match &ans.failed {
+                None => (scanned, "ok"),
+                Some((i, _, _)) => (
+                    sel.get(*i)
+                        .map_or(cursor, |v| v.seq.saturating_sub(1))
+                        .max(cursor),
+                    "partial",
+                ),
+            };
+            let mut audit = AuditEntry::new(
+                &self.cfg.name,
+                "push",
+                outcome,
+                ans.stored,
+                format!(
+                    "to {parent}: {} sent, {} stored, {} skipped, {} conflicts",
+                    ans.applied, ans.stored, ans.skipped, ans.conflicts
+                ),
+            );
+            audit.first_seq = sel.first().map(|v| v.seq);
+            audit.last_seq = Some(to);
+            let w = SyncWrite::SetCursor {
+                key: key.clone(),
+                seq: to,
+                audit: Some(audit),
+            };
+            if let Err(e) = self.store.write(WriteRequest::Sync(w)).await {
+                // The parent has the records; sending them again is harmless.
+                self.push.set_state(
+                    "retrying",
+                    Some(format!("cannot store the push cursor: {e}")),
+                );
+                if !self.pause(self.delay(attempt), &mut stop).await {
+                    break;
+                }
+                attempt += 1;
+                continue;
+            }
+            cursor = to;
+            self.push.cursor.store(cursor, Ordering::Relaxed);
+            self.push.lag.store(
+                self.store.last_seq().saturating_sub(cursor),
+                Ordering::Relaxed,
+            );
+            match ans.failed {
+                None => {
+                    failing = None;
+                    self.push.set_state("ok", None);
+                }
+                Some((i, status, why)) => {
+                    let Some(v) = sel.get(i) else { continue };
+                    let l = self.letter(
+                        Direction::Push,
+                        &v.rtype,
+                        &v.id,
+                        v.seq,
+                        texts[i].clone(),
+                        format!("{status}: {why}"),
+                    );
+                    let wait = self.record_failed(Direction::Push, &mut failing, l).await;
+                    if failing.is_none() {
+                        cursor = v.seq;
+                    }
+                    if !self.pause(wait, &mut stop).await {
+                        break;
+                    }
+                }
+            }
+        }
+        tracing::debug!(edge = %self.cfg.name, "push stopped");
+    }
+
+    /// Tries a dead letter again; removes it when it goes through.
+    pub async fn retry_dead_letter(&self, id: u64) -> Result<(), (u16, String)> {
+        let d = self
+            .store
+            .dead_letter(id)
+            .await
+            .map_err(|e| (500, e.to_string()))?
+            .ok_or((404, format!("dead letter {id} is not known")))?;
+        let l = &d.letter;
+        let entry: Value = serde_json::from_str(&l.record).map_err(|e| (500, e.to_string()))?;
+        match l.direction {
+            Direction::Pull => {
+                let v = RemoteVersion::from_entry(&entry).map_err(|w| (422, w))?;
+                let out = self
+                    .store
+                    .write(WriteRequest::Apply(Box::new(ApplyRequest {
+                        edge: self.cfg.name.clone(),
+                        direction: Direction::Pull,
+                        peer: self.parent_id().unwrap_or_else(|| "parent".into()),
+                        policy: self.cfg.conflict_policy,
+                        versions: vec![v],
+                        cursor: None,
+                        dead_letters: Vec::new(),
+                        record_peer: false,
+                    })))
+                    .await
+                    .map_err(|e| (e.status(), e.to_string()))?;
+                if let WriteOutcome::Applied(rep) = out {
+                    if let Some((_, status, why)) = rep.failed() {
+                        return Err((status.max(409), why.to_owned()));
+                    }
+                }
+            }
+            Direction::Push => {
+                let ans = self.post_apply(&[l.record.clone()]).await.map_err(|f| {
+                    (
+                        f.status.map_or(502, |s| if s >= 500 { 502 } else { s }),
+                        f.reason,
+                    )
+                })?;
+                if let Some((_, status, why)) = ans.failed {
+                    return Err((status.max(409), why));
+                }
+            }
+        }
+        let audit = AuditEntry::new(
+            &self.cfg.name,
+            "retry",
+            "ok",
+            1,
+            format!(
+                "dead letter {id}: {}/{} (seq {}) went through",
+                l.rtype, l.rid, l.seq
+            ),
+        );
+        self.store
+            .write(WriteRequest::Sync(SyncWrite::DropDeadLetter { id, audit }))
+            .await
+            .map_err(|e| (e.status(), e.to_string()))?;
+        Ok(())
+    }
+}

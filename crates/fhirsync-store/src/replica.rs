@@ -1,0 +1,522 @@
+//! Applying versions received from a peer, and settling conflicts, over any
+//! backend's [`WriteTx`]. The decisions themselves are the pure functions
+//! of [`fhirsync_core::replicate`]; this module carries them out: store,
+//! skip, queue a conflict, or store the winner with a vector that has seen
+//! both sides.
+
+use fhirsync_core::replicate::{self, Decision, Policy, Side, Winner};
+use fhirsync_core::{Causality, VersionVector};
+
+use crate::engine::{atomically, CurrentVersion, NewVersion, Stamp, WriteTx};
+use crate::sync::*;
+use crate::types::*;
+use crate::StoreError;
+
+/// Local versions searched for the common ancestor of a conflict.
+pub const ANCESTOR_SEARCH_MAX: usize = 64;
+
+pub fn apply(tx: &mut dyn WriteTx, req: ApplyRequest) -> Result<ApplyReport, StoreError> {
+    let mut rep = ApplyReport::default();
+    let mut last_ok: Option<u64> = None;
+    let total = req.versions.len();
+    for v in &req.versions {
+        let r = atomically(tx, |tx| apply_one(tx, &req, v));
+        match r {
+            Ok(a) => {
+                match &a {
+                    Applied::Stored => rep.stored += 1,
+                    Applied::Skipped => rep.skipped += 1,
+                    Applied::Conflict { .. } => rep.conflicts += 1,
+                    Applied::Failed { .. } => {}
+                }
+                rep.results.push(a);
+                last_ok = Some(v.seq);
+            }
+            Err(e) => {
+                tracing::warn!(edge = %req.edge, rtype = %v.rtype, id = %v.id, error = %e, "version not applied");
+                rep.results.push(Applied::Failed {
+                    status: e.status(),
+                    reason: e.to_string(),
+                });
+                break;
+            }
+        }
+    }
+    let complete = rep.results.len() == total && rep.failed().is_none();
+    for l in &req.dead_letters {
+        tx.add_dead_letter(l)?;
+    }
+    if let Some(c) = req.cursor {
+        // Only as far as what was stored: a failed version is fetched again.
+        let to = if complete { Some(c) } else { last_ok };
+        if let Some(to) = to {
+            tx.put_cursor(&cursor_key(&req.edge, req.direction), to)?;
+            rep.cursor = Some(to);
+        }
+    }
+    if req.record_peer {
+        tx.put_peer(&req.peer, last_ok, None)?;
+    }
+    if total > 0 || !req.dead_letters.is_empty() {
+        let mut a = AuditEntry::new(
+            &req.edge,
+            req.direction.as_str(),
+            if complete { "ok" } else { "partial" },
+            rep.stored,
+            format!(
+                "from {}: {} stored, {} skipped, {} conflicts, {} dead letters{}",
+                req.peer,
+                rep.stored,
+                rep.skipped,
+                rep.conflicts,
+                req.dead_letters.len(),
+                rep.failed()
+                    .map(|(i, _, why)| format!("; stopped at entry {i}: {why}"))
+                    .unwrap_or_default()
+            ),
+        );
+        a.first_seq = req.versions.first().map(|v| v.seq);
+        a.last_seq = last_ok;
+        tx.add_audit(&a)?;
+    }
+    Ok(rep)
+}
+
+/// The key under which an edge direction's cursor is stored.
+pub fn cursor_key(edge: &str, dir: Direction) -> String {
+    format!("{edge}:{}", dir.as_str())
+}
+
+fn local_side(c: &CurrentVersion) -> Side<'_> {
+    Side {
+        vv: &c.vv,
+        hlc: c.hlc,
+        origin: &c.origin,
+        hash: (!c.deleted).then_some(c.hash),
+    }
+}
+
+fn incoming_side(v: &RemoteVersion) -> Side<'_> {
+    Side {
+        vv: &v.vv,
+        hlc: v.hlc,
+        origin: &v.origin,
+        hash: v.hash(),
+    }
+}
+
+fn apply_one(
+    tx: &mut dyn WriteTx,
+    req: &ApplyRequest,
+    v: &RemoteVersion,
+) -> Result<Applied, StoreError> {
+    let cur = tx.current(&v.rtype, &v.id)?;
+    match replicate::decide(cur.as_ref().map(local_side), incoming_side(v)) {
+        Decision::Skip => Ok(Applied::Skipped),
+        Decision::FastForward => {
+            store(
+                tx,
+                v,
+                cur,
+                Stamp::Given {
+                    vv: v.vv.clone(),
+                    origin: v.origin.clone(),
+                    hlc: Some(v.hlc),
+                    via: Some(req.peer.clone()),
+                },
+            )?;
+            Ok(Applied::Stored)
+        }
+        Decision::Divergent => {
+            let Some(c) = cur else {
+                return Ok(Applied::Skipped);
+            };
+            let w = replicate::lww_winner(local_side(&c), incoming_side(v));
+            settle(tx, req, v, c, w, "divergent")
+        }
+        Decision::Conflict => {
+            let Some(c) = cur else {
+                return Ok(Applied::Skipped);
+            };
+            match replicate::winner(
+                req.policy,
+                req.direction == Direction::Pull,
+                local_side(&c),
+                incoming_side(v),
+            ) {
+                Some(w) => settle(tx, req, v, c, w, req.policy.as_str()),
+                None => queue(tx, req, v, &c),
+            }
+        }
+    }
+}
+
+/// Stores `v`'s content (or tombstone) on top of `cur`.
+fn store(
+    tx: &mut dyn WriteTx,
+    v: &RemoteVersion,
+    cur: Option<CurrentVersion>,
+    stamp: Stamp,
+) -> Result<StoredVersion, StoreError> {
+    let vv = match &stamp {
+        Stamp::Given { vv, .. } => vv.clone(),
+        Stamp::Local => VersionVector::new(),
+    };
+    let stored = tx.insert(NewVersion {
+        rtype: &v.rtype,
+        id: &v.id,
+        res: v.res.clone(),
+        method: if v.res.is_some() {
+            Method::Put
+        } else {
+            Method::Delete
+        },
+        prev: cur,
+        stamp,
+    })?;
+    supersede(tx, &v.rtype, &v.id, &vv)?;
+    Ok(stored)
+}
+
+/// Closes an open conflict of this resource once a version that has seen
+/// both of its sides is stored (it was resolved elsewhere).
+fn supersede(
+    tx: &mut dyn WriteTx,
+    rtype: &str,
+    id: &str,
+    vv: &VersionVector,
+) -> Result<(), StoreError> {
+    if let Some(mut c) = tx.open_conflict(rtype, id)? {
+        let dominates =
+            |o: &VersionVector| matches!(vv.compare(o), Causality::After | Causality::Equal);
+        if dominates(&c.local.vv) && dominates(&c.remote.vv) {
+            c.state = ConflictState::Superseded;
+            c.closed_ms = Some(tx.now_ms());
+            tx.put_conflict(&c)?;
+        }
+    }
+    Ok(())
+}
+
+fn side_of_current(
+    tx: &mut dyn WriteTx,
+    c: &CurrentVersion,
+    rtype: &str,
+    id: &str,
+) -> Result<ConflictSide, StoreError> {
+    let body = tx
+        .read(rtype, id)?
+        .and_then(|s| s.body)
+        .map(|b| b.to_string());
+    Ok(ConflictSide {
+        vv: c.vv.clone(),
+        hlc: c.hlc,
+        origin: c.origin.clone(),
+        body,
+    })
+}
+
+fn remote_side(v: &RemoteVersion) -> ConflictSide {
+    ConflictSide {
+        vv: v.vv.clone(),
+        hlc: v.hlc,
+        origin: v.origin.clone(),
+        body: v.raw.as_deref().map(str::to_owned),
+    }
+}
+
+/// The newest local version that both sides descend from.
+fn ancestor(
+    tx: &mut dyn WriteTx,
+    rtype: &str,
+    id: &str,
+    remote: &VersionVector,
+) -> Result<Option<ConflictSide>, StoreError> {
+    for s in tx.lineage(rtype, id, ANCESTOR_SEARCH_MAX)? {
+        if matches!(s.vv.compare(remote), Causality::Before | Causality::Equal) {
+            return Ok(Some(ConflictSide {
+                vv: s.vv,
+                hlc: s.hlc,
+                origin: s.origin,
+                body: s.body.map(|b| b.to_string()),
+            }));
+        }
+    }
+    Ok(None)
+}
+
+/// `manual`: keep the local version and queue both sides (one open
+/// conflict per resource; a newer remote side replaces the older).
+fn queue(
+    tx: &mut dyn WriteTx,
+    req: &ApplyRequest,
+    v: &RemoteVersion,
+    cur: &CurrentVersion,
+) -> Result<Applied, StoreError> {
+    let local = side_of_current(tx, cur, &v.rtype, &v.id)?;
+    let remote = remote_side(v);
+    let existing = tx.open_conflict(&v.rtype, &v.id)?;
+    if let Some(e) = &existing {
+        if e.local.vv == local.vv
+            && matches!(
+                e.remote.vv.compare(&remote.vv),
+                Causality::After | Causality::Equal
+            )
+        {
+            // Delivered again, or an older remote side: nothing new.
+            return Ok(Applied::Conflict {
+                id: e.id,
+                settled: false,
+            });
+        }
+    }
+    let anc = ancestor(tx, &v.rtype, &v.id, &remote.vv)?;
+    let c = Conflict {
+        id: existing.as_ref().map_or(0, |e| e.id),
+        rtype: v.rtype.clone(),
+        rid: v.id.clone(),
+        state: ConflictState::Open,
+        edge: req.edge.clone(),
+        policy: Policy::Manual.as_str().into(),
+        created_ms: existing
+            .as_ref()
+            .map_or_else(|| tx.now_ms(), |e| e.created_ms),
+        closed_ms: None,
+        resolution: None,
+        local,
+        remote,
+        ancestor: anc,
+    };
+    let id = tx.put_conflict(&c)?;
+    if existing.is_none() {
+        let mut a = AuditEntry::new(
+            &req.edge,
+            "conflict",
+            "queued",
+            1,
+            format!(
+                "{}/{} local {} vs remote {} from {}",
+                v.rtype,
+                v.id,
+                c.local.vv.to_json(),
+                c.remote.vv.to_json(),
+                v.origin
+            ),
+        );
+        a.first_seq = Some(v.seq);
+        a.last_seq = Some(v.seq);
+        tx.add_audit(&a)?;
+    }
+    Ok(Applied::Conflict { id, settled: false })
+}
+
+/// An automatic policy picked `w`: store its content with a vector that
+/// has seen both sides (every node settling this pair stores the same
+/// vector, content, origin and HLC), and keep the loser in a record.
+fn settle(
+    tx: &mut dyn WriteTx,
+    req: &ApplyRequest,
+    v: &RemoteVersion,
+    cur: CurrentVersion,
+    w: Winner,
+    policy: &str,
+) -> Result<Applied, StoreError> {
+    let local = side_of_current(tx, &cur, &v.rtype, &v.id)?;
+    let remote = remote_side(v);
+    let vv = replicate::settled_vector(&cur.vv, &v.vv);
+    let winner = match w {
+        Winner::Incoming => v.clone(),
+        Winner::Local => RemoteVersion {
+            rtype: v.rtype.clone(),
+            id: v.id.clone(),
+            res: local
+                .body
+                .as_deref()
+                .map(|b| prepare(&v.rtype, b))
+                .transpose()?,
+            raw: None,
+            origin: cur.origin.clone(),
+            vv: cur.vv.clone(),
+            hlc: cur.hlc,
+            seq: v.seq,
+        },
+    };
+    let unchanged = vv == cur.vv && w == Winner::Local;
+    if !unchanged {
+        store(
+            tx,
+            &winner,
+            Some(cur),
+            Stamp::Given {
+                vv,
+                origin: winner.origin.clone(),
+                hlc: Some(winner.hlc),
+                via: None,
+            },
+        )?;
+    }
+    let anc = ancestor(tx, &v.rtype, &v.id, &remote.vv)?;
+    let now = tx.now_ms();
+    let c = Conflict {
+        id: 0,
+        rtype: v.rtype.clone(),
+        rid: v.id.clone(),
+        state: ConflictState::Auto,
+        edge: req.edge.clone(),
+        policy: policy.to_owned(),
+        created_ms: now,
+        closed_ms: Some(now),
+        resolution: Some(w.as_str().to_owned()),
+        local,
+        remote,
+        ancestor: anc,
+    };
+    let id = tx.put_conflict(&c)?;
+    Ok(Applied::Conflict { id, settled: true })
+}
+
+fn prepare(rtype: &str, body: &str) -> Result<Prepared, StoreError> {
+    let map = fhirsync_core::resource::parse_resource(body.as_bytes())?;
+    fhirsync_core::resource::check_resource(&map, Some(rtype))?;
+    Ok(Prepared::new(rtype.to_owned(), map))
+}
+
+/// A person settles an open conflict: the chosen content becomes a new
+/// local version whose vector dominates both sides, so it replicates and
+/// closes the same conflict on every node it reaches.
+pub fn resolve(
+    tx: &mut dyn WriteTx,
+    conflict: u64,
+    how: Resolution,
+) -> Result<StoredVersion, StoreError> {
+    let mut c = tx
+        .conflict(conflict)?
+        .ok_or_else(|| StoreError::NotFound(format!("conflict {conflict}")))?;
+    if c.state != ConflictState::Open {
+        return Err(StoreError::State(format!(
+            "conflict {conflict} is {}, not open",
+            c.state.as_str()
+        )));
+    }
+    let cur = tx.current(&c.rtype, &c.rid)?.ok_or_else(|| {
+        StoreError::Backend(format!(
+            "{}/{} of conflict {conflict} vanished",
+            c.rtype, c.rid
+        ))
+    })?;
+    let (res, label) = match how {
+        Resolution::KeepLocal => (
+            tx.read(&c.rtype, &c.rid)?
+                .and_then(|s| s.body)
+                .map(|b| prepare(&c.rtype, &b))
+                .transpose()?,
+            "local",
+        ),
+        Resolution::TakeRemote => (
+            c.remote
+                .body
+                .as_deref()
+                .map(|b| prepare(&c.rtype, b))
+                .transpose()?,
+            "remote",
+        ),
+        Resolution::Merged(p) => {
+            if p.rtype != c.rtype || p.body_id() != Some(c.rid.as_str()) {
+                return Err(StoreError::Unprocessable(format!(
+                    "a merged resource must be {}/{}",
+                    c.rtype, c.rid
+                )));
+            }
+            (Some(p), "merged")
+        }
+    };
+    let vv = cur.vv.merged(&c.remote.vv).bumped(tx.node_id());
+    let node = tx.node_id().to_owned();
+    let rtype = c.rtype.clone();
+    let rid = c.rid.clone();
+    let method = if res.is_some() {
+        Method::Put
+    } else {
+        Method::Delete
+    };
+    let version = tx.insert(NewVersion {
+        rtype: &rtype,
+        id: &rid,
+        res,
+        method,
+        prev: Some(cur),
+        stamp: Stamp::Given {
+            vv,
+            origin: node,
+            hlc: None,
+            via: None,
+        },
+    })?;
+    c.state = ConflictState::Resolved;
+    c.closed_ms = Some(tx.now_ms());
+    c.resolution = Some(label.to_owned());
+    tx.put_conflict(&c)?;
+    let mut a = AuditEntry::new(
+        &c.edge,
+        "resolve",
+        "ok",
+        1,
+        format!(
+            "conflict {conflict} on {rtype}/{rid}: {label}, version {}",
+            version.vid
+        ),
+    );
+    a.last_seq = Some(version.seq);
+    tx.add_audit(&a)?;
+    Ok(version)
+}
+
+/// Bookkeeping writes.
+pub fn sync_write(tx: &mut dyn WriteTx, w: SyncWrite) -> Result<WriteOutcome, StoreError> {
+    match w {
+        SyncWrite::SetCursor { key, seq, audit } => {
+            tx.put_cursor(&key, seq)?;
+            if let Some(a) = audit {
+                tx.add_audit(&a)?;
+            }
+        }
+        SyncWrite::PeerContact { node_id, sent } => tx.put_peer(&node_id, None, sent)?,
+        SyncWrite::Resolve { conflict, how } => {
+            let version = resolve(tx, conflict, how)?;
+            return Ok(WriteOutcome::Written {
+                version,
+                created: false,
+            });
+        }
+        SyncWrite::DeadLetters { letters, cursor } => {
+            for l in &letters {
+                tx.add_dead_letter(l)?;
+                tx.add_audit(&AuditEntry::new(
+                    &l.edge,
+                    "dead-letter",
+                    "stored",
+                    1,
+                    format!(
+                        "{} {}/{} seq {}: {}",
+                        l.direction.as_str(),
+                        l.rtype,
+                        l.rid,
+                        l.seq,
+                        l.error
+                    ),
+                ))?;
+            }
+            if let Some((key, seq)) = cursor {
+                tx.put_cursor(&key, seq)?;
+            }
+        }
+        SyncWrite::DropDeadLetter { id, audit } => {
+            if !tx.drop_dead_letter(id)? {
+                return Err(StoreError::NotFound(format!("dead letter {id}")));
+            }
+            tx.add_audit(&audit)?;
+        }
+        SyncWrite::Audit(a) => tx.add_audit(&a)?,
+    }
+    Ok(WriteOutcome::Done)
+}

@@ -1,0 +1,489 @@
+//! Values of replication that cross the [`crate::Store`] boundary: versions
+//! received from a peer, the apply request that stores them, and the
+//! bookkeeping rows (cursors, conflicts, dead letters, audit, peers). Also
+//! the wire form of a change record (a Bundle entry with the
+//! `sync-metadata` extension), shared by the change feed and the apply
+//! endpoint so both speak exactly one format.
+
+use std::sync::Arc;
+
+use fhirsync_core::replicate::Policy;
+use fhirsync_core::resource::{check_resource, is_resource_type};
+use fhirsync_core::{Hlc, VersionVector};
+use serde_json::{json, Value};
+
+use crate::types::{Prepared, StoredVersion};
+
+/// Canonical base of the extensions fhirsync writes.
+pub const EXTENSION_BASE: &str = "https://fhirsync.dev/fhir/StructureDefinition";
+
+/// Which way data moves on an edge, seen from the child.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// Parent → child.
+    Pull,
+    /// Child → parent.
+    Push,
+}
+
+impl Direction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::Pull => "pull",
+            Direction::Push => "push",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Direction> {
+        match s {
+            "pull" => Some(Direction::Pull),
+            "push" => Some(Direction::Push),
+            _ => None,
+        }
+    }
+}
+
+/// A version as another node stored it, to be applied here.
+#[derive(Debug, Clone)]
+pub struct RemoteVersion {
+    pub rtype: String,
+    pub id: String,
+    /// `None` for a tombstone.
+    pub res: Option<Prepared>,
+    /// The resource JSON as received (kept in conflict and dead-letter records).
+    pub raw: Option<Arc<str>>,
+    pub origin: String,
+    pub vv: VersionVector,
+    pub hlc: Hlc,
+    /// Position in the sender's change log.
+    pub seq: u64,
+}
+
+/// The `sync-metadata` extension of a change-log entry.
+pub fn sync_extension(v: &StoredVersion) -> Value {
+    json!([{
+        "url": format!("{EXTENSION_BASE}/sync-metadata"),
+        "extension": [
+            {"url": "seq", "valueDecimal": v.seq},
+            {"url": "origin", "valueString": v.origin},
+            {"url": "vector", "valueString": v.vv.to_json()},
+            {"url": "hlc", "valueString": v.hlc.to_string()},
+        ]
+    }])
+}
+
+/// One change record as a Bundle entry for `$apply` (the resource is
+/// spliced in as stored, never re-serialized).
+pub fn change_entry_text(base: Option<&str>, v: &StoredVersion) -> String {
+    let method = if v.deleted { "DELETE" } else { "PUT" };
+    let mut out = String::with_capacity(v.body.as_ref().map_or(0, |b| b.len()) + 400);
+    out.push_str("{\"extension\":");
+    out.push_str(&sync_extension(v).to_string());
+    if let Some(base) = base {
+        out.push_str(",\"fullUrl\":");
+        out.push_str(&Value::String(format!("{base}/{}/{}", v.rtype, v.id)).to_string());
+    }
+    if let Some(b) = &v.body {
+        out.push_str(",\"resource\":");
+        out.push_str(b);
+    }
+    out.push_str(",\"request\":");
+    out.push_str(&json!({"method": method, "url": format!("{}/{}", v.rtype, v.id)}).to_string());
+    out.push('}');
+    out
+}
+
+/// The members of an entry's `sync-metadata` extension.
+fn sync_metadata(e: &Value) -> Option<&Vec<Value>> {
+    let url = format!("{EXTENSION_BASE}/sync-metadata");
+    e.get("extension")?
+        .as_array()?
+        .iter()
+        .find(|x| x.get("url").and_then(Value::as_str) == Some(&url))?
+        .get("extension")?
+        .as_array()
+}
+
+/// The sender's `seq` of a change record, if it can be read.
+pub fn entry_seq(e: &Value) -> Option<u64> {
+    sync_metadata(e)?
+        .iter()
+        .find(|x| x.get("url").and_then(Value::as_str) == Some("seq"))?
+        .get("valueDecimal")?
+        .to_string()
+        .parse()
+        .ok()
+}
+
+impl RemoteVersion {
+    /// Reads a change record from a Bundle entry of `$changes` or `$apply`.
+    pub fn from_entry(e: &Value) -> Result<RemoteVersion, String> {
+        let meta = sync_metadata(e).ok_or("entry has no sync-metadata extension")?;
+        let field = |name: &str, kind: &str| {
+            meta.iter()
+                .find(|x| x.get("url").and_then(Value::as_str) == Some(name))
+                .and_then(|x| x.get(kind))
+                .ok_or_else(|| format!("sync-metadata has no '{name}'"))
+        };
+        field("seq", "valueDecimal")?;
+        let seq = entry_seq(e).ok_or("sync-metadata 'seq' is not a non-negative integer")?;
+        let origin = field("origin", "valueString")?
+            .as_str()
+            .ok_or("sync-metadata 'origin' is not a string")?
+            .to_owned();
+        let vv = field("vector", "valueString")?
+            .as_str()
+            .and_then(|s| VersionVector::from_json(s).ok())
+            .ok_or("sync-metadata 'vector' is not a version vector")?;
+        let hlc = field("hlc", "valueString")?
+            .as_str()
+            .and_then(Hlc::parse)
+            .ok_or("sync-metadata 'hlc' is not an HLC timestamp")?;
+        let url = e
+            .pointer("/request/url")
+            .and_then(Value::as_str)
+            .ok_or("entry has no request.url")?;
+        let (rtype, id) = url
+            .split_once('/')
+            .filter(|(t, i)| is_resource_type(t) && !i.is_empty() && !i.contains('/'))
+            .ok_or_else(|| format!("request.url '{url}' is not Type/id"))?;
+        let deleted = e.pointer("/request/method").and_then(Value::as_str) == Some("DELETE");
+        let (res, raw) = if deleted {
+            (None, None)
+        } else {
+            let r = e.get("resource").ok_or("entry has no resource")?;
+            let Value::Object(map) = r.clone() else {
+                return Err("resource is not a JSON object".into());
+            };
+            check_resource(&map, Some(rtype)).map_err(|err| err.to_string())?;
+            if fhirsync_core::resource::body_id(&map) != Some(id) {
+                return Err(format!("resource id is not '{id}'"));
+            }
+            let raw: Arc<str> = Arc::from(r.to_string());
+            (Some(Prepared::new(rtype.to_owned(), map)), Some(raw))
+        };
+        Ok(RemoteVersion {
+            rtype: rtype.to_owned(),
+            id: id.to_owned(),
+            res,
+            raw,
+            origin,
+            vv,
+            hlc,
+            seq,
+        })
+    }
+
+    /// The content hash (`None` for a tombstone).
+    pub fn hash(&self) -> Option<u128> {
+        self.res.as_ref().map(|r| r.hash)
+    }
+}
+
+/// Store versions received from a peer, in one transaction with the
+/// cursor that covers them.
+#[derive(Debug)]
+pub struct ApplyRequest {
+    /// Edge name, for conflicts, dead letters and the audit log.
+    pub edge: String,
+    pub direction: Direction,
+    /// The node the versions came from.
+    pub peer: String,
+    pub policy: Policy,
+    /// In sender log order. Application stops at the first failure.
+    pub versions: Vec<RemoteVersion>,
+    /// Pull: the edge's cursor after this batch (moved only as far as the
+    /// versions that were stored).
+    pub cursor: Option<u64>,
+    /// Records given up on, stored in the same transaction.
+    pub dead_letters: Vec<NewDeadLetter>,
+    /// Recorded as the last `seq` received from `peer` (parent side of a push).
+    pub record_peer: bool,
+}
+
+/// What happened to one incoming version.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Applied {
+    Stored,
+    Skipped,
+    /// A conflict: queued (`manual`) or settled by the policy.
+    Conflict {
+        id: u64,
+        settled: bool,
+    },
+    Failed {
+        status: u16,
+        reason: String,
+    },
+}
+
+#[derive(Debug, Default)]
+pub struct ApplyReport {
+    /// One per version, up to and including the first failure.
+    pub results: Vec<Applied>,
+    pub stored: u64,
+    pub skipped: u64,
+    pub conflicts: u64,
+    /// The cursor as committed (pull).
+    pub cursor: Option<u64>,
+}
+
+impl ApplyReport {
+    pub fn failed(&self) -> Option<(usize, u16, &str)> {
+        self.results.iter().enumerate().find_map(|(i, r)| match r {
+            Applied::Failed { status, reason } => Some((i, *status, reason.as_str())),
+            _ => None,
+        })
+    }
+}
+
+/// One side of a conflict.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConflictSide {
+    pub vv: VersionVector,
+    pub hlc: Hlc,
+    pub origin: String,
+    /// The resource JSON; `None` for a tombstone.
+    pub body: Option<String>,
+}
+
+impl ConflictSide {
+    pub fn to_json(&self) -> Value {
+        let body = self
+            .body
+            .as_deref()
+            .and_then(|b| serde_json::from_str::<Value>(b).ok());
+        json!({
+            "vector": serde_json::to_value(&self.vv).unwrap_or(Value::Null),
+            "hlc": self.hlc.to_string(),
+            "origin": self.origin,
+            "deleted": self.body.is_none(),
+            "resource": body,
+        })
+    }
+    pub fn from_json(v: &Value) -> Option<ConflictSide> {
+        Some(ConflictSide {
+            vv: serde_json::from_value(v.get("vector")?.clone()).ok()?,
+            hlc: Hlc::parse(v.get("hlc")?.as_str()?)?,
+            origin: v.get("origin")?.as_str()?.to_owned(),
+            body: v
+                .get("resource")
+                .filter(|r| !r.is_null())
+                .map(|r| r.to_string()),
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConflictState {
+    /// Waiting for a person (`manual`).
+    Open,
+    /// Settled by a person on this node.
+    Resolved,
+    /// A version that has seen both sides arrived (resolved elsewhere).
+    Superseded,
+    /// Settled by the edge's automatic policy; the loser is kept here.
+    Auto,
+}
+
+impl ConflictState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConflictState::Open => "open",
+            ConflictState::Resolved => "resolved",
+            ConflictState::Superseded => "superseded",
+            ConflictState::Auto => "auto",
+        }
+    }
+    pub fn parse(s: &str) -> Option<ConflictState> {
+        match s {
+            "open" => Some(ConflictState::Open),
+            "resolved" => Some(ConflictState::Resolved),
+            "superseded" => Some(ConflictState::Superseded),
+            "auto" => Some(ConflictState::Auto),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Conflict {
+    pub id: u64,
+    pub rtype: String,
+    pub rid: String,
+    pub state: ConflictState,
+    pub edge: String,
+    pub policy: String,
+    pub created_ms: u64,
+    pub closed_ms: Option<u64>,
+    /// `local`, `remote`, `merged`, or for automatic policies the winner.
+    pub resolution: Option<String>,
+    pub local: ConflictSide,
+    pub remote: ConflictSide,
+    /// The newest local version both sides descend from, when known.
+    pub ancestor: Option<ConflictSide>,
+}
+
+impl Conflict {
+    pub fn to_json(&self) -> Value {
+        json!({
+            "id": self.id,
+            "resourceType": self.rtype,
+            "resourceId": self.rid,
+            "state": self.state.as_str(),
+            "edge": self.edge,
+            "policy": self.policy,
+            "created": fhirsync_core::instant::format_instant(self.created_ms),
+            "closed": self.closed_ms.map(fhirsync_core::instant::format_instant),
+            "resolution": self.resolution,
+            "local": self.local.to_json(),
+            "remote": self.remote.to_json(),
+            "ancestor": self.ancestor.as_ref().map(ConflictSide::to_json),
+        })
+    }
+}
+
+/// How a person settles a conflict.
+#[derive(Debug, Clone)]
+pub enum Resolution {
+    KeepLocal,
+    TakeRemote,
+    /// A merged resource (same type and id).
+    Merged(Prepared),
+}
+
+/// A record given up on after its retries.
+#[derive(Debug, Clone)]
+pub struct NewDeadLetter {
+    pub edge: String,
+    pub direction: Direction,
+    pub rtype: String,
+    pub rid: String,
+    /// Position in the sender's log.
+    pub seq: u64,
+    /// The change record (a Bundle entry), as JSON text.
+    pub record: String,
+    pub error: String,
+    pub attempts: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct DeadLetter {
+    pub id: u64,
+    pub created_ms: u64,
+    pub letter: NewDeadLetter,
+}
+
+impl DeadLetter {
+    pub fn to_json(&self) -> Value {
+        let l = &self.letter;
+        json!({
+            "id": self.id,
+            "created": fhirsync_core::instant::format_instant(self.created_ms),
+            "edge": l.edge,
+            "direction": l.direction.as_str(),
+            "resourceType": l.rtype,
+            "resourceId": l.rid,
+            "seq": l.seq,
+            "error": l.error,
+            "attempts": l.attempts,
+        })
+    }
+}
+
+/// One line of the audit log of sync operations.
+#[derive(Debug, Clone)]
+pub struct AuditEntry {
+    pub id: u64,
+    pub at_ms: u64,
+    pub edge: String,
+    /// `pull`, `push`, `conflict`, `dead-letter`, `resolve`, `retry`, `contact`.
+    pub action: String,
+    /// `ok`, `partial`, `failed`, ...
+    pub outcome: String,
+    pub count: u64,
+    pub first_seq: Option<u64>,
+    pub last_seq: Option<u64>,
+    pub detail: String,
+}
+
+impl AuditEntry {
+    pub fn new(edge: &str, action: &str, outcome: &str, count: u64, detail: String) -> Self {
+        AuditEntry {
+            id: 0,
+            at_ms: 0,
+            edge: edge.to_owned(),
+            action: action.to_owned(),
+            outcome: outcome.to_owned(),
+            count,
+            first_seq: None,
+            last_seq: None,
+            detail,
+        }
+    }
+
+    pub fn to_json(&self) -> Value {
+        json!({
+            "id": self.id,
+            "at": fhirsync_core::instant::format_instant(self.at_ms),
+            "edge": self.edge,
+            "action": self.action,
+            "outcome": self.outcome,
+            "count": self.count,
+            "firstSeq": self.first_seq,
+            "lastSeq": self.last_seq,
+            "detail": self.detail,
+        })
+    }
+}
+
+/// What a parent knows about one child.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PeerInfo {
+    pub node_id: String,
+    pub first_ms: u64,
+    pub last_ms: u64,
+    /// Highest child `seq` received by push.
+    pub last_seq_received: u64,
+    /// Highest own `seq` sent to the child by pull.
+    pub last_seq_sent: u64,
+}
+
+/// Bookkeeping writes that are not resource versions.
+#[derive(Debug)]
+pub enum SyncWrite {
+    /// Moves an edge's cursor (push: after the parent confirmed), with its audit line.
+    SetCursor {
+        key: String,
+        seq: u64,
+        audit: Option<AuditEntry>,
+    },
+    /// A child was in contact; `sent`: the highest `seq` it was sent.
+    PeerContact {
+        node_id: String,
+        sent: Option<u64>,
+    },
+    Resolve {
+        conflict: u64,
+        how: Resolution,
+    },
+    /// Adds dead letters (and moves the cursor past them, when given).
+    DeadLetters {
+        letters: Vec<NewDeadLetter>,
+        cursor: Option<(String, u64)>,
+    },
+    /// Removes a dead letter after its retry succeeded.
+    DropDeadLetter {
+        id: u64,
+        audit: AuditEntry,
+    },
+    Audit(AuditEntry),
+}
+
+/// Which rows a list call returns: newest first, `before` an id cursor.
+#[derive(Debug, Clone, Default)]
+pub struct ListQuery {
+    pub state: Option<String>,
+    pub edge: Option<String>,
+    pub before: Option<u64>,
+    pub count: usize,
+}
