@@ -744,7 +744,7 @@ impl Edge {
                     .map_err(|e| (e.status(), e.to_string()))?;
                 if let WriteOutcome::Applied(rep) = out {
                     if let Some((_, status, why)) = rep.failed() {
-                        return Err((status.max(409), why.to_owned()));
+                        return Err((if status >= 400 { status } else { 409 }, why.to_owned()));
                     }
                 }
             }
@@ -756,7 +756,7 @@ impl Edge {
                     )
                 })?;
                 if let Some((_, status, why)) = ans.failed {
-                    return Err((status.max(409), why));
+                    return Err((if status >= 400 { status } else { 409 }, why));
                 }
             }
         }

@@ -2,10 +2,13 @@
 //! as a child process, each with its own data directory, stopped on drop)
 //! and seeded generators of realistic FHIR data.
 
+pub mod clock;
 pub mod gen;
 pub mod proxy;
 pub mod server;
+pub mod tcp;
 pub mod tls;
 
 pub use proxy::{Proxy, ProxyOptions};
 pub use server::{InProcess, NodeProcess};
+pub use tcp::{Link, TcpProxy};

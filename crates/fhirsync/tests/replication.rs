@@ -199,3 +199,370 @@ async fn pull_and_push_converge_without_echoes() {
         "{ch}"
     );
 }
+
+/// A parent and a child whose edge runs through a TCP proxy, with the
+/// given policy and clocks.
+struct Pair {
+    parent: InProcess,
+    child: InProcess,
+    link: fhirsync_testkit::TcpProxy,
+}
+
+async fn pair(policy: Policy, parent_clock: Arc<dyn Clock>, child_clock: Arc<dyn Clock>) -> Pair {
+    let parent = parent_with("parent", vec![child_cfg("c1")], parent_clock).await;
+    let link = fhirsync_testkit::TcpProxy::start(
+        parent
+            .base
+            .trim_start_matches("http://")
+            .split('/')
+            .next()
+            .unwrap(),
+    )
+    .await;
+    let mut e = edge_to(&parent, "c1");
+    e.url = link.url_for(&parent.base);
+    e.conflict_policy = policy;
+    let child = child_with("c1", e, vec![], child_clock).await;
+    Pair {
+        parent,
+        child,
+        link,
+    }
+}
+
+/// Both nodes hold `Patient/x`; then, cut off from each other, both edit it.
+async fn concurrent_edit(p: &Pair) {
+    assert_eq!(put(&p.parent, "Patient/x", &pat("x")).await.status(), 201);
+    eventually("child has x", 20, || async {
+        has(&p.child, "Patient/x").await
+    })
+    .await;
+    p.link.set(fhirsync_testkit::Link::Down);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let at_parent = json!({"resourceType":"Patient","id":"x","gender":"female"});
+    let at_child = json!({"resourceType":"Patient","id":"x","gender":"male"});
+    assert_eq!(put(&p.parent, "Patient/x", &at_parent).await.status(), 200);
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert_eq!(put(&p.child, "Patient/x", &at_child).await.status(), 200);
+    p.link.set(fhirsync_testkit::Link::Up);
+}
+
+async fn conflicts_of(s: &InProcess, state: &str) -> Vec<Value> {
+    admin(s, &format!("conflicts?state={state}")).await["items"]
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn manual_conflict_is_the_same_on_both_sides_and_resolution_replicates() {
+    let p = pair(Policy::Manual, Arc::new(SystemClock), Arc::new(SystemClock)).await;
+    concurrent_edit(&p).await;
+    eventually("a conflict on both nodes", 30, || async {
+        conflicts_of(&p.parent, "open").await.len() == 1
+            && conflicts_of(&p.child, "open").await.len() == 1
+    })
+    .await;
+    let (pc, cc) = (
+        conflicts_of(&p.parent, "open").await.remove(0),
+        conflicts_of(&p.child, "open").await.remove(0),
+    );
+    // The same pair of versions, seen from each side, with their ancestor.
+    assert_eq!(pc["local"]["vector"], cc["remote"]["vector"], "{pc}\n{cc}");
+    assert_eq!(pc["remote"]["vector"], cc["local"]["vector"]);
+    assert_eq!(pc["local"]["resource"]["gender"], "female");
+    assert_eq!(cc["local"]["resource"]["gender"], "male");
+    assert_eq!(pc["ancestor"]["vector"], cc["ancestor"]["vector"]);
+    assert!(pc["ancestor"]["resource"]["gender"].is_null());
+    // Each keeps its own version meanwhile.
+    let (_, v) = status_json(get(&p.parent, "Patient/x").await).await;
+    assert_eq!(v["gender"], "female");
+    // Resolve on the child with a merged resource: it replicates and
+    // closes the parent's conflict.
+    let id = cc["id"].as_u64().unwrap();
+    let r = p
+        .child
+        .client
+        .post(
+            p.child
+                .base
+                .replace("/fhir", &format!("/admin/conflicts/{id}/resolve")),
+        )
+        .json(&json!({"resource": {"resourceType":"Patient","id":"x","gender":"other"}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    eventually("resolution reached the parent", 30, || async {
+        let (_, v) = status_json(get(&p.parent, "Patient/x").await).await;
+        v["gender"] == "other"
+    })
+    .await;
+    eventually("the parent's conflict closed", 10, || async {
+        conflicts_of(&p.parent, "superseded").await.len() == 1
+    })
+    .await;
+    assert!(conflicts_of(&p.parent, "open").await.is_empty());
+    assert_eq!(conflicts_of(&p.child, "resolved").await.len(), 1);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(digest(&p.parent).await, digest(&p.child).await);
+    // Resolving twice is refused and changes nothing.
+    let r = p
+        .child
+        .client
+        .post(
+            p.child
+                .base
+                .replace("/fhir", &format!("/admin/conflicts/{id}/resolve")),
+        )
+        .json(&json!({"keep": "local"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 409);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn hlc_lww_picks_the_same_winner_everywhere_with_skewed_clocks() {
+    use fhirsync_testkit::clock::SkewedClock;
+    // The parent's clock runs 5 minutes ahead: its edit, made first in real
+    // time, has the later HLC and wins on both nodes.
+    let p = pair(
+        Policy::HlcLww,
+        Arc::new(SkewedClock { offset_ms: 300_000 }),
+        Arc::new(SkewedClock {
+            offset_ms: -120_000,
+        }),
+    )
+    .await;
+    concurrent_edit(&p).await;
+    eventually("both hold the parent's edit", 30, || async {
+        let (_, a) = status_json(get(&p.parent, "Patient/x").await).await;
+        let (_, b) = status_json(get(&p.child, "Patient/x").await).await;
+        a["gender"] == "female" && b["gender"] == "female"
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(digest(&p.parent).await, digest(&p.child).await);
+    let pv = p.parent.store.read("Patient", "x").await.unwrap().unwrap();
+    let cv = p.child.store.read("Patient", "x").await.unwrap().unwrap();
+    assert_eq!(pv.vv, cv.vv, "the same vector on both");
+    assert_eq!(pv.hlc, cv.hlc);
+    // The loser is kept in a conflict record on each node.
+    for s in [&p.parent, &p.child] {
+        let auto = conflicts_of(s, "auto").await;
+        assert!(!auto.is_empty());
+        assert!(auto.iter().all(|c| c["policy"] == "hlc-lww"));
+    }
+    assert!(conflicts_of(&p.parent, "open").await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn source_wins_keeps_the_parents_version_on_both() {
+    let p = pair(
+        Policy::SourceWins,
+        Arc::new(SystemClock),
+        Arc::new(SystemClock),
+    )
+    .await;
+    concurrent_edit(&p).await;
+    eventually("both hold the parent's edit", 30, || async {
+        let (_, a) = status_json(get(&p.parent, "Patient/x").await).await;
+        let (_, b) = status_json(get(&p.child, "Patient/x").await).await;
+        a["gender"] == "female" && b["gender"] == "female"
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(digest(&p.parent).await, digest(&p.child).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn only_registered_children_with_their_token() {
+    let parent = parent_with(
+        "parent",
+        vec![
+            child_cfg("c1"),
+            ChildConfig {
+                push: false,
+                ..child_cfg("c2")
+            },
+        ],
+        Arc::new(SystemClock),
+    )
+    .await;
+    let changes = parent.url("$changes");
+    let call = |token: Option<&str>, node: &str| {
+        let mut rb = parent.client.get(&changes).header("x-fhirsync-node", node);
+        if let Some(t) = token {
+            rb = rb.bearer_auth(t);
+        }
+        rb.send()
+    };
+    assert_eq!(call(None, "c1").await.unwrap().status(), 401);
+    assert_eq!(
+        call(Some("wrong-token-0123456789"), "c1")
+            .await
+            .unwrap()
+            .status(),
+        401
+    );
+    assert_eq!(
+        call(Some("token-of-c1-0123456789"), "c2")
+            .await
+            .unwrap()
+            .status(),
+        403
+    );
+    assert_eq!(
+        call(Some("token-of-c1-0123456789"), "c1")
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    // c2 may pull but not push.
+    let r = parent
+        .client
+        .post(parent.url("$apply"))
+        .bearer_auth("token-of-c2-0123456789")
+        .header("x-fhirsync-node", "c2")
+        .header("content-type", FHIR_JSON)
+        .body(r#"{"resourceType":"Bundle","type":"collection"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    let r = expect_outcome(
+        parent
+            .client
+            .post(parent.url("$apply"))
+            .bearer_auth("token-of-c1-0123456789")
+            .header("x-fhirsync-node", "c1")
+            .header("content-type", FHIR_JSON)
+            .body("[]")
+            .send()
+            .await
+            .unwrap(),
+        400,
+    )
+    .await;
+    assert!(r.contains("Bundle"), "{r}");
+    assert_eq!(parent.store.last_seq(), 0, "refused calls change nothing");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn refused_records_become_dead_letters_and_retry() {
+    // The parent takes only Patients from c1: the child's Observation is
+    // refused, retried, then set aside; the Patient after it still goes.
+    let parent = parent_with(
+        "parent",
+        vec![ChildConfig {
+            push_types: vec!["Patient".into()],
+            ..child_cfg("c1")
+        }],
+        Arc::new(SystemClock),
+    )
+    .await;
+    let mut e = edge_to(&parent, "c1");
+    e.on_error = OnError::DeadLetter;
+    e.retry_max = 3;
+    e.retry_delay_ms_max = 100;
+    let child = child_with("c1", e, vec![], Arc::new(SystemClock)).await;
+    assert_eq!(
+        put(&child, "Observation/o1", &obs("o1", "1"))
+            .await
+            .status(),
+        201
+    );
+    assert_eq!(
+        put(&child, "Patient/after", &pat("after")).await.status(),
+        201
+    );
+    eventually("the Patient after it reached the parent", 30, || async {
+        has(&parent, "Patient/after").await
+    })
+    .await;
+    assert!(!has(&parent, "Observation/o1").await);
+    let dl = admin(&child, "deadletters").await["items"]
+        .as_array()
+        .unwrap()
+        .clone();
+    assert_eq!(dl.len(), 1, "{dl:?}");
+    assert_eq!(dl[0]["resourceType"], "Observation");
+    assert_eq!(dl[0]["attempts"], 3);
+    assert!(dl[0]["error"].as_str().unwrap().contains("403"), "{dl:?}");
+    // Retrying while the parent still refuses keeps the letter.
+    let id = dl[0]["id"].as_u64().unwrap();
+    let url = child
+        .base
+        .replace("/fhir", &format!("/admin/deadletters/{id}/retry"));
+    let r = child.client.post(&url).send().await.unwrap();
+    assert_eq!(r.status(), 403);
+    assert_eq!(
+        admin(&child, "deadletters").await["items"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    let audit = admin(&child, "audit?action=dead-letter").await;
+    assert_eq!(audit["items"].as_array().unwrap().len(), 1, "{audit}");
+    let m = child
+        .client
+        .get(child.base.replace("/fhir", "/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        m.contains("fhirsync_edge_dead_letters_total{edge=\"parent\",direction=\"push\"} 1"),
+        "{m}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn filters_and_pull_only_edges() {
+    let parent = parent_with("parent", vec![child_cfg("c1")], Arc::new(SystemClock)).await;
+    let mut e = edge_to(&parent, "c1");
+    e.push = false;
+    e.pull_filter = fhirsync_replica::FilterConfig {
+        types: vec!["Patient".into()],
+        fhirpath: Some("gender = 'female'".into()),
+    };
+    let child = child_with("c1", e, vec![], Arc::new(SystemClock)).await;
+    put(
+        &parent,
+        "Patient/f",
+        &json!({"resourceType":"Patient","id":"f","gender":"female"}),
+    )
+    .await;
+    put(
+        &parent,
+        "Patient/m",
+        &json!({"resourceType":"Patient","id":"m","gender":"male"}),
+    )
+    .await;
+    put(&parent, "Observation/o", &obs("o", "x")).await;
+    put(
+        &parent,
+        "Patient/last",
+        &json!({"resourceType":"Patient","id":"last","gender":"female"}),
+    )
+    .await;
+    eventually("filtered pull", 20, || async {
+        has(&child, "Patient/last").await
+    })
+    .await;
+    assert!(has(&child, "Patient/f").await);
+    assert!(!has(&child, "Patient/m").await);
+    assert!(!has(&child, "Observation/o").await);
+    // A pull-only edge never pushes.
+    put(&child, "Patient/local", &pat("local")).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(!has(&parent, "Patient/local").await);
+    let st = admin(&child, "status").await;
+    assert_eq!(st["edges"][0]["push"]["state"], "off", "{st}");
+    assert_eq!(st["edges"][0]["pull"]["lagSeq"], 0, "{st}");
+}
