@@ -1,7 +1,10 @@
 //! The `fhirsync` command: `serve` runs a node, `import` loads files into a
-//! node's store without HTTP.
+//! node's store without HTTP, `sync` copies between servers, `demo` shows
+//! replication, and `status`/`conflicts`/`deadletters` call a node's admin API.
 
+mod admin_cmd;
 mod config;
+mod demo;
 mod import;
 mod lock;
 mod serve;
@@ -49,6 +52,27 @@ enum Command {
     },
     /// Copy, compare or follow FHIR data between two servers or from a directory.
     Sync(Box<sync_cmd::SyncArgs>),
+    /// Start a parent and two children on 127.0.0.1 and show data flowing.
+    Demo(demo::DemoArgs),
+    /// A running node's edges, children, conflicts and dead letters.
+    Status {
+        #[command(flatten)]
+        target: admin_cmd::Target,
+    },
+    /// List, show and resolve a running node's conflicts.
+    Conflicts {
+        #[command(flatten)]
+        target: admin_cmd::Target,
+        #[command(subcommand)]
+        cmd: admin_cmd::ConflictsCmd,
+    },
+    /// List and retry a running node's dead letters.
+    Deadletters {
+        #[command(flatten)]
+        target: admin_cmd::Target,
+        #[command(subcommand)]
+        cmd: admin_cmd::DeadLettersCmd,
+    },
     /// Load .json resources, Bundles and .ndjson files into a node's store,
     /// all or nothing.
     Import {
@@ -70,6 +94,10 @@ fn main() -> ExitCode {
             config::Config::load(&node, listen.as_deref()).and_then(serve::run)
         }
         Command::Sync(a) => sync_cmd::run(*a),
+        Command::Demo(a) => demo::run(a),
+        Command::Status { target } => admin_cmd::status(target),
+        Command::Conflicts { target, cmd } => admin_cmd::conflicts(target, cmd),
+        Command::Deadletters { target, cmd } => admin_cmd::dead_letters(target, cmd),
         Command::Import {
             node,
             batch_size,

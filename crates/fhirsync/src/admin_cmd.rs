@@ -1,0 +1,305 @@
+//! `fhirsync status`, `conflicts` and `deadletters`: thin clients of a
+//! running node's admin API that print what it answers.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use serde_json::{json, Value};
+
+/// Where the node's admin API is.
+#[derive(Args, Debug, Clone)]
+pub struct Target {
+    /// The node's address (its `/fhir` base or its root).
+    #[arg(long, env = "FHIRSYNC_URL", default_value = "http://127.0.0.1:8080")]
+    pub url: String,
+    /// The node's admin token, when it has one.
+    #[arg(long, env = "FHIRSYNC_ADMIN_TOKEN")]
+    pub admin_token: Option<String>,
+    /// Print the API's JSON instead of a summary.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ConflictsCmd {
+    /// Conflicts, newest first.
+    List {
+        /// open, resolved, superseded or auto.
+        #[arg(long, default_value = "open")]
+        state: String,
+    },
+    /// Both sides and the common ancestor of one conflict.
+    Show { id: u64 },
+    /// Settles a conflict with a new version that replicates.
+    Resolve {
+        id: u64,
+        /// Keep `local` or take `remote`.
+        #[arg(long, conflicts_with = "resource")]
+        keep: Option<String>,
+        /// A merged resource (JSON file).
+        #[arg(long)]
+        resource: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DeadLettersCmd {
+    /// Records set aside after their retries.
+    List,
+    /// Sends (or applies) dead letters again; removed when they go through.
+    Retry {
+        /// One dead letter.
+        id: Option<u64>,
+        /// Every dead letter, oldest first.
+        #[arg(long, conflicts_with = "id")]
+        all: bool,
+    },
+}
+
+impl Target {
+    fn admin(&self, path: &str) -> String {
+        let root = self.url.trim_end_matches('/').trim_end_matches("/fhir");
+        format!("{root}/admin/{path}")
+    }
+
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> anyhow::Result<Value> {
+        let url = self.admin(path);
+        let mut rb = reqwest::Client::new().request(method, &url);
+        if let Some(t) = &self.admin_token {
+            rb = rb.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            rb = rb.json(&b);
+        }
+        let r = rb
+            .send()
+            .await
+            .with_context(|| format!("cannot reach {url}"))?;
+        let status = r.status().as_u16();
+        let v: Value = r.json().await.unwrap_or(Value::Null);
+        if status != 200 {
+            let why = fhirsync_sync::client::outcome_text(&v);
+            anyhow::bail!("{url} answered {status}: {why}");
+        }
+        Ok(v)
+    }
+}
+
+fn run_async(f: impl std::future::Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?
+        .block_on(f)
+}
+
+fn print_json(v: &Value) {
+    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+}
+
+pub fn status(t: Target) -> anyhow::Result<()> {
+    run_async(async {
+        let v = t.call(reqwest::Method::GET, "status", None).await?;
+        if t.json {
+            print_json(&v);
+            return Ok(());
+        }
+        println!(
+            "node {}  last seq {}",
+            v["nodeId"].as_str().unwrap_or("?"),
+            v["lastSeq"]
+        );
+        println!(
+            "open conflicts {}  dead letters {}",
+            v["openConflicts"], v["deadLetters"]
+        );
+        for e in v["edges"].as_array().into_iter().flatten() {
+            println!(
+                "edge {} → {} ({}), policy {}",
+                e["name"].as_str().unwrap_or("?"),
+                e["parentNodeId"].as_str().unwrap_or("not reached yet"),
+                e["parentUrl"].as_str().unwrap_or("?"),
+                e["conflictPolicy"].as_str().unwrap_or("?")
+            );
+            for d in ["pull", "push"] {
+                let s = &e[d];
+                println!(
+                    "  {d:<4} {:<9} cursor {:>8}  lag {:>6}  stored {}  skipped {}  conflicts {}  filtered {}  dead letters {}  errors {}{}",
+                    s["state"].as_str().unwrap_or("?"),
+                    s["cursor"], s["lagSeq"], s["stored"], s["skipped"], s["conflicts"],
+                    s["filtered"], s["deadLetters"], s["errors"],
+                    s["lastError"].as_str().map(|e| format!("\n       last error: {e}")).unwrap_or_default()
+                );
+            }
+        }
+        for c in v["children"].as_array().into_iter().flatten() {
+            println!(
+                "child {}  last contact {}  received up to {}  sent up to {}  lag {}",
+                c["nodeId"].as_str().unwrap_or("?"),
+                c["lastContact"].as_str().unwrap_or("never"),
+                c["lastSeqReceived"],
+                c["lastSeqSent"],
+                c["lagSeq"]
+            );
+        }
+        Ok(())
+    })
+}
+
+fn side_summary(s: &Value) -> String {
+    let what = if s["deleted"] == true {
+        "deleted".to_string()
+    } else {
+        s["resource"].to_string()
+    };
+    format!(
+        "by {} at {} {}: {what}",
+        s["origin"].as_str().unwrap_or("?"),
+        s["hlc"].as_str().unwrap_or("?"),
+        s["vector"]
+    )
+}
+
+pub fn conflicts(t: Target, cmd: ConflictsCmd) -> anyhow::Result<()> {
+    run_async(async {
+        match cmd {
+            ConflictsCmd::List { state } => {
+                let v = t
+                    .call(
+                        reqwest::Method::GET,
+                        &format!("conflicts?state={state}"),
+                        None,
+                    )
+                    .await?;
+                if t.json {
+                    print_json(&v);
+                    return Ok(());
+                }
+                let items = v["items"].as_array().cloned().unwrap_or_default();
+                if items.is_empty() {
+                    println!("no {state} conflicts");
+                }
+                for c in items {
+                    println!(
+                        "{:>5}  {}/{}  {}  edge {}  {}",
+                        c["id"],
+                        c["resourceType"].as_str().unwrap_or("?"),
+                        c["resourceId"].as_str().unwrap_or("?"),
+                        c["state"].as_str().unwrap_or("?"),
+                        c["edge"].as_str().unwrap_or("?"),
+                        c["created"].as_str().unwrap_or("?")
+                    );
+                }
+            }
+            ConflictsCmd::Show { id } => {
+                let c = t
+                    .call(reqwest::Method::GET, &format!("conflicts/{id}"), None)
+                    .await?;
+                if t.json {
+                    print_json(&c);
+                    return Ok(());
+                }
+                println!(
+                    "conflict {id} on {}/{} ({}, policy {})",
+                    c["resourceType"].as_str().unwrap_or("?"),
+                    c["resourceId"].as_str().unwrap_or("?"),
+                    c["state"].as_str().unwrap_or("?"),
+                    c["policy"].as_str().unwrap_or("?")
+                );
+                println!("local    {}", side_summary(&c["local"]));
+                println!("remote   {}", side_summary(&c["remote"]));
+                if !c["ancestor"].is_null() {
+                    println!("ancestor {}", side_summary(&c["ancestor"]));
+                }
+            }
+            ConflictsCmd::Resolve { id, keep, resource } => {
+                let body = match (keep.as_deref(), resource) {
+                    (Some(k @ ("local" | "remote")), None) => json!({"keep": k}),
+                    (Some(k), None) => anyhow::bail!("--keep must be local or remote, not '{k}'"),
+                    (None, Some(p)) => {
+                        let text = std::fs::read_to_string(&p)
+                            .with_context(|| format!("cannot read {}", p.display()))?;
+                        let r: Value = serde_json::from_str(&text)
+                            .with_context(|| format!("{} is not JSON", p.display()))?;
+                        json!({"resource": r})
+                    }
+                    _ => anyhow::bail!("give --keep local|remote or --resource FILE"),
+                };
+                let v = t
+                    .call(
+                        reqwest::Method::POST,
+                        &format!("conflicts/{id}/resolve"),
+                        Some(body),
+                    )
+                    .await?;
+                if t.json {
+                    print_json(&v);
+                } else {
+                    println!(
+                        "conflict {id} resolved: {}",
+                        v["resolved"].as_str().unwrap_or("?")
+                    );
+                }
+            }
+        }
+        Ok(())
+    })
+}
+
+pub fn dead_letters(t: Target, cmd: DeadLettersCmd) -> anyhow::Result<()> {
+    run_async(async {
+        match cmd {
+            DeadLettersCmd::List => {
+                let v = t.call(reqwest::Method::GET, "deadletters", None).await?;
+                if t.json {
+                    print_json(&v);
+                    return Ok(());
+                }
+                let items = v["items"].as_array().cloned().unwrap_or_default();
+                if items.is_empty() {
+                    println!("no dead letters");
+                }
+                for d in items {
+                    println!(
+                        "{:>5}  {} {}/{} seq {}  after {} attempts: {}",
+                        d["id"],
+                        d["direction"].as_str().unwrap_or("?"),
+                        d["resourceType"].as_str().unwrap_or("?"),
+                        d["resourceId"].as_str().unwrap_or("?"),
+                        d["seq"],
+                        d["attempts"],
+                        d["error"].as_str().unwrap_or("?")
+                    );
+                }
+            }
+            DeadLettersCmd::Retry { id, all } => {
+                let path = match (id, all) {
+                    (Some(id), false) => format!("deadletters/{id}/retry"),
+                    (None, true) => "deadletters/retry".into(),
+                    _ => anyhow::bail!("give a dead letter id or --all"),
+                };
+                let v = t.call(reqwest::Method::POST, &path, None).await?;
+                if t.json {
+                    print_json(&v);
+                    return Ok(());
+                }
+                let ok = v["retried"].as_array().map_or(0, |a| a.len());
+                let failed = v["failed"].as_array().cloned().unwrap_or_default();
+                println!("{ok} went through, {} still failing", failed.len());
+                for f in &failed {
+                    println!("  {}: {}", f["id"], f["error"].as_str().unwrap_or("?"));
+                }
+                if !failed.is_empty() {
+                    anyhow::bail!("{} dead letters still fail", failed.len());
+                }
+            }
+        }
+        Ok(())
+    })
+}
