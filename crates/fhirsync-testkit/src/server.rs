@@ -117,9 +117,19 @@ impl NodeProcess {
     /// Starts `bin serve --listen 127.0.0.1:0 --data-dir DIR` plus `extra`
     /// and waits until it listens.
     pub fn spawn(bin: &Path, data_dir: &Path, extra: &[&str]) -> anyhow::Result<NodeProcess> {
+        Self::spawn_at(bin, data_dir, "127.0.0.1:0", extra)
+    }
+
+    /// Like [`NodeProcess::spawn`] on a given address (a restart that keeps its port).
+    pub fn spawn_at(
+        bin: &Path,
+        data_dir: &Path,
+        listen: &str,
+        extra: &[&str],
+    ) -> anyhow::Result<NodeProcess> {
         let mut child = Command::new(bin)
             .arg("serve")
-            .args(["--listen", "127.0.0.1:0", "--data-dir"])
+            .args(["--listen", listen, "--data-dir"])
             .arg(data_dir)
             .args(extra)
             .env("RUST_LOG", "warn")

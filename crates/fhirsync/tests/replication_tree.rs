@@ -1,0 +1,470 @@
+//! Replication between real `fhirsync serve` processes on 127.0.0.1: a
+//! three-level tree with filters and a pull-only edge, a child cut off
+//! through a TCP proxy, and SIGKILLs at random moments during a 50k sync.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use fhirsync_store::sqlite::{SqliteConfig, SqliteStore};
+use fhirsync_store::{ChangesQuery, Store};
+use fhirsync_testkit::gen::Rng;
+use fhirsync_testkit::{Link, NodeProcess, TcpProxy};
+use serde_json::{json, Value};
+
+const BIN: &str = env!("CARGO_BIN_EXE_fhirsync");
+
+fn token(child: &str) -> String {
+    format!("tok-{child}-0123456789abcdef")
+}
+
+/// Writes a node's config: its registered children and its parent edge
+/// (`parent`: URL, then extra `[parent]` lines).
+fn config(root: &Path, id: &str, children: &[&str], parent: Option<(&str, &str)>) -> PathBuf {
+    let mut t = format!("node_id = \"{id}\"\nlog = \"warn\"\n");
+    for c in children {
+        t.push_str(&format!(
+            "[[children]]\nnode_id = \"{c}\"\ntoken = \"{}\"\n",
+            token(c)
+        ));
+    }
+    if let Some((url, extra)) = parent {
+        t.push_str(&format!(
+            "[parent]\nurl = \"{url}\"\ntoken = \"{}\"\nlong_poll_s = 2\nretry_delay_ms_max = 300\n{extra}\n",
+            token(id)
+        ));
+    }
+    let p = root.join(format!("{id}.toml"));
+    std::fs::write(&p, t).unwrap();
+    p
+}
+
+fn spawn(root: &Path, id: &str, cfg: &Path) -> NodeProcess {
+    NodeProcess::spawn(
+        Path::new(BIN),
+        &root.join(id),
+        &["--config", cfg.to_str().unwrap()],
+    )
+    .unwrap()
+}
+
+fn host_port(base: &str) -> &str {
+    base.trim_start_matches("http://")
+        .split('/')
+        .next()
+        .unwrap()
+}
+
+async fn put(base: &str, res: &Value) {
+    let url = format!(
+        "{base}/{}/{}",
+        res["resourceType"].as_str().unwrap(),
+        res["id"].as_str().unwrap()
+    );
+    let r = reqwest::Client::new()
+        .put(&url)
+        .header("content-type", "application/fhir+json")
+        .body(res.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "PUT {url}: {}", r.status());
+}
+
+async fn exists(base: &str, path: &str) -> bool {
+    reqwest::Client::new()
+        .get(format!("{base}/{path}"))
+        .send()
+        .await
+        .map(|r| r.status() == 200)
+        .unwrap_or(false)
+}
+
+async fn eventually(
+    what: &str,
+    secs: u64,
+    f: impl Fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send>>,
+) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while Instant::now() < deadline {
+        if f().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("timed out waiting for: {what}");
+}
+
+/// What a stopped node's store holds: (type, id) → content hash, and the
+/// number of versions of each resource.
+type Digest = BTreeMap<(String, String), Option<u128>>;
+
+async fn read_store(
+    data_dir: &Path,
+) -> (
+    Digest,
+    BTreeMap<(String, String), usize>,
+    u64,
+    Vec<(String, u64, u64)>,
+) {
+    let store = SqliteStore::open(SqliteConfig::new(SqliteStore::db_path(data_dir))).unwrap();
+    let (mut d, mut n) = (BTreeMap::new(), BTreeMap::new());
+    let mut since = 0;
+    loop {
+        let rows = store
+            .changes(ChangesQuery {
+                since,
+                count: 5000,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let Some(last) = rows.last() else { break };
+        since = last.seq;
+        for v in rows {
+            let h = v.body.as_deref().map(|b| {
+                let m: serde_json::Map<String, Value> = serde_json::from_str(b).unwrap();
+                fhirsync_core::meta::content_hash(&v.rtype, &fhirsync_core::meta::split(&m))
+            });
+            *n.entry((v.rtype.clone(), v.id.clone())).or_insert(0) += 1;
+            d.insert((v.rtype, v.id), h);
+        }
+    }
+    let last = store.last_seq();
+    let cursors = store.cursors().await.unwrap();
+    store.shutdown();
+    (d, n, last, cursors)
+}
+
+fn obs(id: &str, subject: &str) -> Value {
+    json!({"resourceType":"Observation","id":id,"status":"final","code":{"text":"bp"},
+           "subject":{"reference":subject},"valueString":"120/80"})
+}
+
+fn pat(id: &str, city: &str) -> Value {
+    json!({"resourceType":"Patient","id":id,"address":[{"city":city}]})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_level_tree_with_filters_and_a_pull_only_edge() {
+    let root = tempfile::tempdir().unwrap();
+    let r = root.path();
+    let p_cfg = config(r, "national", &["district", "clinic-b"], None);
+    let mut national = spawn(r, "national", &p_cfg);
+    let d_cfg = config(r, "district", &["clinic-a"], Some((&national.base, "")));
+    let mut district = spawn(r, "district", &d_cfg);
+    let a_cfg = config(r, "clinic-a", &[], Some((&district.base, "")));
+    let mut clinic_a = spawn(r, "clinic-a", &a_cfg);
+    // clinic-b only pulls, and only Patients of Kisumu.
+    let b_cfg = config(
+        r,
+        "clinic-b",
+        &[],
+        Some((&national.base, "push = false\n[parent.pull_filter]\ntypes = [\"Patient\"]\nfhirpath = \"address.city = 'Kisumu'\"")),
+    );
+    let mut clinic_b = spawn(r, "clinic-b", &b_cfg);
+
+    put(&clinic_a.base, &pat("a1", "Kisumu")).await;
+    put(&clinic_a.base, &obs("a1-o", "Patient/a1")).await;
+    put(&clinic_a.base, &pat("a2", "Nairobi")).await;
+    put(&national.base, &pat("n1", "Kisumu")).await;
+    put(&district.base, &obs("d-o", "Patient/n1")).await;
+    put(&clinic_b.base, &pat("b-local", "Kisumu")).await;
+
+    let all = [
+        "Patient/a1",
+        "Observation/a1-o",
+        "Patient/a2",
+        "Patient/n1",
+        "Observation/d-o",
+    ];
+    for (name, base) in [
+        ("national", &national.base),
+        ("district", &district.base),
+        ("clinic-a", &clinic_a.base),
+    ] {
+        for p in all {
+            let (b, p2) = (base.clone(), p.to_string());
+            eventually(&format!("{p} at {name}"), 30, move || {
+                let (b, p2) = (b.clone(), p2.clone());
+                Box::pin(async move { exists(&b, &p2).await })
+            })
+            .await;
+        }
+    }
+    for p in ["Patient/a1", "Patient/n1"] {
+        let (b, p2) = (clinic_b.base.clone(), p.to_string());
+        eventually(&format!("{p} at clinic-b"), 30, move || {
+            let (b, p2) = (b.clone(), p2.clone());
+            Box::pin(async move { exists(&b, &p2).await })
+        })
+        .await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Filters held: no Observations and no Nairobi patient at clinic-b.
+    for p in ["Observation/a1-o", "Observation/d-o", "Patient/a2"] {
+        assert!(
+            !exists(&clinic_b.base, p).await,
+            "{p} must not reach clinic-b"
+        );
+    }
+    // The pull-only edge never pushed.
+    for base in [&national.base, &district.base, &clinic_a.base] {
+        assert!(!exists(base, "Patient/b-local").await);
+    }
+    let status: Value = reqwest::get(clinic_a.base.replace("/fhir", "/admin/status"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(status["edges"][0]["parentNodeId"], "district", "{status}");
+    let children: Value = reqwest::get(national.base.replace("/fhir", "/admin/children"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let b = children["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["nodeId"] == "clinic-b")
+        .unwrap();
+    assert_eq!(b["lastSeqReceived"], 0, "clinic-b never pushed: {children}");
+    assert!(b["lastContact"].is_string(), "{children}");
+
+    for n in [&mut clinic_a, &mut clinic_b, &mut district, &mut national] {
+        n.terminate(Duration::from_secs(20)).unwrap();
+    }
+    // The three full nodes hold the same set, each version stored once.
+    let (dn, nn, ..) = read_store(&r.join("national")).await;
+    let (dd, nd, ..) = read_store(&r.join("district")).await;
+    let (da, na, ..) = read_store(&r.join("clinic-a")).await;
+    assert_eq!(dn, dd);
+    assert_eq!(dn, da);
+    for n in [nn, nd, na] {
+        assert!(
+            n.values().all(|c| *c == 1),
+            "a version was stored twice: {n:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_child_cut_off_keeps_writing_and_converges_after_reconnection() {
+    let root = tempfile::tempdir().unwrap();
+    let r = root.path();
+    let p_cfg = config(r, "parent", &["c1", "c2"], None);
+    let mut parent = spawn(r, "parent", &p_cfg);
+    let link = TcpProxy::start(host_port(&parent.base)).await;
+    let c1_cfg = config(r, "c1", &[], Some((&link.url_for(&parent.base), "")));
+    let mut c1 = spawn(r, "c1", &c1_cfg);
+    let c2_cfg = config(r, "c2", &[], Some((&parent.base, "")));
+    let mut c2 = spawn(r, "c2", &c2_cfg);
+    let mut rng = Rng::new(7);
+    for i in 0..50 {
+        put(&parent.base, &pat(&format!("p{i}"), "Kisumu")).await;
+    }
+    let b = c1.base.clone();
+    eventually("c1 has the parent's patients", 30, move || {
+        let b = b.clone();
+        Box::pin(async move { exists(&b, "Patient/p49").await })
+    })
+    .await;
+    // Offline: dropped connections, then a stalled link, while all write.
+    link.set(Link::Down);
+    for round in 0..3 {
+        for i in 0..40 {
+            let id = format!("c1-r{round}-{i}");
+            put(&c1.base, &obs(&id, &format!("Patient/p{}", rng.below(50)))).await;
+            put(&c2.base, &obs(&format!("c2-r{round}-{i}"), "Patient/p1")).await;
+            put(
+                &parent.base,
+                &pat(&format!("p{}", 100 + round * 40 + i), "Eldoret"),
+            )
+            .await;
+        }
+        link.set(if round == 0 {
+            Link::Stalled
+        } else {
+            Link::Down
+        });
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let b = parent.base.clone();
+    assert!(
+        !exists(&b, "Observation/c1-r0-0").await,
+        "the link was down"
+    );
+    link.set(Link::Up);
+    let (pb, c1b, c2b) = (parent.base.clone(), c1.base.clone(), c2.base.clone());
+    eventually("everything everywhere", 60, move || {
+        let (pb, c1b, c2b) = (pb.clone(), c1b.clone(), c2b.clone());
+        Box::pin(async move {
+            exists(&pb, "Observation/c1-r2-39").await
+                && exists(&c2b, "Observation/c1-r2-39").await
+                && exists(&c1b, "Observation/c2-r2-39").await
+                && exists(&c1b, "Patient/p219").await
+        })
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for n in [&mut c1, &mut c2, &mut parent] {
+        n.terminate(Duration::from_secs(20)).unwrap();
+    }
+    let (dp, np, ..) = read_store(&r.join("parent")).await;
+    let (d1, n1, ..) = read_store(&r.join("c1")).await;
+    let (d2, n2, ..) = read_store(&r.join("c2")).await;
+    assert_eq!(dp.len(), 50 + 120 + 120 + 120);
+    assert_eq!(dp, d1);
+    assert_eq!(dp, d2);
+    for n in [np, n1, n2] {
+        assert!(n.values().all(|c| *c == 1), "a version was stored twice");
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigkill_twenty_times_during_a_50k_sync_loses_and_duplicates_nothing() {
+    const PARENT_RESOURCES: u64 = 50_000;
+    const CHILD_RESOURCES: u64 = 3_000;
+    let root = tempfile::tempdir().unwrap();
+    let r = root.path();
+    // Load both stores offline with `fhirsync import`; the child's ids carry
+    // a prefix so the two sets are distinct.
+    for (id, n, seed) in [
+        ("parent", PARENT_RESOURCES, 1u64),
+        ("child", CHILD_RESOURCES, 2u64),
+    ] {
+        let file = r.join(format!("{id}.ndjson"));
+        let mut text = String::new();
+        for i in 0..n {
+            let line = fhirsync_testkit::gen::ndjson_line(seed, i);
+            let line = if id == "child" {
+                line.replace("\"id\":\"", "\"id\":\"c-")
+                    .replace("Patient/p", "Patient/c-p")
+            } else {
+                line
+            };
+            text.push_str(&line);
+            text.push('\n');
+        }
+        std::fs::write(&file, text).unwrap();
+        let out = std::process::Command::new(BIN)
+            .args(["import", "--node-id", id, "--data-dir"])
+            .arg(r.join(id))
+            .arg(&file)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // The parent keeps its port across restarts, so the child's edge stays valid.
+    let listen = format!("127.0.0.1:{}", free_port());
+    let p_cfg = config(r, "parent", &["child"], None);
+    let start_parent = || {
+        NodeProcess::spawn_at(
+            Path::new(BIN),
+            &r.join("parent"),
+            &listen,
+            &["--config", p_cfg.to_str().unwrap()],
+        )
+        .unwrap()
+    };
+    let mut parent = start_parent();
+    let c_cfg = config(
+        r,
+        "child",
+        &[],
+        Some((&parent.base, "batch_size_max = 1000")),
+    );
+    let mut child = spawn(r, "child", &c_cfg);
+    let mut rng = Rng::new(0x5eed);
+    let mut kills_mid_sync = 0;
+    for k in 0..20 {
+        tokio::time::sleep(Duration::from_millis(100 + rng.below(700))).await;
+        // Where the child's pull stood when the kill came.
+        let st: Option<Value> =
+            match reqwest::get(child.base.replace("/fhir", "/admin/status")).await {
+                Ok(r) => r.json().await.ok(),
+                Err(_) => None,
+            };
+        let cursor = st
+            .as_ref()
+            .and_then(|s| s["edges"][0]["pull"]["cursor"].as_u64())
+            .unwrap_or(0);
+        if cursor < PARENT_RESOURCES {
+            kills_mid_sync += 1;
+        }
+        if k % 3 == 2 {
+            parent.kill();
+            parent = start_parent();
+        } else {
+            child.kill();
+            child = spawn(r, "child", &c_cfg);
+        }
+    }
+    assert!(
+        kills_mid_sync >= 10,
+        "only {kills_mid_sync} kills came during the sync"
+    );
+    // Let it finish, then check both stores.
+    let (cb, pb) = (child.base.clone(), parent.base.clone());
+    let last_parent = format!("Observation/o{}", PARENT_RESOURCES - 1);
+    let last_child = format!("Observation/c-o{}", CHILD_RESOURCES - 1);
+    eventually("the sync finished", 300, move || {
+        let (cb, pb, lp, lc) = (
+            cb.clone(),
+            pb.clone(),
+            last_parent.clone(),
+            last_child.clone(),
+        );
+        Box::pin(async move { exists(&cb, &lp).await && exists(&pb, &lc).await })
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    child.terminate(Duration::from_secs(30)).unwrap();
+    parent.terminate(Duration::from_secs(30)).unwrap();
+    let (dp, np, last_p, _) = read_store(&r.join("parent")).await;
+    let (dc, nc, last_c, cursors) = read_store(&r.join("child")).await;
+    assert_eq!(
+        dp.len() as u64,
+        PARENT_RESOURCES + CHILD_RESOURCES,
+        "nothing lost at the parent"
+    );
+    assert_eq!(dp, dc, "both hold the same resources with the same content");
+    // Each resource has one version globally: a second version anywhere
+    // would be a version applied twice.
+    assert!(
+        np.values().all(|c| *c == 1),
+        "a version was applied twice at the parent"
+    );
+    assert!(
+        nc.values().all(|c| *c == 1),
+        "a version was applied twice at the child"
+    );
+    assert_eq!(last_p, PARENT_RESOURCES + CHILD_RESOURCES);
+    assert_eq!(last_c, PARENT_RESOURCES + CHILD_RESOURCES);
+    // Cursors never ahead of the data they cover.
+    for (key, seq, _) in cursors {
+        let bound = if key.ends_with(":pull") {
+            last_p
+        } else {
+            last_c
+        };
+        assert!(seq <= bound, "cursor {key} = {seq} is past {bound}");
+    }
+}
