@@ -749,12 +749,15 @@ impl Edge {
                 }
             }
             Direction::Push => {
-                let ans = self.post_apply(&[l.record.clone()]).await.map_err(|f| {
-                    (
-                        f.status.map_or(502, |s| if s >= 500 { 502 } else { s }),
-                        f.reason,
-                    )
-                })?;
+                let ans = self
+                    .post_apply(std::slice::from_ref(&l.record))
+                    .await
+                    .map_err(|f| {
+                        (
+                            f.status.map_or(502, |s| if s >= 500 { 502 } else { s }),
+                            f.reason,
+                        )
+                    })?;
                 if let Some((_, status, why)) = ans.failed {
                     return Err((if status >= 400 { status } else { 409 }, why));
                 }

@@ -153,7 +153,7 @@ fn patient(i: usize) -> Value {
         "id": format!("demo-pat-{i}"),
         "identifier": [{"system": "https://clinic-a.example/mrn", "value": format!("A{i:05}")}],
         "name": [{"family": FAMILY[i % FAMILY.len()], "given": [GIVEN[i % GIVEN.len()]]}],
-        "gender": if i % 2 == 0 { "female" } else { "male" },
+        "gender": if i.is_multiple_of(2) { "female" } else { "male" },
         "birthDate": format!("{}-0{}-1{}", 1960 + i % 50, 1 + i % 9, i % 10),
     })
 }

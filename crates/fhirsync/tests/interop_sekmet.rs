@@ -15,6 +15,9 @@ use serde_json::Value;
 const BIN: &str = env!("CARGO_BIN_EXE_fhirsync");
 
 fn venv() -> PathBuf {
+    // Tests of this file run in parallel: one installs, the others wait.
+    static INSTALL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _guard = INSTALL.lock().unwrap_or_else(|e| e.into_inner());
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
     let venv = root.join(".cache/venv");
     if !venv.join(".complete").exists() {
