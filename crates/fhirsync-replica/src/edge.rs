@@ -103,6 +103,22 @@ pub struct Edge {
     jitter: Mutex<Jitter>,
 }
 
+/// A Bundle-level fhirsync extension of a feed page.
+fn page_extension<'a>(page: &'a Value, name: &str) -> Option<&'a Value> {
+    let url = format!("{EXTENSION_BASE}/{name}");
+    page.get("extension")?
+        .as_array()?
+        .iter()
+        .find(|x| x["url"].as_str() == Some(url.as_str()))
+}
+
+fn page_decimal(page: &Value, name: &str) -> Option<u64> {
+    page_extension(page, name)?["valueDecimal"]
+        .to_string()
+        .parse()
+        .ok()
+}
+
 /// A failing record and how many times it failed.
 struct Failing {
     seq: u64,
@@ -341,34 +357,57 @@ impl Edge {
         }
     }
 
-    /// Pulls the parent's change feed until `stop`.
+    /// GETs one page of the parent's feed after `since`.
+    async fn fetch(self: Arc<Self>, since: u64) -> Result<Value, Failure> {
+        let mut url = format!(
+            "{}/$changes?since={since}&_count={}&wait={}",
+            self.cfg.url, self.cfg.batch_size_max, self.cfg.long_poll_s
+        );
+        if !self.pull_filter.types.is_empty() {
+            url.push_str(&format!("&_type={}", self.pull_filter.types.join(",")));
+        }
+        self.send(self.http.get(&url)).await
+    }
+
+    /// Pulls the parent's change feed until `stop`. While a page is being
+    /// applied, the next one is already on its way (its `since` is the
+    /// page's `next` cursor); it is dropped if the page is not applied whole.
     pub async fn run_pull(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
         let key = cursor_key(&self.cfg.name, Direction::Pull);
         let mut attempt = 0u32;
         let mut failing: Option<Failing> = None;
+        // The cursor as last committed; `None`: read it from the store.
+        let mut known: Option<u64> = None;
+        let mut ahead: Option<(u64, tokio::task::JoinHandle<Result<Value, Failure>>)> = None;
         self.pull.set_state("starting", None);
         while !*stop.borrow() {
-            let since = match self.store.cursor(&key).await {
-                Ok(c) => c.unwrap_or(0),
-                Err(e) => {
-                    self.pull.set_state("retrying", Some(e.to_string()));
-                    if !self.pause(self.delay(attempt), &mut stop).await {
-                        break;
+            let since = match known {
+                Some(c) => c,
+                None => match self.store.cursor(&key).await {
+                    Ok(c) => c.unwrap_or(0),
+                    Err(e) => {
+                        self.pull.set_state("retrying", Some(e.to_string()));
+                        if !self.pause(self.delay(attempt), &mut stop).await {
+                            break;
+                        }
+                        attempt += 1;
+                        continue;
                     }
-                    attempt += 1;
-                    continue;
+                },
+            };
+            known = Some(since);
+            self.pull.cursor.store(since, Ordering::Relaxed);
+            let task = match ahead.take() {
+                Some((s, t)) if s == since => t,
+                other => {
+                    if let Some((_, t)) = other {
+                        t.abort();
+                    }
+                    tokio::spawn(self.clone().fetch(since))
                 }
             };
-            self.pull.cursor.store(since, Ordering::Relaxed);
-            let mut url = format!(
-                "{}/$changes?since={since}&_count={}&wait={}",
-                self.cfg.url, self.cfg.batch_size_max, self.cfg.long_poll_s
-            );
-            if !self.pull_filter.types.is_empty() {
-                url.push_str(&format!("&_type={}", self.pull_filter.types.join(",")));
-            }
             let fetched = tokio::select! {
-                r = self.send(self.http.get(&url)) => r,
+                r = task => r.unwrap_or_else(|e| Err(Failure { status: None, reason: format!("fetch task failed: {e}") })),
                 _ = stop.changed() => break,
             };
             let page = match fetched {
@@ -386,14 +425,20 @@ impl Edge {
                     continue;
                 }
             };
+            let next = page_decimal(&page, "changes-next-since");
+            if let Some(n) = next {
+                ahead = Some((n, tokio::spawn(self.clone().fetch(n))));
+            }
             match self.apply_page(since, &page, &mut failing).await {
-                Ok(None) => {}
+                Ok(None) => known = next,
                 Ok(Some(wait)) => {
+                    known = None;
                     if !self.pause(wait, &mut stop).await {
                         break;
                     }
                 }
                 Err(e) => {
+                    known = None;
                     self.pull.errors.fetch_add(1, Ordering::Relaxed);
                     self.pull.set_state("retrying", Some(e));
                     if !self.pause(self.delay(attempt), &mut stop).await {
@@ -402,6 +447,9 @@ impl Edge {
                     attempt += 1;
                 }
             }
+        }
+        if let Some((_, t)) = ahead {
+            t.abort();
         }
         tracing::debug!(edge = %self.cfg.name, "pull stopped");
     }
@@ -414,23 +462,13 @@ impl Edge {
         page: &Value,
         failing: &mut Option<Failing>,
     ) -> Result<Option<Duration>, String> {
-        let ext = |name: &str| {
-            page.get("extension")
-                .and_then(Value::as_array)
-                .and_then(|a| {
-                    a.iter()
-                        .find(|x| x["url"] == format!("{EXTENSION_BASE}/{name}").as_str())
-                })
-                .cloned()
-        };
-        let parent = ext("node-id")
+        let parent = page_extension(page, "node-id")
             .and_then(|x| x["valueString"].as_str().map(str::to_owned))
             .ok_or("the parent's feed has no node-id")?;
         self.learn_parent(&parent);
-        let dec =
-            |name: &str| ext(name).and_then(|x| x["valueDecimal"].to_string().parse::<u64>().ok());
-        let next = dec("changes-next-since").ok_or("the parent's feed has no next cursor")?;
-        let last = dec("changes-last-seq").unwrap_or(next);
+        let next = page_decimal(page, "changes-next-since")
+            .ok_or("the parent's feed has no next cursor")?;
+        let last = page_decimal(page, "changes-last-seq").unwrap_or(next);
         let entries = page
             .get("entry")
             .and_then(Value::as_array)

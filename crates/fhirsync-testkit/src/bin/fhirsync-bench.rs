@@ -52,6 +52,30 @@ enum Cmd {
         #[arg(long, default_value_t = 1000)]
         ids: u64,
     },
+    /// Initial pull of COUNT resources from a parent process into an empty child process.
+    ReplicatePull {
+        /// The release `fhirsync` binary.
+        #[arg(long)]
+        bin: std::path::PathBuf,
+        #[arg(long, default_value_t = 100_000)]
+        count: u64,
+        #[arg(long)]
+        work: std::path::PathBuf,
+        /// `[parent] batch_size_max` of the child.
+        #[arg(long, default_value_t = 500)]
+        batch: usize,
+    },
+    /// Lag from a commit on a child to its visibility in the parent's change feed.
+    ReplicateLag {
+        #[arg(long)]
+        bin: std::path::PathBuf,
+        #[arg(long, default_value_t = 100)]
+        rate: u64,
+        #[arg(long, default_value_t = 30)]
+        seconds: u64,
+        #[arg(long)]
+        work: std::path::PathBuf,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -84,6 +108,24 @@ fn main() -> anyhow::Result<()> {
         } => {
             let rt = tokio::runtime::Runtime::new()?;
             rt.block_on(read_latency(base, rate, seconds, prefix, ids))
+        }
+        Cmd::ReplicatePull {
+            bin,
+            count,
+            work,
+            batch,
+        } => {
+            let rt = tokio::runtime::Runtime::new()?;
+            rt.block_on(replicate_pull(bin, count, work, batch))
+        }
+        Cmd::ReplicateLag {
+            bin,
+            rate,
+            seconds,
+            work,
+        } => {
+            let rt = tokio::runtime::Runtime::new()?;
+            rt.block_on(replicate_lag(bin, rate, seconds, work))
         }
     }
 }
@@ -199,4 +241,173 @@ fn pct(sorted: &[Duration], p: f64) -> Duration {
     }
     let i = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
     sorted[i.min(sorted.len() - 1)]
+}
+
+const OBSERVER_TOKEN: &str = "bench-observer-token-0123456789";
+const CHILD_TOKEN: &str = "bench-child-token-0123456789";
+
+/// Configs of a parent (children `child` and `observer`) and of `child`.
+fn replication_configs(
+    work: &std::path::Path,
+    parent_url: Option<&str>,
+    batch: usize,
+) -> anyhow::Result<(std::path::PathBuf, std::path::PathBuf)> {
+    let p = work.join("parent.toml");
+    std::fs::write(
+        &p,
+        format!(
+            "node_id = \"parent\"\nlog = \"warn\"\n[[children]]\nnode_id = \"child\"\ntoken = \"{CHILD_TOKEN}\"\n[[children]]\nnode_id = \"observer\"\ntoken = \"{OBSERVER_TOKEN}\"\npush = false\n"
+        ),
+    )?;
+    let c = work.join("child.toml");
+    if let Some(url) = parent_url {
+        std::fs::write(
+            &c,
+            format!("node_id = \"child\"\nlog = \"warn\"\n[parent]\nurl = \"{url}\"\ntoken = \"{CHILD_TOKEN}\"\nbatch_size_max = {batch}\n"),
+        )?;
+    }
+    Ok((p, c))
+}
+
+async fn replicate_pull(
+    bin: std::path::PathBuf,
+    count: u64,
+    work: std::path::PathBuf,
+    batch: usize,
+) -> anyhow::Result<()> {
+    use fhirsync_testkit::NodeProcess;
+    std::fs::create_dir_all(&work)?;
+    let data = work.join(format!("data-{count}.ndjson"));
+    if !data.exists() {
+        let mut f = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(&data)?);
+        for i in 0..count {
+            writeln!(f, "{}", ndjson_line(1, i))?;
+        }
+        f.flush()?;
+    }
+    let (pdir, cdir) = (work.join("parent"), work.join("child"));
+    let _ = std::fs::remove_dir_all(&pdir);
+    let _ = std::fs::remove_dir_all(&cdir);
+    let st = std::process::Command::new(&bin)
+        .args(["import", "--node-id", "parent", "--data-dir"])
+        .arg(&pdir)
+        .arg(&data)
+        .stdout(std::process::Stdio::null())
+        .status()?;
+    anyhow::ensure!(st.success(), "import failed");
+    let (pcfg, _) = replication_configs(&work, None, batch)?;
+    let parent = NodeProcess::spawn(&bin, &pdir, &["--config", pcfg.to_str().unwrap_or("")])?;
+    let (_, ccfg) = replication_configs(&work, Some(&parent.base), batch)?;
+    let t0 = Instant::now();
+    let child = NodeProcess::spawn(&bin, &cdir, &["--config", ccfg.to_str().unwrap_or("")])?;
+    let status = child.base.replace("/fhir", "/admin/status");
+    let http = reqwest::Client::new();
+    loop {
+        let v: serde_json::Value = http.get(&status).send().await?.json().await?;
+        if v["edges"][0]["pull"]["cursor"].as_u64().unwrap_or(0) >= count {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    println!(
+        "initial pull of {count} resources (batch {batch}): {secs:.2} s, {:.0} resources/s",
+        count as f64 / secs
+    );
+    drop(child);
+    drop(parent);
+    Ok(())
+}
+
+async fn replicate_lag(
+    bin: std::path::PathBuf,
+    rate: u64,
+    seconds: u64,
+    work: std::path::PathBuf,
+) -> anyhow::Result<()> {
+    use fhirsync_testkit::NodeProcess;
+    use std::collections::HashMap;
+    std::fs::create_dir_all(&work)?;
+    let (pdir, cdir) = (work.join("lag-parent"), work.join("lag-child"));
+    let _ = std::fs::remove_dir_all(&pdir);
+    let _ = std::fs::remove_dir_all(&cdir);
+    let (pcfg, _) = replication_configs(&work, None, 500)?;
+    let parent = NodeProcess::spawn(&bin, &pdir, &["--config", pcfg.to_str().unwrap_or("")])?;
+    let (_, ccfg) = replication_configs(&work, Some(&parent.base), 500)?;
+    let child = NodeProcess::spawn(&bin, &cdir, &["--config", ccfg.to_str().unwrap_or("")])?;
+    let http = reqwest::Client::new();
+    // The observer follows the parent's feed and notes when each id shows up.
+    let seen: Arc<std::sync::Mutex<HashMap<String, Instant>>> = Arc::default();
+    let (s2, h2, base) = (seen.clone(), http.clone(), parent.base.clone());
+    let observer = tokio::spawn(async move {
+        let mut since = 0u64;
+        loop {
+            let r = h2
+                .get(format!("{base}/$changes?since={since}&_count=1000&wait=10"))
+                .bearer_auth(OBSERVER_TOKEN)
+                .header("x-fhirsync-node", "observer")
+                .send()
+                .await;
+            let Ok(r) = r else { continue };
+            let Ok(b) = r.json::<serde_json::Value>().await else {
+                continue;
+            };
+            let now = Instant::now();
+            if let Some(es) = b["entry"].as_array() {
+                let mut m = s2.lock().unwrap_or_else(|e| e.into_inner());
+                for e in es {
+                    if let Some(id) = e["resource"]["id"].as_str() {
+                        m.entry(id.to_owned()).or_insert(now);
+                    }
+                }
+            }
+            let ext = b["extension"].as_array().cloned().unwrap_or_default();
+            if let Some(n) = ext.iter().find(|x| {
+                x["url"]
+                    .as_str()
+                    .is_some_and(|u| u.ends_with("changes-next-since"))
+            }) {
+                since = n["valueDecimal"].to_string().parse().unwrap_or(since);
+            }
+        }
+    });
+    let mut acked: Vec<(String, Instant)> = Vec::new();
+    let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / rate.max(1)));
+    let mut rng = Rng::new(9);
+    for i in 0..rate * seconds {
+        tick.tick().await;
+        let id = format!("lag-{i}");
+        let body = serde_json::json!({"resourceType":"Observation","id":id,"status":"final",
+            "code":{"text":"heart rate"},"valueQuantity":{"value": 60 + rng.below(40),"unit":"/min"}});
+        let r = http
+            .put(format!("{}/Observation/{id}", child.base))
+            .header("content-type", "application/fhir+json")
+            .body(body.to_string())
+            .send()
+            .await?;
+        anyhow::ensure!(r.status().is_success(), "write failed: {}", r.status());
+        acked.push((id, Instant::now()));
+    }
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    observer.abort();
+    let m = seen.lock().unwrap_or_else(|e| e.into_inner());
+    let mut lat: Vec<Duration> = Vec::new();
+    let mut missing = 0;
+    for (id, t) in &acked {
+        match m.get(id) {
+            Some(s) => lat.push(s.saturating_duration_since(*t)),
+            None => missing += 1,
+        }
+    }
+    lat.sort();
+    println!(
+        "lag child commit -> visible at parent, {} writes at {rate}/s: p50 {:?}, p99 {:?}, max {:?}, missing {missing}",
+        acked.len(),
+        pct(&lat, 50.0),
+        pct(&lat, 99.0),
+        lat.last().copied().unwrap_or_default()
+    );
+    drop(child);
+    drop(parent);
+    Ok(())
 }
