@@ -22,6 +22,7 @@ pub struct TcpProxy {
     /// `127.0.0.1:PORT` of the proxy.
     pub addr: String,
     link: watch::Sender<Link>,
+    target: Arc<Mutex<String>>,
     accept: JoinHandle<()>,
     conns: Arc<Mutex<Vec<JoinHandle<()>>>>,
 }
@@ -33,7 +34,8 @@ impl TcpProxy {
         let addr = listener.local_addr().expect("addr").to_string();
         let (link, rx) = watch::channel(Link::Up);
         let conns: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
-        let target = target.to_owned();
+        let target = Arc::new(Mutex::new(target.to_owned()));
+        let t2 = target.clone();
         let c2 = conns.clone();
         let accept = tokio::spawn(async move {
             loop {
@@ -44,7 +46,7 @@ impl TcpProxy {
                     drop(inbound);
                     continue;
                 }
-                let t = target.clone();
+                let t = t2.lock().map(|t| t.clone()).unwrap_or_default();
                 let rx = rx.clone();
                 let h = tokio::spawn(async move {
                     if let Ok(out) = TcpStream::connect(&t).await {
@@ -60,6 +62,7 @@ impl TcpProxy {
         TcpProxy {
             addr,
             link,
+            target,
             accept,
             conns,
         }
@@ -72,6 +75,15 @@ impl TcpProxy {
             .and_then(|r| r.find('/').map(|i| &r[i..]))
             .unwrap_or("");
         format!("http://{}{rest}", self.addr)
+    }
+
+    /// Sends new connections to another `host:port` (a server moved).
+    pub fn retarget(&self, target: &str) {
+        if let Ok(mut t) = self.target.lock() {
+            *t = target.to_owned();
+        }
+        self.set(Link::Down);
+        self.set(Link::Up);
     }
 
     pub fn set(&self, l: Link) {

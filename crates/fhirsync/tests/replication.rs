@@ -507,6 +507,11 @@ async fn refused_records_become_dead_letters_and_retry() {
     );
     let audit = admin(&child, "audit?action=dead-letter").await;
     assert_eq!(audit["items"].as_array().unwrap().len(), 1, "{audit}");
+    let (ok, out, _) = cli(&["deadletters", "--url", &child.base, "list"]).await;
+    assert!(
+        ok && out.contains("push Observation/o1") && out.contains("after 3 attempts"),
+        "{out}"
+    );
     let m = child
         .client
         .get(child.base.replace("/fhir", "/metrics"))
@@ -565,4 +570,255 @@ async fn filters_and_pull_only_edges() {
     let st = admin(&child, "status").await;
     assert_eq!(st["edges"][0]["push"]["state"], "off", "{st}");
     assert_eq!(st["edges"][0]["pull"]["lagSeq"], 0, "{st}");
+}
+
+const BIN: &str = env!("CARGO_BIN_EXE_fhirsync");
+
+/// Runs the `fhirsync` binary; returns exit success, stdout, stderr.
+async fn cli(args: &[&str]) -> (bool, String, String) {
+    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(BIN)
+            .args(&args)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn admin_cli_lists_shows_and_resolves_conflicts() {
+    let p = pair(Policy::Manual, Arc::new(SystemClock), Arc::new(SystemClock)).await;
+    concurrent_edit(&p).await;
+    eventually("a conflict at the parent", 30, || async {
+        conflicts_of(&p.parent, "open").await.len() == 1
+    })
+    .await;
+    let url = p.parent.base.clone();
+    let (ok, out, err) = cli(&["status", "--url", &url]).await;
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("node parent") && out.contains("open conflicts 1"),
+        "{out}"
+    );
+    assert!(out.contains("child c1"), "{out}");
+    let (ok, out, _) = cli(&["status", "--url", &p.child.base]).await;
+    assert!(ok && out.contains("edge parent → parent"), "{out}");
+    let (ok, out, _) = cli(&["conflicts", "--url", &url, "list"]).await;
+    assert!(
+        ok && out.contains("Patient/x") && out.contains("open"),
+        "{out}"
+    );
+    let id = conflicts_of(&p.parent, "open").await[0]["id"]
+        .as_u64()
+        .unwrap()
+        .to_string();
+    let (ok, out, _) = cli(&["conflicts", "--url", &url, "show", &id]).await;
+    assert!(
+        ok && out.contains("local") && out.contains("remote") && out.contains("ancestor"),
+        "{out}"
+    );
+    // Bad input: a one-line reason, a non-zero exit, nothing changed.
+    let (ok, _, err) = cli(&[
+        "conflicts",
+        "--url",
+        &url,
+        "resolve",
+        &id,
+        "--keep",
+        "sideways",
+    ])
+    .await;
+    assert!(
+        !ok && err.lines().count() == 1 && err.contains("local or remote"),
+        "{err}"
+    );
+    let (ok, _, err) = cli(&[
+        "conflicts",
+        "--url",
+        &url,
+        "resolve",
+        "999",
+        "--keep",
+        "local",
+    ])
+    .await;
+    assert!(!ok && err.contains("404"), "{err}");
+    assert_eq!(conflicts_of(&p.parent, "open").await.len(), 1);
+    let (ok, out, err) = cli(&[
+        "conflicts",
+        "--url",
+        &url,
+        "resolve",
+        &id,
+        "--keep",
+        "remote",
+    ])
+    .await;
+    assert!(ok, "{err}");
+    assert!(out.contains("resolved: Patient/x/_history/"), "{out}");
+    eventually("the child took the resolution", 30, || async {
+        let a = p.parent.store.read("Patient", "x").await.unwrap().unwrap();
+        let b = p.child.store.read("Patient", "x").await.unwrap().unwrap();
+        a.vv == b.vv && conflicts_of(&p.child, "open").await.is_empty()
+    })
+    .await;
+    let (_, v) = status_json(get(&p.child, "Patient/x").await).await;
+    assert_eq!(v["gender"], "male");
+    let (ok, out, _) = cli(&["deadletters", "--url", &p.child.base, "list"]).await;
+    assert!(ok && out.contains("no dead letters"), "{out}");
+    let (ok, _, err) = cli(&["deadletters", "--url", &p.child.base, "retry", "5"]).await;
+    assert!(!ok && err.contains("404"), "{err}");
+    // The audit log tells what happened, and metrics count it.
+    let audit = admin(&p.parent, "audit").await;
+    let actions: Vec<&str> = audit["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["action"].as_str().unwrap())
+        .collect();
+    for a in ["push", "conflict", "resolve"] {
+        assert!(actions.contains(&a), "{a} not in {actions:?}");
+    }
+    let child_audit = admin(&p.child, "audit?action=pull").await;
+    assert!(!child_audit["items"].as_array().unwrap().is_empty());
+    let m = p
+        .child
+        .client
+        .get(p.child.base.replace("/fhir", "/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for name in [
+        "fhirsync_edge_lag_seq{edge=\"parent\",direction=\"pull\"}",
+        "fhirsync_edge_applied_total{edge=\"parent\",direction=\"push\"}",
+        "fhirsync_edge_skipped_total",
+        "fhirsync_edge_conflicts_total{edge=\"parent\",direction=\"push\"} 1",
+        "fhirsync_edge_dead_letters_total",
+        "fhirsync_edge_errors_total",
+    ] {
+        assert!(m.contains(name), "{name} missing in\n{m}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn demo_runs_and_converges() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ok, out, err) = cli(&[
+        "demo",
+        "--patients",
+        "5",
+        "--dir",
+        dir.path().to_str().unwrap(),
+    ])
+    .await;
+    assert!(ok, "{err}\n{out}");
+    assert!(
+        out.contains("clinic-a → district → clinic-b: all 3 nodes hold the same 10 resources"),
+        "{out}"
+    );
+    assert!(
+        out.contains("conflict") && out.contains("resolution replicated"),
+        "{out}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn dead_letters_go_through_once_the_parent_takes_them() {
+    let strict = parent_with(
+        "parent",
+        vec![ChildConfig {
+            push_types: vec!["Patient".into()],
+            ..child_cfg("c1")
+        }],
+        Arc::new(SystemClock),
+    )
+    .await;
+    let link = fhirsync_testkit::TcpProxy::start(
+        strict
+            .base
+            .trim_start_matches("http://")
+            .split('/')
+            .next()
+            .unwrap(),
+    )
+    .await;
+    let mut e = edge_to(&strict, "c1");
+    e.url = link.url_for(&strict.base);
+    e.on_error = OnError::DeadLetter;
+    e.retry_max = 2;
+    e.retry_delay_ms_max = 100;
+    let child = child_with("c1", e, vec![], Arc::new(SystemClock)).await;
+    for i in 0..3 {
+        put(
+            &child,
+            &format!("Observation/o{i}"),
+            &obs(&format!("o{i}"), "1"),
+        )
+        .await;
+    }
+    eventually("three dead letters", 30, || async {
+        admin(&child, "deadletters").await["items"]
+            .as_array()
+            .unwrap()
+            .len()
+            == 3
+    })
+    .await;
+    // The parent is replaced by one that takes every type (same node id).
+    let open = parent_with("parent", vec![child_cfg("c1")], Arc::new(SystemClock)).await;
+    link.retarget(
+        open.base
+            .trim_start_matches("http://")
+            .split('/')
+            .next()
+            .unwrap(),
+    );
+    let (ok, out, err) = cli(&["deadletters", "--url", &child.base, "retry", "--all"]).await;
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("3 went through, 0 still failing"), "{out}");
+    for i in 0..3 {
+        assert!(has(&open, &format!("Observation/o{i}")).await);
+    }
+    assert!(admin(&child, "deadletters").await["items"]
+        .as_array()
+        .unwrap()
+        .is_empty());
+    assert_eq!(
+        admin(&child, "audit?action=retry").await["items"]
+            .as_array()
+            .unwrap()
+            .len(),
+        3
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_bad_parent_config_is_refused_with_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    for (toml, want) in [
+        ("[parent]\nurl = \"http://x/fhir\"\ntoken = \"t\"\nconflict_policy = \"newest\"\n", "unknown conflict policy 'newest'"),
+        ("[parent]\nurl = \"http://x/fhir\"\ntoken = \"t\"\npul = true\n", "unknown field"),
+        ("[parent]\nurl = \"x\"\ntoken = \"t\"\n", "not an http(s) URL"),
+        ("[parent]\nurl = \"http://x/fhir\"\ntoken = \"t\"\n[parent.pull_filter]\nfhirpath = \"name.resolve()\"\n", "not supported"),
+        ("[[children]]\nnode_id = \"c1\"\ntoken = \"short\"\n", "shorter than 16"),
+    ] {
+        let cfg = dir.path().join("bad.toml");
+        std::fs::write(&cfg, toml).unwrap();
+        let data = dir.path().join("data");
+        let (ok, _, err) = cli(&["serve", "--config", cfg.to_str().unwrap(), "--data-dir", data.to_str().unwrap()]).await;
+        assert!(!ok, "{toml}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(err.contains(want), "{want} not in {err}");
+        assert!(!data.exists(), "a refused config must not create the store");
+    }
 }
