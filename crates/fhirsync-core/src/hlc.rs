@@ -47,6 +47,17 @@ impl Hlc {
         base.tick(now_ms)
     }
 
+    /// Like [`Hlc::receive`], but a remote timestamp more than `drift_ms_max`
+    /// ahead of `now_ms` (a peer with a broken clock) does not drag this
+    /// clock into the future; the local clock just ticks.
+    pub fn receive_bounded(self, remote: Hlc, now_ms: u64, drift_ms_max: u64) -> Hlc {
+        if remote.wall_ms() > now_ms.saturating_add(drift_ms_max) {
+            self.tick(now_ms)
+        } else {
+            self.receive(remote, now_ms)
+        }
+    }
+
     /// Parses the text form written by `Display` (`wall.logical`).
     pub fn parse(s: &str) -> Option<Hlc> {
         let (w, l) = s.split_once('.')?;
@@ -88,6 +99,16 @@ mod tests {
         let remote = Hlc::new(20, 7);
         let r = local.receive(remote, 15);
         assert!(r > local && r > remote);
+    }
+
+    #[test]
+    fn a_remote_clock_far_ahead_is_not_followed() {
+        let local = Hlc::new(1_000, 0);
+        let near = Hlc::new(1_000 + 5 * 60_000, 0);
+        assert!(local.receive_bounded(near, 1_000, 3_600_000) > near);
+        let far = Hlc::new(1_000 + 2 * 3_600_000, 0);
+        let r = local.receive_bounded(far, 1_000, 3_600_000);
+        assert!(r > local && r < far);
     }
 
     #[test]

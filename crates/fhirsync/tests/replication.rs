@@ -822,3 +822,143 @@ async fn a_bad_parent_config_is_refused_with_one_line() {
         assert!(!data.exists(), "a refused config must not create the store");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_record_that_keeps_failing_blocks_the_edge_when_so_configured() {
+    let parent = parent_with(
+        "parent",
+        vec![ChildConfig {
+            push_types: vec!["Patient".into()],
+            ..child_cfg("c1")
+        }],
+        Arc::new(SystemClock),
+    )
+    .await;
+    let mut e = edge_to(&parent, "c1");
+    e.on_error = OnError::Block;
+    e.retry_max = 2;
+    e.retry_delay_ms_max = 100;
+    let child = child_with("c1", e, vec![], Arc::new(SystemClock)).await;
+    put(&child, "Patient/before", &pat("before")).await;
+    eventually("the first Patient went up", 20, || async {
+        has(&parent, "Patient/before").await
+    })
+    .await;
+    put(&child, "Observation/stuck", &obs("stuck", "1")).await;
+    put(&child, "Patient/behind", &pat("behind")).await;
+    eventually("the push is blocked", 20, || async {
+        admin(&child, "status").await["edges"][0]["push"]["state"] == "blocked"
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let st = admin(&child, "status").await;
+    assert!(
+        st["edges"][0]["push"]["lastError"]
+            .as_str()
+            .unwrap()
+            .contains("Observation/stuck"),
+        "{st}"
+    );
+    assert!(
+        !has(&parent, "Patient/behind").await,
+        "nothing passes a blocked record"
+    );
+    assert!(admin(&child, "deadletters").await["items"]
+        .as_array()
+        .unwrap()
+        .is_empty());
+    // Pull is not blocked by a stuck push.
+    put(&parent, "Patient/down", &pat("down")).await;
+    eventually("pull still works", 20, || async {
+        has(&child, "Patient/down").await
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn apply_is_idempotent() {
+    let source = InProcess::start_with(Options {
+        node_id: Some("c1".into()),
+        ..Options::default()
+    })
+    .await;
+    put(&source, "Patient/a", &pat("a")).await;
+    put(
+        &source,
+        "Patient/a",
+        &json!({"resourceType":"Patient","id":"a","active":false}),
+    )
+    .await;
+    delete(&source, "Patient/a").await;
+    let log = source
+        .store
+        .changes(ChangesQuery {
+            since: 0,
+            count: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let entries: Vec<String> = log
+        .iter()
+        .map(|v| fhirsync_store::change_entry_text(None, v))
+        .collect();
+    let bundle = format!(
+        r#"{{"resourceType":"Bundle","type":"collection","entry":[{}]}}"#,
+        entries.join(",")
+    );
+    let parent = parent_with("parent", vec![child_cfg("c1")], Arc::new(SystemClock)).await;
+    let send = || {
+        parent
+            .client
+            .post(parent.url("$apply"))
+            .bearer_auth("token-of-c1-0123456789")
+            .header("x-fhirsync-node", "c1")
+            .header("content-type", FHIR_JSON)
+            .body(bundle.clone())
+            .send()
+    };
+    let param = |v: &Value, n: &str| {
+        v["parameter"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == n)
+            .unwrap()["valueInteger"]
+            .as_u64()
+            .unwrap()
+    };
+    for (round, stored, skipped) in [(1, 3, 0), (2, 0, 3)] {
+        let (s, v) = status_json(send().await.unwrap()).await;
+        assert_eq!(s, 200, "{v}");
+        assert_eq!(param(&v, "stored"), stored, "round {round}: {v}");
+        assert_eq!(param(&v, "skipped"), skipped, "round {round}: {v}");
+        assert_eq!(param(&v, "applied"), 3);
+    }
+    assert_eq!(parent.store.last_seq(), 3, "three versions, once");
+    assert_eq!(get(&parent, "Patient/a").await.status(), 410);
+    let v = parent.store.read("Patient", "a").await.unwrap().unwrap();
+    assert_eq!(v.origin, "c1");
+    assert_eq!(v.vv, log[2].vv);
+    assert_eq!(v.hlc, log[2].hlc);
+    // Out of order: the older versions after the newest are skipped.
+    let other = parent_with("parent2", vec![child_cfg("c1")], Arc::new(SystemClock)).await;
+    let reversed = format!(
+        r#"{{"resourceType":"Bundle","type":"collection","entry":[{}]}}"#,
+        entries.iter().rev().cloned().collect::<Vec<_>>().join(",")
+    );
+    let r = other
+        .client
+        .post(other.url("$apply"))
+        .bearer_auth("token-of-c1-0123456789")
+        .header("x-fhirsync-node", "c1")
+        .header("content-type", FHIR_JSON)
+        .body(reversed)
+        .send()
+        .await
+        .unwrap();
+    let (_, v) = status_json(r).await;
+    assert_eq!(param(&v, "stored"), 1, "{v}");
+    assert_eq!(param(&v, "skipped"), 2, "{v}");
+    assert_eq!(get(&other, "Patient/a").await.status(), 410);
+}

@@ -21,6 +21,11 @@ use crate::StoreError;
 
 pub type Reply = oneshot::Sender<Result<WriteOutcome, StoreError>>;
 
+/// How far ahead of the wall clock a received HLC may pull this node's
+/// clock (a peer with a clock off by more is not followed; its versions
+/// keep their HLC).
+pub const HLC_DRIFT_MS_MAX: u64 = 60 * 60 * 1000;
+
 /// The end of a streamed load: its summary, or why nothing was loaded.
 pub type LoadDone = oneshot::Receiver<Result<LoadSummary, StoreError>>;
 
@@ -337,7 +342,13 @@ impl WriteTx for Writer {
                 via,
             } => {
                 self.hlc = match hlc {
-                    Some(h) => self.hlc.receive(h, now),
+                    Some(h) => {
+                        let next = self.hlc.receive_bounded(h, now, HLC_DRIFT_MS_MAX);
+                        if next < h {
+                            tracing::warn!(origin = %origin, hlc = %h, "a received HLC is more than {HLC_DRIFT_MS_MAX} ms ahead of this clock; not following it");
+                        }
+                        next
+                    }
                     None => self.hlc.tick(now),
                 };
                 (vv, origin, hlc.unwrap_or(self.hlc), via)
