@@ -101,10 +101,7 @@ pub async fn status(
         })
         .await?
         .len();
-    let edges = match &state.agent {
-        Some(a) => a.edges().await,
-        None => Vec::new(),
-    };
+    let edges = all_edges(&state).await;
     Ok(json_response(json!({
         "nodeId": state.store.node_id(),
         "lastSeq": state.store.last_seq(),
@@ -154,10 +151,7 @@ pub async fn edges(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     check_admin(&state, &headers)?;
-    let edges = match &state.agent {
-        Some(a) => a.edges().await,
-        None => Vec::new(),
-    };
+    let edges = all_edges(&state).await;
     Ok(json_response(json!({"items": edges})))
 }
 
@@ -269,16 +263,32 @@ pub async fn dead_letter(
     }
 }
 
+async fn all_edges(state: &AppState) -> Vec<Value> {
+    let mut out = Vec::new();
+    for a in &state.agents {
+        out.extend(a.edges().await);
+    }
+    out
+}
+
 async fn retry_one(state: &AppState, id: u64) -> Result<(), ApiError> {
-    let Some(agent) = &state.agent else {
+    let d = state
+        .store
+        .dead_letter(id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("dead letter {id} is not known")))?;
+    let Some(agent) = state.agents.iter().find(|a| a.owns(&d.letter.edge)) else {
         return Err(ApiError::new(
             409,
             "conflict",
-            "this node has no parent edge to retry on",
+            format!(
+                "edge '{}' of dead letter {id} is not configured on this node",
+                d.letter.edge
+            ),
         ));
     };
     agent
-        .retry_dead_letter(id)
+        .retry(&d)
         .await
         .map_err(|(status, why)| ApiError::new(status, crate::error::issue_code(status), why))
 }
@@ -353,7 +363,7 @@ pub async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError
             ));
         }
     }
-    if let Some(a) = &state.agent {
+    for a in &state.agents {
         a.metrics(&mut out);
     }
     let mut r = Response::new(Body::from(out));

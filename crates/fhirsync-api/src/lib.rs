@@ -60,8 +60,8 @@ pub struct AppState {
     pub shutdown: watch::Receiver<bool>,
     /// Children registered with this node.
     pub children: Arc<Children>,
-    /// The node's sync agent, when it has a parent edge.
-    pub agent: Option<Arc<dyn SyncAgent>>,
+    /// The node's sync agents (parent edge, NATS transport).
+    pub agents: Vec<Arc<dyn SyncAgent>>,
 }
 
 impl AppState {
@@ -72,7 +72,7 @@ impl AppState {
             cfg: Arc::new(cfg),
             shutdown,
             children: Arc::new(Children::default()),
-            agent: None,
+            agents: Vec::new(),
         }
     }
 }

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use fhirsync_api::SyncAgent;
-use fhirsync_store::Store;
+use fhirsync_store::{DeadLetter, Store};
 use serde_json::{json, Value};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -84,12 +84,20 @@ impl SyncAgent for Replicator {
             .collect()
     }
 
-    async fn retry_dead_letter(&self, id: u64) -> Result<(), (u16, String)> {
-        let d = self
+    fn owns(&self, edge: &str) -> bool {
+        self.edges.iter().any(|e| e.cfg.name == edge)
+    }
+
+    async fn retry(&self, letter: &DeadLetter) -> Result<(), (u16, String)> {
+        let e = self
             .edges
-            .first()
-            .ok_or((409, "this node has no parent edge".to_string()))?;
-        d.retry_dead_letter(id).await
+            .iter()
+            .find(|e| e.cfg.name == letter.letter.edge)
+            .ok_or((
+                409,
+                format!("edge '{}' is not configured", letter.letter.edge),
+            ))?;
+        e.retry_dead_letter(letter).await
     }
 
     fn metrics(&self, out: &mut String) {

@@ -10,9 +10,9 @@ use std::time::Duration;
 use fhirsync_api::peers::NODE_HEADER;
 use fhirsync_store::replica::cursor_key;
 use fhirsync_store::{
-    change_entry_text, entry_seq, ApplyReport, ApplyRequest, AuditEntry, ChangesQuery, Direction,
-    NewDeadLetter, RemoteVersion, Store, StoredVersion, SyncWrite, WriteOutcome, WriteRequest,
-    EXTENSION_BASE,
+    change_entry_text, entry_seq, ApplyReport, ApplyRequest, AuditEntry, ChangesQuery, DeadLetter,
+    Direction, NewDeadLetter, RemoteVersion, Store, StoredVersion, SyncWrite, WriteOutcome,
+    WriteRequest, EXTENSION_BASE,
 };
 use fhirsync_sync::retry::{backoff, Jitter};
 use serde_json::{json, Value};
@@ -754,14 +754,8 @@ impl Edge {
     }
 
     /// Tries a dead letter again; removes it when it goes through.
-    pub async fn retry_dead_letter(&self, id: u64) -> Result<(), (u16, String)> {
-        let d = self
-            .store
-            .dead_letter(id)
-            .await
-            .map_err(|e| (500, e.to_string()))?
-            .ok_or((404, format!("dead letter {id} is not known")))?;
-        let l = &d.letter;
+    pub async fn retry_dead_letter(&self, d: &DeadLetter) -> Result<(), (u16, String)> {
+        let (id, l) = (d.id, &d.letter);
         let entry: Value = serde_json::from_str(&l.record).map_err(|e| (500, e.to_string()))?;
         match l.direction {
             Direction::Pull => {

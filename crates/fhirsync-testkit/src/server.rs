@@ -63,7 +63,7 @@ impl InProcess {
             Some(p) => {
                 let r = fhirsync_replica::Replicator::start(store.clone(), vec![p.clone()])
                     .expect("start the parent edge");
-                state.agent = Some(r.clone());
+                state.agents.push(r.clone());
                 Some(r)
             }
             None => None,

@@ -63,9 +63,9 @@ impl Node {
             ),
             None => None,
         };
-        state.agent = replicator
-            .clone()
-            .map(|r| r as Arc<dyn fhirsync_api::SyncAgent>);
+        if let Some(r) = &replicator {
+            state.agents.push(r.clone());
+        }
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let mut rx2 = rx;

@@ -46,9 +46,9 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     };
     let mut state = AppState::new(store.clone(), cfg.api(), shutdown_rx);
     state.children = Arc::new(cfg.children());
-    state.agent = replicator
-        .clone()
-        .map(|r| r as Arc<dyn fhirsync_api::SyncAgent>);
+    if let Some(r) = &replicator {
+        state.agents.push(r.clone());
+    }
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot listen on {addr}"))?;
