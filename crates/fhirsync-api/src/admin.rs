@@ -363,9 +363,8 @@ pub async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError
             ));
         }
     }
-    for a in &state.agents {
-        a.metrics(&mut out);
-    }
+    let rows: Vec<_> = state.agents.iter().flat_map(|a| a.counters()).collect();
+    crate::agent::render_counters(&mut out, &rows);
     let mut r = Response::new(Body::from(out));
     r.headers_mut().insert(
         header::CONTENT_TYPE,

@@ -15,6 +15,85 @@ pub trait SyncAgent: Send + Sync + 'static {
     /// Applies or sends a dead letter again; on success it is removed.
     /// Errors carry an HTTP status and a reason.
     async fn retry(&self, letter: &DeadLetter) -> Result<(), (u16, String)>;
-    /// Appends Prometheus text lines.
-    fn metrics(&self, out: &mut String);
+    /// Counters of each edge direction, for `/metrics`.
+    fn counters(&self) -> Vec<EdgeCounters>;
+}
+
+/// A snapshot of one edge direction's counters.
+#[derive(Debug, Clone, Default)]
+pub struct EdgeCounters {
+    pub edge: String,
+    /// `pull`, `push`, `publish`, ...
+    pub direction: String,
+    /// Changes not carried yet.
+    pub lag: u64,
+    pub applied: u64,
+    pub skipped: u64,
+    pub conflicts: u64,
+    pub filtered: u64,
+    pub dead_letters: u64,
+    pub errors: u64,
+}
+
+/// Writes every edge family once, in the Prometheus text format.
+pub fn render_counters(out: &mut String, rows: &[EdgeCounters]) {
+    type Pick = fn(&EdgeCounters) -> u64;
+    let families: [(&str, &str, &str, Pick); 7] = [
+        (
+            "fhirsync_edge_lag_seq",
+            "gauge",
+            "Changes the edge has not carried yet.",
+            |c| c.lag,
+        ),
+        (
+            "fhirsync_edge_applied_total",
+            "counter",
+            "Versions stored at the receiving end.",
+            |c| c.applied,
+        ),
+        (
+            "fhirsync_edge_skipped_total",
+            "counter",
+            "Versions the receiver had already seen.",
+            |c| c.skipped,
+        ),
+        (
+            "fhirsync_edge_conflicts_total",
+            "counter",
+            "Concurrent edits met.",
+            |c| c.conflicts,
+        ),
+        (
+            "fhirsync_edge_filtered_total",
+            "counter",
+            "Records left out by the edge's filters.",
+            |c| c.filtered,
+        ),
+        (
+            "fhirsync_edge_dead_letters_total",
+            "counter",
+            "Records set aside after their retries.",
+            |c| c.dead_letters,
+        ),
+        (
+            "fhirsync_edge_errors_total",
+            "counter",
+            "Failed attempts (retried; no data is lost).",
+            |c| c.errors,
+        ),
+    ];
+    if rows.is_empty() {
+        return;
+    }
+    for (name, kind, help, pick) in families {
+        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
+        for r in rows {
+            out.push_str(&format!(
+                "{name}{{edge=\"{}\",direction=\"{}\"}} {}\n",
+                r.edge,
+                r.direction,
+                pick(r)
+            ));
+        }
+    }
 }

@@ -1,10 +1,10 @@
 //! The node's sync agent: starts the edge loops, stops them, and answers
 //! the admin API and `/metrics` about them.
 
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
+use fhirsync_api::agent::EdgeCounters;
 use fhirsync_api::SyncAgent;
 use fhirsync_store::{DeadLetter, Store};
 use serde_json::{json, Value};
@@ -12,7 +12,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::config::EdgeConfig;
-use crate::edge::{DirStats, Edge};
+use crate::edge::Edge;
 
 pub struct Replicator {
     edges: Vec<Arc<Edge>>,
@@ -100,65 +100,15 @@ impl SyncAgent for Replicator {
         e.retry_dead_letter(letter).await
     }
 
-    fn metrics(&self, out: &mut String) {
-        type Pick = fn(&DirStats) -> u64;
-        let series: [(&str, &str, &str, Pick); 7] = [
-            (
-                "fhirsync_edge_lag_seq",
-                "gauge",
-                "Changes the edge has not carried yet.",
-                |s| s.lag.load(Ordering::Relaxed),
-            ),
-            (
-                "fhirsync_edge_applied_total",
-                "counter",
-                "Versions stored at the receiving node.",
-                |s| s.stored.load(Ordering::Relaxed),
-            ),
-            (
-                "fhirsync_edge_skipped_total",
-                "counter",
-                "Versions the receiver had already seen.",
-                |s| s.skipped.load(Ordering::Relaxed),
-            ),
-            (
-                "fhirsync_edge_conflicts_total",
-                "counter",
-                "Concurrent edits met.",
-                |s| s.conflicts.load(Ordering::Relaxed),
-            ),
-            (
-                "fhirsync_edge_filtered_total",
-                "counter",
-                "Records left out by the edge's filters.",
-                |s| s.filtered.load(Ordering::Relaxed),
-            ),
-            (
-                "fhirsync_edge_dead_letters_total",
-                "counter",
-                "Records set aside after their retries.",
-                |s| s.dead_letters.load(Ordering::Relaxed),
-            ),
-            (
-                "fhirsync_edge_errors_total",
-                "counter",
-                "Failed attempts (retried; no data is lost).",
-                |s| s.errors.load(Ordering::Relaxed),
-            ),
-        ];
-        for (name, kind, help, pick) in series {
-            out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
-            for e in &self.edges {
-                for (dir, s, on) in [("pull", &e.pull, e.cfg.pull), ("push", &e.push, e.cfg.push)] {
-                    if on {
-                        out.push_str(&format!(
-                            "{name}{{edge=\"{}\",direction=\"{dir}\"}} {}\n",
-                            e.cfg.name,
-                            pick(s)
-                        ));
-                    }
+    fn counters(&self) -> Vec<EdgeCounters> {
+        let mut out = Vec::new();
+        for e in &self.edges {
+            for (dir, s, on) in [("pull", &e.pull, e.cfg.pull), ("push", &e.push, e.cfg.push)] {
+                if on {
+                    out.push(s.counters(&e.cfg.name, dir));
                 }
             }
         }
+        out
     }
 }

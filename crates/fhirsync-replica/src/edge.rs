@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use fhirsync_api::agent::EdgeCounters;
 use fhirsync_api::peers::NODE_HEADER;
 use fhirsync_store::replica::cursor_key;
 use fhirsync_store::{
@@ -51,6 +52,21 @@ impl DirStats {
         self.skipped.fetch_add(r.skipped, Ordering::Relaxed);
         self.conflicts.fetch_add(r.conflicts, Ordering::Relaxed);
     }
+    pub fn counters(&self, edge: &str, dir: &str) -> EdgeCounters {
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        EdgeCounters {
+            edge: edge.to_owned(),
+            direction: dir.to_owned(),
+            lag: g(&self.lag),
+            applied: g(&self.stored),
+            skipped: g(&self.skipped),
+            conflicts: g(&self.conflicts),
+            filtered: g(&self.filtered),
+            dead_letters: g(&self.dead_letters),
+            errors: g(&self.errors),
+        }
+    }
+
     pub fn to_json(&self, dir: &str, enabled: bool) -> Value {
         let (state, err) = self.state.lock().map(|g| g.clone()).unwrap_or_default();
         let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
