@@ -42,7 +42,7 @@ pub struct DirStats {
 }
 
 impl DirStats {
-    fn set_state(&self, s: &str, err: Option<String>) {
+    pub fn set_state(&self, s: &str, err: Option<String>) {
         if let Ok(mut g) = self.state.lock() {
             *g = (s.to_owned(), err);
         }

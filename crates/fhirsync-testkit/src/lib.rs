@@ -4,11 +4,13 @@
 
 pub mod clock;
 pub mod gen;
+pub mod nats;
 pub mod proxy;
 pub mod server;
 pub mod tcp;
 pub mod tls;
 
+pub use nats::NatsServer;
 pub use proxy::{Proxy, ProxyOptions};
 pub use server::{InProcess, NodeProcess};
 pub use tcp::{Link, TcpProxy};

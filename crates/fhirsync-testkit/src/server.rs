@@ -20,6 +20,8 @@ pub struct InProcess {
     pub dir: tempfile::TempDir,
     /// The parent edge's agent, when `Options::parent` was given.
     pub replicator: Option<Arc<fhirsync_replica::Replicator>>,
+    /// The NATS agent, when `Options::nats` was given.
+    pub nats: Option<Arc<fhirsync_nats::NatsAgent>>,
     shutdown: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -31,6 +33,7 @@ pub struct Options {
     pub node_id: Option<String>,
     pub children: Vec<fhirsync_api::ChildConfig>,
     pub parent: Option<fhirsync_replica::EdgeConfig>,
+    pub nats: Option<fhirsync_nats::NatsConfig>,
 }
 
 impl Default for Options {
@@ -41,6 +44,7 @@ impl Default for Options {
             node_id: Some("test-node".into()),
             children: Vec::new(),
             parent: None,
+            nats: None,
         }
     }
 }
@@ -68,6 +72,16 @@ impl InProcess {
             }
             None => None,
         };
+        let nats = match &opts.nats {
+            Some(n) => {
+                let a = fhirsync_nats::NatsAgent::start(store.clone(), n.clone())
+                    .await
+                    .expect("start the NATS agent");
+                state.agents.push(a.clone());
+                Some(a)
+            }
+            None => None,
+        };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
@@ -86,6 +100,7 @@ impl InProcess {
             store,
             dir,
             replicator,
+            nats,
             shutdown,
             task,
         }
@@ -100,6 +115,9 @@ impl Drop for InProcess {
     fn drop(&mut self) {
         if let Some(r) = &self.replicator {
             r.stop();
+        }
+        if let Some(n) = &self.nats {
+            n.stop();
         }
         let _ = self.shutdown.send(true);
         self.task.abort();

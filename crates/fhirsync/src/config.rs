@@ -32,6 +32,8 @@ pub struct Config {
     pub parent: Option<fhirsync_replica::EdgeConfig>,
     /// Children allowed to pull from and push to this node.
     pub children: Vec<ChildSection>,
+    /// The NATS JetStream transport (outbox and followed nodes).
+    pub nats: Option<fhirsync_nats::NatsConfig>,
 }
 
 /// A registered child (`[[children]]`).
@@ -92,6 +94,7 @@ impl Default for Config {
             admin_token: None,
             parent: None,
             children: Vec::new(),
+            nats: None,
         }
     }
 }
@@ -183,6 +186,10 @@ impl Config {
                     c.node_id
                 );
             }
+        }
+        if let Some(n) = &self.nats {
+            n.check(self.node_id.as_deref())
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
         }
         if let Some(p) = &self.parent {
             anyhow::ensure!(

@@ -49,6 +49,17 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     if let Some(r) = &replicator {
         state.agents.push(r.clone());
     }
+    let nats = match &cfg.nats {
+        Some(n) => Some(
+            fhirsync_nats::NatsAgent::start(store.clone(), n.clone())
+                .await
+                .map_err(|e| anyhow::anyhow!("nats: {e}"))?,
+        ),
+        None => None,
+    };
+    if let Some(n) = &nats {
+        state.agents.push(n.clone());
+    }
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot listen on {addr}"))?;
@@ -72,6 +83,9 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         .context("server failed")?;
     if let Some(r) = replicator {
         r.shutdown().await;
+    }
+    if let Some(n) = nats {
+        n.shutdown().await;
     }
     let s = store.clone();
     tokio::task::spawn_blocking(move || s.shutdown()).await?;

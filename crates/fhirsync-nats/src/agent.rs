@@ -1,0 +1,249 @@
+//! The NATS agent: connects (retrying in the background, so a node starts
+//! while NATS is down), creates or checks the stream, runs the outbox and
+//! one subscriber per followed node, and answers the admin API.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, stream};
+use async_trait::async_trait;
+use fhirsync_api::agent::EdgeCounters;
+use fhirsync_api::SyncAgent;
+use fhirsync_replica::edge::DirStats;
+use fhirsync_store::{
+    ApplyRequest, AuditEntry, DeadLetter, Direction, RemoteVersion, Store, SyncWrite, WriteOutcome,
+    WriteRequest,
+};
+use fhirsync_sync::retry::backoff;
+use serde_json::{json, Value};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::config::NatsConfig;
+use crate::outbox::pause;
+use crate::{edge_name, VIA_NATS};
+
+pub struct NatsAgent {
+    cfg: NatsConfig,
+    store: Arc<dyn Store>,
+    outbox: Arc<DirStats>,
+    follows: Vec<(String, Arc<DirStats>)>,
+    stop: watch::Sender<bool>,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl NatsAgent {
+    pub async fn start(store: Arc<dyn Store>, cfg: NatsConfig) -> Result<Arc<NatsAgent>, String> {
+        cfg.check(Some(store.node_id()))?;
+        let client = async_nats::ConnectOptions::new()
+            .name(format!("fhirsync-{}", store.node_id()))
+            .retry_on_initial_connect()
+            .connect(cfg.servers.clone())
+            .await
+            .map_err(|e| format!("cannot connect to NATS: {e}"))?;
+        let js = jetstream::new(client);
+        let (stop, rx) = watch::channel(false);
+        let outbox = Arc::new(DirStats::default());
+        let follows: Vec<(String, Arc<DirStats>)> = cfg
+            .follow
+            .iter()
+            .map(|f| (f.node.clone(), Arc::new(DirStats::default())))
+            .collect();
+        let agent = Arc::new(NatsAgent {
+            cfg: cfg.clone(),
+            store: store.clone(),
+            outbox: outbox.clone(),
+            follows: follows.clone(),
+            stop,
+            tasks: Mutex::new(Vec::new()),
+        });
+        let a2 = agent.clone();
+        let supervisor = tokio::spawn(async move {
+            let mut rx = rx;
+            let Some(stream) = ensure_stream(&js, &a2.cfg, &a2.outbox, &mut rx).await else {
+                return;
+            };
+            let mut tasks = Vec::new();
+            if a2.cfg.publish {
+                tasks.push(tokio::spawn(crate::outbox::run(
+                    a2.store.clone(),
+                    js.clone(),
+                    a2.cfg.clone(),
+                    a2.outbox.clone(),
+                    rx.clone(),
+                )));
+            }
+            for (f, (_, st)) in a2.cfg.follow.iter().zip(&a2.follows) {
+                tasks.push(tokio::spawn(crate::subscriber::run(
+                    a2.store.clone(),
+                    stream.clone(),
+                    a2.cfg.clone(),
+                    f.clone(),
+                    st.clone(),
+                    rx.clone(),
+                )));
+            }
+            if let Ok(mut t) = a2.tasks.lock() {
+                t.extend(tasks);
+            }
+        });
+        if let Ok(mut t) = agent.tasks.lock() {
+            t.push(supervisor);
+        }
+        Ok(agent)
+    }
+
+    /// Stops the outbox and subscribers and waits for them.
+    pub async fn shutdown(&self) {
+        let _ = self.stop.send(true);
+        loop {
+            let tasks: Vec<_> = self
+                .tasks
+                .lock()
+                .map(|mut t| t.drain(..).collect())
+                .unwrap_or_default();
+            if tasks.is_empty() {
+                break;
+            }
+            for t in tasks {
+                let _ = t.await;
+            }
+        }
+    }
+
+    pub fn stop(&self) {
+        let _ = self.stop.send(true);
+    }
+}
+
+/// Creates the stream, or checks that an existing one takes our subjects.
+async fn ensure_stream(
+    js: &jetstream::Context,
+    cfg: &NatsConfig,
+    stats: &DirStats,
+    stop: &mut watch::Receiver<bool>,
+) -> Option<stream::Stream> {
+    let subjects = format!("{}.>", cfg.subject_prefix);
+    let mut attempt = 0;
+    loop {
+        let r = js
+            .get_or_create_stream(stream::Config {
+                name: cfg.stream.clone(),
+                subjects: vec![subjects.clone()],
+                storage: stream::StorageType::File,
+                max_age: Duration::from_secs(cfg.stream_max_age_s),
+                max_bytes: cfg.stream_max_bytes,
+                duplicate_window: Duration::from_secs(cfg.duplicate_window_s),
+                num_replicas: cfg.replicas,
+                ..Default::default()
+            })
+            .await;
+        let why = match r {
+            Ok(mut s) => match s.info().await {
+                Ok(info)
+                    if info
+                        .config
+                        .subjects
+                        .iter()
+                        .any(|x| x == &subjects || x == ">") =>
+                {
+                    return Some(s)
+                }
+                Ok(info) => format!(
+                    "stream {} exists with subjects {:?}, which do not include {subjects}",
+                    cfg.stream, info.config.subjects
+                ),
+                Err(e) => format!("stream {}: {e}", cfg.stream),
+            },
+            Err(e) => format!("cannot create or read stream {}: {e}", cfg.stream),
+        };
+        tracing::warn!("{why}");
+        stats
+            .errors
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        stats.set_state("retrying", Some(why));
+        if pause(backoff(attempt, 0.5), stop).await {
+            return None;
+        }
+        attempt += 1;
+    }
+}
+
+#[async_trait]
+impl SyncAgent for NatsAgent {
+    async fn edges(&self) -> Vec<Value> {
+        let mut out = vec![json!({
+            "name": "nats",
+            "servers": self.cfg.servers,
+            "stream": self.cfg.stream,
+            "subject": self.cfg.subject(self.store.node_id(), "<Type>"),
+            "publish": self.outbox.to_json("publish", self.cfg.publish),
+        })];
+        for (node, st) in &self.follows {
+            out.push(json!({
+                "name": edge_name(node),
+                "conflictPolicy": self.cfg.conflict_policy.as_str(),
+                "pull": st.to_json("pull", true),
+            }));
+        }
+        out
+    }
+
+    fn owns(&self, edge: &str) -> bool {
+        self.follows.iter().any(|(n, _)| edge_name(n) == edge)
+    }
+
+    async fn retry(&self, d: &DeadLetter) -> Result<(), (u16, String)> {
+        let entry: Value = serde_json::from_str(&d.letter.record)
+            .map_err(|e| (422, format!("the record is not JSON: {e}")))?;
+        let v = RemoteVersion::from_entry(&entry).map_err(|w| (422, w))?;
+        let out = self
+            .store
+            .write(WriteRequest::Apply(Box::new(ApplyRequest {
+                edge: d.letter.edge.clone(),
+                direction: Direction::Pull,
+                peer: VIA_NATS.into(),
+                policy: self.cfg.conflict_policy,
+                versions: vec![v],
+                cursor: None,
+                dead_letters: Vec::new(),
+                record_peer: false,
+            })))
+            .await
+            .map_err(|e| (e.status(), e.to_string()))?;
+        if let WriteOutcome::Applied(rep) = out {
+            if let Some((_, status, why)) = rep.failed() {
+                return Err((if status >= 400 { status } else { 409 }, why.to_owned()));
+            }
+        }
+        let audit = AuditEntry::new(
+            &d.letter.edge,
+            "retry",
+            "ok",
+            1,
+            format!(
+                "dead letter {}: {}/{} went through",
+                d.id, d.letter.rtype, d.letter.rid
+            ),
+        );
+        self.store
+            .write(WriteRequest::Sync(SyncWrite::DropDeadLetter {
+                id: d.id,
+                audit,
+            }))
+            .await
+            .map_err(|e| (e.status(), e.to_string()))?;
+        Ok(())
+    }
+
+    fn counters(&self) -> Vec<EdgeCounters> {
+        let mut out = Vec::new();
+        if self.cfg.publish {
+            out.push(self.outbox.counters("nats", "publish"));
+        }
+        for (node, st) in &self.follows {
+            out.push(st.counters(&edge_name(node), "pull"));
+        }
+        out
+    }
+}

@@ -1,0 +1,166 @@
+//! The `[nats]` TOML table.
+
+use std::time::Duration;
+
+use fhirsync_core::replicate::Policy;
+use serde::Deserialize;
+
+fn stream() -> String {
+    "FHIRSYNC".into()
+}
+fn prefix() -> String {
+    "fhirsync".into()
+}
+fn yes() -> bool {
+    true
+}
+fn batch() -> usize {
+    256
+}
+fn retry_max() -> u32 {
+    5
+}
+fn ack_wait_s() -> u64 {
+    30
+}
+fn duplicate_window_s() -> u64 {
+    120
+}
+fn replicas() -> usize {
+    1
+}
+fn minus_one() -> i64 {
+    -1
+}
+
+/// A node whose changes this node follows.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Follow {
+    pub node: String,
+    /// Resource types to apply; empty: all (others are acked and counted).
+    #[serde(default)]
+    pub types: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NatsConfig {
+    /// `nats://host:port` URLs of the cluster.
+    pub servers: Vec<String>,
+    /// The JetStream stream, created or checked at start.
+    #[serde(default = "stream")]
+    pub stream: String,
+    /// First token of every subject: `<prefix>.<node>.<ResourceType>`.
+    #[serde(default = "prefix")]
+    pub subject_prefix: String,
+    /// Publish this node's change log (the outbox).
+    #[serde(default = "yes")]
+    pub publish: bool,
+    /// Nodes to follow, each through its own durable consumer.
+    #[serde(default)]
+    pub follow: Vec<Follow>,
+    /// `manual` or `hlc-lww` (nodes on a stream have no parent/child sides).
+    #[serde(default, with = "policy_serde")]
+    pub conflict_policy: Policy,
+    /// Records per publish round or applied batch.
+    #[serde(default = "batch")]
+    pub batch_size_max: usize,
+    /// Deliveries of a failing message before it becomes a dead letter.
+    #[serde(default = "retry_max")]
+    pub retry_max: u32,
+    /// Seconds JetStream waits for an ack before redelivering.
+    #[serde(default = "ack_wait_s")]
+    pub ack_wait_s: u64,
+    /// Stream limits (only used when this node creates the stream).
+    #[serde(default)]
+    pub stream_max_age_s: u64,
+    #[serde(default = "minus_one")]
+    pub stream_max_bytes: i64,
+    /// Window in which JetStream drops a repeated `Nats-Msg-Id`.
+    #[serde(default = "duplicate_window_s")]
+    pub duplicate_window_s: u64,
+    #[serde(default = "replicas")]
+    pub replicas: usize,
+}
+
+mod policy_serde {
+    use fhirsync_core::replicate::Policy;
+    use serde::{Deserialize, Deserializer};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Policy, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// A valid subject token (node ids and types are checked elsewhere too).
+fn token_ok(s: &str) -> bool {
+    !s.is_empty() && !s.contains(['.', '*', '>', ' ', '\t'])
+}
+
+impl NatsConfig {
+    pub fn new(servers: Vec<String>) -> Self {
+        NatsConfig {
+            servers,
+            stream: stream(),
+            subject_prefix: prefix(),
+            publish: true,
+            follow: Vec::new(),
+            conflict_policy: Policy::Manual,
+            batch_size_max: batch(),
+            retry_max: retry_max(),
+            ack_wait_s: ack_wait_s(),
+            stream_max_age_s: 0,
+            stream_max_bytes: -1,
+            duplicate_window_s: duplicate_window_s(),
+            replicas: replicas(),
+        }
+    }
+
+    /// Checks what can be checked before connecting.
+    pub fn check(&self, node_id: Option<&str>) -> Result<(), String> {
+        if self.servers.is_empty() {
+            return Err("nats.servers is empty".into());
+        }
+        for s in &self.servers {
+            if !(s.starts_with("nats://") || s.starts_with("tls://")) {
+                return Err(format!("nats server '{s}' is not a nats:// or tls:// URL"));
+            }
+        }
+        if !token_ok(&self.stream) || !token_ok(&self.subject_prefix) {
+            return Err("nats.stream and nats.subject_prefix must be single subject tokens".into());
+        }
+        if !matches!(self.conflict_policy, Policy::Manual | Policy::HlcLww) {
+            return Err(format!(
+                "nats.conflict_policy '{}' needs a parent and a child; use manual or hlc-lww",
+                self.conflict_policy
+            ));
+        }
+        if self.batch_size_max == 0 || self.retry_max == 0 {
+            return Err("nats.batch_size_max and nats.retry_max must be at least 1".into());
+        }
+        for f in &self.follow {
+            if !token_ok(&f.node) {
+                return Err(format!("nats.follow node '{}' is not a node id", f.node));
+            }
+            if Some(f.node.as_str()) == node_id {
+                return Err(format!("nats.follow lists this node itself ('{}')", f.node));
+            }
+            for t in &f.types {
+                if !fhirsync_core::resource::is_resource_type(t) {
+                    return Err(format!("nats.follow type '{t}' is not a resource type"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub fn subject(&self, node: &str, rtype: &str) -> String {
+        format!("{}.{node}.{rtype}", self.subject_prefix)
+    }
+
+    pub fn ack_wait(&self) -> Duration {
+        Duration::from_secs(self.ack_wait_s.max(1))
+    }
+}

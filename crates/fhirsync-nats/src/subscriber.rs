@@ -1,0 +1,243 @@
+//! Following one node through a durable JetStream pull consumer. Messages
+//! are applied in batches through the same path as the HTTP edges
+//! (vectors, conflicts, filters) and acked only after the local commit, so
+//! a crash between the two redelivers them and the vectors skip them.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
+use async_nats::jetstream::stream::Stream;
+use async_nats::jetstream::AckKind;
+use fhirsync_replica::edge::DirStats;
+use fhirsync_store::{
+    entry_seq, ApplyRequest, Direction, NewDeadLetter, RemoteVersion, Store, WriteOutcome,
+    WriteRequest,
+};
+use fhirsync_sync::retry::backoff;
+use futures::StreamExt;
+use serde_json::Value;
+use tokio::sync::watch;
+
+use crate::config::{Follow, NatsConfig};
+use crate::outbox::pause;
+use crate::{edge_name, VIA_NATS};
+
+/// How long to wait for more messages once one arrived, to fill a batch.
+pub const BATCH_LINGER_MS: u64 = 2;
+
+pub async fn run(
+    store: Arc<dyn Store>,
+    stream: Stream,
+    cfg: NatsConfig,
+    follow: Follow,
+    stats: Arc<DirStats>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let edge = edge_name(&follow.node);
+    let durable = format!("fhirsync-{}-{}", store.node_id(), follow.node);
+    let mut attempt = 0u32;
+    stats.set_state("starting", None);
+    while !*stop.borrow() {
+        let consumer = stream
+            .get_or_create_consumer(
+                &durable,
+                pull::Config {
+                    durable_name: Some(durable.clone()),
+                    filter_subject: format!("{}.{}.>", cfg.subject_prefix, follow.node),
+                    ack_policy: AckPolicy::Explicit,
+                    deliver_policy: DeliverPolicy::All,
+                    ack_wait: cfg.ack_wait(),
+                    max_ack_pending: (cfg.batch_size_max * 4) as i64,
+                    ..Default::default()
+                },
+            )
+            .await;
+        let messages = match consumer {
+            Ok(c) => c.messages().await,
+            Err(e) => {
+                stats.errors.fetch_add(1, Ordering::Relaxed);
+                stats.set_state("retrying", Some(format!("consumer {durable}: {e}")));
+                if pause(backoff(attempt, 0.5), &mut stop).await {
+                    break;
+                }
+                attempt += 1;
+                continue;
+            }
+        };
+        let mut messages = match messages {
+            Ok(m) => m,
+            Err(e) => {
+                stats.errors.fetch_add(1, Ordering::Relaxed);
+                stats.set_state("retrying", Some(format!("consumer {durable}: {e}")));
+                if pause(backoff(attempt, 0.5), &mut stop).await {
+                    break;
+                }
+                attempt += 1;
+                continue;
+            }
+        };
+        stats.set_state("ok", None);
+        loop {
+            let first = tokio::select! {
+                m = messages.next() => m,
+                _ = stop.changed() => return,
+            };
+            let mut batch = Vec::with_capacity(cfg.batch_size_max);
+            match first {
+                Some(Ok(m)) => batch.push(m),
+                Some(Err(e)) => {
+                    // Heartbeats missed, server gone: make the consumer again.
+                    stats.errors.fetch_add(1, Ordering::Relaxed);
+                    stats.set_state("retrying", Some(e.to_string()));
+                    break;
+                }
+                None => break,
+            }
+            while batch.len() < cfg.batch_size_max {
+                match tokio::time::timeout(Duration::from_millis(BATCH_LINGER_MS), messages.next())
+                    .await
+                {
+                    Ok(Some(Ok(m))) => batch.push(m),
+                    _ => break,
+                }
+            }
+            attempt = 0;
+            if let Err(why) = apply_batch(&store, &cfg, &follow, &edge, &stats, batch).await {
+                stats.errors.fetch_add(1, Ordering::Relaxed);
+                stats.set_state("retrying", Some(why));
+                if pause(backoff(attempt, 0.5), &mut stop).await {
+                    return;
+                }
+            } else {
+                stats.set_state("ok", None);
+            }
+        }
+        if pause(backoff(attempt, 0.5), &mut stop).await {
+            break;
+        }
+        attempt += 1;
+    }
+    tracing::debug!(edge, "subscriber stopped");
+}
+
+/// Applies a batch in one transaction, then acks what was committed; a
+/// message that failed is redelivered later (NAK with a delay), and after
+/// `retry_max` deliveries becomes a dead letter.
+async fn apply_batch(
+    store: &Arc<dyn Store>,
+    cfg: &NatsConfig,
+    follow: &Follow,
+    edge: &str,
+    stats: &DirStats,
+    batch: Vec<async_nats::jetstream::Message>,
+) -> Result<(), String> {
+    let mut versions = Vec::with_capacity(batch.len());
+    // Index in `batch` of each version; messages acked without applying.
+    let mut at = Vec::with_capacity(batch.len());
+    let mut ack_now = Vec::new();
+    let mut letters = Vec::new();
+    let mut nak = Vec::new();
+    for (i, m) in batch.iter().enumerate() {
+        let entry: Result<Value, String> =
+            serde_json::from_slice(&m.payload).map_err(|e| format!("message is not JSON: {e}"));
+        match entry.and_then(|e| RemoteVersion::from_entry(&e).map(|v| (v, e))) {
+            Ok((v, _)) if !follow.types.is_empty() && !follow.types.contains(&v.rtype) => {
+                stats.filtered.fetch_add(1, Ordering::Relaxed);
+                ack_now.push(i);
+            }
+            Ok((v, _)) => {
+                versions.push(v);
+                at.push(i);
+            }
+            Err(why) => {
+                if delivered(m) >= cfg.retry_max as i64 {
+                    letters.push(letter(edge, m, why));
+                    ack_now.push(i);
+                } else {
+                    nak.push(i);
+                }
+            }
+        }
+    }
+    let first_seq = versions.first().map(|v| v.seq);
+    let out = store
+        .write(WriteRequest::Apply(Box::new(ApplyRequest {
+            edge: edge.to_owned(),
+            direction: Direction::Pull,
+            peer: VIA_NATS.into(),
+            policy: cfg.conflict_policy,
+            versions,
+            cursor: None,
+            dead_letters: letters.clone(),
+            record_peer: false,
+        })))
+        .await
+        .map_err(|e| format!("cannot store received changes (seq {first_seq:?}): {e}"))?;
+    let WriteOutcome::Applied(rep) = out else {
+        return Err("unexpected write outcome".into());
+    };
+    stats.stored.fetch_add(rep.stored, Ordering::Relaxed);
+    stats.skipped.fetch_add(rep.skipped, Ordering::Relaxed);
+    stats.conflicts.fetch_add(rep.conflicts, Ordering::Relaxed);
+    stats
+        .dead_letters
+        .fetch_add(letters.len() as u64, Ordering::Relaxed);
+    let done = rep.results.len() - usize::from(rep.failed().is_some());
+    ack_now.extend(at.iter().take(done));
+    if let Some((i, status, why)) = rep.failed() {
+        let m = &batch[at[i]];
+        if delivered(m) >= cfg.retry_max as i64 {
+            let l = letter(edge, m, format!("{status}: {why}"));
+            store
+                .write(WriteRequest::Sync(fhirsync_store::SyncWrite::DeadLetters {
+                    letters: vec![l],
+                    cursor: None,
+                }))
+                .await
+                .map_err(|e| format!("cannot store a dead letter: {e}"))?;
+            stats.dead_letters.fetch_add(1, Ordering::Relaxed);
+            ack_now.push(at[i]);
+        } else {
+            nak.push(at[i]);
+        }
+        nak.extend(at.iter().skip(i + 1));
+    }
+    for i in ack_now {
+        // A lost ack only means a redelivery, which the vectors skip.
+        if let Err(e) = batch[i].ack().await {
+            tracing::warn!(edge, error = %e, "ack failed");
+        }
+    }
+    for i in nak {
+        let delay = backoff(delivered(&batch[i]) as u32, 0.5);
+        let _ = batch[i].ack_with(AckKind::Nak(Some(delay))).await;
+    }
+    Ok(())
+}
+
+fn delivered(m: &async_nats::jetstream::Message) -> i64 {
+    m.info().map(|i| i.delivered).unwrap_or(1)
+}
+
+fn letter(edge: &str, m: &async_nats::jetstream::Message, error: String) -> NewDeadLetter {
+    let text = String::from_utf8_lossy(&m.payload).into_owned();
+    let entry: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+    let url = entry
+        .pointer("/request/url")
+        .and_then(Value::as_str)
+        .unwrap_or("?/?")
+        .to_owned();
+    let (t, id) = url.split_once('/').unwrap_or((&url, ""));
+    NewDeadLetter {
+        edge: edge.to_owned(),
+        direction: Direction::Pull,
+        rtype: t.to_owned(),
+        rid: id.to_owned(),
+        seq: entry_seq(&entry).unwrap_or(0),
+        record: text,
+        error,
+        attempts: delivered(m) as u32,
+    }
+}

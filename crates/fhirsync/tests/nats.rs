@@ -1,0 +1,274 @@
+//! The NATS JetStream transport against a real `nats-server` (started by
+//! the harness on a free port with its own JetStream directory): nodes
+//! converge, the server restarts mid-stream and is down during writes, a
+//! node dies between apply and ack, a message arrives twice.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use common::*;
+use fhirsync_nats::{Follow, NatsConfig};
+use fhirsync_store::{ChangesQuery, Store};
+use fhirsync_testkit::server::Options;
+use fhirsync_testkit::NatsServer;
+use serde_json::{json, Value};
+
+fn nats_cfg(server: &NatsServer, follow: &[&str]) -> NatsConfig {
+    let mut c = NatsConfig::new(vec![server.url()]);
+    c.follow = follow
+        .iter()
+        .map(|n| Follow {
+            node: n.to_string(),
+            types: Vec::new(),
+        })
+        .collect();
+    c
+}
+
+async fn node(id: &str, cfg: NatsConfig) -> InProcess {
+    InProcess::start_with(Options {
+        node_id: Some(id.into()),
+        nats: Some(cfg),
+        ..Options::default()
+    })
+    .await
+}
+
+/// (type, id) → content hash (`None`: deleted), and versions per resource.
+async fn digest(
+    s: &InProcess,
+) -> (
+    BTreeMap<(String, String), Option<u128>>,
+    BTreeMap<(String, String), usize>,
+) {
+    let (mut d, mut n) = (BTreeMap::new(), BTreeMap::new());
+    let mut since = 0;
+    loop {
+        let rows = s
+            .store
+            .changes(ChangesQuery {
+                since,
+                count: 5000,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let Some(last) = rows.last() else { break };
+        since = last.seq;
+        for v in rows {
+            let h = v.body.as_deref().map(|b| {
+                let m: serde_json::Map<String, Value> = serde_json::from_str(b).unwrap();
+                fhirsync_core::meta::content_hash(&v.rtype, &fhirsync_core::meta::split(&m))
+            });
+            *n.entry((v.rtype.clone(), v.id.clone())).or_insert(0) += 1;
+            d.insert((v.rtype, v.id), h);
+        }
+    }
+    (d, n)
+}
+
+async fn converge(nodes: &[&InProcess], want: usize, secs: u64) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let first = digest(nodes[0]).await.0;
+        let mut same = first.len() == want;
+        for n in &nodes[1..] {
+            same &= digest(n).await.0 == first;
+        }
+        if same {
+            return;
+        }
+        if Instant::now() > deadline {
+            let sizes: Vec<usize> = futures_sizes(nodes).await;
+            panic!("no convergence to {want} resources; sizes {sizes:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn futures_sizes(nodes: &[&InProcess]) -> Vec<usize> {
+    let mut v = Vec::new();
+    for n in nodes {
+        v.push(digest(n).await.0.len());
+    }
+    v
+}
+
+fn obs(id: &str, v: u64) -> Value {
+    json!({"resourceType":"Observation","id":id,"status":"final","code":{"text":"hr"},"valueInteger":v})
+}
+
+async fn admin(s: &InProcess, path: &str) -> Value {
+    s.client
+        .get(s.base.replace("/fhir", &format!("/admin/{path}")))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_nodes_converge_through_jetstream() {
+    let server = NatsServer::start().unwrap();
+    let a = node("site-a", nats_cfg(&server, &["site-b", "site-c"])).await;
+    let b = node("site-b", nats_cfg(&server, &["site-a", "site-c"])).await;
+    let c = node("site-c", nats_cfg(&server, &["site-a", "site-b"])).await;
+    for i in 0..40 {
+        put(&a, &format!("Patient/a{i}"), &pat(&format!("a{i}"))).await;
+        put(&b, &format!("Observation/b{i}"), &obs(&format!("b{i}"), i)).await;
+        put(&c, &format!("Patient/c{i}"), &pat(&format!("c{i}"))).await;
+    }
+    // Edits of replicated resources and a delete travel too.
+    converge(&[&a, &b, &c], 120, 30).await;
+    put(
+        &b,
+        "Patient/a1",
+        &json!({"resourceType":"Patient","id":"a1","active":false}),
+    )
+    .await;
+    delete(&c, "Observation/b2").await;
+    converge(&[&a, &b, &c], 120, 30).await;
+    let (_, v) = status_json(get(&a, "Patient/a1").await).await;
+    assert_eq!(v["active"], false);
+    assert_eq!(get(&a, "Observation/b2").await.status(), 410);
+    // Nothing stored twice: each resource has the versions it was given.
+    for n in [&a, &b, &c] {
+        let (_, counts) = digest(n).await;
+        assert_eq!(counts[&("Patient".to_string(), "a1".to_string())], 2);
+        assert_eq!(counts[&("Observation".to_string(), "b2".to_string())], 2);
+        assert!(counts.values().all(|c| *c <= 2));
+    }
+    let st = admin(&a, "status").await;
+    let edges = st["edges"].as_array().unwrap();
+    assert!(edges.iter().any(|e| e["name"] == "nats:site-b"), "{st}");
+    let m = a
+        .client
+        .get(a.base.replace("/fhir", "/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        m.contains("fhirsync_edge_applied_total{edge=\"nats:site-b\",direction=\"pull\"}"),
+        "{m}"
+    );
+    assert!(
+        m.contains("fhirsync_edge_applied_total{edge=\"nats\",direction=\"publish\"}"),
+        "{m}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn server_restart_and_outage_lose_nothing() {
+    let mut server = NatsServer::start().unwrap();
+    let a = node("site-a", nats_cfg(&server, &["site-b"])).await;
+    let b = node("site-b", nats_cfg(&server, &["site-a"])).await;
+    let writer = {
+        let (client, base) = (a.client.clone(), a.base.clone());
+        tokio::spawn(async move {
+            for i in 0..300 {
+                let r = client
+                    .put(format!("{base}/Observation/o{i}"))
+                    .header("content-type", FHIR_JSON)
+                    .body(obs(&format!("o{i}"), i).to_string())
+                    .send()
+                    .await
+                    .unwrap();
+                assert!(r.status().is_success());
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
+    // Restart mid-stream, then a longer outage while writes go on.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    server.restart().unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    server.kill();
+    for i in 0..30 {
+        put(
+            &b,
+            &format!("Patient/while-down-{i}"),
+            &pat(&format!("while-down-{i}")),
+        )
+        .await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    server.restart().unwrap();
+    writer.await.unwrap();
+    converge(&[&a, &b], 330, 60).await;
+    for n in [&a, &b] {
+        let (_, counts) = digest(n).await;
+        assert!(counts.values().all(|c| *c == 1), "a version applied twice");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_message_delivered_twice_is_applied_once() {
+    let server = NatsServer::start().unwrap();
+    let a = node("site-a", nats_cfg(&server, &[])).await;
+    let b = node("site-b", nats_cfg(&server, &["site-a"])).await;
+    put(&a, "Patient/p", &pat("p")).await;
+    converge(&[&a, &b], 1, 20).await;
+    // The same change record again, under a new message id (past the
+    // duplicate window, as after a republish), and an older version after
+    // a newer one.
+    put(
+        &a,
+        "Patient/p",
+        &json!({"resourceType":"Patient","id":"p","active":false}),
+    )
+    .await;
+    converge(&[&a, &b], 1, 20).await;
+    let log = a
+        .store
+        .changes(ChangesQuery {
+            since: 0,
+            count: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    for v in &log {
+        let mut h = async_nats::HeaderMap::new();
+        h.insert("Nats-Msg-Id", format!("replay-{}", v.seq).as_str());
+        js.publish_with_headers(
+            "fhirsync.site-a.Patient",
+            h,
+            fhirsync_store::change_entry_text(None, v).into(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let st = admin(&b, "edges").await;
+        let e = st["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == "nats:site-a")
+            .unwrap()
+            .clone();
+        if e["pull"]["skipped"].as_u64().unwrap() >= 2 {
+            assert_eq!(e["pull"]["stored"], 2, "{e}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "replays not seen: {e}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (d, counts) = digest(&b).await;
+    assert_eq!(counts[&("Patient".to_string(), "p".to_string())], 2);
+    assert_eq!(d, digest(&a).await.0);
+    let (_, v) = status_json(get(&b, "Patient/p").await).await;
+    assert_eq!(v["active"], false);
+}
