@@ -5,7 +5,6 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
 
 use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
 use async_nats::jetstream::stream::Stream;
@@ -23,9 +22,6 @@ use tokio::sync::watch;
 use crate::config::{Follow, NatsConfig};
 use crate::outbox::pause;
 use crate::{edge_name, VIA_NATS};
-
-/// How long to wait for more messages once one arrived, to fill a batch.
-pub const BATCH_LINGER_MS: u64 = 2;
 
 pub async fn run(
     store: Arc<dyn Store>,
@@ -66,7 +62,7 @@ pub async fn run(
                 continue;
             }
         };
-        let mut messages = match messages {
+        let messages = match messages {
             Ok(m) => m,
             Err(e) => {
                 stats.errors.fetch_add(1, Ordering::Relaxed);
@@ -78,11 +74,26 @@ pub async fn run(
                 continue;
             }
         };
+        // A pump task owns the message stream (its `next()` is never
+        // cancelled half-way); batches are cut from the channel.
+        let (tx, mut rx) = tokio::sync::mpsc::channel(cfg.batch_size_max * 2);
+        let pump = tokio::spawn(async move {
+            let mut messages = messages;
+            while let Some(m) = messages.next().await {
+                let end = m.is_err();
+                if tx.send(m).await.is_err() || end {
+                    break;
+                }
+            }
+        });
         stats.set_state("ok", None);
         loop {
             let first = tokio::select! {
-                m = messages.next() => m,
-                _ = stop.changed() => return,
+                m = rx.recv() => m,
+                _ = stop.changed() => {
+                    pump.abort();
+                    return;
+                }
             };
             let mut batch = Vec::with_capacity(cfg.batch_size_max);
             match first {
@@ -95,12 +106,16 @@ pub async fn run(
                 }
                 None => break,
             }
+            // What queued up meanwhile joins the batch; nothing waits for more,
+            // so a lone write is applied at once and a burst in one commit.
             while batch.len() < cfg.batch_size_max {
-                match tokio::time::timeout(Duration::from_millis(BATCH_LINGER_MS), messages.next())
-                    .await
-                {
-                    Ok(Some(Ok(m))) => batch.push(m),
-                    _ => break,
+                match rx.try_recv() {
+                    Ok(Ok(m)) => batch.push(m),
+                    Ok(Err(e)) => {
+                        tracing::debug!(error = %e, "consumer stream error after a message");
+                        break;
+                    }
+                    Err(_) => break,
                 }
             }
             attempt = 0;
@@ -108,12 +123,14 @@ pub async fn run(
                 stats.errors.fetch_add(1, Ordering::Relaxed);
                 stats.set_state("retrying", Some(why));
                 if pause(backoff(attempt, 0.5), &mut stop).await {
+                    pump.abort();
                     return;
                 }
             } else {
                 stats.set_state("ok", None);
             }
         }
+        pump.abort();
         if pause(backoff(attempt, 0.5), &mut stop).await {
             break;
         }

@@ -468,3 +468,68 @@ async fn sigkill_twenty_times_during_a_50k_sync_loses_and_duplicates_nothing() {
         assert!(seq <= bound, "cursor {key} = {seq} is past {bound}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigkill_between_apply_and_ack_over_jetstream_loses_and_duplicates_nothing() {
+    const N: u64 = 20_000;
+    let server = fhirsync_testkit::NatsServer::start().unwrap();
+    let root = tempfile::tempdir().unwrap();
+    let r = root.path();
+    let file = r.join("a.ndjson");
+    let mut text = String::new();
+    for i in 0..N {
+        text.push_str(&fhirsync_testkit::gen::ndjson_line(3, i));
+        text.push('\n');
+    }
+    std::fs::write(&file, text).unwrap();
+    let out = std::process::Command::new(BIN)
+        .args(["import", "--node-id", "site-a", "--data-dir"])
+        .arg(r.join("site-a"))
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let cfg = |id: &str, follow: &str| {
+        let p = r.join(format!("{id}.toml"));
+        let mut t = format!("node_id = \"{id}\"\nlog = \"warn\"\n[nats]\nservers = [\"{}\"]\nbatch_size_max = 500\n", server.url());
+        if !follow.is_empty() {
+            t.push_str(&format!("[[nats.follow]]\nnode = \"{follow}\"\n"));
+        }
+        std::fs::write(&p, t).unwrap();
+        p
+    };
+    let (a_cfg, b_cfg) = (cfg("site-a", ""), cfg("site-b", "site-a"));
+    let mut a = spawn(r, "site-a", &a_cfg);
+    let mut b = spawn(r, "site-b", &b_cfg);
+    let mut rng = Rng::new(42);
+    for k in 0..10 {
+        tokio::time::sleep(Duration::from_millis(100 + rng.below(500))).await;
+        if k % 4 == 3 {
+            a.kill();
+            a = spawn(r, "site-a", &a_cfg);
+        } else {
+            b.kill();
+            b = spawn(r, "site-b", &b_cfg);
+        }
+    }
+    let (bb, last) = (b.base.clone(), format!("Observation/o{}", N - 1));
+    eventually("site-b has everything", 300, move || {
+        let (bb, last) = (bb.clone(), last.clone());
+        Box::pin(async move { exists(&bb, &last).await })
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    b.terminate(Duration::from_secs(30)).unwrap();
+    a.terminate(Duration::from_secs(30)).unwrap();
+    let (da, _, last_a, _) = read_store(&r.join("site-a")).await;
+    let (db, nb, last_b, _) = read_store(&r.join("site-b")).await;
+    assert_eq!(da.len() as u64, N);
+    assert_eq!(da, db, "nothing lost");
+    assert!(nb.values().all(|c| *c == 1), "a version applied twice");
+    assert_eq!(last_a, N, "site-a stored nothing back");
+    assert_eq!(last_b, N);
+}

@@ -76,6 +76,20 @@ enum Cmd {
         #[arg(long)]
         work: std::path::PathBuf,
     },
+    /// 100k-resource load and write-to-visible lag between two nodes through JetStream.
+    Nats {
+        #[arg(long)]
+        bin: std::path::PathBuf,
+        #[arg(long, default_value_t = 100_000)]
+        count: u64,
+        /// Writes per second of the lag run.
+        #[arg(long, default_value_t = 1000)]
+        rate: u64,
+        #[arg(long, default_value_t = 20)]
+        seconds: u64,
+        #[arg(long)]
+        work: std::path::PathBuf,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -117,6 +131,16 @@ fn main() -> anyhow::Result<()> {
         } => {
             let rt = tokio::runtime::Runtime::new()?;
             rt.block_on(replicate_pull(bin, count, work, batch))
+        }
+        Cmd::Nats {
+            bin,
+            count,
+            rate,
+            seconds,
+            work,
+        } => {
+            let rt = tokio::runtime::Runtime::new()?;
+            rt.block_on(nats_bench(bin, count, rate, seconds, work))
         }
         Cmd::ReplicateLag {
             bin,
@@ -326,7 +350,6 @@ async fn replicate_lag(
     work: std::path::PathBuf,
 ) -> anyhow::Result<()> {
     use fhirsync_testkit::NodeProcess;
-    use std::collections::HashMap;
     std::fs::create_dir_all(&work)?;
     let (pdir, cdir) = (work.join("lag-parent"), work.join("lag-child"));
     let _ = std::fs::remove_dir_all(&pdir);
@@ -336,19 +359,44 @@ async fn replicate_lag(
     let (_, ccfg) = replication_configs(&work, Some(&parent.base), 500)?;
     let child = NodeProcess::spawn(&bin, &cdir, &["--config", ccfg.to_str().unwrap_or("")])?;
     let http = reqwest::Client::new();
-    // The observer follows the parent's feed and notes when each id shows up.
+    let line = lag_run(
+        &http,
+        &child.base,
+        &parent.base,
+        Some(("observer", OBSERVER_TOKEN)),
+        rate,
+        seconds,
+    )
+    .await?
+    .0;
+    println!("lag child commit -> visible at parent, {line}");
+    drop(child);
+    drop(parent);
+    Ok(())
+}
+
+/// Writes to `write_base` at `rate` for `seconds` (8 writers) while
+/// following `watch_base`'s change feed; the lag of each write is from its
+/// `201` to its arrival in the feed.
+async fn lag_run(
+    http: &reqwest::Client,
+    write_base: &str,
+    watch_base: &str,
+    auth: Option<(&'static str, &'static str)>,
+    rate: u64,
+    seconds: u64,
+) -> anyhow::Result<(String, Vec<(String, Instant)>)> {
+    use std::collections::HashMap;
     let seen: Arc<std::sync::Mutex<HashMap<String, Instant>>> = Arc::default();
-    let (s2, h2, base) = (seen.clone(), http.clone(), parent.base.clone());
+    let (s2, h2, base) = (seen.clone(), http.clone(), watch_base.to_owned());
     let observer = tokio::spawn(async move {
         let mut since = 0u64;
         loop {
-            let r = h2
-                .get(format!("{base}/$changes?since={since}&_count=1000&wait=10"))
-                .bearer_auth(OBSERVER_TOKEN)
-                .header("x-fhirsync-node", "observer")
-                .send()
-                .await;
-            let Ok(r) = r else { continue };
+            let mut rb = h2.get(format!("{base}/$changes?since={since}&_count=1000&wait=10"));
+            if let Some((node, token)) = auth {
+                rb = rb.bearer_auth(token).header("x-fhirsync-node", node);
+            }
+            let Ok(r) = rb.send().await else { continue };
             let Ok(b) = r.json::<serde_json::Value>().await else {
                 continue;
             };
@@ -371,43 +419,205 @@ async fn replicate_lag(
             }
         }
     });
-    let mut acked: Vec<(String, Instant)> = Vec::new();
-    let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / rate.max(1)));
-    let mut rng = Rng::new(9);
-    for i in 0..rate * seconds {
-        tick.tick().await;
-        let id = format!("lag-{i}");
-        let body = serde_json::json!({"resourceType":"Observation","id":id,"status":"final",
-            "code":{"text":"heart rate"},"valueQuantity":{"value": 60 + rng.below(40),"unit":"/min"}});
-        let r = http
-            .put(format!("{}/Observation/{id}", child.base))
-            .header("content-type", "application/fhir+json")
-            .body(body.to_string())
-            .send()
-            .await?;
-        anyhow::ensure!(r.status().is_success(), "write failed: {}", r.status());
-        acked.push((id, Instant::now()));
+    // Several writers, so the rate holds while a write waits for its commit.
+    let writers = 8u64;
+    let acked: Arc<std::sync::Mutex<Vec<(String, Instant)>>> = Arc::default();
+    let mut tasks = Vec::new();
+    for w in 0..writers {
+        let (http, base, acked) = (http.clone(), write_base.to_owned(), acked.clone());
+        tasks.push(tokio::spawn(async move {
+            let per = (rate / writers).max(1);
+            let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / per));
+            let mut rng = Rng::new(9 + w);
+            for i in 0..per * seconds {
+                tick.tick().await;
+                let id = format!("lag-{w}-{i}");
+                let body = serde_json::json!({"resourceType":"Observation","id":id,"status":"final",
+                    "code":{"text":"heart rate"},"valueQuantity":{"value": 60 + rng.below(40),"unit":"/min"}});
+                let r = http
+                    .put(format!("{base}/Observation/{id}"))
+                    .header("content-type", "application/fhir+json")
+                    .body(body.to_string())
+                    .send()
+                    .await?;
+                anyhow::ensure!(r.status().is_success(), "write failed: {}", r.status());
+                acked
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push((id, Instant::now()));
+            }
+            Ok(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
     }
     tokio::time::sleep(Duration::from_secs(5)).await;
     observer.abort();
     let m = seen.lock().unwrap_or_else(|e| e.into_inner());
+    let acked = acked.lock().unwrap_or_else(|e| e.into_inner());
     let mut lat: Vec<Duration> = Vec::new();
     let mut missing = 0;
-    for (id, t) in &acked {
+    for (id, t) in acked.iter() {
         match m.get(id) {
             Some(s) => lat.push(s.saturating_duration_since(*t)),
             None => missing += 1,
         }
     }
     lat.sort();
+    Ok((
+        format!(
+            "{} writes at {rate}/s: p50 {:?}, p99 {:?}, max {:?}, missing {missing}",
+            acked.len(),
+            pct(&lat, 50.0),
+            pct(&lat, 99.0),
+            lat.last().copied().unwrap_or_default()
+        ),
+        acked.clone(),
+    ))
+}
+
+async fn nats_bench(
+    bin: std::path::PathBuf,
+    count: u64,
+    rate: u64,
+    seconds: u64,
+    work: std::path::PathBuf,
+) -> anyhow::Result<()> {
+    use fhirsync_testkit::{NatsServer, NodeProcess};
+    std::fs::create_dir_all(&work)?;
+    let server = NatsServer::start()?;
+    let data = work.join(format!("data-{count}.ndjson"));
+    if !data.exists() {
+        let mut f = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(&data)?);
+        for i in 0..count {
+            writeln!(f, "{}", ndjson_line(1, i))?;
+        }
+        f.flush()?;
+    }
+    // A pair of nodes following each other, in fresh data directories.
+    let pair = |a: &str,
+                b: &str|
+     -> anyhow::Result<(
+        std::path::PathBuf,
+        std::path::PathBuf,
+        std::path::PathBuf,
+        std::path::PathBuf,
+    )> {
+        let mut out = Vec::new();
+        for (id, follow) in [(a, b), (b, a)] {
+            let dir = work.join(format!("nats-{id}"));
+            let _ = std::fs::remove_dir_all(&dir);
+            let p = work.join(format!("nats-{id}.toml"));
+            std::fs::write(
+                &p,
+                format!(
+                    "node_id = \"{id}\"\nlog = \"warn\"\n[nats]\nservers = [\"{}\"]\n[[nats.follow]]\nnode = \"{follow}\"\n",
+                    server.url()
+                ),
+            )?;
+            out.push((dir, p));
+        }
+        let (a, b) = (out.remove(0), out.remove(0));
+        Ok((a.0, a.1, b.0, b.1))
+    };
+    let http = reqwest::Client::new();
+
+    // Lag, on empty nodes.
+    let (adir, acfg, bdir, bcfg) = pair("lag-a", "lag-b")?;
+    let a = NodeProcess::spawn(&bin, &adir, &["--config", acfg.to_str().unwrap_or("")])?;
+    let b = NodeProcess::spawn(&bin, &bdir, &["--config", bcfg.to_str().unwrap_or("")])?;
+    // A core-NATS probe sees each message when JetStream takes it: the
+    // publish half of the lag.
+    let probe = async_nats::connect(server.url()).await?;
+    let mut sub = probe.subscribe("fhirsync.lag-a.>").await?;
+    let at: Arc<std::sync::Mutex<std::collections::HashMap<String, Instant>>> = Arc::default();
+    let at2 = at.clone();
+    let probe_task = tokio::spawn(async move {
+        use futures::StreamExt;
+        while let Some(m) = sub.next().await {
+            let now = Instant::now();
+            if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&m.payload) {
+                if let Some(id) = v["resource"]["id"].as_str() {
+                    at2.lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .entry(id.to_owned())
+                        .or_insert(now);
+                }
+            }
+        }
+    });
+    let (line, acked) = lag_run(&http, &a.base, &b.base, None, rate, seconds).await?;
+    probe_task.abort();
+    let mut lat: Vec<Duration> = {
+        let at = at.lock().unwrap_or_else(|e| e.into_inner());
+        acked
+            .iter()
+            .filter_map(|(id, t)| at.get(id).map(|s| s.saturating_duration_since(*t)))
+            .collect()
+    };
+    lat.sort();
+    println!("lag node A commit -> visible at node B through JetStream, {line}");
     println!(
-        "lag child commit -> visible at parent, {} writes at {rate}/s: p50 {:?}, p99 {:?}, max {:?}, missing {missing}",
-        acked.len(),
+        "  of which commit -> in the stream (outbox): p50 {:?}, p99 {:?}, max {:?}",
         pct(&lat, 50.0),
         pct(&lat, 99.0),
         lat.last().copied().unwrap_or_default()
     );
-    drop(child);
-    drop(parent);
+    drop(b);
+    drop(a);
+
+    // Throughput: A loaded with `fhirsync import`, B empty.
+    let (adir, acfg, bdir, bcfg) = pair("load-a", "load-b")?;
+    let st = std::process::Command::new(&bin)
+        .args(["import", "--node-id", "load-a", "--data-dir"])
+        .arg(&adir)
+        .arg(&data)
+        .stdout(std::process::Stdio::null())
+        .status()?;
+    anyhow::ensure!(st.success(), "import failed");
+    let t0 = Instant::now();
+    let a = NodeProcess::spawn(&bin, &adir, &["--config", acfg.to_str().unwrap_or("")])?;
+    let b = NodeProcess::spawn(&bin, &bdir, &["--config", bcfg.to_str().unwrap_or("")])?;
+    let find = |v: &serde_json::Value, name: &str| {
+        v["items"]
+            .as_array()
+            .and_then(|a| a.iter().find(|e| e["name"] == name).cloned())
+            .unwrap_or_default()
+    };
+    let mut published_at = None;
+    loop {
+        let ea: serde_json::Value = http
+            .get(a.base.replace("/fhir", "/admin/edges"))
+            .send()
+            .await?
+            .json()
+            .await?;
+        let eb: serde_json::Value = http
+            .get(b.base.replace("/fhir", "/admin/edges"))
+            .send()
+            .await?
+            .json()
+            .await?;
+        let outbox = find(&ea, "nats")["publish"]["cursor"].as_u64().unwrap_or(0);
+        if outbox >= count && published_at.is_none() {
+            published_at = Some(t0.elapsed());
+        }
+        let applied = find(&eb, "nats:load-a")["pull"]["stored"]
+            .as_u64()
+            .unwrap_or(0);
+        if applied >= count {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    println!(
+        "{count} resources node A -> JetStream -> node B: all published after {:.2} s, all applied at B after {secs:.2} s = {:.0} resources/s end to end",
+        published_at.map_or(secs, |d| d.as_secs_f64()),
+        count as f64 / secs
+    );
+    drop(b);
+    drop(a);
     Ok(())
 }
