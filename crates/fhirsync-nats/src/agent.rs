@@ -26,6 +26,8 @@ use crate::{edge_name, VIA_NATS};
 pub struct NatsAgent {
     cfg: NatsConfig,
     store: Arc<dyn Store>,
+    /// Connection state, server errors (auth, permissions) and their count.
+    connection: Arc<DirStats>,
     outbox: Arc<DirStats>,
     follows: Vec<(String, Arc<DirStats>)>,
     stop: watch::Sender<bool>,
@@ -35,12 +37,8 @@ pub struct NatsAgent {
 impl NatsAgent {
     pub async fn start(store: Arc<dyn Store>, cfg: NatsConfig) -> Result<Arc<NatsAgent>, String> {
         cfg.check(Some(store.node_id()))?;
-        let client = async_nats::ConnectOptions::new()
-            .name(format!("fhirsync-{}", store.node_id()))
-            .retry_on_initial_connect()
-            .connect(cfg.servers.clone())
-            .await
-            .map_err(|e| format!("cannot connect to NATS: {e}"))?;
+        let connection = Arc::new(DirStats::default());
+        let client = connect(&cfg, store.node_id(), connection.clone()).await?;
         let js = jetstream::new(client);
         let (stop, rx) = watch::channel(false);
         let outbox = Arc::new(DirStats::default());
@@ -52,6 +50,7 @@ impl NatsAgent {
         let agent = Arc::new(NatsAgent {
             cfg: cfg.clone(),
             store: store.clone(),
+            connection,
             outbox: outbox.clone(),
             follows: follows.clone(),
             stop,
@@ -116,6 +115,107 @@ impl NatsAgent {
     }
 }
 
+/// Connection options from the config: TLS, NKey or credentials, and an
+/// event callback that makes server errors (authorization, permission
+/// violations) visible in logs, the admin API and metrics.
+async fn options(
+    cfg: &NatsConfig,
+    node: &str,
+    conn: Arc<DirStats>,
+) -> Result<async_nats::ConnectOptions, String> {
+    let mut o = async_nats::ConnectOptions::new().name(format!("fhirsync-{node}"));
+    if let Some(ca) = &cfg.tls_ca_file {
+        o = o.add_root_certificates(ca.clone()).require_tls(true);
+    }
+    if let (Some(c), Some(k)) = (&cfg.tls_cert_file, &cfg.tls_key_file) {
+        o = o
+            .add_client_certificate(c.clone(), k.clone())
+            .require_tls(true);
+    }
+    if let Some(p) = &cfg.nkey_seed_file {
+        let seed =
+            std::fs::read_to_string(p).map_err(|e| format!("cannot read {}: {e}", p.display()))?;
+        let seed = seed.trim().to_owned();
+        nkeys::KeyPair::from_seed(&seed)
+            .map_err(|e| format!("{} holds no NKey seed: {e}", p.display()))?;
+        o = o.nkey(seed);
+    }
+    if let Some(p) = &cfg.credentials_file {
+        o = o
+            .credentials_file(p)
+            .await
+            .map_err(|e| format!("cannot use credentials {}: {e}", p.display()))?;
+    }
+    Ok(o.event_callback(move |ev| {
+        let conn = conn.clone();
+        async move {
+            use async_nats::Event;
+            match ev {
+                Event::Connected => conn.set_state("connected", None),
+                Event::Disconnected => conn.set_state("disconnected", None),
+                Event::ServerError(e) => {
+                    tracing::error!(error = %e, "NATS server error");
+                    conn.errors
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    conn.set_state("error", Some(format!("server: {e}")));
+                }
+                Event::ClientError(e) => {
+                    tracing::warn!(error = %e, "NATS client error");
+                    conn.errors
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    conn.set_state("error", Some(format!("client: {e}")));
+                }
+                other => tracing::debug!(event = %other, "NATS"),
+            }
+        }
+    }))
+}
+
+/// Connects. Credentials the server refuses, or a TLS set-up that cannot
+/// work, fail the start with a clear reason; a server that is down is
+/// retried in the background (the outbox publishes when it is back).
+async fn connect(
+    cfg: &NatsConfig,
+    node: &str,
+    conn: Arc<DirStats>,
+) -> Result<async_nats::Client, String> {
+    use async_nats::ConnectErrorKind as K;
+    let first = options(cfg, node, conn.clone())
+        .await?
+        .connect(cfg.servers.clone())
+        .await;
+    match first {
+        Ok(c) => {
+            conn.set_state("connected", None);
+            Ok(c)
+        }
+        Err(e) if matches!(e.kind(), K::Authentication | K::AuthorizationViolation) => {
+            Err(format!("NATS refused this node (authorization): {e}"))
+        }
+        // A TLS alert from the server (no or an unknown client certificate)
+        // comes as an I/O error; it will not pass by retrying.
+        Err(e) if e.kind() == K::Tls || tls_refusal(&e.to_string()) => {
+            Err(format!("NATS refused this node (TLS): {e}"))
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "NATS is not reachable yet; retrying in the background");
+            conn.set_state("disconnected", Some(e.to_string()));
+            options(cfg, node, conn)
+                .await?
+                .retry_on_initial_connect()
+                .connect(cfg.servers.clone())
+                .await
+                .map_err(|e| format!("cannot connect to NATS: {e}"))
+        }
+    }
+}
+
+/// Whether an I/O error text is a TLS handshake refusal.
+fn tls_refusal(msg: &str) -> bool {
+    let m = msg.to_ascii_lowercase();
+    m.contains("alert") || m.contains("certificate") || m.contains("handshake")
+}
+
 /// Creates the stream, or checks that an existing one takes our subjects.
 async fn ensure_stream(
     js: &jetstream::Context,
@@ -177,6 +277,7 @@ impl SyncAgent for NatsAgent {
             "servers": self.cfg.servers,
             "stream": self.cfg.stream,
             "subject": self.cfg.subject(self.store.node_id(), "<Type>"),
+            "connection": self.connection.to_json("connection", true),
             "publish": self.outbox.to_json("publish", self.cfg.publish),
         })];
         for (node, st) in &self.follows {
@@ -237,7 +338,7 @@ impl SyncAgent for NatsAgent {
     }
 
     fn counters(&self) -> Vec<EdgeCounters> {
-        let mut out = Vec::new();
+        let mut out = vec![self.connection.counters("nats", "connection")];
         if self.cfg.publish {
             out.push(self.outbox.counters("nats", "publish"));
         }

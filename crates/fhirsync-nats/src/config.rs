@@ -1,5 +1,6 @@
 //! The `[nats]` TOML table.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use fhirsync_core::replicate::Policy;
@@ -82,6 +83,21 @@ pub struct NatsConfig {
     pub duplicate_window_s: u64,
     #[serde(default = "replicas")]
     pub replicas: usize,
+    /// PEM file of the CA(s) that signed the servers' certificates; set, it
+    /// also requires TLS.
+    #[serde(default)]
+    pub tls_ca_file: Option<PathBuf>,
+    /// Client certificate and key (PEM) for mutual TLS.
+    #[serde(default)]
+    pub tls_cert_file: Option<PathBuf>,
+    #[serde(default)]
+    pub tls_key_file: Option<PathBuf>,
+    /// File holding this node's NKey seed (`SU...`), from `fhirsync nats keygen`.
+    #[serde(default)]
+    pub nkey_seed_file: Option<PathBuf>,
+    /// A `.creds` file (user JWT and seed) for servers in operator/account mode.
+    #[serde(default)]
+    pub credentials_file: Option<PathBuf>,
 }
 
 mod policy_serde {
@@ -115,6 +131,11 @@ impl NatsConfig {
             stream_max_bytes: -1,
             duplicate_window_s: duplicate_window_s(),
             replicas: replicas(),
+            tls_ca_file: None,
+            tls_cert_file: None,
+            tls_key_file: None,
+            nkey_seed_file: None,
+            credentials_file: None,
         }
     }
 
@@ -136,6 +157,26 @@ impl NatsConfig {
                 "nats.conflict_policy '{}' needs a parent and a child; use manual or hlc-lww",
                 self.conflict_policy
             ));
+        }
+        if self.tls_cert_file.is_some() != self.tls_key_file.is_some() {
+            return Err("nats.tls_cert_file and nats.tls_key_file go together".into());
+        }
+        if self.nkey_seed_file.is_some() && self.credentials_file.is_some() {
+            return Err("nats.nkey_seed_file and nats.credentials_file cannot be combined".into());
+        }
+        for f in [
+            &self.tls_ca_file,
+            &self.tls_cert_file,
+            &self.tls_key_file,
+            &self.nkey_seed_file,
+            &self.credentials_file,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            if !f.is_file() {
+                return Err(format!("nats: cannot read {}", f.display()));
+            }
         }
         if self.batch_size_max == 0 || self.retry_max == 0 {
             return Err("nats.batch_size_max and nats.retry_max must be at least 1".into());

@@ -25,7 +25,8 @@ fn write(dir: &Path, name: &str, text: &str) -> anyhow::Result<()> {
 }
 
 impl TestCerts {
-    /// Writes `ca.pem`, `client.pem`, `client-key.pem`, `other-ca.pem` and
+    /// Writes `ca.pem`, `server.pem`, `server-key.pem`, `client.pem`,
+    /// `client-key.pem`, `other-ca.pem` and
     /// the TLS authentication files `mtls.json` (client certificate + CA),
     /// `ca-only.json` (no client certificate) and `wrong-ca.json`.
     pub fn generate(dir: &Path) -> anyhow::Result<TestCerts> {
@@ -59,6 +60,7 @@ impl TestCerts {
 
         write(dir, "ca.pem", &ca.pem())?;
         write(dir, "server.pem", &server.pem())?;
+        write(dir, "server-key.pem", &server_key.serialize_pem())?;
         write(dir, "client.pem", &client.pem())?;
         write(dir, "client-key.pem", &client_key.serialize_pem())?;
         write(dir, "other-ca.pem", &other.pem())?;

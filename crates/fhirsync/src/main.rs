@@ -7,6 +7,7 @@ mod config;
 mod demo;
 mod import;
 mod lock;
+mod nats_cmd;
 mod serve;
 mod sync_cmd;
 
@@ -66,6 +67,11 @@ enum Command {
         #[command(subcommand)]
         cmd: admin_cmd::ConflictsCmd,
     },
+    /// NATS helpers.
+    Nats {
+        #[command(subcommand)]
+        cmd: nats_cmd::NatsCmd,
+    },
     /// List and retry a running node's dead letters.
     Deadletters {
         #[command(flatten)]
@@ -95,6 +101,7 @@ fn main() -> ExitCode {
         }
         Command::Sync(a) => sync_cmd::run(*a),
         Command::Demo(a) => demo::run(a),
+        Command::Nats { cmd } => nats_cmd::run(cmd),
         Command::Status { target } => admin_cmd::status(target),
         Command::Conflicts { target, cmd } => admin_cmd::conflicts(target, cmd),
         Command::Deadletters { target, cmd } => admin_cmd::dead_letters(target, cmd),

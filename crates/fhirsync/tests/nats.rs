@@ -272,3 +272,135 @@ async fn a_message_delivered_twice_is_applied_once() {
     let (_, v) = status_json(get(&b, "Patient/p").await).await;
     assert_eq!(v["active"], false);
 }
+
+const BIN: &str = env!("CARGO_BIN_EXE_fhirsync");
+
+/// `fhirsync nats keygen`: the public key printed, the seed in `file`.
+fn keygen(file: &std::path::Path) -> String {
+    let out = std::process::Command::new(BIN)
+        .args(["nats", "keygen", "--seed-file"])
+        .arg(file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
+/// `fhirsync serve` with a `[nats]` table that the server must refuse:
+/// a one-line reason and a non-zero exit, before listening.
+fn serve_refused(dir: &std::path::Path, nats_toml: &str) -> String {
+    let cfg = dir.join("refused.toml");
+    std::fs::write(&cfg, format!("node_id = \"site-x\"\n{nats_toml}")).unwrap();
+    let mut child = std::process::Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+        .arg(&cfg)
+        .arg("--data-dir")
+        .arg(dir.join("refused-data"))
+        .env("RUST_LOG", "off")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("fhirsync serve did not stop on a refused NATS connection");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(!status.success());
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert_eq!(err.lines().count(), 1, "{err}");
+    err
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nkey_authentication() {
+    let dir = tempfile::tempdir().unwrap();
+    let (sa, sb, sx) = (
+        dir.path().join("a.seed"),
+        dir.path().join("b.seed"),
+        dir.path().join("x.seed"),
+    );
+    let (pa, pb) = (keygen(&sa), keygen(&sb));
+    keygen(&sx);
+    assert!(pa.starts_with('U') && pa.len() == 56, "{pa}");
+    let server = NatsServer::start_with(&format!(
+        "authorization {{ users = [ {{ nkey: {pa} }}, {{ nkey: {pb} }} ] }}"
+    ))
+    .unwrap();
+    let mut ca = nats_cfg(&server, &["site-b"]);
+    ca.nkey_seed_file = Some(sa);
+    let mut cb = nats_cfg(&server, &["site-a"]);
+    cb.nkey_seed_file = Some(sb);
+    let a = node("site-a", ca).await;
+    let b = node("site-b", cb).await;
+    put(&a, "Patient/p", &pat("p")).await;
+    put(&b, "Patient/q", &pat("q")).await;
+    converge(&[&a, &b], 2, 20).await;
+    // A key the server does not know: refused at start, clearly.
+    let err = serve_refused(
+        dir.path(),
+        &format!(
+            "[nats]\nservers = [\"{}\"]\nnkey_seed_file = \"{}\"\n",
+            server.url(),
+            sx.display()
+        ),
+    );
+    assert!(
+        err.contains("NATS refused this node (authorization)"),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn mutual_tls_with_a_custom_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = fhirsync_testkit::tls::TestCerts::generate(dir.path()).unwrap();
+    let p = |f: &str| certs.dir.join(f);
+    let server = NatsServer::start_with(&format!(
+        "tls {{\n  cert_file: \"{}\"\n  key_file: \"{}\"\n  ca_file: \"{}\"\n  verify: true\n}}",
+        p("server.pem").display(),
+        p("server-key.pem").display(),
+        p("ca.pem").display()
+    ))
+    .unwrap();
+    let tls = |follow: &str| {
+        let mut c = nats_cfg(&server, &[follow]);
+        c.servers = vec![format!("tls://127.0.0.1:{}", server.port)];
+        c.tls_ca_file = Some(p("ca.pem"));
+        c.tls_cert_file = Some(p("client.pem"));
+        c.tls_key_file = Some(p("client-key.pem"));
+        c
+    };
+    let a = node("site-a", tls("site-b")).await;
+    let b = node("site-b", tls("site-a")).await;
+    put(&a, "Patient/p", &pat("p")).await;
+    converge(&[&a, &b], 1, 20).await;
+    // Without a client certificate, or trusting another CA: refused at start.
+    let base = format!("[nats]\nservers = [\"tls://127.0.0.1:{}\"]\n", server.port);
+    let err = serve_refused(
+        dir.path(),
+        &format!("{base}tls_ca_file = \"{}\"\n", p("ca.pem").display()),
+    );
+    assert!(err.contains("NATS refused this node"), "{err}");
+    let err = serve_refused(
+        dir.path(),
+        &format!(
+            "{base}tls_ca_file = \"{}\"\ntls_cert_file = \"{}\"\ntls_key_file = \"{}\"\n",
+            p("other-ca.pem").display(),
+            p("client.pem").display(),
+            p("client-key.pem").display()
+        ),
+    );
+    assert!(err.contains("NATS refused this node (TLS)"), "{err}");
+}
