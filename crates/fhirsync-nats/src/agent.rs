@@ -19,8 +19,9 @@ use serde_json::{json, Value};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::config::NatsConfig;
+use crate::config::{Mode, NatsConfig};
 use crate::outbox::pause;
+use crate::outbox::Publisher;
 use crate::{edge_name, VIA_NATS};
 
 pub struct NatsAgent {
@@ -39,7 +40,7 @@ impl NatsAgent {
         cfg.check(Some(store.node_id()))?;
         let connection = Arc::new(DirStats::default());
         let client = connect(&cfg, store.node_id(), connection.clone()).await?;
-        let js = jetstream::new(client);
+        let js = jetstream::new(client.clone());
         let (stop, rx) = watch::channel(false);
         let outbox = Arc::new(DirStats::default());
         let follows: Vec<(String, Arc<DirStats>)> = cfg
@@ -59,28 +60,54 @@ impl NatsAgent {
         let a2 = agent.clone();
         let supervisor = tokio::spawn(async move {
             let mut rx = rx;
-            let Some(stream) = ensure_stream(&js, &a2.cfg, &a2.outbox, &mut rx).await else {
-                return;
-            };
             let mut tasks = Vec::new();
-            if a2.cfg.publish {
-                tasks.push(tokio::spawn(crate::outbox::run(
-                    a2.store.clone(),
-                    js.clone(),
-                    a2.cfg.clone(),
-                    a2.outbox.clone(),
-                    rx.clone(),
-                )));
-            }
-            for (f, (_, st)) in a2.cfg.follow.iter().zip(&a2.follows) {
-                tasks.push(tokio::spawn(crate::subscriber::run(
-                    a2.store.clone(),
-                    stream.clone(),
-                    a2.cfg.clone(),
-                    f.clone(),
-                    st.clone(),
-                    rx.clone(),
-                )));
+            match a2.cfg.mode {
+                Mode::Jetstream => {
+                    let Some(stream) = ensure_stream(&js, &a2.cfg, &a2.outbox, &mut rx).await
+                    else {
+                        return;
+                    };
+                    if a2.cfg.publish {
+                        tasks.push(tokio::spawn(crate::outbox::run(
+                            a2.store.clone(),
+                            Publisher::JetStream(js.clone()),
+                            a2.cfg.clone(),
+                            a2.outbox.clone(),
+                            rx.clone(),
+                        )));
+                    }
+                    for (f, (_, st)) in a2.cfg.follow.iter().zip(&a2.follows) {
+                        tasks.push(tokio::spawn(crate::subscriber::run(
+                            a2.store.clone(),
+                            stream.clone(),
+                            a2.cfg.clone(),
+                            f.clone(),
+                            st.clone(),
+                            rx.clone(),
+                        )));
+                    }
+                }
+                Mode::Core => {
+                    if a2.cfg.publish {
+                        tasks.push(tokio::spawn(crate::outbox::run(
+                            a2.store.clone(),
+                            Publisher::Core(client.clone()),
+                            a2.cfg.clone(),
+                            a2.outbox.clone(),
+                            rx.clone(),
+                        )));
+                    }
+                    for (f, (_, st)) in a2.cfg.follow.iter().zip(&a2.follows) {
+                        tasks.push(tokio::spawn(crate::subscriber::run_core(
+                            a2.store.clone(),
+                            client.clone(),
+                            a2.cfg.clone(),
+                            f.clone(),
+                            st.clone(),
+                            rx.clone(),
+                        )));
+                    }
+                }
             }
             if let Ok(mut t) = a2.tasks.lock() {
                 t.extend(tasks);

@@ -34,6 +34,18 @@ fn minus_one() -> i64 {
     -1
 }
 
+/// How records travel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    /// Durable: a JetStream stream, PubAcks, durable consumers, acks.
+    #[default]
+    Jetstream,
+    /// Best effort, live events only: core NATS publish and subscribe;
+    /// what is published while a follower is away is not seen by it.
+    Core,
+}
+
 /// A node whose changes this node follows.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -49,6 +61,9 @@ pub struct Follow {
 pub struct NatsConfig {
     /// `nats://host:port` URLs of the cluster.
     pub servers: Vec<String>,
+    /// `jetstream` (default) or `core` (best effort, live events only).
+    #[serde(default)]
+    pub mode: Mode,
     /// The JetStream stream, created or checked at start.
     #[serde(default = "stream")]
     pub stream: String,
@@ -119,6 +134,7 @@ impl NatsConfig {
     pub fn new(servers: Vec<String>) -> Self {
         NatsConfig {
             servers,
+            mode: Mode::Jetstream,
             stream: stream(),
             subject_prefix: prefix(),
             publish: true,

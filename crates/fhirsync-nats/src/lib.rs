@@ -11,7 +11,7 @@ pub mod outbox;
 pub mod subscriber;
 
 pub use agent::NatsAgent;
-pub use config::{Follow, NatsConfig};
+pub use config::{Follow, Mode, NatsConfig};
 
 /// `versions.via` of versions applied from NATS: the outbox never
 /// publishes them again (they are in the stream under their origin).

@@ -19,9 +19,18 @@ use tokio::sync::watch;
 use crate::config::NatsConfig;
 use crate::{OUTBOX_CURSOR, VIA_NATS};
 
+/// Where the outbox publishes.
+#[derive(Clone)]
+pub enum Publisher {
+    /// With a PubAck per message.
+    JetStream(Context),
+    /// Core NATS, best effort: "sent" once the client flushed.
+    Core(async_nats::Client),
+}
+
 pub async fn run(
     store: Arc<dyn Store>,
-    js: Context,
+    publisher: Publisher,
     cfg: NatsConfig,
     stats: Arc<DirStats>,
     mut stop: watch::Receiver<bool>,
@@ -86,19 +95,34 @@ pub async fn run(
             let mut h = async_nats::HeaderMap::new();
             h.insert("Nats-Msg-Id", format!("{node}:{}", v.seq).as_str());
             let payload = change_entry_text(None, v);
-            match js
-                .publish_with_headers(cfg.subject(&node, &v.rtype), h, payload.into())
-                .await
-            {
-                Ok(ack) => pending.push((v.seq, ack)),
-                Err(e) => {
-                    failure = Some(format!("publish failed: {e}"));
-                    break;
-                }
+            let subject = cfg.subject(&node, &v.rtype);
+            let sent = match &publisher {
+                Publisher::JetStream(js) => js
+                    .publish_with_headers(subject, h, payload.into())
+                    .await
+                    .map(|ack| pending.push((v.seq, ack)))
+                    .map_err(|e| e.to_string()),
+                Publisher::Core(c) => c
+                    .publish_with_headers(subject, h, payload.into())
+                    .await
+                    .map_err(|e| e.to_string()),
+            };
+            if let Err(e) = sent {
+                failure = Some(format!("publish failed: {e}"));
+                break;
             }
         }
         let mut acked = None;
         let mut published = 0u64;
+        if let (Publisher::Core(c), None) = (&publisher, &failure) {
+            match c.flush().await {
+                Ok(()) => {
+                    acked = rows.last().map(|v| v.seq);
+                    published = rows.len() as u64;
+                }
+                Err(e) => failure = Some(format!("flush failed: {e}")),
+            }
+        }
         for (seq, ack) in pending {
             match ack.await {
                 Ok(a) => {

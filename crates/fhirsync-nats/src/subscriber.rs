@@ -157,14 +157,12 @@ async fn apply_batch(
     let mut letters = Vec::new();
     let mut nak = Vec::new();
     for (i, m) in batch.iter().enumerate() {
-        let entry: Result<Value, String> =
-            serde_json::from_slice(&m.payload).map_err(|e| format!("message is not JSON: {e}"));
-        match entry.and_then(|e| RemoteVersion::from_entry(&e).map(|v| (v, e))) {
-            Ok((v, _)) if !follow.types.is_empty() && !follow.types.contains(&v.rtype) => {
+        match parse(&m.payload) {
+            Ok(v) if !follow.types.is_empty() && !follow.types.contains(&v.rtype) => {
                 stats.filtered.fetch_add(1, Ordering::Relaxed);
                 ack_now.push(i);
             }
-            Ok((v, _)) => {
+            Ok(v) => {
                 versions.push(v);
                 at.push(i);
             }
@@ -234,12 +232,114 @@ async fn apply_batch(
     Ok(())
 }
 
+/// A change record from a message payload.
+fn parse(payload: &[u8]) -> Result<RemoteVersion, String> {
+    let entry: Value =
+        serde_json::from_slice(payload).map_err(|e| format!("message is not JSON: {e}"))?;
+    RemoteVersion::from_entry(&entry)
+}
+
+/// Best-effort following over core NATS: live messages only, applied in
+/// batches as they come; a message that cannot be applied becomes a dead
+/// letter at once (core NATS does not redeliver).
+pub async fn run_core(
+    store: Arc<dyn Store>,
+    client: async_nats::Client,
+    cfg: NatsConfig,
+    follow: Follow,
+    stats: Arc<DirStats>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let edge = edge_name(&follow.node);
+    let subject = format!("{}.{}.>", cfg.subject_prefix, follow.node);
+    let mut attempt = 0u32;
+    let mut sub = loop {
+        match client.subscribe(subject.clone()).await {
+            Ok(s) => break s,
+            Err(e) => {
+                stats.errors.fetch_add(1, Ordering::Relaxed);
+                stats.set_state("retrying", Some(format!("subscribe {subject}: {e}")));
+                if pause(backoff(attempt, 0.5), &mut stop).await {
+                    return;
+                }
+                attempt += 1;
+            }
+        }
+    };
+    stats.set_state("ok", None);
+    loop {
+        let first = tokio::select! {
+            m = sub.next() => m,
+            _ = stop.changed() => return,
+        };
+        let Some(first) = first else { return };
+        let mut batch = vec![first];
+        while batch.len() < cfg.batch_size_max {
+            match futures::FutureExt::now_or_never(sub.next()) {
+                Some(Some(m)) => batch.push(m),
+                _ => break,
+            }
+        }
+        let mut versions = Vec::with_capacity(batch.len());
+        let mut letters = Vec::new();
+        for m in &batch {
+            match parse(&m.payload) {
+                Ok(v) if !follow.types.is_empty() && !follow.types.contains(&v.rtype) => {
+                    stats.filtered.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(v) => versions.push(v),
+                Err(why) => letters.push(letter_of(&edge, &m.payload, why, 1)),
+            }
+        }
+        stats
+            .dead_letters
+            .fetch_add(letters.len() as u64, Ordering::Relaxed);
+        let out = store
+            .write(WriteRequest::Apply(Box::new(ApplyRequest {
+                edge: edge.clone(),
+                direction: Direction::Pull,
+                peer: VIA_NATS.into(),
+                policy: cfg.conflict_policy,
+                versions,
+                cursor: None,
+                dead_letters: letters,
+                record_peer: false,
+            })))
+            .await;
+        match out {
+            Ok(WriteOutcome::Applied(rep)) => {
+                stats.stored.fetch_add(rep.stored, Ordering::Relaxed);
+                stats.skipped.fetch_add(rep.skipped, Ordering::Relaxed);
+                stats.conflicts.fetch_add(rep.conflicts, Ordering::Relaxed);
+                if let Some((i, status, why)) = rep.failed() {
+                    stats.errors.fetch_add(1, Ordering::Relaxed);
+                    stats.set_state(
+                        "ok",
+                        Some(format!("entry {i} not applied ({status}): {why}")),
+                    );
+                } else {
+                    stats.set_state("ok", None);
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                stats.errors.fetch_add(1, Ordering::Relaxed);
+                stats.set_state("retrying", Some(format!("cannot store live changes: {e}")));
+            }
+        }
+    }
+}
+
 fn delivered(m: &async_nats::jetstream::Message) -> i64 {
     m.info().map(|i| i.delivered).unwrap_or(1)
 }
 
 fn letter(edge: &str, m: &async_nats::jetstream::Message, error: String) -> NewDeadLetter {
-    let text = String::from_utf8_lossy(&m.payload).into_owned();
+    letter_of(edge, &m.payload, error, delivered(m) as u32)
+}
+
+fn letter_of(edge: &str, payload: &[u8], error: String, attempts: u32) -> NewDeadLetter {
+    let text = String::from_utf8_lossy(payload).into_owned();
     let entry: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
     let url = entry
         .pointer("/request/url")
@@ -255,6 +355,6 @@ fn letter(edge: &str, m: &async_nats::jetstream::Message, error: String) -> NewD
         seq: entry_seq(&entry).unwrap_or(0),
         record: text,
         error,
-        attempts: delivered(m) as u32,
+        attempts,
     }
 }

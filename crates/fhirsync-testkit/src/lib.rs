@@ -5,6 +5,7 @@
 pub mod clock;
 pub mod gen;
 pub mod nats;
+pub mod nats_jwt;
 pub mod proxy;
 pub mod server;
 pub mod tcp;

@@ -72,7 +72,7 @@ impl NatsServer {
             .arg("-c")
             .arg(&conf)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(self.dir.path().join("nats.log"))?)
             .spawn()
             .map_err(|e| {
                 anyhow::anyhow!(
@@ -82,11 +82,15 @@ impl NatsServer {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
         while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            anyhow::ensure!(
-                Instant::now() < deadline,
-                "nats-server did not listen on {}",
-                self.port
-            );
+            if Instant::now() > deadline {
+                let log =
+                    std::fs::read_to_string(self.dir.path().join("nats.log")).unwrap_or_default();
+                anyhow::bail!(
+                    "nats-server did not listen on {}: {}",
+                    self.port,
+                    log.trim()
+                );
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
         Ok(())

@@ -404,3 +404,124 @@ async fn mutual_tls_with_a_custom_ca() {
     );
     assert!(err.contains("NATS refused this node (TLS)"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn jwt_credentials_with_subject_permissions_and_a_denied_publish() {
+    let dir = tempfile::tempdir().unwrap();
+    let auth = fhirsync_testkit::nats_jwt::Authority::new();
+    let server = NatsServer::start_with(&auth.server_config()).unwrap();
+    let creds = |name: &str, publish: &[&str]| {
+        let p = dir.path().join(format!("{name}.creds"));
+        std::fs::write(&p, auth.user_creds(name, publish)).unwrap();
+        p
+    };
+    let mut ca = nats_cfg(&server, &["site-b"]);
+    ca.credentials_file = Some(creds("site-a", &["fhirsync.site-a.>"]));
+    let mut cb = nats_cfg(&server, &["site-a"]);
+    cb.credentials_file = Some(creds("site-b", &["fhirsync.site-b.>"]));
+    let a = node("site-a", ca).await;
+    let b = node("site-b", cb).await;
+    put(&a, "Patient/p", &pat("p")).await;
+    put(&b, "Patient/q", &pat("q")).await;
+    converge(&[&a, &b], 2, 30).await;
+    // site-c's user may publish only to another node's subjects: its
+    // publish is denied, reported, and nothing is lost or skipped.
+    let mut cc = nats_cfg(&server, &[]);
+    cc.credentials_file = Some(creds("site-c", &["fhirsync.elsewhere.>"]));
+    let c = node("site-c", cc).await;
+    put(&c, "Patient/r", &pat("r")).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let nats_edge = loop {
+        let st = admin(&c, "edges").await;
+        let e = st["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == "nats")
+            .unwrap()
+            .clone();
+        let seen = e["connection"]["lastError"]
+            .as_str()
+            .unwrap_or("")
+            .to_ascii_lowercase()
+            .contains("permissions violation");
+        if seen && e["publish"]["state"] == "retrying" {
+            break e;
+        }
+        assert!(Instant::now() < deadline, "no denied publish reported: {e}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(
+        nats_edge["publish"]["cursor"], 0,
+        "the outbox did not move past the denied record: {nats_edge}"
+    );
+    let m = c
+        .client
+        .get(c.base.replace("/fhir", "/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let errors: u64 = m
+        .lines()
+        .find(|l| {
+            l.starts_with("fhirsync_edge_errors_total{edge=\"nats\",direction=\"connection\"}")
+        })
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    assert!(errors >= 1, "{m}");
+    assert!(!a.store.read("Patient", "r").await.unwrap().is_some());
+    // A refused user at start: a clear one-line error.
+    let bad = dir.path().join("bad.creds");
+    std::fs::write(
+        &bad,
+        fhirsync_testkit::nats_jwt::Authority::new().user_creds("stranger", &["fhirsync.>"]),
+    )
+    .unwrap();
+    let err = serve_refused(
+        dir.path(),
+        &format!(
+            "[nats]\nservers = [\"{}\"]\ncredentials_file = \"{}\"\n",
+            server.url(),
+            bad.display()
+        ),
+    );
+    assert!(
+        err.contains("NATS refused this node (authorization)"),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn core_mode_carries_live_events_only() {
+    let server = NatsServer::start().unwrap();
+    let core = |follow: &[&str]| {
+        let mut c = nats_cfg(&server, follow);
+        c.mode = fhirsync_nats::Mode::Core;
+        c
+    };
+    let a = node("site-a", core(&[])).await;
+    put(&a, "Patient/before", &pat("before")).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // A follower that joins later sees what is published from then on.
+    let b = node("site-b", core(&["site-a"])).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    put(&a, "Patient/live", &pat("live")).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while get(&b, "Patient/live").await.status() != 200 {
+        assert!(Instant::now() < deadline, "live event not applied");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        get(&b, "Patient/before").await.status(),
+        404,
+        "best effort: no history"
+    );
+    // No stream was made in core mode.
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    assert!(js.get_stream("FHIRSYNC").await.is_err());
+}
