@@ -473,7 +473,7 @@ async fn jwt_credentials_with_subject_permissions_and_a_denied_publish() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
     assert!(errors >= 1, "{m}");
-    assert!(!a.store.read("Patient", "r").await.unwrap().is_some());
+    assert!(a.store.read("Patient", "r").await.unwrap().is_none());
     // A refused user at start: a clear one-line error.
     let bad = dir.path().join("bad.creds");
     std::fs::write(
