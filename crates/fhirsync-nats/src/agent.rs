@@ -10,10 +10,7 @@ use async_trait::async_trait;
 use fhirsync_api::agent::EdgeCounters;
 use fhirsync_api::SyncAgent;
 use fhirsync_replica::edge::DirStats;
-use fhirsync_store::{
-    ApplyRequest, AuditEntry, DeadLetter, Direction, RemoteVersion, Store, SyncWrite, WriteOutcome,
-    WriteRequest,
-};
+use fhirsync_store::{DeadLetter, Store};
 use fhirsync_sync::retry::backoff;
 use serde_json::{json, Value};
 use tokio::sync::watch;
@@ -322,46 +319,9 @@ impl SyncAgent for NatsAgent {
     }
 
     async fn retry(&self, d: &DeadLetter) -> Result<(), (u16, String)> {
-        let entry: Value = serde_json::from_str(&d.letter.record)
-            .map_err(|e| (422, format!("the record is not JSON: {e}")))?;
-        let v = RemoteVersion::from_entry(&entry).map_err(|w| (422, w))?;
-        let out = self
-            .store
-            .write(WriteRequest::Apply(Box::new(ApplyRequest {
-                edge: d.letter.edge.clone(),
-                direction: Direction::Pull,
-                peer: VIA_NATS.into(),
-                policy: self.cfg.conflict_policy,
-                versions: vec![v],
-                cursor: None,
-                dead_letters: Vec::new(),
-                record_peer: false,
-            })))
-            .await
-            .map_err(|e| (e.status(), e.to_string()))?;
-        if let WriteOutcome::Applied(rep) = out {
-            if let Some((_, status, why)) = rep.failed() {
-                return Err((if status >= 400 { status } else { 409 }, why.to_owned()));
-            }
-        }
-        let audit = AuditEntry::new(
-            &d.letter.edge,
-            "retry",
-            "ok",
-            1,
-            format!(
-                "dead letter {}: {}/{} went through",
-                d.id, d.letter.rtype, d.letter.rid
-            ),
-        );
-        self.store
-            .write(WriteRequest::Sync(SyncWrite::DropDeadLetter {
-                id: d.id,
-                audit,
-            }))
-            .await
-            .map_err(|e| (e.status(), e.to_string()))?;
-        Ok(())
+        fhirsync_replica::edge::apply_again(&self.store, d, VIA_NATS, self.cfg.conflict_policy)
+            .await?;
+        fhirsync_replica::edge::drop_dead_letter(&self.store, d).await
     }
 
     fn counters(&self) -> Vec<EdgeCounters> {

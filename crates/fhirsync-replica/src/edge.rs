@@ -771,30 +771,11 @@ impl Edge {
 
     /// Tries a dead letter again; removes it when it goes through.
     pub async fn retry_dead_letter(&self, d: &DeadLetter) -> Result<(), (u16, String)> {
-        let (id, l) = (d.id, &d.letter);
-        let entry: Value = serde_json::from_str(&l.record).map_err(|e| (500, e.to_string()))?;
+        let l = &d.letter;
         match l.direction {
             Direction::Pull => {
-                let v = RemoteVersion::from_entry(&entry).map_err(|w| (422, w))?;
-                let out = self
-                    .store
-                    .write(WriteRequest::Apply(Box::new(ApplyRequest {
-                        edge: self.cfg.name.clone(),
-                        direction: Direction::Pull,
-                        peer: self.parent_id().unwrap_or_else(|| "parent".into()),
-                        policy: self.cfg.conflict_policy,
-                        versions: vec![v],
-                        cursor: None,
-                        dead_letters: Vec::new(),
-                        record_peer: false,
-                    })))
-                    .await
-                    .map_err(|e| (e.status(), e.to_string()))?;
-                if let WriteOutcome::Applied(rep) = out {
-                    if let Some((_, status, why)) = rep.failed() {
-                        return Err((if status >= 400 { status } else { 409 }, why.to_owned()));
-                    }
-                }
+                let peer = self.parent_id().unwrap_or_else(|| "parent".into());
+                apply_again(&self.store, d, &peer, self.cfg.conflict_policy).await?;
             }
             Direction::Push => {
                 let ans = self
@@ -811,20 +792,61 @@ impl Edge {
                 }
             }
         }
-        let audit = AuditEntry::new(
-            &self.cfg.name,
-            "retry",
-            "ok",
-            1,
-            format!(
-                "dead letter {id}: {}/{} (seq {}) went through",
-                l.rtype, l.rid, l.seq
-            ),
-        );
-        self.store
-            .write(WriteRequest::Sync(SyncWrite::DropDeadLetter { id, audit }))
-            .await
-            .map_err(|e| (e.status(), e.to_string()))?;
-        Ok(())
+        drop_dead_letter(&self.store, d).await
     }
+}
+
+/// Applies a received record that was set aside (pull-side dead letters,
+/// whatever transport brought it), through the usual apply path.
+pub async fn apply_again(
+    store: &Arc<dyn Store>,
+    d: &DeadLetter,
+    peer: &str,
+    policy: fhirsync_core::replicate::Policy,
+) -> Result<(), (u16, String)> {
+    let entry: Value = serde_json::from_str(&d.letter.record)
+        .map_err(|e| (422, format!("the record is not JSON: {e}")))?;
+    let v = RemoteVersion::from_entry(&entry).map_err(|w| (422, w))?;
+    let out = store
+        .write(WriteRequest::Apply(Box::new(ApplyRequest {
+            edge: d.letter.edge.clone(),
+            direction: Direction::Pull,
+            peer: peer.to_owned(),
+            policy,
+            versions: vec![v],
+            cursor: None,
+            dead_letters: Vec::new(),
+            record_peer: false,
+        })))
+        .await
+        .map_err(|e| (e.status(), e.to_string()))?;
+    if let WriteOutcome::Applied(rep) = out {
+        if let Some((_, status, why)) = rep.failed() {
+            return Err((if status >= 400 { status } else { 409 }, why.to_owned()));
+        }
+    }
+    Ok(())
+}
+
+/// Removes a dead letter that went through, with its audit line.
+pub async fn drop_dead_letter(store: &Arc<dyn Store>, d: &DeadLetter) -> Result<(), (u16, String)> {
+    let l = &d.letter;
+    let audit = AuditEntry::new(
+        &l.edge,
+        "retry",
+        "ok",
+        1,
+        format!(
+            "dead letter {}: {}/{} (seq {}) went through",
+            d.id, l.rtype, l.rid, l.seq
+        ),
+    );
+    store
+        .write(WriteRequest::Sync(SyncWrite::DropDeadLetter {
+            id: d.id,
+            audit,
+        }))
+        .await
+        .map_err(|e| (e.status(), e.to_string()))?;
+    Ok(())
 }
