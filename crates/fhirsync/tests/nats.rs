@@ -525,3 +525,64 @@ async fn core_mode_carries_live_events_only() {
     let js = async_nats::jetstream::new(client);
     assert!(js.get_stream("FHIRSYNC").await.is_err());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_message_that_cannot_be_applied_becomes_a_dead_letter() {
+    let server = NatsServer::start().unwrap();
+    let a = node("site-a", nats_cfg(&server, &[])).await;
+    let mut cb = nats_cfg(&server, &["site-a"]);
+    cb.retry_max = 2;
+    let b = node("site-b", cb).await;
+    put(&a, "Patient/first", &pat("first")).await;
+    converge(&[&a, &b], 1, 20).await;
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    js.publish(
+        "fhirsync.site-a.Patient",
+        r#"{"not":"a change record"}"#.into(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    put(&a, "Patient/after", &pat("after")).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let dl = admin(&b, "deadletters").await["items"]
+            .as_array()
+            .unwrap()
+            .clone();
+        if dl.len() == 1 && get(&b, "Patient/after").await.status() == 200 {
+            assert_eq!(dl[0]["edge"], "nats:site-a");
+            assert_eq!(dl[0]["attempts"], 2, "{dl:?}");
+            assert!(
+                dl[0]["error"].as_str().unwrap().contains("sync-metadata"),
+                "{dl:?}"
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "no dead letter: {dl:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Retrying cannot make it valid: it stays, with a clear reason.
+    let id = admin(&b, "deadletters").await["items"][0]["id"]
+        .as_u64()
+        .unwrap();
+    let r = b
+        .client
+        .post(
+            b.base
+                .replace("/fhir", &format!("/admin/deadletters/{id}/retry")),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 422);
+    assert_eq!(
+        admin(&b, "deadletters").await["items"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+}
