@@ -506,8 +506,24 @@ async fn sigkill_between_apply_and_ack_over_jetstream_loses_and_duplicates_nothi
     let mut a = spawn(r, "site-a", &a_cfg);
     let mut b = spawn(r, "site-b", &b_cfg);
     let mut rng = Rng::new(42);
+    let mut kills_mid_stream = 0;
     for k in 0..10 {
         tokio::time::sleep(Duration::from_millis(100 + rng.below(500))).await;
+        // How far site-b's store was when the kill came.
+        let seen = reqwest::get(format!("{}/Observation?_summary=count", b.base))
+            .await
+            .ok();
+        let count = match seen {
+            Some(r) => r
+                .json::<Value>()
+                .await
+                .ok()
+                .and_then(|v| v["total"].as_u64()),
+            None => None,
+        };
+        if count.is_some_and(|c| c < N * 4 / 5) {
+            kills_mid_stream += 1;
+        }
         if k % 4 == 3 {
             a.kill();
             a = spawn(r, "site-a", &a_cfg);
@@ -516,6 +532,10 @@ async fn sigkill_between_apply_and_ack_over_jetstream_loses_and_duplicates_nothi
             b = spawn(r, "site-b", &b_cfg);
         }
     }
+    assert!(
+        kills_mid_stream >= 5,
+        "only {kills_mid_stream} kills came mid-stream"
+    );
     let (bb, last) = (b.base.clone(), format!("Observation/o{}", N - 1));
     eventually("site-b has everything", 300, move || {
         let (bb, last) = (bb.clone(), last.clone());
