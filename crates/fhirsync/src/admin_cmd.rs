@@ -120,21 +120,38 @@ pub fn status(t: Target) -> anyhow::Result<()> {
             v["openConflicts"], v["deadLetters"]
         );
         for e in v["edges"].as_array().into_iter().flatten() {
-            println!(
-                "edge {} → {} ({}), policy {}",
-                e["name"].as_str().unwrap_or("?"),
-                e["parentNodeId"].as_str().unwrap_or("not reached yet"),
-                e["parentUrl"].as_str().unwrap_or("?"),
-                e["conflictPolicy"].as_str().unwrap_or("?")
-            );
-            for d in ["pull", "push"] {
-                let s = &e[d];
+            let name = e["name"].as_str().unwrap_or("?");
+            if let Some(url) = e["parentUrl"].as_str() {
                 println!(
-                    "  {d:<4} {:<9} cursor {:>8}  lag {:>6}  stored {}  skipped {}  conflicts {}  filtered {}  dead letters {}  errors {}{}",
+                    "edge {name} → {} ({url}), policy {}",
+                    e["parentNodeId"].as_str().unwrap_or("not reached yet"),
+                    e["conflictPolicy"].as_str().unwrap_or("?")
+                );
+            } else if let Some(servers) = e["servers"].as_array() {
+                let list: Vec<&str> = servers.iter().filter_map(Value::as_str).collect();
+                println!(
+                    "edge {name}: NATS {} stream {} subject {}",
+                    list.join(","),
+                    e["stream"].as_str().unwrap_or("?"),
+                    e["subject"].as_str().unwrap_or("?")
+                );
+            } else {
+                println!(
+                    "edge {name}, policy {}",
+                    e["conflictPolicy"].as_str().unwrap_or("?")
+                );
+            }
+            for d in ["connection", "publish", "pull", "push"] {
+                let s = &e[d];
+                if !s.is_object() {
+                    continue;
+                }
+                println!(
+                    "  {d:<10} {:<12} cursor {:>8}  lag {:>6}  stored {}  skipped {}  conflicts {}  filtered {}  dead letters {}  errors {}{}",
                     s["state"].as_str().unwrap_or("?"),
                     s["cursor"], s["lagSeq"], s["stored"], s["skipped"], s["conflicts"],
                     s["filtered"], s["deadLetters"], s["errors"],
-                    s["lastError"].as_str().map(|e| format!("\n       last error: {e}")).unwrap_or_default()
+                    s["lastError"].as_str().map(|e| format!("\n             last error: {e}")).unwrap_or_default()
                 );
             }
         }

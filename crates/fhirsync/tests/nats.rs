@@ -145,6 +145,21 @@ async fn three_nodes_converge_through_jetstream() {
     let st = admin(&a, "status").await;
     let edges = st["edges"].as_array().unwrap();
     assert!(edges.iter().any(|e| e["name"] == "nats:site-b"), "{st}");
+    let out = std::process::Command::new(BIN)
+        .args(["status", "--url", &a.base])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("edge nats: NATS nats://127.0.0.1:") && text.contains("edge nats:site-b"),
+        "{text}"
+    );
+    assert!(text.contains("connection connected"), "{text}");
     let m = a
         .client
         .get(a.base.replace("/fhir", "/metrics"))
