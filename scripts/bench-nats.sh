@@ -8,4 +8,4 @@ work="${1:-$(mktemp -d)}"
 cd "$root"
 cargo build --release -q -p fhirsync -p fhirsync-testkit
 "$root/target/release/fhirsync-bench" nats --bin "$root/target/release/fhirsync" \
-  --count 100000 --rate 1000 --seconds 30 --work "$work"
+  --count 100000 --rate 1000 --seconds 30 --work "$work" --lag-after-load

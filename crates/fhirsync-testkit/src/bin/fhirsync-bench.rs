@@ -89,6 +89,9 @@ enum Cmd {
         seconds: u64,
         #[arg(long)]
         work: std::path::PathBuf,
+        /// Also measure the lag on the loaded nodes right after the load.
+        #[arg(long)]
+        lag_after_load: bool,
     },
 }
 
@@ -138,9 +141,10 @@ fn main() -> anyhow::Result<()> {
             rate,
             seconds,
             work,
+            lag_after_load,
         } => {
             let rt = tokio::runtime::Runtime::new()?;
-            rt.block_on(nats_bench(bin, count, rate, seconds, work))
+            rt.block_on(nats_bench(bin, count, rate, seconds, work, lag_after_load))
         }
         Cmd::ReplicateLag {
             bin,
@@ -389,8 +393,27 @@ async fn lag_run(
     use std::collections::HashMap;
     let seen: Arc<std::sync::Mutex<HashMap<String, Instant>>> = Arc::default();
     let (s2, h2, base) = (seen.clone(), http.clone(), watch_base.to_owned());
+    // Follow from the feed's current end: older entries are not this run's.
+    let start = {
+        let mut rb = http.get(format!("{watch_base}/$changes?since=0&_count=1"));
+        if let Some((node, token)) = auth {
+            rb = rb.bearer_auth(token).header("x-fhirsync-node", node);
+        }
+        let b: serde_json::Value = rb.send().await?.json().await?;
+        b["extension"]
+            .as_array()
+            .and_then(|x| {
+                x.iter().find(|e| {
+                    e["url"]
+                        .as_str()
+                        .is_some_and(|u| u.ends_with("changes-last-seq"))
+                })
+            })
+            .and_then(|e| e["valueDecimal"].to_string().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
     let observer = tokio::spawn(async move {
-        let mut since = 0u64;
+        let mut since = start;
         loop {
             let mut rb = h2.get(format!("{base}/$changes?since={since}&_count=1000&wait=10"));
             if let Some((node, token)) = auth {
@@ -483,6 +506,7 @@ async fn nats_bench(
     rate: u64,
     seconds: u64,
     work: std::path::PathBuf,
+    lag_after_load: bool,
 ) -> anyhow::Result<()> {
     use fhirsync_testkit::{NatsServer, NodeProcess};
     std::fs::create_dir_all(&work)?;
@@ -617,6 +641,10 @@ async fn nats_bench(
         published_at.map_or(secs, |d| d.as_secs_f64()),
         count as f64 / secs
     );
+    if lag_after_load {
+        let (line, _) = lag_run(&http, &a.base, &b.base, None, rate, seconds).await?;
+        println!("lag on the same nodes right after the load, {line}");
+    }
     drop(b);
     drop(a);
     Ok(())
