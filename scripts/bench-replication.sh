@@ -14,3 +14,4 @@ for batch in 500 1000; do
   "$bench" replicate-pull --bin "$bin" --count 100000 --work "$work" --batch "$batch"
 done
 "$bench" replicate-lag --bin "$bin" --rate 100 --seconds 30 --work "$work"
+"$bench" replicate-lag --bin "$bin" --rate 1000 --writers 8 --seconds 30 --work "$work"

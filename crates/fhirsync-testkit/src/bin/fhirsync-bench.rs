@@ -71,6 +71,9 @@ enum Cmd {
         bin: std::path::PathBuf,
         #[arg(long, default_value_t = 100)]
         rate: u64,
+        /// Concurrent writers sharing the rate.
+        #[arg(long, default_value_t = 1)]
+        writers: u64,
         #[arg(long, default_value_t = 30)]
         seconds: u64,
         #[arg(long)]
@@ -149,11 +152,12 @@ fn main() -> anyhow::Result<()> {
         Cmd::ReplicateLag {
             bin,
             rate,
+            writers,
             seconds,
             work,
         } => {
             let rt = tokio::runtime::Runtime::new()?;
-            rt.block_on(replicate_lag(bin, rate, seconds, work))
+            rt.block_on(replicate_lag(bin, rate, writers, seconds, work))
         }
     }
 }
@@ -350,6 +354,7 @@ async fn replicate_pull(
 async fn replicate_lag(
     bin: std::path::PathBuf,
     rate: u64,
+    writers: u64,
     seconds: u64,
     work: std::path::PathBuf,
 ) -> anyhow::Result<()> {
@@ -369,6 +374,7 @@ async fn replicate_lag(
         &parent.base,
         Some(("observer", OBSERVER_TOKEN)),
         rate,
+        writers,
         seconds,
     )
     .await?
@@ -379,7 +385,11 @@ async fn replicate_lag(
     Ok(())
 }
 
-/// Writes to `write_base` at `rate` for `seconds` (8 writers) while
+/// Writers of the NATS lag run: enough that 1,000 writes/s hold while each
+/// waits for its commit.
+const NATS_WRITERS: u64 = 8;
+
+/// Writes to `write_base` at `rate` for `seconds` (`writers` tasks) while
 /// following `watch_base`'s change feed; the lag of each write is from its
 /// `201` to its arrival in the feed.
 async fn lag_run(
@@ -388,6 +398,7 @@ async fn lag_run(
     watch_base: &str,
     auth: Option<(&'static str, &'static str)>,
     rate: u64,
+    writers: u64,
     seconds: u64,
 ) -> anyhow::Result<(String, Vec<(String, Instant)>)> {
     use std::collections::HashMap;
@@ -442,8 +453,7 @@ async fn lag_run(
             }
         }
     });
-    // Several writers, so the rate holds while a write waits for its commit.
-    let writers = 8u64;
+    let writers = writers.max(1);
     let acked: Arc<std::sync::Mutex<Vec<(String, Instant)>>> = Arc::default();
     let mut tasks = Vec::new();
     for w in 0..writers {
@@ -571,7 +581,7 @@ async fn nats_bench(
             }
         }
     });
-    let (line, acked) = lag_run(&http, &a.base, &b.base, None, rate, seconds).await?;
+    let (line, acked) = lag_run(&http, &a.base, &b.base, None, rate, NATS_WRITERS, seconds).await?;
     probe_task.abort();
     let mut lat: Vec<Duration> = {
         let at = at.lock().unwrap_or_else(|e| e.into_inner());
@@ -642,7 +652,7 @@ async fn nats_bench(
         count as f64 / secs
     );
     if lag_after_load {
-        let (line, _) = lag_run(&http, &a.base, &b.base, None, rate, seconds).await?;
+        let (line, _) = lag_run(&http, &a.base, &b.base, None, rate, NATS_WRITERS, seconds).await?;
         println!("lag on the same nodes right after the load, {line}");
     }
     drop(b);
