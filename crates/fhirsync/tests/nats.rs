@@ -5,7 +5,6 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -36,37 +35,8 @@ async fn node(id: &str, cfg: NatsConfig) -> InProcess {
     .await
 }
 
-/// (type, id) → content hash (`None`: deleted), and versions per resource.
-async fn digest(
-    s: &InProcess,
-) -> (
-    BTreeMap<(String, String), Option<u128>>,
-    BTreeMap<(String, String), usize>,
-) {
-    let (mut d, mut n) = (BTreeMap::new(), BTreeMap::new());
-    let mut since = 0;
-    loop {
-        let rows = s
-            .store
-            .changes(ChangesQuery {
-                since,
-                count: 5000,
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-        let Some(last) = rows.last() else { break };
-        since = last.seq;
-        for v in rows {
-            let h = v.body.as_deref().map(|b| {
-                let m: serde_json::Map<String, Value> = serde_json::from_str(b).unwrap();
-                fhirsync_core::meta::content_hash(&v.rtype, &fhirsync_core::meta::split(&m))
-            });
-            *n.entry((v.rtype.clone(), v.id.clone())).or_insert(0) += 1;
-            d.insert((v.rtype, v.id), h);
-        }
-    }
-    (d, n)
+async fn digest(s: &InProcess) -> (Digest, VersionCounts) {
+    store_digest(s.store.as_ref()).await
 }
 
 async fn converge(nodes: &[&InProcess], want: usize, secs: u64) {

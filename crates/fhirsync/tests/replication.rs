@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -37,6 +36,19 @@ async fn parent_with(id: &str, children: Vec<ChildConfig>, clock: Arc<dyn Clock>
     .await
 }
 
+/// A parent that takes only Patients from its child `c1`.
+async fn patients_only_parent() -> InProcess {
+    parent_with(
+        "parent",
+        vec![ChildConfig {
+            push_types: vec!["Patient".into()],
+            ..child_cfg("c1")
+        }],
+        Arc::new(SystemClock),
+    )
+    .await
+}
+
 fn edge_to(parent: &InProcess, child: &str) -> EdgeConfig {
     let mut e = EdgeConfig::new(&parent.base, &format!("token-of-{child}-0123456789"));
     e.long_poll_s = 2;
@@ -61,31 +73,8 @@ async fn child_with(
 }
 
 /// Current (type, id) → content hash (`None`: deleted) of a node.
-async fn digest(s: &InProcess) -> BTreeMap<(String, String), Option<u128>> {
-    let mut out = BTreeMap::new();
-    let mut since = 0;
-    loop {
-        let rows = s
-            .store
-            .changes(ChangesQuery {
-                since,
-                count: 1000,
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-        let Some(last) = rows.last() else { break };
-        since = last.seq;
-        for v in rows {
-            let h = v.body.as_deref().map(|b| {
-                let m: serde_json::Map<String, Value> = serde_json::from_str(b).unwrap();
-                let sp = fhirsync_core::meta::split(&m);
-                fhirsync_core::meta::content_hash(&v.rtype, &sp)
-            });
-            out.insert((v.rtype.clone(), v.id.clone()), h);
-        }
-    }
-    out
+async fn digest(s: &InProcess) -> Digest {
+    store_digest(s.store.as_ref()).await.0
 }
 
 async fn eventually<F, Fut>(what: &str, secs: u64, mut f: F)
@@ -454,15 +443,7 @@ async fn only_registered_children_with_their_token() {
 async fn refused_records_become_dead_letters_and_retry() {
     // The parent takes only Patients from c1: the child's Observation is
     // refused, retried, then set aside; the Patient after it still goes.
-    let parent = parent_with(
-        "parent",
-        vec![ChildConfig {
-            push_types: vec!["Patient".into()],
-            ..child_cfg("c1")
-        }],
-        Arc::new(SystemClock),
-    )
-    .await;
+    let parent = patients_only_parent().await;
     let mut e = edge_to(&parent, "c1");
     e.on_error = OnError::DeadLetter;
     e.retry_max = 3;
@@ -734,15 +715,7 @@ async fn demo_runs_and_converges() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn dead_letters_go_through_once_the_parent_takes_them() {
-    let strict = parent_with(
-        "parent",
-        vec![ChildConfig {
-            push_types: vec!["Patient".into()],
-            ..child_cfg("c1")
-        }],
-        Arc::new(SystemClock),
-    )
-    .await;
+    let strict = patients_only_parent().await;
     let link = fhirsync_testkit::TcpProxy::start(
         strict
             .base
@@ -825,15 +798,7 @@ async fn a_bad_parent_config_is_refused_with_one_line() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_record_that_keeps_failing_blocks_the_edge_when_so_configured() {
-    let parent = parent_with(
-        "parent",
-        vec![ChildConfig {
-            push_types: vec!["Patient".into()],
-            ..child_cfg("c1")
-        }],
-        Arc::new(SystemClock),
-    )
-    .await;
+    let parent = patients_only_parent().await;
     let mut e = edge_to(&parent, "c1");
     e.on_error = OnError::Block;
     e.retry_max = 2;

@@ -4,12 +4,13 @@
 
 mod common;
 
-use std::collections::BTreeMap;
+use common::{store_digest, Digest, VersionCounts};
+
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use fhirsync_store::sqlite::{SqliteConfig, SqliteStore};
-use fhirsync_store::{ChangesQuery, Store};
+use fhirsync_store::Store;
 use fhirsync_testkit::gen::Rng;
 use fhirsync_testkit::{Link, NodeProcess, TcpProxy};
 use serde_json::{json, Value};
@@ -97,41 +98,11 @@ async fn eventually(
     panic!("timed out waiting for: {what}");
 }
 
-/// What a stopped node's store holds: (type, id) → content hash, and the
-/// number of versions of each resource.
-type Digest = BTreeMap<(String, String), Option<u128>>;
-
-async fn read_store(
-    data_dir: &Path,
-) -> (
-    Digest,
-    BTreeMap<(String, String), usize>,
-    u64,
-    Vec<(String, u64, u64)>,
-) {
+/// What a stopped node's store holds (see `store_digest`), its last seq
+/// and its cursors.
+async fn read_store(data_dir: &Path) -> (Digest, VersionCounts, u64, Vec<(String, u64, u64)>) {
     let store = SqliteStore::open(SqliteConfig::new(SqliteStore::db_path(data_dir))).unwrap();
-    let (mut d, mut n) = (BTreeMap::new(), BTreeMap::new());
-    let mut since = 0;
-    loop {
-        let rows = store
-            .changes(ChangesQuery {
-                since,
-                count: 5000,
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-        let Some(last) = rows.last() else { break };
-        since = last.seq;
-        for v in rows {
-            let h = v.body.as_deref().map(|b| {
-                let m: serde_json::Map<String, Value> = serde_json::from_str(b).unwrap();
-                fhirsync_core::meta::content_hash(&v.rtype, &fhirsync_core::meta::split(&m))
-            });
-            *n.entry((v.rtype.clone(), v.id.clone())).or_insert(0) += 1;
-            d.insert((v.rtype, v.id), h);
-        }
-    }
+    let (d, n) = store_digest(&store).await;
     let last = store.last_seq();
     let cursors = store.cursors().await.unwrap();
     store.shutdown();

@@ -106,3 +106,37 @@ pub fn total(r: &Value, what: &str) -> u64 {
         .map(|c| c[what].as_u64().unwrap())
         .sum()
 }
+
+/// (type, id) → content hash of the current version (`None`: deleted).
+pub type Digest = std::collections::BTreeMap<(String, String), Option<u128>>;
+/// (type, id) → number of versions stored.
+pub type VersionCounts = std::collections::BTreeMap<(String, String), usize>;
+
+/// What a store holds, read through its change log: the digest that two
+/// converged nodes share, and how many versions each resource has (a
+/// version applied twice shows as one too many).
+pub async fn store_digest(store: &dyn fhirsync_store::Store) -> (Digest, VersionCounts) {
+    let (mut d, mut n) = (Digest::new(), VersionCounts::new());
+    let mut since = 0;
+    loop {
+        let rows = store
+            .changes(fhirsync_store::ChangesQuery {
+                since,
+                count: 5000,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let Some(last) = rows.last() else { break };
+        since = last.seq;
+        for v in rows {
+            let h = v.body.as_deref().map(|b| {
+                let m: serde_json::Map<String, Value> = serde_json::from_str(b).unwrap();
+                fhirsync_core::meta::content_hash(&v.rtype, &fhirsync_core::meta::split(&m))
+            });
+            *n.entry((v.rtype.clone(), v.id.clone())).or_insert(0) += 1;
+            d.insert((v.rtype, v.id), h);
+        }
+    }
+    (d, n)
+}
