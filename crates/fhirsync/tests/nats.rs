@@ -70,17 +70,6 @@ fn obs(id: &str, v: u64) -> Value {
     json!({"resourceType":"Observation","id":id,"status":"final","code":{"text":"hr"},"valueInteger":v})
 }
 
-async fn admin(s: &InProcess, path: &str) -> Value {
-    s.client
-        .get(s.base.replace("/fhir", &format!("/admin/{path}")))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn three_nodes_converge_through_jetstream() {
     let server = NatsServer::start().unwrap();
@@ -130,15 +119,7 @@ async fn three_nodes_converge_through_jetstream() {
         "{text}"
     );
     assert!(text.contains("connection connected"), "{text}");
-    let m = a
-        .client
-        .get(a.base.replace("/fhir", "/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let m = metrics(&a).await;
     assert!(
         m.contains("fhirsync_edge_applied_total{edge=\"nats:site-b\",direction=\"pull\"}"),
         "{m}"
@@ -440,15 +421,7 @@ async fn jwt_credentials_with_subject_permissions_and_a_denied_publish() {
         nats_edge["publish"]["cursor"], 0,
         "the outbox did not move past the denied record: {nats_edge}"
     );
-    let m = c
-        .client
-        .get(c.base.replace("/fhir", "/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let m = metrics(&c).await;
     let errors: u64 = m
         .lines()
         .find(|l| {

@@ -96,17 +96,6 @@ async fn has(s: &InProcess, path: &str) -> bool {
     get(s, path).await.status() == 200
 }
 
-async fn admin(s: &InProcess, path: &str) -> Value {
-    let r = s
-        .client
-        .get(s.base.replace("/fhir", &format!("/admin/{path}")))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200, "{path}");
-    r.json().await.unwrap()
-}
-
 fn obs(id: &str, value: &str) -> Value {
     json!({"resourceType": "Observation", "id": id, "status": "final",
            "code": {"text": "weight"}, "valueString": value})
@@ -410,28 +399,16 @@ async fn only_registered_children_with_their_token() {
         200
     );
     // c2 may pull but not push.
-    let r = parent
-        .client
-        .post(parent.url("$apply"))
-        .bearer_auth("token-of-c2-0123456789")
-        .header("x-fhirsync-node", "c2")
-        .header("content-type", FHIR_JSON)
-        .body(r#"{"resourceType":"Bundle","type":"collection"}"#)
-        .send()
-        .await
-        .unwrap();
+    let r = apply_as(
+        &parent,
+        "c2",
+        "token-of-c2-0123456789",
+        r#"{"resourceType":"Bundle","type":"collection"}"#.into(),
+    )
+    .await;
     assert_eq!(r.status(), 403);
     let r = expect_outcome(
-        parent
-            .client
-            .post(parent.url("$apply"))
-            .bearer_auth("token-of-c1-0123456789")
-            .header("x-fhirsync-node", "c1")
-            .header("content-type", FHIR_JSON)
-            .body("[]")
-            .send()
-            .await
-            .unwrap(),
+        apply_as(&parent, "c1", "token-of-c1-0123456789", "[]".into()).await,
         400,
     )
     .await;
@@ -469,6 +446,8 @@ async fn refused_records_become_dead_letters_and_retry() {
         .unwrap()
         .clone();
     assert_eq!(dl.len(), 1, "{dl:?}");
+    let pulls = admin(&child, "deadletters?direction=pull").await;
+    assert!(pulls["items"].as_array().unwrap().is_empty(), "{pulls}");
     assert_eq!(dl[0]["resourceType"], "Observation");
     assert_eq!(dl[0]["attempts"], 3);
     assert!(dl[0]["error"].as_str().unwrap().contains("403"), "{dl:?}");
@@ -493,15 +472,7 @@ async fn refused_records_become_dead_letters_and_retry() {
         ok && out.contains("push Observation/o1") && out.contains("after 3 attempts"),
         "{out}"
     );
-    let m = child
-        .client
-        .get(child.base.replace("/fhir", "/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let m = metrics(&child).await;
     assert!(
         m.contains("fhirsync_edge_dead_letters_total{edge=\"parent\",direction=\"push\"} 1"),
         "{m}"
@@ -669,16 +640,7 @@ async fn admin_cli_lists_shows_and_resolves_conflicts() {
     }
     let child_audit = admin(&p.child, "audit?action=pull").await;
     assert!(!child_audit["items"].as_array().unwrap().is_empty());
-    let m = p
-        .child
-        .client
-        .get(p.child.base.replace("/fhir", "/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let m = metrics(&p.child).await;
     for name in [
         "fhirsync_edge_lag_seq{edge=\"parent\",direction=\"pull\"}",
         "fhirsync_edge_applied_total{edge=\"parent\",direction=\"push\"}",
@@ -873,16 +835,7 @@ async fn apply_is_idempotent() {
         entries.join(",")
     );
     let parent = parent_with("parent", vec![child_cfg("c1")], Arc::new(SystemClock)).await;
-    let send = || {
-        parent
-            .client
-            .post(parent.url("$apply"))
-            .bearer_auth("token-of-c1-0123456789")
-            .header("x-fhirsync-node", "c1")
-            .header("content-type", FHIR_JSON)
-            .body(bundle.clone())
-            .send()
-    };
+    let send = || apply_as(&parent, "c1", "token-of-c1-0123456789", bundle.clone());
     let param = |v: &Value, n: &str| {
         v["parameter"]
             .as_array()
@@ -894,7 +847,7 @@ async fn apply_is_idempotent() {
             .unwrap()
     };
     for (round, stored, skipped) in [(1, 3, 0), (2, 0, 3)] {
-        let (s, v) = status_json(send().await.unwrap()).await;
+        let (s, v) = status_json(send().await).await;
         assert_eq!(s, 200, "{v}");
         assert_eq!(param(&v, "stored"), stored, "round {round}: {v}");
         assert_eq!(param(&v, "skipped"), skipped, "round {round}: {v}");
@@ -912,16 +865,7 @@ async fn apply_is_idempotent() {
         r#"{{"resourceType":"Bundle","type":"collection","entry":[{}]}}"#,
         entries.iter().rev().cloned().collect::<Vec<_>>().join(",")
     );
-    let r = other
-        .client
-        .post(other.url("$apply"))
-        .bearer_auth("token-of-c1-0123456789")
-        .header("x-fhirsync-node", "c1")
-        .header("content-type", FHIR_JSON)
-        .body(reversed)
-        .send()
-        .await
-        .unwrap();
+    let r = apply_as(&other, "c1", "token-of-c1-0123456789", reversed).await;
     let (_, v) = status_json(r).await;
     assert_eq!(param(&v, "stored"), 1, "{v}");
     assert_eq!(param(&v, "skipped"), 2, "{v}");

@@ -269,7 +269,7 @@ pub fn dead_letters(conn: &Connection, q: &ListQuery) -> Result<Vec<DeadLetter>,
         &format!("SELECT {DL_COLS} FROM dead_letters"),
         "did",
         q,
-        None,
+        Some("direction"),
     );
     let mut st = conn.prepare(&sql)?;
     let rows = st.query_map(params_from_iter(args), row_to_dead_letter)?;

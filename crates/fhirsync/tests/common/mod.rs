@@ -140,3 +140,40 @@ pub async fn store_digest(store: &dyn fhirsync_store::Store) -> (Digest, Version
     }
     (d, n)
 }
+
+/// `GET /admin/{path}` of a node, as JSON (asserts 200).
+pub async fn admin(s: &InProcess, path: &str) -> Value {
+    let r = s
+        .client
+        .get(s.base.replace("/fhir", &format!("/admin/{path}")))
+        .send()
+        .await
+        .expect("admin GET");
+    assert_eq!(r.status(), 200, "{path}");
+    r.json().await.expect("admin JSON")
+}
+
+/// The node's `/metrics` text.
+pub async fn metrics(s: &InProcess) -> String {
+    s.client
+        .get(s.base.replace("/fhir", "/metrics"))
+        .send()
+        .await
+        .expect("GET /metrics")
+        .text()
+        .await
+        .expect("metrics text")
+}
+
+/// `POST $apply` to `s` as child `node` with `token`.
+pub async fn apply_as(s: &InProcess, node: &str, token: &str, body: String) -> Response {
+    s.client
+        .post(s.url("$apply"))
+        .bearer_auth(token)
+        .header("x-fhirsync-node", node)
+        .header("content-type", FHIR_JSON)
+        .body(body)
+        .send()
+        .await
+        .expect("POST $apply")
+}
