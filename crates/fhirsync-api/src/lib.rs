@@ -15,6 +15,7 @@ mod http;
 pub mod peers;
 mod render;
 mod search;
+mod subs;
 
 use std::sync::Arc;
 
@@ -92,6 +93,8 @@ pub fn app(state: AppState) -> Router {
                 .put(crud::conditional_update)
                 .delete(crud::conditional_delete),
         )
+        .route("/Subscription/{id}/$status", get(subs::status))
+        .route("/Subscription/{id}/$events", get(subs::events))
         .route("/{rtype}/_search", post(search::type_search_post))
         .route("/{rtype}/_history", get(history::type_level))
         .route(

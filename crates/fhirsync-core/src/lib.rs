@@ -13,6 +13,7 @@ pub mod refs;
 pub mod replicate;
 pub mod resource;
 pub mod search;
+pub mod subscription;
 pub mod vv;
 
 pub use hlc::Hlc;

@@ -137,6 +137,7 @@ pub const RESOURCE_TYPES: &[&str] = &[
     "StructureDefinition",
     "StructureMap",
     "Subscription",
+    "SubscriptionTopic",
     "Substance",
     "SubstanceNucleicAcid",
     "SubstancePolymer",
@@ -263,6 +264,17 @@ pub fn check_resource(
         if !meta.is_object() {
             return Err(ValidationError::Invalid("meta must be an object".into()));
         }
+    }
+    match rtype.as_str() {
+        "Subscription" => {
+            crate::subscription::Subscription::parse(&Value::Object(res.clone()))
+                .map_err(ValidationError::Invalid)?;
+        }
+        "SubscriptionTopic" => {
+            crate::subscription::Topic::parse(&Value::Object(res.clone()))
+                .map_err(ValidationError::Invalid)?;
+        }
+        _ => {}
     }
     Ok(rtype)
 }

@@ -96,6 +96,7 @@ pub trait WriteTx {
     fn add_dead_letter(&mut self, l: &NewDeadLetter) -> Result<u64, StoreError>;
     fn drop_dead_letter(&mut self, id: u64) -> Result<bool, StoreError>;
     fn add_audit(&mut self, a: &AuditEntry) -> Result<(), StoreError>;
+    fn add_sub_event(&mut self, e: &crate::sync::SubEvent) -> Result<(), StoreError>;
 }
 
 /// Runs `f` inside a savepoint: its writes stay only if it succeeds.

@@ -65,6 +65,14 @@ pub trait Store: Send + Sync + 'static {
     async fn cursors(&self) -> Result<Vec<(String, u64, u64)>, StoreError>;
     /// Children (and other peers) this node has heard from.
     async fn peers(&self) -> Result<Vec<PeerInfo>, StoreError>;
+    /// Events of a subscription numbered `from..=until`, at most `limit`.
+    async fn sub_events(
+        &self,
+        sub: &str,
+        from: u64,
+        until: u64,
+        limit: usize,
+    ) -> Result<Vec<SubEvent>, StoreError>;
 
     /// Highest committed `seq`; every `seq` up to it is readable.
     fn last_seq(&self) -> u64;

@@ -517,6 +517,14 @@ pub fn sync_write(tx: &mut dyn WriteTx, w: SyncWrite) -> Result<WriteOutcome, St
             tx.add_audit(&audit)?;
         }
         SyncWrite::Audit(a) => tx.add_audit(&a)?,
+        SyncWrite::SubEvents { events, cursors } => {
+            for e in &events {
+                tx.add_sub_event(e)?;
+            }
+            for (key, seq) in cursors {
+                tx.put_cursor(&key, seq)?;
+            }
+        }
     }
     Ok(WriteOutcome::Done)
 }

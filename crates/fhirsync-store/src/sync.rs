@@ -477,6 +477,39 @@ pub enum SyncWrite {
         audit: AuditEntry,
     },
     Audit(AuditEntry),
+    /// Subscription events found in the change log, with the cursors that
+    /// cover them (the matcher's position, each subscription's count).
+    SubEvents {
+        events: Vec<SubEvent>,
+        cursors: Vec<(String, u64)>,
+    },
+}
+
+/// Cursor key of the number of events a subscription has had.
+pub fn sub_events_key(sub: &str) -> String {
+    format!("sub:{sub}:events")
+}
+
+/// Cursor key of the last event number delivered to a subscription.
+pub fn sub_sent_key(sub: &str) -> String {
+    format!("sub:{sub}:sent")
+}
+
+/// Cursor key of the subscription matcher's position in the change log.
+pub const SUB_MATCHED_KEY: &str = "subs:matched";
+
+/// One event of a subscription: a change that matched its topic and
+/// filters, numbered from 1 per subscription.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubEvent {
+    pub sub: String,
+    pub num: u64,
+    pub seq: u64,
+    pub rtype: String,
+    pub rid: String,
+    pub vid: u64,
+    pub deleted: bool,
+    pub at_ms: u64,
 }
 
 /// Which rows a list call returns: newest first, `before` an id cursor.

@@ -4,6 +4,7 @@
 
 pub mod clock;
 pub mod gen;
+pub mod hook;
 pub mod nats;
 pub mod nats_jwt;
 pub mod proxy;

@@ -108,6 +108,11 @@ impl Authority {
     /// A `.creds` file text for a user allowed to publish to `publish`
     /// (plus the JetStream API and acks) and to subscribe to inboxes.
     pub fn user_creds(&self, name: &str, publish: &[&str]) -> String {
+        self.user_creds_with(name, publish, &["_INBOX.>"])
+    }
+
+    /// As [`Authority::user_creds`], allowed to subscribe to `subscribe`.
+    pub fn user_creds_with(&self, name: &str, publish: &[&str], subscribe: &[&str]) -> String {
         let user = KeyPair::new_user();
         let mut allow: Vec<String> = publish.iter().map(|s| s.to_string()).collect();
         allow.extend(["$JS.API.>".to_string(), "$JS.ACK.>".to_string()]);
@@ -117,7 +122,7 @@ impl Authority {
             name,
             json!({
                 "pub": {"allow": allow},
-                "sub": {"allow": ["_INBOX.>"]},
+                "sub": {"allow": subscribe},
                 "subs": -1, "data": -1, "payload": -1,
                 "type": "user",
                 "version": 2

@@ -22,6 +22,8 @@ pub struct InProcess {
     pub replicator: Option<Arc<fhirsync_replica::Replicator>>,
     /// The NATS agent, when `Options::nats` was given.
     pub nats: Option<Arc<fhirsync_nats::NatsAgent>>,
+    /// The subscriptions agent, when `Options::subs` was given.
+    pub subs: Option<Arc<fhirsync_subs::Notifier>>,
     shutdown: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -34,6 +36,8 @@ pub struct Options {
     pub children: Vec<fhirsync_api::ChildConfig>,
     pub parent: Option<fhirsync_replica::EdgeConfig>,
     pub nats: Option<fhirsync_nats::NatsConfig>,
+    /// Serve subscriptions (the `[nats]` servers are the default connection).
+    pub subs: Option<fhirsync_subs::SubsConfig>,
 }
 
 impl Default for Options {
@@ -45,6 +49,7 @@ impl Default for Options {
             children: Vec::new(),
             parent: None,
             nats: None,
+            subs: None,
         }
     }
 }
@@ -86,6 +91,20 @@ impl InProcess {
             .await
             .expect("bind");
         let addr = listener.local_addr().expect("addr");
+        let subs = match &opts.subs {
+            Some(c) => {
+                let mut c = c.clone();
+                if let Some(n) = &opts.nats {
+                    c.nats.push(n.into());
+                }
+                let s =
+                    fhirsync_subs::Notifier::start(store.clone(), c, format!("http://{addr}/fhir"))
+                        .expect("start subscriptions");
+                state.agents.push(s.clone());
+                Some(s)
+            }
+            None => None,
+        };
         let mut stop = shutdown.subscribe();
         let task = tokio::spawn(async move {
             let _ = axum::serve(listener, app(state))
@@ -101,6 +120,7 @@ impl InProcess {
             dir,
             replicator,
             nats,
+            subs,
             shutdown,
             task,
         }
@@ -118,6 +138,9 @@ impl Drop for InProcess {
         }
         if let Some(n) = &self.nats {
             n.stop();
+        }
+        if let Some(s) = &self.subs {
+            s.stop();
         }
         let _ = self.shutdown.send(true);
         self.task.abort();

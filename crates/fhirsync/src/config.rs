@@ -34,6 +34,8 @@ pub struct Config {
     pub children: Vec<ChildSection>,
     /// The NATS JetStream transport (outbox and followed nodes).
     pub nats: Option<fhirsync_nats::NatsConfig>,
+    /// Topic-based subscriptions (always served; this tunes them).
+    pub subscriptions: fhirsync_subs::SubsConfig,
 }
 
 /// A registered child (`[[children]]`).
@@ -95,6 +97,7 @@ impl Default for Config {
             parent: None,
             children: Vec::new(),
             nats: None,
+            subscriptions: fhirsync_subs::SubsConfig::default(),
         }
     }
 }
@@ -191,6 +194,13 @@ impl Config {
             n.check(self.node_id.as_deref())
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
         }
+        self.subscriptions
+            .check()
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        anyhow::ensure!(
+            self.subscriptions.nats.iter().all(|c| !c.name.is_empty()),
+            "subscriptions.nats: every connection needs a name"
+        );
         if let Some(p) = &self.parent {
             anyhow::ensure!(
                 p.url.starts_with("http://") || p.url.starts_with("https://"),

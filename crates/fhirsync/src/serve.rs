@@ -73,6 +73,8 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         "fhirsync node {} listening on http://{local}/fhir",
         store.node_id()
     );
+    let subs = start_subscriptions(&cfg, store.clone(), format!("http://{local}/fhir"))?;
+    state.agents.push(subs.clone());
     axum::serve(listener, app(state))
         .with_graceful_shutdown(async move {
             wait_for_signal().await;
@@ -87,10 +89,29 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     if let Some(n) = nats {
         n.shutdown().await;
     }
+    subs.shutdown().await;
     let s = store.clone();
     tokio::task::spawn_blocking(move || s.shutdown()).await?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The subscriptions agent, with the node's `[nats]` servers as the
+/// default connection of NATS channels.
+fn start_subscriptions(
+    cfg: &Config,
+    store: Arc<SqliteStore>,
+    base: String,
+) -> anyhow::Result<Arc<fhirsync_subs::Notifier>> {
+    let mut sc = cfg.subscriptions.clone();
+    if let Some(n) = &cfg.nats {
+        sc.nats.push(n.into());
+    }
+    if let Some(b) = &cfg.base_url {
+        sc.base_url.get_or_insert_with(|| b.clone());
+    }
+    fhirsync_subs::Notifier::start(store, sc, base)
+        .map_err(|e| anyhow::anyhow!("subscriptions: {e}"))
 }
 
 async fn wait_for_signal() {

@@ -346,6 +346,18 @@ impl Store for SqliteStore {
         self.read_with(sync_rows::peers).await
     }
 
+    async fn sub_events(
+        &self,
+        sub: &str,
+        from: u64,
+        until: u64,
+        limit: usize,
+    ) -> Result<Vec<SubEvent>, StoreError> {
+        let s = sub.to_owned();
+        self.read_with(move |c| sync_rows::sub_events(c, &s, from, until, limit))
+            .await
+    }
+
     fn last_seq(&self) -> u64 {
         *self.seq_rx.borrow()
     }

@@ -87,6 +87,17 @@ CREATE TABLE IF NOT EXISTS audit (
     last_seq   INTEGER,
     detail     TEXT    NOT NULL
 );
+CREATE TABLE IF NOT EXISTS sub_events (
+    sub     TEXT    NOT NULL,
+    num     INTEGER NOT NULL,
+    seq     INTEGER NOT NULL,
+    type    TEXT    NOT NULL,
+    id      TEXT    NOT NULL,
+    vid     INTEGER NOT NULL,
+    deleted INTEGER NOT NULL,
+    at_ms   INTEGER NOT NULL,
+    PRIMARY KEY (sub, num)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS peers (
     node_id            TEXT PRIMARY KEY,
     first_ms           INTEGER NOT NULL,

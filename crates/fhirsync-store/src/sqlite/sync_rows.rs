@@ -318,3 +318,48 @@ pub fn audit(conn: &Connection, q: &ListQuery) -> Result<Vec<AuditEntry>, StoreE
     })?;
     Ok(rows.collect::<Result<_, _>>()?)
 }
+
+pub fn add_sub_event(conn: &Connection, e: &SubEvent) -> Result<(), StoreError> {
+    conn.prepare_cached(
+        "INSERT INTO sub_events (sub, num, seq, type, id, vid, deleted, at_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+    )?
+    .execute(params![
+        e.sub,
+        e.num as i64,
+        e.seq as i64,
+        e.rtype,
+        e.rid,
+        e.vid as i64,
+        e.deleted,
+        e.at_ms as i64
+    ])?;
+    Ok(())
+}
+
+pub fn sub_events(
+    conn: &Connection,
+    sub: &str,
+    from: u64,
+    until: u64,
+    limit: usize,
+) -> Result<Vec<SubEvent>, StoreError> {
+    let mut st = conn.prepare_cached(
+        "SELECT num, seq, type, id, vid, deleted, at_ms FROM sub_events
+         WHERE sub = ?1 AND num >= ?2 AND num <= ?3 ORDER BY num LIMIT ?4",
+    )?;
+    let until = until.min(i64::MAX as u64) as i64;
+    let rows = st.query_map(params![sub, from as i64, until, limit as i64], |r| {
+        Ok(SubEvent {
+            sub: sub.to_owned(),
+            num: r.get::<_, i64>(0)? as u64,
+            seq: r.get::<_, i64>(1)? as u64,
+            rtype: r.get(2)?,
+            rid: r.get(3)?,
+            vid: r.get::<_, i64>(4)? as u64,
+            deleted: r.get(5)?,
+            at_ms: r.get::<_, i64>(6)? as u64,
+        })
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}

@@ -491,4 +491,8 @@ impl WriteTx for Writer {
     fn add_audit(&mut self, a: &AuditEntry) -> Result<(), StoreError> {
         sync_rows::add_audit(&self.conn, a, self.clock.now_ms())
     }
+
+    fn add_sub_event(&mut self, e: &crate::sync::SubEvent) -> Result<(), StoreError> {
+        sync_rows::add_sub_event(&self.conn, e)
+    }
 }

@@ -1,0 +1,664 @@
+//! Topic-based subscriptions (R5 `SubscriptionTopic`, R4 Subscriptions
+//! Backport `Subscription`): reading them from JSON, deciding whether a
+//! change is an event for them, and the notification Bundles.
+
+use serde_json::{json, Map, Value};
+
+use crate::fhirpath::{self, Env, Expr};
+use crate::instant::format_instant;
+
+/// Backport IG extensions and profiles.
+pub const BACKPORT: &str = "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition";
+/// fhirsync's own extensions (NATS channels).
+pub const EXT: &str = "https://fhirsync.dev/fhir/StructureDefinition";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Interaction {
+    Create,
+    Update,
+    Delete,
+}
+
+impl Interaction {
+    pub fn code(self) -> &'static str {
+        match self {
+            Interaction::Create => "create",
+            Interaction::Update => "update",
+            Interaction::Delete => "delete",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Interaction> {
+        Some(match s {
+            "create" => Interaction::Create,
+            "update" => Interaction::Update,
+            "delete" => Interaction::Delete,
+            _ => return None,
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Trigger {
+    pub rtype: String,
+    pub interactions: Vec<Interaction>,
+    /// `fhirPathCriteria`, evaluated with `%current` and `%previous`.
+    pub criteria: Option<Expr>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Topic {
+    pub url: String,
+    pub triggers: Vec<Trigger>,
+    /// `canFilterBy`: (resource type or any, parameter).
+    pub can_filter: Vec<(Option<String>, String)>,
+}
+
+/// The type a `resource` element names: `Patient` or its canonical URL.
+fn type_of(canonical: &str) -> String {
+    canonical.rsplit('/').next().unwrap_or(canonical).to_owned()
+}
+
+fn bad(m: impl Into<String>) -> String {
+    m.into()
+}
+
+impl Topic {
+    pub fn parse(res: &Value) -> Result<Topic, String> {
+        let url = res["url"]
+            .as_str()
+            .ok_or_else(|| bad("SubscriptionTopic.url is required"))?;
+        let mut triggers = Vec::new();
+        for t in res["resourceTrigger"].as_array().into_iter().flatten() {
+            let rtype = t["resource"]
+                .as_str()
+                .map(type_of)
+                .ok_or_else(|| bad("resourceTrigger.resource is required"))?;
+            if !crate::resource::is_resource_type(&rtype) {
+                return Err(format!(
+                    "resourceTrigger.resource '{rtype}' is not a resource type"
+                ));
+            }
+            let mut interactions = Vec::new();
+            for i in t["supportedInteraction"].as_array().into_iter().flatten() {
+                let s = i.as_str().unwrap_or("");
+                interactions.push(
+                    Interaction::parse(s).ok_or_else(|| format!("unknown interaction '{s}'"))?,
+                );
+            }
+            if interactions.is_empty() {
+                interactions = vec![
+                    Interaction::Create,
+                    Interaction::Update,
+                    Interaction::Delete,
+                ];
+            }
+            if t.get("queryCriteria").is_some() {
+                return Err(
+                    "resourceTrigger.queryCriteria is not supported: use fhirPathCriteria".into(),
+                );
+            }
+            let criteria = match t["fhirPathCriteria"].as_str() {
+                Some(e) => Some(
+                    fhirpath::parse(e).map_err(|why| format!("fhirPathCriteria '{e}': {why}"))?,
+                ),
+                None => None,
+            };
+            triggers.push(Trigger {
+                rtype,
+                interactions,
+                criteria,
+            });
+        }
+        if triggers.is_empty() {
+            return Err("SubscriptionTopic needs a resourceTrigger".into());
+        }
+        let can_filter = res["canFilterBy"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|f| {
+                let p = f["filterParameter"].as_str()?;
+                Some((f["resource"].as_str().map(type_of), p.to_owned()))
+            })
+            .collect();
+        Ok(Topic {
+            url: url.to_owned(),
+            triggers,
+            can_filter,
+        })
+    }
+
+    /// Whether a change is an event of this topic: a trigger for the type
+    /// and interaction whose criterion is true. The criterion runs on the
+    /// current version (the previous one for a delete), with `%current` and
+    /// `%previous` set (empty when there is none).
+    pub fn matches(
+        &self,
+        rtype: &str,
+        interaction: Interaction,
+        current: Option<&Value>,
+        previous: Option<&Value>,
+    ) -> bool {
+        self.triggers.iter().any(|t| {
+            if t.rtype != rtype && t.rtype != "Resource" && t.rtype != "DomainResource" {
+                return false;
+            }
+            if !t.interactions.contains(&interaction) {
+                return false;
+            }
+            let Some(e) = &t.criteria else {
+                return true;
+            };
+            let Some(focus) = current.or(previous) else {
+                return false;
+            };
+            let mut env = Env::new();
+            env.set("current", current).set("previous", previous);
+            fhirpath::matches_with(e, focus, &env)
+        })
+    }
+
+    /// Whether a trigger needs the previous version to decide.
+    pub fn uses_previous(&self, rtype: &str) -> bool {
+        self.triggers
+            .iter()
+            .any(|t| t.rtype == rtype && t.criteria.is_some())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Channel {
+    RestHook {
+        endpoint: String,
+        headers: Vec<(String, String)>,
+    },
+    /// `subject` on a NATS connection (`connection`: a name from the node's
+    /// config; `None`: the node's own `[nats]` servers).
+    Nats {
+        subject: String,
+        connection: Option<String>,
+        jetstream: bool,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Payload {
+    Empty,
+    IdOnly,
+    Full,
+}
+
+impl Payload {
+    pub fn parse(s: &str) -> Option<Payload> {
+        Some(match s {
+            "empty" => Payload::Empty,
+            "id-only" => Payload::IdOnly,
+            "full-resource" => Payload::Full,
+            _ => return None,
+        })
+    }
+}
+
+/// A filter from `backport-filter-criteria`: `Type?param=a,b`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Filter {
+    pub rtype: Option<String>,
+    pub param: String,
+    /// Any of these values matches.
+    pub values: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Subscription {
+    pub id: String,
+    pub status: String,
+    pub topic: String,
+    pub filters: Vec<Filter>,
+    pub channel: Channel,
+    pub payload: Payload,
+    pub heartbeat_s: Option<u64>,
+    pub timeout_s: u64,
+    pub max_count: usize,
+}
+
+fn ext<'a>(v: &'a Value, url_tail: &str) -> Vec<&'a Value> {
+    v["extension"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| e["url"].as_str().is_some_and(|u| u.ends_with(url_tail)))
+        .collect()
+}
+
+fn ext_uint(v: &Value, tail: &str) -> Option<u64> {
+    ext(v, tail).first().and_then(|e| {
+        e.get("valueUnsignedInt")
+            .or_else(|| e.get("valuePositiveInt"))
+            .or_else(|| e.get("valueInteger"))
+            .and_then(Value::as_u64)
+    })
+}
+
+impl Subscription {
+    /// Reads a Subscription with the backport profile; the reason when it
+    /// cannot be served.
+    pub fn parse(res: &Value) -> Result<Subscription, String> {
+        let id = res["id"].as_str().unwrap_or("").to_owned();
+        let status = res["status"]
+            .as_str()
+            .ok_or("Subscription.status is required")?
+            .to_owned();
+        if !matches!(status.as_str(), "requested" | "active" | "error" | "off") {
+            return Err(format!(
+                "Subscription.status '{status}' is not requested|active|error|off"
+            ));
+        }
+        let topic = res["criteria"]
+            .as_str()
+            .ok_or("Subscription.criteria (the topic URL) is required")?;
+        if topic.contains('?') {
+            return Err("Subscription.criteria must be a SubscriptionTopic URL (topic-based subscriptions only)".into());
+        }
+        let mut filters = Vec::new();
+        for f in ext(&res["_criteria"], "/backport-filter-criteria") {
+            let text = f["valueString"]
+                .as_str()
+                .ok_or("backport-filter-criteria needs valueString")?;
+            filters.extend(parse_filter(text)?);
+        }
+        let ch = &res["channel"];
+        let declared = ch["type"].as_str().unwrap_or("");
+        let custom = ext(&ch["_type"], "/backport-channel-type")
+            .first()
+            .and_then(|e| e["valueCoding"]["code"].as_str())
+            .map(str::to_owned);
+        let kind = custom.as_deref().unwrap_or(declared);
+        let endpoint = ch["endpoint"].as_str().unwrap_or("").to_owned();
+        let channel = match kind {
+            "rest-hook" => {
+                if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
+                    return Err("a rest-hook channel needs an http(s) channel.endpoint".into());
+                }
+                let mut headers = Vec::new();
+                for h in ch["header"].as_array().into_iter().flatten() {
+                    let h = h.as_str().unwrap_or("");
+                    let (k, v) = h
+                        .split_once(':')
+                        .ok_or_else(|| format!("channel.header '{h}' is not 'Name: value'"))?;
+                    headers.push((k.trim().to_owned(), v.trim().to_owned()));
+                }
+                Channel::RestHook { endpoint, headers }
+            }
+            "nats" | "nats-jetstream" => {
+                let subject = endpoint
+                    .strip_prefix("nats:")
+                    .unwrap_or(&endpoint)
+                    .to_owned();
+                if subject.is_empty() || subject.contains([' ', '*', '>']) {
+                    return Err("a NATS channel needs channel.endpoint = the subject to publish to (no wildcards)".into());
+                }
+                let connection = ext(ch, "/nats-connection")
+                    .first()
+                    .and_then(|e| e["valueString"].as_str())
+                    .map(str::to_owned);
+                Channel::Nats {
+                    subject,
+                    connection,
+                    jetstream: kind == "nats-jetstream",
+                }
+            }
+            "" => return Err("Subscription.channel.type is required".into()),
+            other => {
+                return Err(format!(
+                    "channel type '{other}' is not supported (rest-hook, nats, nats-jetstream)"
+                ))
+            }
+        };
+        let payload = match ext(&ch["_payload"], "/backport-payload-content").first() {
+            Some(e) => {
+                let c = e["valueCode"].as_str().unwrap_or("");
+                Payload::parse(c).ok_or_else(|| {
+                    format!("payload content '{c}' is not empty|id-only|full-resource")
+                })?
+            }
+            None if ch.get("payload").is_some() => Payload::IdOnly,
+            None => Payload::Empty,
+        };
+        if let Some(p) = ch["payload"].as_str() {
+            if !p.contains("json") {
+                return Err(format!(
+                    "channel.payload '{p}': only application/fhir+json is served"
+                ));
+            }
+        }
+        Ok(Subscription {
+            id,
+            status,
+            topic: topic.to_owned(),
+            filters,
+            channel,
+            payload,
+            heartbeat_s: ext_uint(ch, "/backport-heartbeat-period").filter(|s| *s > 0),
+            timeout_s: ext_uint(ch, "/backport-timeout")
+                .unwrap_or(10)
+                .clamp(1, 300),
+            max_count: ext_uint(ch, "/backport-max-count")
+                .unwrap_or(1)
+                .clamp(1, 1000) as usize,
+        })
+    }
+
+    /// Refuses filters the topic does not allow.
+    pub fn check_filters(&self, topic: &Topic) -> Result<(), String> {
+        for f in &self.filters {
+            let ok = topic
+                .can_filter
+                .iter()
+                .any(|(t, p)| *p == f.param && (t.is_none() || f.rtype.is_none() || t == &f.rtype));
+            if !ok {
+                return Err(format!(
+                    "filter '{}' is not allowed by topic {} (canFilterBy)",
+                    f.param, topic.url
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether a resource passes every filter (filters of another type do
+    /// not apply). A parameter names the element it filters: its values
+    /// (a code, a Coding/CodeableConcept's code or `system|code`, an
+    /// Identifier, a Reference) match any of the filter's values.
+    pub fn filters_match(&self, rtype: &str, res: &Value) -> bool {
+        self.filters.iter().all(|f| {
+            if f.rtype.as_deref().is_some_and(|t| t != rtype) {
+                return true;
+            }
+            let vals = element_values(res, &f.param);
+            f.values.iter().any(|want| vals.iter().any(|v| v == want))
+        })
+    }
+}
+
+fn parse_filter(text: &str) -> Result<Vec<Filter>, String> {
+    let (rtype, query) = match text.split_once('?') {
+        Some((t, q)) => (Some(t.trim().to_owned()).filter(|t| !t.is_empty()), q),
+        None => (None, text),
+    };
+    if let Some(t) = &rtype {
+        if !crate::resource::is_resource_type(t) {
+            return Err(format!("filter '{text}': '{t}' is not a resource type"));
+        }
+    }
+    let mut out = Vec::new();
+    for (k, v) in form_urlencoded::parse(query.as_bytes()) {
+        if k.is_empty() || v.is_empty() || k.contains(':') {
+            return Err(format!(
+                "filter '{text}': expected param=value (no modifiers)"
+            ));
+        }
+        out.push(Filter {
+            rtype: rtype.clone(),
+            param: k.into_owned(),
+            values: v.split(',').map(str::to_owned).collect(),
+        });
+    }
+    if out.is_empty() {
+        return Err(format!("filter '{text}' has no parameter"));
+    }
+    Ok(out)
+}
+
+/// The values a filter parameter compares with.
+fn element_values(res: &Value, param: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    if param == "_id" {
+        out.extend(res["id"].as_str().map(str::to_owned));
+        return out;
+    }
+    let elems: Vec<&Value> = match param {
+        "patient" => ["patient", "subject", "beneficiary"]
+            .iter()
+            .map(|k| &res[*k])
+            .collect(),
+        _ => vec![&res[param]],
+    };
+    fn push(v: &Value, out: &mut Vec<String>) {
+        match v {
+            Value::String(s) => out.push(s.clone()),
+            Value::Bool(b) => out.push(b.to_string()),
+            Value::Number(n) => out.push(n.to_string()),
+            Value::Array(a) => a.iter().for_each(|x| push(x, out)),
+            Value::Object(o) => {
+                if let Some(r) = o.get("reference").and_then(Value::as_str) {
+                    out.push(r.to_owned());
+                    if let Some(id) = r.rsplit('/').next() {
+                        out.push(id.to_owned());
+                    }
+                }
+                if let Some(c) = o.get("code").and_then(Value::as_str) {
+                    out.push(c.to_owned());
+                    if let Some(s) = o.get("system").and_then(Value::as_str) {
+                        out.push(format!("{s}|{c}"));
+                    }
+                }
+                if let Some(val) = o.get("value").and_then(Value::as_str) {
+                    out.push(val.to_owned());
+                    if let Some(s) = o.get("system").and_then(Value::as_str) {
+                        out.push(format!("{s}|{val}"));
+                    }
+                }
+                if let Some(c) = o.get("coding") {
+                    push(c, out);
+                }
+            }
+            Value::Null => {}
+        }
+    }
+    for e in elems {
+        push(e, &mut out);
+    }
+    out
+}
+
+/// One event as carried in a notification.
+#[derive(Debug, Clone)]
+pub struct Event {
+    pub num: u64,
+    pub at_ms: u64,
+    pub rtype: String,
+    pub id: String,
+    pub vid: u64,
+    pub deleted: bool,
+    /// The version's JSON, for `full-resource`.
+    pub body: Option<Value>,
+}
+
+/// What a notification Bundle is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoteKind {
+    Handshake,
+    Heartbeat,
+    EventNotification,
+    QueryStatus,
+    QueryEvent,
+}
+
+impl NoteKind {
+    pub fn code(self) -> &'static str {
+        match self {
+            NoteKind::Handshake => "handshake",
+            NoteKind::Heartbeat => "heartbeat",
+            NoteKind::EventNotification => "event-notification",
+            NoteKind::QueryStatus => "query-status",
+            NoteKind::QueryEvent => "query-event",
+        }
+    }
+}
+
+/// The subscription status (R4 backport `Parameters`).
+pub struct Status<'a> {
+    pub base: &'a str,
+    pub sub_id: &'a str,
+    pub topic: &'a str,
+    pub status: &'a str,
+    pub kind: NoteKind,
+    pub events_since_start: u64,
+    pub error: Option<&'a str>,
+}
+
+pub fn status_parameters(s: &Status, events: &[Event], payload: Payload) -> Value {
+    let mut p = vec![
+        json!({"name": "subscription", "valueReference": {"reference": format!("{}/Subscription/{}", s.base, s.sub_id)}}),
+        json!({"name": "topic", "valueCanonical": s.topic}),
+        json!({"name": "status", "valueCode": s.status}),
+        json!({"name": "type", "valueCode": s.kind.code()}),
+        json!({"name": "events-since-subscription-start", "valueString": s.events_since_start.to_string()}),
+    ];
+    for e in events {
+        let mut part = vec![
+            json!({"name": "event-number", "valueString": e.num.to_string()}),
+            json!({"name": "timestamp", "valueInstant": format_instant(e.at_ms)}),
+        ];
+        if payload != Payload::Empty {
+            part.push(json!({"name": "focus", "valueReference": {"reference": format!("{}/{}/{}/_history/{}", s.base, e.rtype, e.id, e.vid)}}));
+        }
+        p.push(json!({"name": "notification-event", "part": part}));
+    }
+    if let Some(err) = s.error {
+        p.push(json!({"name": "error", "valueCodeableConcept": {"text": err}}));
+    }
+    json!({
+        "resourceType": "Parameters",
+        "meta": {"profile": [format!("{BACKPORT}/backport-subscription-status-r4")]},
+        "parameter": p,
+    })
+}
+
+/// A notification Bundle (type `history`): the status first, then one entry
+/// per event unless the payload is `empty`.
+pub fn notification_bundle(s: &Status, events: &[Event], payload: Payload, now_ms: u64) -> Value {
+    let status = status_parameters(s, events, payload);
+    let mut entries = vec![json!({
+        "fullUrl": format!("urn:uuid:{}", uuid_like(s.sub_id, s.events_since_start, now_ms)),
+        "resource": status,
+        "request": {"method": "GET", "url": format!("{}/Subscription/{}/$status", s.base, s.sub_id)},
+        "response": {"status": "200"},
+    })];
+    if payload != Payload::Empty {
+        for e in events {
+            let url = format!("{}/{}/{}", s.base, e.rtype, e.id);
+            let mut entry = Map::new();
+            entry.insert("fullUrl".into(), json!(url));
+            if payload == Payload::Full {
+                if let Some(b) = &e.body {
+                    entry.insert("resource".into(), b.clone());
+                }
+            }
+            let method = if e.deleted {
+                "DELETE"
+            } else if e.vid == 1 {
+                "POST"
+            } else {
+                "PUT"
+            };
+            entry.insert(
+                "request".into(),
+                json!({"method": method, "url": if method == "POST" { e.rtype.clone() } else { format!("{}/{}", e.rtype, e.id) }}),
+            );
+            entry.insert(
+                "response".into(),
+                json!({"status": if e.deleted { "204" } else if e.vid == 1 { "201" } else { "200" },
+                       "etag": format!("W/\"{}\"", e.vid)}),
+            );
+            entries.push(Value::Object(entry));
+        }
+    }
+    json!({
+        "resourceType": "Bundle",
+        "meta": {"profile": [format!("{BACKPORT}/backport-subscription-notification-r4")]},
+        "type": "history",
+        "timestamp": format_instant(now_ms),
+        "entry": entries,
+    })
+}
+
+/// A stable pseudo-UUID for the status entry.
+fn uuid_like(sub: &str, n: u64, ms: u64) -> String {
+    let h = xxhash_rust::xxh3::xxh3_128(format!("{sub}:{n}:{ms}").as_bytes());
+    let x = format!("{h:032x}");
+    format!(
+        "{}-{}-4{}-8{}-{}",
+        &x[0..8],
+        &x[8..12],
+        &x[13..16],
+        &x[17..20],
+        &x[20..32]
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn topic() -> Topic {
+        Topic::parse(&json!({
+            "resourceType": "SubscriptionTopic",
+            "url": "http://example.org/topic/patient-named",
+            "resourceTrigger": [{
+                "resource": "http://hl7.org/fhir/StructureDefinition/Patient",
+                "supportedInteraction": ["create", "update"],
+                "fhirPathCriteria": "%current.name.exists() and (%previous.empty() or %previous.name.empty())"
+            }],
+            "canFilterBy": [{"resource": "Patient", "filterParameter": "gender"}]
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn topic_triggers() {
+        let t = topic();
+        let named =
+            json!({"resourceType": "Patient", "name": [{"family": "A"}], "gender": "female"});
+        let unnamed = json!({"resourceType": "Patient"});
+        assert!(t.matches("Patient", Interaction::Create, Some(&named), None));
+        assert!(!t.matches("Patient", Interaction::Create, Some(&unnamed), None));
+        assert!(t.matches("Patient", Interaction::Update, Some(&named), Some(&unnamed)));
+        assert!(!t.matches("Patient", Interaction::Update, Some(&named), Some(&named)));
+        assert!(!t.matches("Patient", Interaction::Delete, None, Some(&named)));
+        assert!(!t.matches("Observation", Interaction::Create, Some(&named), None));
+    }
+
+    #[test]
+    fn subscription_reads_backport_shape() {
+        let s = Subscription::parse(&json!({
+            "resourceType": "Subscription", "id": "s1", "status": "requested",
+            "criteria": "http://example.org/topic/patient-named",
+            "_criteria": {"extension": [{"url": format!("{BACKPORT}/backport-filter-criteria"), "valueString": "Patient?gender=female,other"}]},
+            "channel": {
+                "type": "rest-hook", "endpoint": "http://127.0.0.1:9/hook", "header": ["Authorization: Bearer x"],
+                "payload": "application/fhir+json",
+                "_payload": {"extension": [{"url": format!("{BACKPORT}/backport-payload-content"), "valueCode": "full-resource"}]},
+                "extension": [{"url": format!("{BACKPORT}/backport-heartbeat-period"), "valueUnsignedInt": 30}]
+            }
+        }))
+        .unwrap();
+        assert_eq!(s.payload, Payload::Full);
+        assert_eq!(s.heartbeat_s, Some(30));
+        assert!(s.check_filters(&topic()).is_ok());
+        assert!(s.filters_match("Patient", &json!({"gender": "female"})));
+        assert!(!s.filters_match("Patient", &json!({"gender": "male"})));
+        let mut bad = s.clone();
+        bad.filters[0].param = "birthdate".into();
+        assert!(bad.check_filters(&topic()).is_err());
+        for wrong in [
+            json!({"status": "requested", "criteria": "Patient?name=x", "channel": {"type": "rest-hook", "endpoint": "http://x"}}),
+            json!({"status": "requested", "criteria": "http://t", "channel": {"type": "email", "endpoint": "mailto:x"}}),
+            json!({"status": "requested", "criteria": "http://t", "channel": {"type": "rest-hook", "endpoint": "ftp://x"}}),
+            json!({"status": "requested", "criteria": "http://t", "channel": {"type": "nats", "endpoint": "a.*"}}),
+        ] {
+            assert!(Subscription::parse(&wrong).is_err(), "{wrong}");
+        }
+    }
+}

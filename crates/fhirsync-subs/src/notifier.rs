@@ -1,0 +1,822 @@
+//! The matcher (change log → stored events, one cursor) and the delivery
+//! workers (stored events → channel, one cursor per subscription).
+//!
+//! Events are numbered per subscription in log order and stored in the
+//! same transaction as the matcher's cursor, so a restart neither loses nor
+//! renumbers them; a worker moves its `sent` cursor only after the channel
+//! confirmed (HTTP 2xx, JetStream ack, NATS flush), so delivery is at least
+//! once and in order. Writes never wait for any of this.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use fhirsync_api::agent::EdgeCounters;
+use fhirsync_api::SyncAgent;
+use fhirsync_core::search::SearchQuery;
+use fhirsync_core::subscription::{
+    notification_bundle, Event, Interaction, NoteKind, Status, Subscription, Topic,
+};
+use fhirsync_store::{
+    sub_events_key, sub_sent_key, ChangesQuery, DeadLetter, Prepared, Store, StoredVersion,
+    SubEvent, SyncWrite, WriteRequest, SUB_MATCHED_KEY,
+};
+use serde_json::{json, Value};
+use tokio::sync::{watch, Notify};
+use tokio::task::JoinHandle;
+
+use crate::channel::Channels;
+use crate::config::SubsConfig;
+
+/// One subscription served by this node.
+struct SubState {
+    id: String,
+    /// The current version: parsed, its `vid`, its JSON.
+    cur: Mutex<(Subscription, u64, Value)>,
+    events: AtomicU64,
+    sent: AtomicU64,
+    delivered: AtomicU64,
+    errors: AtomicU64,
+    last_error: Mutex<Option<String>>,
+    wake: Notify,
+}
+
+impl SubState {
+    fn current(&self) -> (Subscription, u64, Value) {
+        self.cur
+            .lock()
+            .map(|c| c.clone())
+            .unwrap_or_else(|p| p.into_inner().clone())
+    }
+}
+
+struct Inner {
+    store: Arc<dyn Store>,
+    cfg: SubsConfig,
+    base: String,
+    channels: Channels,
+    topics: RwLock<HashMap<String, Topic>>,
+    subs: Mutex<HashMap<String, Arc<SubState>>>,
+    workers: Mutex<HashMap<String, JoinHandle<()>>>,
+    matched: AtomicU64,
+    stop: watch::Sender<bool>,
+}
+
+/// The subscriptions agent of a node.
+pub struct Notifier {
+    inner: Arc<Inner>,
+    matcher: Mutex<Option<JoinHandle<()>>>,
+}
+
+async fn list_all(store: &dyn Store, rtype: &str) -> Vec<StoredVersion> {
+    let mut out = Vec::new();
+    let mut q = SearchQuery {
+        rtype: Some(rtype.to_owned()),
+        count: 1000,
+        ..Default::default()
+    };
+    loop {
+        match store.search(q.clone()).await {
+            Ok(page) => {
+                out.extend(page.items);
+                match page.next_cursor {
+                    Some(c) => {
+                        q.cursor = Some(c);
+                        q.snapshot = Some(page.snapshot);
+                    }
+                    None => return out,
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, rtype, "cannot list resources");
+                return out;
+            }
+        }
+    }
+}
+
+fn body_json(v: &StoredVersion) -> Option<Value> {
+    v.body.as_deref().and_then(|b| serde_json::from_str(b).ok())
+}
+
+impl Notifier {
+    /// Starts the matcher; subscriptions created on this node are served
+    /// from then on. `nats`: connections for NATS channels (the one named
+    /// "" is the default).
+    pub fn start(
+        store: Arc<dyn Store>,
+        cfg: SubsConfig,
+        base: String,
+    ) -> Result<Arc<Notifier>, String> {
+        cfg.check()?;
+        let (stop, _) = watch::channel(false);
+        let inner = Arc::new(Inner {
+            channels: Channels::new(cfg.nats.clone()),
+            base: cfg
+                .base_url
+                .clone()
+                .unwrap_or(base)
+                .trim_end_matches('/')
+                .to_owned(),
+            store,
+            cfg,
+            topics: RwLock::default(),
+            subs: Mutex::default(),
+            workers: Mutex::default(),
+            matched: AtomicU64::new(0),
+            stop,
+        });
+        let i = inner.clone();
+        let matcher = tokio::spawn(async move { i.run_matcher().await });
+        Ok(Arc::new(Notifier {
+            inner,
+            matcher: Mutex::new(Some(matcher)),
+        }))
+    }
+
+    pub fn stop(&self) {
+        let _ = self.inner.stop.send(true);
+        if let Ok(mut m) = self.matcher.lock() {
+            if let Some(h) = m.take() {
+                h.abort();
+            }
+        }
+        if let Ok(mut w) = self.inner.workers.lock() {
+            for (_, h) in w.drain() {
+                h.abort();
+            }
+        }
+    }
+
+    /// Stops and waits for the tasks to end.
+    pub async fn shutdown(&self) {
+        let _ = self.inner.stop.send(true);
+        let m = self.matcher.lock().ok().and_then(|mut m| m.take());
+        if let Some(h) = m {
+            let _ = h.await;
+        }
+        let ws: Vec<JoinHandle<()>> = self
+            .inner
+            .workers
+            .lock()
+            .map(|mut w| w.drain().map(|x| x.1).collect())
+            .unwrap_or_default();
+        for h in ws {
+            let _ = h.await;
+        }
+    }
+
+    /// Position of the matcher in the change log.
+    pub fn matched_seq(&self) -> u64 {
+        self.inner.matched.load(Relaxed)
+    }
+}
+
+impl Drop for Notifier {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+impl Inner {
+    fn stopped(&self) -> bool {
+        *self.stop.borrow()
+    }
+
+    /// Sleeps unless stopped first; false when stopped.
+    async fn pause(&self, d: Duration) -> bool {
+        let mut rx = self.stop.subscribe();
+        tokio::select! {
+            _ = tokio::time::sleep(d) => !self.stopped(),
+            _ = rx.wait_for(|s| *s) => false,
+        }
+    }
+
+    async fn run_matcher(self: Arc<Self>) {
+        let store = self.store.clone();
+        let mut cursor = loop {
+            match store.cursor(SUB_MATCHED_KEY).await {
+                Ok(Some(c)) => break c,
+                Ok(None) => {
+                    // a new node: subscriptions see what is written from now on
+                    let last = store.last_seq();
+                    let w = SyncWrite::SetCursor {
+                        key: SUB_MATCHED_KEY.into(),
+                        seq: last,
+                        audit: None,
+                    };
+                    if store.write(WriteRequest::Sync(w)).await.is_ok() {
+                        break last;
+                    }
+                }
+                Err(e) => tracing::error!(error = %e, "cannot read the subscriptions cursor"),
+            }
+            if !self.pause(Duration::from_millis(500)).await {
+                return;
+            }
+        };
+        self.matched.store(cursor, Relaxed);
+        for t in list_all(store.as_ref(), "SubscriptionTopic").await {
+            if t.seq <= cursor {
+                self.topic_version(&t);
+            }
+        }
+        for s in list_all(store.as_ref(), "Subscription").await {
+            // the version the matcher's position covers
+            let mut v = Some(s);
+            while let Some(x) = v.take() {
+                if x.seq <= cursor {
+                    self.sub_version(&x).await;
+                    break;
+                }
+                if x.vid > 1 {
+                    v = store.vread(&x.rtype, &x.id, x.vid - 1).await.ok().flatten();
+                }
+            }
+        }
+        let mut seq_rx = store.watch_seq();
+        let mut stop = self.stop.subscribe();
+        loop {
+            if self.stopped() {
+                return;
+            }
+            if store.last_seq() <= cursor {
+                tokio::select! {
+                    _ = seq_rx.changed() => {}
+                    _ = stop.wait_for(|s| *s) => return,
+                }
+                continue;
+            }
+            match self.match_batch(cursor).await {
+                Ok(c) => {
+                    cursor = c;
+                    self.matched.store(c, Relaxed);
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "subscription matcher failed; retrying");
+                    if !self.pause(Duration::from_secs(1)).await {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// A SubscriptionTopic version: topics are kept by id and url.
+    fn topic_version(&self, v: &StoredVersion) {
+        let mut topics = self.topics.write().unwrap_or_else(|p| p.into_inner());
+        let prefix = format!("id:{}:", v.id);
+        topics.retain(|k, _| !k.starts_with(&prefix));
+        if v.deleted {
+            return;
+        }
+        if let Some(b) = body_json(v) {
+            match Topic::parse(&b) {
+                Ok(t) => {
+                    topics.insert(format!("{prefix}{}", t.url), t);
+                }
+                Err(e) => tracing::warn!(id = %v.id, error = %e, "SubscriptionTopic not usable"),
+            }
+        }
+    }
+
+    fn topic(&self, url: &str) -> Option<Topic> {
+        let topics = self.topics.read().unwrap_or_else(|p| p.into_inner());
+        topics
+            .iter()
+            .find(|(_, t)| t.url == url)
+            .map(|(_, t)| t.clone())
+    }
+
+    /// A Subscription version seen in the log (or at start).
+    async fn sub_version(self: &Arc<Self>, v: &StoredVersion) {
+        if v.origin != self.store.node_id() {
+            return; // served by the node where it was created
+        }
+        if v.deleted {
+            self.subs
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&v.id);
+            if let Some(h) = self
+                .workers
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&v.id)
+            {
+                h.abort();
+            }
+            return;
+        }
+        let Some(body) = body_json(v) else { return };
+        let parsed = match Subscription::parse(&body) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(id = %v.id, error = %e, "Subscription not usable");
+                return;
+            }
+        };
+        let existing = self
+            .subs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&v.id)
+            .cloned();
+        match existing {
+            Some(st) => {
+                {
+                    let mut cur = st.cur.lock().unwrap_or_else(|p| p.into_inner());
+                    if v.vid > cur.1 {
+                        *cur = (parsed, v.vid, body);
+                    }
+                }
+                st.wake.notify_one();
+            }
+            None => {
+                let events = self
+                    .store
+                    .cursor(&sub_events_key(&v.id))
+                    .await
+                    .ok()
+                    .flatten()
+                    .unwrap_or(0);
+                let sent = self
+                    .store
+                    .cursor(&sub_sent_key(&v.id))
+                    .await
+                    .ok()
+                    .flatten()
+                    .unwrap_or(0);
+                let st = Arc::new(SubState {
+                    id: v.id.clone(),
+                    cur: Mutex::new((parsed, v.vid, body)),
+                    events: AtomicU64::new(events),
+                    sent: AtomicU64::new(sent),
+                    delivered: AtomicU64::new(0),
+                    errors: AtomicU64::new(0),
+                    last_error: Mutex::new(None),
+                    wake: Notify::new(),
+                });
+                self.subs
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(v.id.clone(), st.clone());
+                let me = self.clone();
+                let h = tokio::spawn(async move { me.run_worker(st).await });
+                self.workers
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(v.id.clone(), h);
+            }
+        }
+    }
+
+    /// Matches one batch of changes; returns the new cursor.
+    async fn match_batch(self: &Arc<Self>, cursor: u64) -> Result<u64, String> {
+        let changes = self
+            .store
+            .changes(ChangesQuery {
+                since: cursor,
+                count: self.cfg.batch_size_max,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+        let Some(last) = changes.last().map(|v| v.seq) else {
+            return Ok(cursor);
+        };
+        let mut events: Vec<SubEvent> = Vec::new();
+        let mut counts: HashMap<String, u64> = HashMap::new();
+        for v in &changes {
+            match v.rtype.as_str() {
+                "SubscriptionTopic" => self.topic_version(v),
+                "Subscription" => self.sub_version(v).await,
+                _ => {}
+            }
+            let subs: Vec<Arc<SubState>> = self
+                .subs
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .values()
+                .cloned()
+                .collect();
+            let mut candidates = Vec::new();
+            for st in subs {
+                let (sub, _, _) = st.current();
+                if sub.status == "off" {
+                    continue;
+                }
+                let Some(topic) = self.topic(&sub.topic) else {
+                    continue;
+                };
+                if topic.triggers.iter().any(|t| {
+                    t.rtype == v.rtype || t.rtype == "Resource" || t.rtype == "DomainResource"
+                }) {
+                    candidates.push((st, sub, topic));
+                }
+            }
+            if candidates.is_empty() {
+                continue;
+            }
+            let current = body_json(v);
+            let previous = if v.vid > 1 {
+                self.store
+                    .vread(&v.rtype, &v.id, v.vid - 1)
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .filter(|p| !p.deleted)
+                    .and_then(|p| body_json(&p))
+            } else {
+                None
+            };
+            let interaction = if v.deleted {
+                Interaction::Delete
+            } else if previous.is_none() {
+                Interaction::Create
+            } else {
+                Interaction::Update
+            };
+            let cur = if v.deleted { None } else { current.as_ref() };
+            for (st, sub, topic) in candidates {
+                if !topic.matches(&v.rtype, interaction, cur, previous.as_ref()) {
+                    continue;
+                }
+                let Some(focus) = cur.or(previous.as_ref()) else {
+                    continue;
+                };
+                if !sub.filters_match(&v.rtype, focus) {
+                    continue;
+                }
+                let n = counts
+                    .entry(st.id.clone())
+                    .or_insert_with(|| st.events.load(Relaxed));
+                *n += 1;
+                events.push(SubEvent {
+                    sub: st.id.clone(),
+                    num: *n,
+                    seq: v.seq,
+                    rtype: v.rtype.clone(),
+                    rid: v.id.clone(),
+                    vid: v.vid,
+                    deleted: v.deleted,
+                    at_ms: v.last_updated_ms,
+                });
+            }
+        }
+        let mut cursors = vec![(SUB_MATCHED_KEY.to_owned(), last)];
+        cursors.extend(counts.iter().map(|(s, n)| (sub_events_key(s), *n)));
+        self.store
+            .write(WriteRequest::Sync(SyncWrite::SubEvents { events, cursors }))
+            .await
+            .map_err(|e| e.to_string())?;
+        let subs = self.subs.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        for (id, n) in counts {
+            if let Some(st) = subs.get(&id) {
+                st.events.store(n, Relaxed);
+                st.wake.notify_one();
+            }
+        }
+        Ok(last)
+    }
+
+    /// Writes the subscription's status (and error) as a new version.
+    async fn set_status(&self, st: &SubState, status: &str, error: Option<&str>) {
+        let (_, vid, mut body) = st.current();
+        body["status"] = json!(status);
+        match error {
+            Some(e) => body["error"] = json!(e),
+            None => {
+                if let Some(o) = body.as_object_mut() {
+                    o.remove("error");
+                }
+            }
+        }
+        if let Some(o) = body.as_object_mut() {
+            o.remove("meta");
+        }
+        let Value::Object(map) = body.clone() else {
+            return;
+        };
+        let req = WriteRequest::Update {
+            id: st.id.clone(),
+            res: Prepared::new("Subscription".into(), map),
+            if_match: Some(vid),
+        };
+        match self.store.write(req).await {
+            Ok(fhirsync_store::WriteOutcome::Written { version, .. }) => {
+                if let Ok(parsed) = Subscription::parse(&body) {
+                    let mut cur = st.cur.lock().unwrap_or_else(|p| p.into_inner());
+                    if version.vid > cur.1 {
+                        *cur = (parsed, version.vid, body_json(&version).unwrap_or(body));
+                    }
+                }
+                tracing::info!(subscription = %st.id, status, error, "subscription status");
+            }
+            Ok(_) => {}
+            // changed meanwhile by a client: its version wins, the matcher brings it
+            Err(e) => tracing::info!(subscription = %st.id, error = %e, "status not written"),
+        }
+    }
+
+    fn backoff(&self, attempt: u32) -> Duration {
+        let min = self.cfg.retry_delay_ms_min;
+        let ms = min
+            .saturating_mul(1u64 << attempt.min(16))
+            .min(self.cfg.retry_delay_ms_max);
+        // jitter: up to a quarter less
+        let j = (std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos() as u64)
+            .unwrap_or(0))
+            % (ms / 4 + 1);
+        Duration::from_millis(ms - j)
+    }
+
+    fn status_of<'a>(
+        &'a self,
+        sub: &'a Subscription,
+        id: &'a str,
+        kind: NoteKind,
+        n: u64,
+    ) -> Status<'a> {
+        Status {
+            base: &self.base,
+            sub_id: id,
+            topic: &sub.topic,
+            status: &sub.status,
+            kind,
+            events_since_start: n,
+            error: None,
+        }
+    }
+
+    /// Builds and sends the next notification; `Ok(false)` when nothing
+    /// was pending.
+    async fn deliver_next(&self, st: &SubState, sub: &Subscription) -> Result<bool, String> {
+        let (sent, total) = (st.sent.load(Relaxed), st.events.load(Relaxed));
+        if sent >= total {
+            return Ok(false);
+        }
+        let evs = self
+            .store
+            .sub_events(&st.id, sent + 1, total, sub.max_count)
+            .await
+            .map_err(|e| e.to_string())?;
+        let Some(last) = evs.last().map(|e| e.num) else {
+            return Ok(false);
+        };
+        let mut out = Vec::with_capacity(evs.len());
+        for e in evs {
+            let body = if sub.payload == fhirsync_core::subscription::Payload::Full && !e.deleted {
+                self.store
+                    .vread(&e.rtype, &e.rid, e.vid)
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .and_then(|v| body_json(&v))
+            } else {
+                None
+            };
+            out.push(Event {
+                num: e.num,
+                at_ms: e.at_ms,
+                rtype: e.rtype,
+                id: e.rid,
+                vid: e.vid,
+                deleted: e.deleted,
+                body,
+            });
+        }
+        let status = self.status_of(sub, &st.id, NoteKind::EventNotification, last);
+        let bundle = notification_bundle(&status, &out, sub.payload, now_ms());
+        let body = serde_json::to_vec(&bundle).map_err(|e| e.to_string())?;
+        let timeout = Duration::from_secs(sub.timeout_s);
+        self.channels
+            .send(&sub.channel, body, &format!("{}:{}", st.id, last), timeout)
+            .await?;
+        self.store
+            .write(WriteRequest::Sync(SyncWrite::SetCursor {
+                key: sub_sent_key(&st.id),
+                seq: last,
+                audit: None,
+            }))
+            .await
+            .map_err(|e| format!("cannot store the delivery cursor: {e}"))?;
+        st.delivered.fetch_add(out.len() as u64, Relaxed);
+        st.sent.store(last, Relaxed);
+        Ok(true)
+    }
+
+    async fn send_kind(
+        &self,
+        st: &SubState,
+        sub: &Subscription,
+        kind: NoteKind,
+    ) -> Result<(), String> {
+        let n = st.events.load(Relaxed);
+        let status = self.status_of(sub, &st.id, kind, n);
+        let bundle = notification_bundle(&status, &[], sub.payload, now_ms());
+        let body = serde_json::to_vec(&bundle).map_err(|e| e.to_string())?;
+        let id = format!("{}:{}:{}", st.id, kind.code(), now_ms());
+        self.channels
+            .send(&sub.channel, body, &id, Duration::from_secs(sub.timeout_s))
+            .await
+    }
+
+    /// Why a subscription cannot be served, before any attempt.
+    fn refusal(&self, sub: &Subscription) -> Option<String> {
+        let Some(topic) = self.topic(&sub.topic) else {
+            return Some(format!("no SubscriptionTopic with url {}", sub.topic));
+        };
+        if let Err(e) = sub.check_filters(&topic) {
+            return Some(e);
+        }
+        if let fhirsync_core::subscription::Channel::Nats { connection, .. } = &sub.channel {
+            if !self.channels.has_connection(connection.as_deref()) {
+                return Some(match connection {
+                    Some(c) => format!("no NATS connection named '{c}' in [[subscriptions.nats]]"),
+                    None => "no NATS connection: configure [nats] or name one with nats-connection"
+                        .into(),
+                });
+            }
+        }
+        None
+    }
+
+    async fn run_worker(self: Arc<Self>, st: Arc<SubState>) {
+        let mut stop = self.stop.subscribe();
+        let mut attempts: u32 = 0;
+        let mut last_vid = 0;
+        let mut last_send = tokio::time::Instant::now();
+        loop {
+            if self.stopped() {
+                return;
+            }
+            let (sub, vid, _) = st.current();
+            if vid != last_vid {
+                attempts = 0;
+                last_vid = vid;
+            }
+            let result: Result<bool, String> = match sub.status.as_str() {
+                "requested" => match self.refusal(&sub) {
+                    Some(why) => {
+                        self.set_status(&st, "error", Some(&why)).await;
+                        continue;
+                    }
+                    None => match self.send_kind(&st, &sub, NoteKind::Handshake).await {
+                        Ok(()) => {
+                            self.set_status(&st, "active", None).await;
+                            last_send = tokio::time::Instant::now();
+                            continue;
+                        }
+                        Err(e) => Err(e),
+                    },
+                },
+                "active" => match self.refusal(&sub) {
+                    Some(why) => {
+                        self.set_status(&st, "error", Some(&why)).await;
+                        continue;
+                    }
+                    None => self.deliver_next(&st, &sub).await,
+                },
+                _ => Ok(false),
+            };
+            match result {
+                Ok(true) => {
+                    attempts = 0;
+                    last_send = tokio::time::Instant::now();
+                    *st.last_error.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                }
+                Ok(false) => {
+                    let heartbeat = (sub.status == "active")
+                        .then_some(sub.heartbeat_s)
+                        .flatten();
+                    let wait = match heartbeat {
+                        Some(h) => (last_send + Duration::from_secs(h))
+                            .saturating_duration_since(tokio::time::Instant::now()),
+                        None => Duration::from_secs(3600),
+                    };
+                    let timer = tokio::select! {
+                        _ = st.wake.notified() => false,
+                        _ = tokio::time::sleep(wait) => true,
+                        _ = stop.wait_for(|s| *s) => return,
+                    };
+                    if timer && heartbeat.is_some() {
+                        match self.send_kind(&st, &sub, NoteKind::Heartbeat).await {
+                            Ok(()) => last_send = tokio::time::Instant::now(),
+                            Err(e) => {
+                                tracing::warn!(subscription = %st.id, error = %e, "heartbeat failed")
+                            }
+                        }
+                    }
+                }
+                Err(e) => {
+                    attempts += 1;
+                    st.errors.fetch_add(1, Relaxed);
+                    tracing::warn!(subscription = %st.id, attempt = attempts, error = %e, "delivery failed");
+                    *st.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.clone());
+                    if attempts >= self.cfg.retry_max {
+                        self.set_status(&st, "error", Some(&format!("{e} ({attempts} attempts)")))
+                            .await;
+                        continue;
+                    }
+                    let d = self.backoff(attempts - 1);
+                    tokio::select! {
+                        _ = tokio::time::sleep(d) => {}
+                        _ = stop.wait_for(|s| *s) => return,
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+#[async_trait]
+impl SyncAgent for Notifier {
+    async fn edges(&self) -> Vec<Value> {
+        let subs = self
+            .inner
+            .subs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let mut out: Vec<Value> = subs
+            .values()
+            .map(|st| {
+                let (sub, vid, body) = st.current();
+                json!({
+                    "edge": format!("subscription:{}", st.id),
+                    "kind": "subscription",
+                    "status": sub.status,
+                    "error": body.get("error"),
+                    "version": vid,
+                    "topic": sub.topic,
+                    "eventsSinceStart": st.events.load(Relaxed),
+                    "eventsSent": st.sent.load(Relaxed),
+                    "delivered": st.delivered.load(Relaxed),
+                    "errors": st.errors.load(Relaxed),
+                    "lastError": st.last_error.lock().ok().and_then(|e| e.clone()),
+                })
+            })
+            .collect();
+        out.sort_by(|a, b| a["edge"].as_str().cmp(&b["edge"].as_str()));
+        out.push(json!({
+            "edge": "subscriptions",
+            "kind": "matcher",
+            "matchedSeq": self.matched_seq(),
+            "lastSeq": self.inner.store.last_seq(),
+        }));
+        out
+    }
+
+    fn owns(&self, _edge: &str) -> bool {
+        false
+    }
+
+    async fn retry(&self, _letter: &DeadLetter) -> Result<(), (u16, String)> {
+        Err((400, "subscriptions keep no dead letters".into()))
+    }
+
+    fn counters(&self) -> Vec<EdgeCounters> {
+        let subs = self
+            .inner
+            .subs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let mut rows: Vec<EdgeCounters> = subs
+            .values()
+            .map(|st| EdgeCounters {
+                edge: format!("subscription:{}", st.id),
+                direction: "notify".into(),
+                lag: st
+                    .events
+                    .load(Relaxed)
+                    .saturating_sub(st.sent.load(Relaxed)),
+                applied: st.delivered.load(Relaxed),
+                errors: st.errors.load(Relaxed),
+                ..Default::default()
+            })
+            .collect();
+        rows.push(EdgeCounters {
+            edge: "subscriptions".into(),
+            direction: "match".into(),
+            lag: self
+                .inner
+                .store
+                .last_seq()
+                .saturating_sub(self.matched_seq()),
+            ..Default::default()
+        });
+        rows.sort_by(|a, b| a.edge.cmp(&b.edge));
+        rows
+    }
+}
