@@ -266,7 +266,14 @@ pub fn check_resource(
         }
     }
     match rtype.as_str() {
-        "Subscription" => {
+        // a topic-based (backport) subscription must be one the node can
+        // serve; a query-based R4 subscription is stored as data, not served
+        "Subscription"
+            if !res
+                .get("criteria")
+                .and_then(Value::as_str)
+                .is_some_and(|c| c.contains('?')) =>
+        {
             crate::subscription::Subscription::parse(&Value::Object(res.clone()))
                 .map_err(ValidationError::Invalid)?;
         }

@@ -30,13 +30,18 @@ use tokio::task::JoinHandle;
 use crate::channel::Channels;
 use crate::config::SubsConfig;
 
+/// How often a busy subscription stores its delivery cursor.
+const SENT_STORE_EVERY: Duration = Duration::from_millis(500);
+
 /// One subscription served by this node.
 struct SubState {
     id: String,
     /// The current version: parsed, its `vid`, its JSON.
-    cur: Mutex<(Subscription, u64, Value)>,
+    cur: Mutex<(Arc<Subscription>, u64, Arc<Value>)>,
     events: AtomicU64,
     sent: AtomicU64,
+    /// The `sent` value last stored, and when.
+    stored: Mutex<(u64, std::time::Instant)>,
     delivered: AtomicU64,
     errors: AtomicU64,
     last_error: Mutex<Option<String>>,
@@ -44,7 +49,7 @@ struct SubState {
 }
 
 impl SubState {
-    fn current(&self) -> (Subscription, u64, Value) {
+    fn current(&self) -> (Arc<Subscription>, u64, Arc<Value>) {
         self.cur
             .lock()
             .map(|c| c.clone())
@@ -57,7 +62,7 @@ struct Inner {
     cfg: SubsConfig,
     base: String,
     channels: Channels,
-    topics: RwLock<HashMap<String, Topic>>,
+    topics: RwLock<HashMap<String, Arc<Topic>>>,
     subs: Mutex<HashMap<String, Arc<SubState>>>,
     workers: Mutex<HashMap<String, JoinHandle<()>>>,
     matched: AtomicU64,
@@ -165,6 +170,15 @@ impl Notifier {
             .unwrap_or_default();
         for h in ws {
             let _ = h.await;
+        }
+        let subs: Vec<Arc<SubState>> = self
+            .inner
+            .subs
+            .lock()
+            .map(|m| m.values().cloned().collect())
+            .unwrap_or_default();
+        for st in subs {
+            self.inner.store_sent(&st, true).await;
         }
     }
 
@@ -275,14 +289,14 @@ impl Inner {
         if let Some(b) = body_json(v) {
             match Topic::parse(&b) {
                 Ok(t) => {
-                    topics.insert(format!("{prefix}{}", t.url), t);
+                    topics.insert(format!("{prefix}{}", t.url), Arc::new(t));
                 }
                 Err(e) => tracing::warn!(id = %v.id, error = %e, "SubscriptionTopic not usable"),
             }
         }
     }
 
-    fn topic(&self, url: &str) -> Option<Topic> {
+    fn topic(&self, url: &str) -> Option<Arc<Topic>> {
         let topics = self.topics.read().unwrap_or_else(|p| p.into_inner());
         topics
             .iter()
@@ -329,7 +343,7 @@ impl Inner {
                 {
                     let mut cur = st.cur.lock().unwrap_or_else(|p| p.into_inner());
                     if v.vid > cur.1 {
-                        *cur = (parsed, v.vid, body);
+                        *cur = (Arc::new(parsed), v.vid, Arc::new(body));
                     }
                 }
                 st.wake.notify_one();
@@ -351,9 +365,10 @@ impl Inner {
                     .unwrap_or(0);
                 let st = Arc::new(SubState {
                     id: v.id.clone(),
-                    cur: Mutex::new((parsed, v.vid, body)),
+                    cur: Mutex::new((Arc::new(parsed), v.vid, Arc::new(body))),
                     events: AtomicU64::new(events),
                     sent: AtomicU64::new(sent),
+                    stored: Mutex::new((sent, std::time::Instant::now())),
                     delivered: AtomicU64::new(0),
                     errors: AtomicU64::new(0),
                     last_error: Mutex::new(None),
@@ -389,34 +404,27 @@ impl Inner {
         };
         let mut events: Vec<SubEvent> = Vec::new();
         let mut counts: HashMap<String, u64> = HashMap::new();
+        let mut active = self.active();
         for v in &changes {
             match v.rtype.as_str() {
-                "SubscriptionTopic" => self.topic_version(v),
-                "Subscription" => self.sub_version(v).await,
+                "SubscriptionTopic" => {
+                    self.topic_version(v);
+                    active = self.active();
+                }
+                "Subscription" => {
+                    self.sub_version(v).await;
+                    active = self.active();
+                }
                 _ => {}
             }
-            let subs: Vec<Arc<SubState>> = self
-                .subs
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .values()
-                .cloned()
+            let candidates: Vec<&(Arc<SubState>, Arc<Subscription>, Arc<Topic>)> = active
+                .iter()
+                .filter(|(_, _, t)| {
+                    t.triggers.iter().any(|t| {
+                        t.rtype == v.rtype || t.rtype == "Resource" || t.rtype == "DomainResource"
+                    })
+                })
                 .collect();
-            let mut candidates = Vec::new();
-            for st in subs {
-                let (sub, _, _) = st.current();
-                if sub.status == "off" {
-                    continue;
-                }
-                let Some(topic) = self.topic(&sub.topic) else {
-                    continue;
-                };
-                if topic.triggers.iter().any(|t| {
-                    t.rtype == v.rtype || t.rtype == "Resource" || t.rtype == "DomainResource"
-                }) {
-                    candidates.push((st, sub, topic));
-                }
-            }
             if candidates.is_empty() {
                 continue;
             }
@@ -439,14 +447,26 @@ impl Inner {
                 Interaction::Update
             };
             let cur = if v.deleted { None } else { current.as_ref() };
+            // a topic's criterion runs once per change, however many
+            // subscriptions share it; the cheaper filters run first
+            let mut memo: Vec<(*const Topic, bool)> = Vec::new();
             for (st, sub, topic) in candidates {
-                if !topic.matches(&v.rtype, interaction, cur, previous.as_ref()) {
-                    continue;
-                }
                 let Some(focus) = cur.or(previous.as_ref()) else {
                     continue;
                 };
                 if !sub.filters_match(&v.rtype, focus) {
+                    continue;
+                }
+                let key = Arc::as_ptr(topic);
+                let hit = match memo.iter().find(|m| m.0 == key) {
+                    Some(m) => m.1,
+                    None => {
+                        let m = topic.matches(&v.rtype, interaction, cur, previous.as_ref());
+                        memo.push((key, m));
+                        m
+                    }
+                };
+                if !hit {
                     continue;
                 }
                 let n = counts
@@ -481,9 +501,33 @@ impl Inner {
         Ok(last)
     }
 
-    /// Writes the subscription's status (and error) as a new version.
-    async fn set_status(&self, st: &SubState, status: &str, error: Option<&str>) {
-        let (_, vid, mut body) = st.current();
+    /// Subscriptions that collect events (not `off`), with their topics.
+    fn active(&self) -> Vec<(Arc<SubState>, Arc<Subscription>, Arc<Topic>)> {
+        let subs: Vec<Arc<SubState>> = self
+            .subs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        subs.into_iter()
+            .filter_map(|st| {
+                let (sub, _, _) = st.current();
+                if sub.status == "off" {
+                    return None;
+                }
+                let topic = self.topic(&sub.topic)?;
+                Some((st, sub, topic))
+            })
+            .collect()
+    }
+
+    /// Writes the subscription's status (and error) as a new version;
+    /// false when it was not written (a client changed it meanwhile, or the
+    /// store refused).
+    async fn set_status(&self, st: &SubState, status: &str, error: Option<&str>) -> bool {
+        let (_, vid, body) = st.current();
+        let mut body = (*body).clone();
         body["status"] = json!(status);
         match error {
             Some(e) => body["error"] = json!(e),
@@ -497,7 +541,7 @@ impl Inner {
             o.remove("meta");
         }
         let Value::Object(map) = body.clone() else {
-            return;
+            return false;
         };
         let req = WriteRequest::Update {
             id: st.id.clone(),
@@ -509,15 +553,30 @@ impl Inner {
                 if let Ok(parsed) = Subscription::parse(&body) {
                     let mut cur = st.cur.lock().unwrap_or_else(|p| p.into_inner());
                     if version.vid > cur.1 {
-                        *cur = (parsed, version.vid, body_json(&version).unwrap_or(body));
+                        *cur = (
+                            Arc::new(parsed),
+                            version.vid,
+                            Arc::new(body_json(&version).unwrap_or(body)),
+                        );
                     }
                 }
                 tracing::info!(subscription = %st.id, status, error, "subscription status");
+                true
             }
-            Ok(_) => {}
+            Ok(_) => false,
             // changed meanwhile by a client: its version wins, the matcher brings it
-            Err(e) => tracing::info!(subscription = %st.id, error = %e, "status not written"),
+            Err(e) => {
+                tracing::info!(subscription = %st.id, error = %e, "status not written");
+                false
+            }
         }
+    }
+
+    /// Sets the status; when that did not happen, waits a moment (the
+    /// matcher brings the client's newer version) instead of spinning.
+    /// False when stopped.
+    async fn settle(&self, st: &SubState, status: &str, error: Option<&str>) -> bool {
+        self.set_status(st, status, error).await || self.pause(Duration::from_millis(200)).await
     }
 
     fn backoff(&self, attempt: u32) -> Duration {
@@ -595,17 +654,35 @@ impl Inner {
         self.channels
             .send(&sub.channel, body, &format!("{}:{}", st.id, last), timeout)
             .await?;
-        self.store
-            .write(WriteRequest::Sync(SyncWrite::SetCursor {
-                key: sub_sent_key(&st.id),
-                seq: last,
-                audit: None,
-            }))
-            .await
-            .map_err(|e| format!("cannot store the delivery cursor: {e}"))?;
         st.delivered.fetch_add(out.len() as u64, Relaxed);
         st.sent.store(last, Relaxed);
+        self.store_sent(st, false).await;
         Ok(true)
+    }
+
+    /// Stores the delivery cursor when it is due: at most every
+    /// `SENT_STORE_EVERY` (an idle worker stores it when that time is up),
+    /// so a crash repeats at most that much: delivery is at least once.
+    async fn store_sent(&self, st: &SubState, force: bool) {
+        let sent = st.sent.load(Relaxed);
+        let (stored, at) = *st.stored.lock().unwrap_or_else(|p| p.into_inner());
+        if sent == stored || !(force || at.elapsed() >= SENT_STORE_EVERY) {
+            return;
+        }
+        let w = SyncWrite::SetCursor {
+            key: sub_sent_key(&st.id),
+            seq: sent,
+            audit: None,
+        };
+        match self.store.write(WriteRequest::Sync(w)).await {
+            Ok(_) => {
+                *st.stored.lock().unwrap_or_else(|p| p.into_inner()) =
+                    (sent, std::time::Instant::now())
+            }
+            Err(e) => {
+                tracing::warn!(subscription = %st.id, error = %e, "cannot store the delivery cursor")
+            }
+        }
     }
 
     async fn send_kind(
@@ -661,12 +738,16 @@ impl Inner {
             let result: Result<bool, String> = match sub.status.as_str() {
                 "requested" => match self.refusal(&sub) {
                     Some(why) => {
-                        self.set_status(&st, "error", Some(&why)).await;
+                        if !self.settle(&st, "error", Some(&why)).await {
+                            return;
+                        }
                         continue;
                     }
                     None => match self.send_kind(&st, &sub, NoteKind::Handshake).await {
                         Ok(()) => {
-                            self.set_status(&st, "active", None).await;
+                            if !self.settle(&st, "active", None).await {
+                                return;
+                            }
                             last_send = tokio::time::Instant::now();
                             continue;
                         }
@@ -675,7 +756,9 @@ impl Inner {
                 },
                 "active" => match self.refusal(&sub) {
                     Some(why) => {
-                        self.set_status(&st, "error", Some(&why)).await;
+                        if !self.settle(&st, "error", Some(&why)).await {
+                            return;
+                        }
                         continue;
                     }
                     None => self.deliver_next(&st, &sub).await,
@@ -692,21 +775,32 @@ impl Inner {
                     let heartbeat = (sub.status == "active")
                         .then_some(sub.heartbeat_s)
                         .flatten();
-                    let wait = match heartbeat {
-                        Some(h) => (last_send + Duration::from_secs(h))
-                            .saturating_duration_since(tokio::time::Instant::now()),
+                    let beat_due = heartbeat.map(|h| last_send + Duration::from_secs(h));
+                    let unstored =
+                        st.sent.load(Relaxed) != st.stored.lock().map(|s| s.0).unwrap_or(0);
+                    let now = tokio::time::Instant::now();
+                    let mut wait = match beat_due {
+                        Some(d) => d.saturating_duration_since(now),
                         None => Duration::from_secs(3600),
                     };
+                    if unstored {
+                        wait = wait.min(SENT_STORE_EVERY);
+                    }
                     let timer = tokio::select! {
                         _ = st.wake.notified() => false,
                         _ = tokio::time::sleep(wait) => true,
                         _ = stop.wait_for(|s| *s) => return,
                     };
-                    if timer && heartbeat.is_some() {
-                        match self.send_kind(&st, &sub, NoteKind::Heartbeat).await {
-                            Ok(()) => last_send = tokio::time::Instant::now(),
-                            Err(e) => {
-                                tracing::warn!(subscription = %st.id, error = %e, "heartbeat failed")
+                    if timer {
+                        if unstored {
+                            self.store_sent(&st, true).await;
+                        }
+                        if beat_due.is_some_and(|d| d <= tokio::time::Instant::now()) {
+                            match self.send_kind(&st, &sub, NoteKind::Heartbeat).await {
+                                Ok(()) => last_send = tokio::time::Instant::now(),
+                                Err(e) => {
+                                    tracing::warn!(subscription = %st.id, error = %e, "heartbeat failed")
+                                }
                             }
                         }
                     }
@@ -717,8 +811,10 @@ impl Inner {
                     tracing::warn!(subscription = %st.id, attempt = attempts, error = %e, "delivery failed");
                     *st.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.clone());
                     if attempts >= self.cfg.retry_max {
-                        self.set_status(&st, "error", Some(&format!("{e} ({attempts} attempts)")))
-                            .await;
+                        let why = format!("{e} ({attempts} attempts)");
+                        if !self.settle(&st, "error", Some(&why)).await {
+                            return;
+                        }
                         continue;
                     }
                     let d = self.backoff(attempts - 1);

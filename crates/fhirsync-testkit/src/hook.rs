@@ -15,6 +15,7 @@ use serde_json::Value;
 pub struct Received {
     pub headers: HeaderMap,
     pub body: Value,
+    pub at: Instant,
 }
 
 #[derive(Clone, Default)]
@@ -35,7 +36,11 @@ async fn take(State(s): State<Shared>, headers: HeaderMap, body: String) -> Stat
     let code = StatusCode::from_u16(code).unwrap_or(StatusCode::OK);
     if code.is_success() {
         let body = serde_json::from_str(&body).unwrap_or(Value::String(body));
-        s.got.lock().expect("lock").push(Received { headers, body });
+        let at = Instant::now();
+        s.got
+            .lock()
+            .expect("lock")
+            .push(Received { headers, body, at });
     }
     code
 }

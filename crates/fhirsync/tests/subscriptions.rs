@@ -741,3 +741,176 @@ async fn a_jwt_user_denied_a_subject_is_reported_in_the_status() {
         "{st}"
     );
 }
+
+/// (event number, focus reference) pairs of a notification or `$events` Bundle.
+fn event_focus(bundle: &Value) -> Vec<(u64, String)> {
+    bundle["entry"][0]["resource"]["parameter"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|p| p["name"] == "notification-event")
+        .filter_map(|p| {
+            let parts = p["part"].as_array()?;
+            let num = parts.iter().find(|x| x["name"] == "event-number")?["valueString"]
+                .as_str()?
+                .parse()
+                .ok()?;
+            let focus = parts.iter().find(|x| x["name"] == "focus")?["valueReference"]["reference"]
+                .as_str()?;
+            // the base differs across restarts (same port), keep Type/id/_history/vid
+            let tail = focus.split("/fhir/").nth(1)?.to_owned();
+            Some((num, tail))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigkill_during_delivery_loses_and_renumbers_nothing() {
+    use fhirsync_testkit::NodeProcess;
+    const BIN: &str = env!("CARGO_BIN_EXE_fhirsync");
+    const PATIENTS: u64 = 1500;
+    let dir = tempfile::tempdir().unwrap();
+    let hook = HookReceiver::start().await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let data = dir.path().join("node");
+    let start = || NodeProcess::spawn_at(std::path::Path::new(BIN), &data, &listen, &[]).unwrap();
+    let mut node = start();
+    let base = node.base.clone();
+    let http = reqwest::Client::new();
+    let (h2, b2) = (http.clone(), base.clone());
+    let put_json = move |path: String, body: Value| {
+        let (http, base) = (h2.clone(), b2.clone());
+        async move {
+            http.put(format!("{base}/{path}"))
+                .header("content-type", "application/fhir+json")
+                .body(body.to_string())
+                .send()
+                .await
+        }
+    };
+    assert!(put_json(
+        "SubscriptionTopic/named".into(),
+        topic("named", "%current.name.exists()", &["create", "update"])
+    )
+    .await
+    .unwrap()
+    .status()
+    .is_success());
+    let mut s = subscription("s", "named", rest_hook(&hook.url()), "id-only", None);
+    s["channel"]["extension"] =
+        json!([{"url": format!("{BACKPORT}/backport-max-count"), "valueUnsignedInt": 20}]);
+    assert!(put_json("Subscription/s".into(), s)
+        .await
+        .unwrap()
+        .status()
+        .is_success());
+    hook.wait(10, "handshake", |g| !g.is_empty()).await;
+    // a writer that retries each patient until the node answers
+    let writer = {
+        let put_json = put_json.clone();
+        tokio::spawn(async move {
+            for i in 0..PATIENTS {
+                loop {
+                    match put_json(
+                        format!("Patient/p{i}"),
+                        named(&format!("p{i}"), Some("K"), "female"),
+                    )
+                    .await
+                    {
+                        Ok(r) if r.status().is_success() => break,
+                        _ => tokio::time::sleep(Duration::from_millis(20)).await,
+                    }
+                }
+            }
+        })
+    };
+    let mut rng = fhirsync_testkit::gen::Rng::new(7);
+    let mut kills = 0;
+    while !writer.is_finished() && kills < 6 {
+        tokio::time::sleep(Duration::from_millis(150 + rng.below(400))).await;
+        node.kill();
+        kills += 1;
+        node = start();
+    }
+    writer.await.unwrap();
+    assert!(kills >= 3, "only {kills} kills came during the writes");
+    // the store's numbering is the truth: contiguous from 1
+    let mut truth: Vec<(u64, String)> = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let n = truth.len() as u64;
+        let b: Value = http
+            .get(format!(
+                "{base}/Subscription/s/$events?eventsSinceNumber={}",
+                n + 1
+            ))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let page = event_focus(&b);
+        if page.is_empty() {
+            let (_, st) = status_json(
+                http.get(format!("{base}/Subscription/s/$status"))
+                    .send()
+                    .await
+                    .unwrap(),
+            )
+            .await;
+            if st.to_string().contains(&format!("\"valueString\":\"{n}\"")) && n >= PATIENTS {
+                break;
+            }
+            assert!(Instant::now() < deadline, "events stopped at {n}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        }
+        truth.extend(page);
+    }
+    let nums: Vec<u64> = truth.iter().map(|x| x.0).collect();
+    assert_eq!(
+        nums,
+        (1..=truth.len() as u64).collect::<Vec<_>>(),
+        "contiguous numbers"
+    );
+    let patients: std::collections::BTreeSet<String> = truth
+        .iter()
+        .map(|x| x.1.split("/_history").next().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        patients.len() as u64,
+        PATIENTS,
+        "every patient has an event"
+    );
+    // every event reached the hook, each number always with the same focus
+    let want: std::collections::BTreeMap<u64, String> = truth.into_iter().collect();
+    let got = hook
+        .wait(60, "every event delivered", |g| {
+            let seen: std::collections::BTreeSet<u64> =
+                g.iter().flat_map(|r| event_numbers(&r.body)).collect();
+            want.keys().all(|k| seen.contains(k))
+        })
+        .await;
+    let mut delivered = 0;
+    for r in got
+        .iter()
+        .filter(|r| note_type(&r.body) == "event-notification")
+    {
+        for (num, focus) in event_focus(&r.body) {
+            assert_eq!(want.get(&num), Some(&focus), "event {num} renumbered");
+            delivered += 1;
+        }
+    }
+    eprintln!(
+        "{} events, {delivered} deliveries ({} repeated after kills), {kills} kills",
+        want.len(),
+        delivered - want.len()
+    );
+    node.terminate(Duration::from_secs(30)).unwrap();
+}

@@ -75,6 +75,14 @@ pub(crate) fn boolean<'a>(b: Option<bool>) -> Coll<'a> {
 /// Members named `name` of one item: arrays flatten, a primitive keeps its
 /// `_name` sibling, `value` also finds `valueQuantity` and the like.
 pub(crate) fn member<'a>(it: &Item<'a>, name: &str, out: &mut Coll<'a>) {
+    if let Item::Type(ns, n) = it {
+        match name {
+            "namespace" => out.push(Item::Str((*ns).to_owned())),
+            "name" => out.push(Item::Str(n.clone())),
+            _ => {}
+        }
+        return;
+    }
     let Item::Node(Node {
         v: Value::Object(o),
         ..

@@ -421,7 +421,13 @@ pub(crate) fn call<'a>(
             _ => Vec::new(),
         }),
         "lowBoundary" | "highBoundary" | "precision" => boundary(name, &input, args, focus, cx),
-        "type" => Err(exec("type() reflection is not supported")),
+        "type" => Ok(input
+            .iter()
+            .map(|i| {
+                let (ns, n) = i.type_name();
+                Item::Type(ns, n)
+            })
+            .collect()),
         _ => Err(Error::Semantic(format!("unknown function '{name}'"))),
     }
 }

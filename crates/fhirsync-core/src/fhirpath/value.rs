@@ -24,6 +24,8 @@ pub enum Item<'a> {
     /// a choice suffix or `resourceType`), and the `_name` sibling of a
     /// primitive (its id and extensions).
     Node(Node<'a>),
+    /// What `type()` returns: namespace and name (`.namespace`, `.name`).
+    Type(&'static str, String),
 }
 
 #[derive(Debug, Clone)]
@@ -141,6 +143,7 @@ impl<'a> Item<'a> {
             Item::DateTime(_) => sys("DateTime"),
             Item::Time(_) => sys("Time"),
             Item::Qty(..) => sys("Quantity"),
+            Item::Type(..) => sys("TypeInfo"),
             Item::Node(n) => {
                 if let Some(t) = &n.ty {
                     return ("FHIR", t.clone());
@@ -755,6 +758,7 @@ impl fmt::Display for Item<'_> {
                 }
             }
             Item::Node(n) => write!(f, "{}", n.v),
+            Item::Type(ns, n) => write!(f, "{ns}.{n}"),
         }
     }
 }

@@ -96,6 +96,24 @@ enum Cmd {
         #[arg(long)]
         lag_after_load: bool,
     },
+    /// Write throughput with SUBS active subscriptions (REST hooks) against
+    /// none, and notification latency from a write's 201 to the hook.
+    Subs {
+        #[arg(long)]
+        bin: std::path::PathBuf,
+        #[arg(long, default_value_t = 100)]
+        subs: usize,
+        /// Patients written in each throughput run.
+        #[arg(long, default_value_t = 10_000)]
+        count: u64,
+        /// Writes per second of the latency run.
+        #[arg(long, default_value_t = 200)]
+        rate: u64,
+        #[arg(long, default_value_t = 20)]
+        seconds: u64,
+        #[arg(long)]
+        work: std::path::PathBuf,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -148,6 +166,17 @@ fn main() -> anyhow::Result<()> {
         } => {
             let rt = tokio::runtime::Runtime::new()?;
             rt.block_on(nats_bench(bin, count, rate, seconds, work, lag_after_load))
+        }
+        Cmd::Subs {
+            bin,
+            subs,
+            count,
+            rate,
+            seconds,
+            work,
+        } => {
+            let rt = tokio::runtime::Runtime::new()?;
+            rt.block_on(subs_bench(bin, subs, count, rate, seconds, work))
         }
         Cmd::ReplicateLag {
             bin,
@@ -657,5 +686,192 @@ async fn nats_bench(
     }
     drop(b);
     drop(a);
+    Ok(())
+}
+
+/// A patient for the subscription runs: `identifier` picks the one
+/// subscription (of `subs`) whose filter it passes; `subs = 0`: none.
+fn sub_patient(i: u64, subs: usize) -> String {
+    let tag = match subs {
+        0 => "none".to_owned(),
+        n => format!("g{}", i % n as u64),
+    };
+    serde_json::json!({
+        "resourceType": "Patient", "id": format!("p{i}"),
+        "name": [{"family": format!("F{i}")}],
+        "identifier": [{"value": tag}],
+    })
+    .to_string()
+}
+
+/// PUTs patients `from..from+count` from 8 writers; returns writes/s.
+async fn sub_writes(
+    http: &reqwest::Client,
+    base: &str,
+    from: u64,
+    count: u64,
+    subs: usize,
+) -> anyhow::Result<f64> {
+    let writers = 8u64;
+    let t = Instant::now();
+    let mut tasks = Vec::new();
+    for w in 0..writers {
+        let (http, base) = (http.clone(), base.to_owned());
+        tasks.push(tokio::spawn(async move {
+            let mut i = from + w;
+            while i < from + count {
+                let r = http
+                    .put(format!("{base}/Patient/p{i}"))
+                    .header("content-type", "application/fhir+json")
+                    .body(sub_patient(i, subs))
+                    .send()
+                    .await?;
+                anyhow::ensure!(r.status().is_success(), "PUT p{i}: {}", r.status());
+                i += writers;
+            }
+            Ok(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    Ok(count as f64 / t.elapsed().as_secs_f64())
+}
+
+/// Patient ids a notification carries, with its arrival.
+fn notified(
+    got: &[fhirsync_testkit::hook::Received],
+) -> std::collections::HashMap<String, Instant> {
+    let mut out = std::collections::HashMap::new();
+    for r in got {
+        for e in r.body["entry"].as_array().into_iter().flatten().skip(1) {
+            if let Some(id) = e["fullUrl"].as_str().and_then(|u| u.rsplit('/').next()) {
+                out.entry(id.to_owned()).or_insert(r.at);
+            }
+        }
+    }
+    out
+}
+
+async fn subs_bench(
+    bin: std::path::PathBuf,
+    subs: usize,
+    count: u64,
+    rate: u64,
+    seconds: u64,
+    work: std::path::PathBuf,
+) -> anyhow::Result<()> {
+    use fhirsync_core::subscription::BACKPORT;
+    use fhirsync_testkit::hook::HookReceiver;
+    use fhirsync_testkit::NodeProcess;
+    std::fs::create_dir_all(&work)?;
+    let http = reqwest::Client::new();
+    // without subscriptions
+    let plain_dir = work.join("subs-none");
+    let _ = std::fs::remove_dir_all(&plain_dir);
+    let plain = NodeProcess::spawn(&bin, &plain_dir, &[])?;
+    let none = sub_writes(&http, &plain.base, 0, count, subs).await?;
+    drop(plain);
+    println!("subs: {count} writes, no subscriptions: {none:.0} writes/s");
+    // with SUBS subscriptions, each passing 1/SUBS of the patients
+    let dir = work.join("subs-active");
+    let _ = std::fs::remove_dir_all(&dir);
+    let node = NodeProcess::spawn(&bin, &dir, &[])?;
+    let hook = HookReceiver::start().await;
+    let put = |path: String, body: serde_json::Value| {
+        http.put(format!("{}/{path}", node.base))
+            .header("content-type", "application/fhir+json")
+            .body(body.to_string())
+            .send()
+    };
+    let topic = serde_json::json!({
+        "resourceType": "SubscriptionTopic", "id": "named", "url": "http://bench/topic/named", "status": "active",
+        "resourceTrigger": [{"resource": "Patient", "supportedInteraction": ["create", "update"],
+            "fhirPathCriteria": "%current.name.exists()"}],
+        "canFilterBy": [{"resource": "Patient", "filterParameter": "identifier"}],
+    });
+    anyhow::ensure!(
+        put("SubscriptionTopic/named".into(), topic)
+            .await?
+            .status()
+            .is_success(),
+        "topic"
+    );
+    for k in 0..subs {
+        let s = serde_json::json!({
+            "resourceType": "Subscription", "id": format!("s{k}"), "status": "requested",
+            "criteria": "http://bench/topic/named",
+            "_criteria": {"extension": [{"url": format!("{BACKPORT}/backport-filter-criteria"), "valueString": format!("Patient?identifier=g{k}")}]},
+            "channel": {"type": "rest-hook", "endpoint": hook.url(), "payload": "application/fhir+json",
+                "_payload": {"extension": [{"url": format!("{BACKPORT}/backport-payload-content"), "valueCode": "id-only"}]},
+                "extension": [{"url": format!("{BACKPORT}/backport-max-count"), "valueUnsignedInt": 100}]},
+        });
+        anyhow::ensure!(
+            put(format!("Subscription/s{k}"), s)
+                .await?
+                .status()
+                .is_success(),
+            "subscription"
+        );
+    }
+    hook.wait(60, "handshakes", |g| g.len() >= subs).await;
+    // patients no subscription's filter passes: the matcher's cost alone
+    let unmatched = sub_writes(&http, &node.base, 10 * count, count, 0).await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    println!(
+        "subs: {count} writes, {subs} subscriptions, none notified: {unmatched:.0} writes/s ({:.0}% of none)",
+        unmatched * 100.0 / none
+    );
+    let t = Instant::now();
+    let with = sub_writes(&http, &node.base, 0, count, subs).await?;
+    let got = hook
+        .wait(300, "all notifications", |g| {
+            notified(g).len() as u64 >= count
+        })
+        .await;
+    let drained = t.elapsed();
+    println!(
+        "subs: {count} writes, {subs} subscriptions, each write notified: {with:.0} writes/s ({:.0}% of none); all {count} notified after {:.2} s ({:.0} events/s), {} POSTs",
+        with * 100.0 / none,
+        drained.as_secs_f64(),
+        count as f64 / drained.as_secs_f64(),
+        got.len() - subs
+    );
+    // latency at a fixed rate
+    let total = rate * seconds;
+    let from = count;
+    let mut written: Vec<(String, Instant)> = Vec::with_capacity(total as usize);
+    let start = Instant::now();
+    for n in 0..total {
+        let due = start + Duration::from_secs_f64(n as f64 / rate as f64);
+        tokio::time::sleep_until(due.into()).await;
+        let i = from + n;
+        let r = put(
+            format!("Patient/p{i}"),
+            serde_json::from_str(&sub_patient(i, subs))?,
+        )
+        .await?;
+        anyhow::ensure!(r.status().is_success(), "PUT p{i}");
+        written.push((format!("p{i}"), Instant::now()));
+    }
+    let got = hook
+        .wait(60, "latency-run notifications", |g| {
+            notified(g).len() as u64 >= count + total
+        })
+        .await;
+    let seen = notified(&got);
+    let mut lat: Vec<Duration> = written
+        .iter()
+        .filter_map(|(id, at)| seen.get(id).map(|s| s.saturating_duration_since(*at)))
+        .collect();
+    lat.sort();
+    println!(
+        "subs: notification latency (201 -> hook) at {rate} writes/s, {subs} subscriptions: p50 {:?}, p99 {:?}, max {:?}, missing {}",
+        pct(&lat, 0.50),
+        pct(&lat, 0.99),
+        lat.last().copied().unwrap_or_default(),
+        total as usize - lat.len()
+    );
+    drop(node);
     Ok(())
 }
