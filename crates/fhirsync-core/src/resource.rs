@@ -300,7 +300,8 @@ mod tests {
         let mut sorted = RESOURCE_TYPES.to_vec();
         sorted.sort_unstable();
         assert_eq!(sorted, RESOURCE_TYPES);
-        assert_eq!(RESOURCE_TYPES.len(), 146);
+        // the 146 of R4 and SubscriptionTopic (R5), for topic-based subscriptions
+        assert_eq!(RESOURCE_TYPES.len(), 147);
         assert!(is_resource_type("Patient"));
         assert!(!is_resource_type("Patients"));
     }

@@ -914,3 +914,41 @@ async fn sigkill_during_delivery_loses_and_renumbers_nothing() {
     );
     node.terminate(Duration::from_secs(30)).unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_subscription_sends_heartbeats() {
+    let hook = HookReceiver::start().await;
+    let n = node(quick(), None).await;
+    ok_put(
+        &n,
+        "SubscriptionTopic/named",
+        &topic("named", "%current.name.exists()", &["create"]),
+    )
+    .await;
+    let mut s = subscription("hb", "named", rest_hook(&hook.url()), "empty", None);
+    s["channel"]["extension"] =
+        json!([{"url": format!("{BACKPORT}/backport-heartbeat-period"), "valueUnsignedInt": 1}]);
+    ok_put(&n, "Subscription/hb", &s).await;
+    let got = hook
+        .wait(10, "two heartbeats", |g| {
+            g.iter()
+                .filter(|r| note_type(&r.body) == "heartbeat")
+                .count()
+                >= 2
+        })
+        .await;
+    assert_eq!(note_type(&got[0].body), "handshake");
+    let beats: Vec<&Received> = got
+        .iter()
+        .filter(|r| note_type(&r.body) == "heartbeat")
+        .collect();
+    assert!(
+        beats[1].at.duration_since(beats[0].at) >= Duration::from_millis(900),
+        "a beat per period, not more"
+    );
+    assert_eq!(
+        beats[0].body["entry"].as_array().unwrap().len(),
+        1,
+        "a heartbeat carries the status only"
+    );
+}
