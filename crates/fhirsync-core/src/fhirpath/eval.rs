@@ -413,45 +413,43 @@ fn arith<'a>(op: Op, x: &Item<'a>, y: &Item<'a>) -> R<Option<Item<'a>>> {
             y.type_name().1
         ))
     };
+    // overflow and division by zero give an empty result, never a panic
     Ok(match (x, y) {
         (Int(a), Int(b)) => match op {
             Op::Add => a.checked_add(*b).map(Int),
             Op::Sub => a.checked_sub(*b).map(Int),
             Op::Mul => a.checked_mul(*b).map(Int),
-            Op::Div => (*b != 0).then(|| Dec(Decimal::from(*a) / Decimal::from(*b))),
-            Op::IntDiv => (*b != 0).then(|| Int(a / b)),
-            Op::Mod => (*b != 0).then(|| Int(a % b)),
+            Op::Div => Decimal::from(*a).checked_div(Decimal::from(*b)).map(Dec),
+            Op::IntDiv => a.checked_div(*b).map(Int),
+            Op::Mod => a.checked_rem(*b).map(Int),
             _ => return Err(bad()),
         },
         (Str(a), Str(b)) if op == Op::Add => Some(Str(format!("{a}{b}"))),
         (Qty(a, u), Qty(b, v)) => match op {
-            Op::Add | Op::Sub if u == v => {
-                Some(Qty(if op == Op::Add { a + b } else { a - b }, u.clone()))
-            }
-            Op::Mul => Some(Qty(a * b, mul_unit(u, v, '.'))),
-            Op::Div if !b.is_zero() => Some(Qty(
-                a / b,
-                if u == v {
+            Op::Add if u == v => a.checked_add(*b).map(|r| Qty(r, u.clone())),
+            Op::Sub if u == v => a.checked_sub(*b).map(|r| Qty(r, u.clone())),
+            Op::Mul => a.checked_mul(*b).map(|r| Qty(r, mul_unit(u, v, '.'))),
+            Op::Div => {
+                let unit = if u == v {
                     "1".into()
                 } else {
                     mul_unit(u, v, '/')
-                },
-            )),
-            Op::Div => None,
+                };
+                a.checked_div(*b).map(|r| Qty(r, unit))
+            }
             _ => return Err(bad()),
         },
-        (Qty(a, u), b) | (b, Qty(a, u)) if matches!(op, Op::Mul) && num(b).is_some() => {
-            Some(Qty(a * num(b).unwrap_or_default(), u.clone()))
-        }
-        (Qty(a, u), b) if op == Op::Div && num(b).is_some() => {
-            let d = num(b).unwrap_or_default();
-            (!d.is_zero()).then(|| Qty(a / d, u.clone()))
-        }
+        (Qty(a, u), b) | (b, Qty(a, u)) if matches!(op, Op::Mul) && num(b).is_some() => a
+            .checked_mul(num(b).unwrap_or_default())
+            .map(|r| Qty(r, u.clone())),
+        (Qty(a, u), b) if op == Op::Div && num(b).is_some() => a
+            .checked_div(num(b).unwrap_or_default())
+            .map(|r| Qty(r, u.clone())),
         (Date(t) | DateTime(t) | Time(t), Qty(d, u)) if matches!(op, Op::Add | Op::Sub) => {
             let amount = if op == Op::Add { *d } else { -*d };
             let r = t
                 .add(amount, u)
-                .ok_or_else(|| exec(format!("cannot add '{u}' to a date")))?;
+                .ok_or_else(|| exec(format!("cannot add {amount} '{u}' to {t}")))?;
             Some(match x {
                 Date(_) => Date(r),
                 DateTime(_) => DateTime(r),
@@ -463,9 +461,12 @@ fn arith<'a>(op: Op, x: &Item<'a>, y: &Item<'a>) -> R<Option<Item<'a>>> {
                 Op::Add => a.checked_add(b).map(Dec),
                 Op::Sub => a.checked_sub(b).map(Dec),
                 Op::Mul => a.checked_mul(b).map(Dec),
-                Op::Div => (!b.is_zero()).then(|| Dec((a / b).normalize())),
-                Op::IntDiv => (!b.is_zero()).then(|| Int((a / b).trunc().try_into().unwrap_or(0))),
-                Op::Mod => (!b.is_zero()).then(|| Dec(a % b)),
+                Op::Div => a.checked_div(b).map(|r| Dec(r.normalize())),
+                Op::IntDiv => a
+                    .checked_div(b)
+                    .and_then(|r| r.trunc().try_into().ok())
+                    .map(Int),
+                Op::Mod => a.checked_rem(b).map(Dec),
                 _ => return Err(bad()),
             },
             _ => return Err(bad()),

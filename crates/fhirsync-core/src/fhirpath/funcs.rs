@@ -851,7 +851,7 @@ fn math<'a>(
                 if f.is_nan() {
                     None
                 } else if is_int && p.fract().is_zero() && p >= Decimal::ZERO {
-                    int(x.powd(p))
+                    x.checked_powd(p).and_then(int)
                 } else {
                     dec(f)
                 }
@@ -914,11 +914,16 @@ fn boundary<'a>(
             if !(0..=28).contains(&p) {
                 return Ok(Vec::new());
             }
-            let half = Decimal::new(5, x.scale() + 1);
+            let Ok(half) = Decimal::try_new(5, x.scale() + 1) else {
+                return Ok(Vec::new());
+            };
             let v = if name == "lowBoundary" {
-                x - half
+                x.checked_sub(half)
             } else {
-                x + half
+                x.checked_add(half)
+            };
+            let Some(v) = v else {
+                return Ok(Vec::new());
             };
             let how = if name == "lowBoundary" {
                 rust_decimal::RoundingStrategy::ToNegativeInfinity

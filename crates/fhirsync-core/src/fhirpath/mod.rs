@@ -60,11 +60,16 @@ pub fn matches(e: &Expr, resource: &Value) -> bool {
     matches_with(e, resource, &Env::new())
 }
 
-/// As [`matches`], with variables (`%current`, `%previous`, …).
+/// As [`matches`], with variables (`%current`, `%previous`, …). An
+/// arithmetic overflow deep in the evaluation counts as an error, never
+/// as a panic of the caller.
 pub fn matches_with<'a>(e: &Expr, resource: &'a Value, env: &Env<'a>) -> bool {
-    evaluate(e, resource, env)
-        .and_then(|r| eval::truth(&r))
-        .is_ok_and(|t| t == Some(true))
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        evaluate(e, resource, env)
+            .and_then(|r| eval::truth(&r))
+            .is_ok_and(|t| t == Some(true))
+    }))
+    .unwrap_or(false)
 }
 
 #[cfg(test)]

@@ -83,3 +83,24 @@ fn refuses_what_it_cannot_do() {
         assert!(parse(bad).is_err(), "{bad}");
     }
 }
+
+#[test]
+fn overflow_is_an_error_not_a_panic() {
+    let p = json!({"resourceType": "Patient", "birthDate": "2000-01-01"});
+    for e in [
+        "(birthDate + 99999999999999 days) > @2000-01-01",
+        "(birthDate + 999999999999 years) > @2000-01-01",
+        "9223372036854775807 + 1 = 0",
+        "(79228162514264337593543950335.0 * 10.0) > 0",
+        "(79228162514264337593543950335 'g' * 10 'g') > 0 'g'",
+        "(-9223372036854775807 - 2) div -1 = 0",
+        "(1 'kg' * 1.0) = 1000 'g'",
+        "2.power(1000) > 0",
+        "0.0000000000000000000000000001.lowBoundary() < 1",
+        "(@2000-01-01 + 5000000 years) > @2000-01-01",
+    ] {
+        let x = parse(e).unwrap_or_else(|err| panic!("{e}: {err}"));
+        let _ = matches(&x, &p);
+        let _ = evaluate(&x, &p, &Env::new());
+    }
+}

@@ -431,10 +431,18 @@ impl Temporal {
                 let months = if unit == "year" { whole * 12 } else { whole };
                 if unit == "month" && self.len < 2 && !self.is_time {
                     // month arithmetic on a year: whole years only
-                    t.f[0] += months / 12;
+                    t.f[0] = t.f[0]
+                        .checked_add(months / 12)
+                        .filter(|y| (0..=9999).contains(y))?;
                     return Some(t);
                 }
-                let total = t.f[0] * 12 + (t.f[1] - 1) + months;
+                let total = t.f[0]
+                    .checked_mul(12)?
+                    .checked_add(t.f[1] - 1)?
+                    .checked_add(months)?;
+                if !(0..=9999 * 12 + 11).contains(&total) {
+                    return None;
+                }
                 t.f[0] = total.div_euclid(12);
                 t.f[1] = total.rem_euclid(12) + 1;
                 let last = last_day(t.f[0], t.f[1]);
@@ -443,11 +451,11 @@ impl Temporal {
             }
             _ => {
                 let ms = match unit {
-                    "week" => whole * 7 * 86_400_000,
-                    "day" => whole * 86_400_000,
-                    "hour" => whole * 3_600_000,
-                    "minute" => whole * 60_000,
-                    "second" => (amount * Decimal::from(1000)).trunc().to_i64()?,
+                    "week" => whole.checked_mul(7 * 86_400_000)?,
+                    "day" => whole.checked_mul(86_400_000)?,
+                    "hour" => whole.checked_mul(3_600_000)?,
+                    "minute" => whole.checked_mul(60_000)?,
+                    "second" => amount.checked_mul(Decimal::from(1000))?.trunc().to_i64()?,
                     _ => whole,
                 };
                 let unit_ms: i64 = match self.len {
@@ -467,7 +475,9 @@ impl Temporal {
                 if self.len < 3 && !self.is_time {
                     return Some(t);
                 }
-                let n = self.naive()? + Duration::milliseconds(ms);
+                let n = self
+                    .naive()?
+                    .checked_add_signed(Duration::try_milliseconds(ms)?)?;
                 let mut out = self.with_naive(n);
                 if self.is_time {
                     out.f[0] = 0;
@@ -605,7 +615,10 @@ pub fn compare_qty(a: (&Decimal, &str), b: (&Decimal, &str)) -> Option<Ordering>
     }
     let (da, fa) = unit_base(a.1)?;
     let (db, fb) = unit_base(b.1)?;
-    (da == db).then(|| (a.0 * fa).cmp(&(b.0 * fb)))
+    if da != db {
+        return None;
+    }
+    Some(a.0.checked_mul(fa)?.cmp(&b.0.checked_mul(fb)?))
 }
 
 fn f64_dec(x: f64) -> Option<Decimal> {
@@ -665,7 +678,10 @@ pub fn equivalent(a: &Item, b: &Item) -> bool {
         },
         (Item::Qty(x, u), Item::Qty(y, v)) => match (unit_base(u), unit_base(v)) {
             (Some((du, fu)), Some((dv, fv))) if du == dv && u != v => {
-                let (a, b) = ((x * fu).normalize(), (y * fv).normalize());
+                let (Some(a), Some(b)) = (x.checked_mul(fu), y.checked_mul(fv)) else {
+                    return false;
+                };
+                let (a, b) = (a.normalize(), b.normalize());
                 let s = a.scale().min(b.scale());
                 a.round_dp(s) == b.round_dp(s)
             }
