@@ -102,6 +102,24 @@ async fn list_all(store: &dyn Store, rtype: &str) -> Vec<StoredVersion> {
     }
 }
 
+/// The newest version of a resource at or before `cursor`, starting from
+/// its current one.
+async fn covered(store: &dyn Store, mut v: StoredVersion, cursor: u64) -> Option<StoredVersion> {
+    loop {
+        if v.seq <= cursor {
+            return (!v.deleted).then_some(v);
+        }
+        if v.vid <= 1 {
+            return None;
+        }
+        v = store
+            .vread(&v.rtype, &v.id, v.vid - 1)
+            .await
+            .ok()
+            .flatten()?;
+    }
+}
+
 fn body_json(v: &StoredVersion) -> Option<Value> {
     v.body.as_deref().and_then(|b| serde_json::from_str(b).ok())
 }
@@ -232,22 +250,16 @@ impl Inner {
             }
         };
         self.matched.store(cursor, Relaxed);
+        // the versions the matcher's position covers; newer ones come
+        // through the log in order
         for t in list_all(store.as_ref(), "SubscriptionTopic").await {
-            if t.seq <= cursor {
-                self.topic_version(&t);
+            if let Some(v) = covered(store.as_ref(), t, cursor).await {
+                self.topic_version(&v);
             }
         }
         for s in list_all(store.as_ref(), "Subscription").await {
-            // the version the matcher's position covers
-            let mut v = Some(s);
-            while let Some(x) = v.take() {
-                if x.seq <= cursor {
-                    self.sub_version(&x).await;
-                    break;
-                }
-                if x.vid > 1 {
-                    v = store.vread(&x.rtype, &x.id, x.vid - 1).await.ok().flatten();
-                }
+            if let Some(v) = covered(store.as_ref(), s, cursor).await {
+                self.sub_version(&v).await;
             }
         }
         let mut seq_rx = store.watch_seq();
