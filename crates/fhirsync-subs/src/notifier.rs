@@ -861,7 +861,7 @@ impl SyncAgent for Notifier {
             .map(|st| {
                 let (sub, vid, body) = st.current();
                 json!({
-                    "edge": format!("subscription:{}", st.id),
+                    "name": format!("subscription:{}", st.id),
                     "kind": "subscription",
                     "status": sub.status,
                     "error": body.get("error"),
@@ -875,9 +875,9 @@ impl SyncAgent for Notifier {
                 })
             })
             .collect();
-        out.sort_by(|a, b| a["edge"].as_str().cmp(&b["edge"].as_str()));
+        out.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
         out.push(json!({
-            "edge": "subscriptions",
+            "name": "subscriptions",
             "kind": "matcher",
             "matchedSeq": self.matched_seq(),
             "lastSeq": self.inner.store.last_seq(),

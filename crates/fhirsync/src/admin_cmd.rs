@@ -127,6 +127,29 @@ pub fn status(t: Target) -> anyhow::Result<()> {
                     e["parentNodeId"].as_str().unwrap_or("not reached yet"),
                     e["conflictPolicy"].as_str().unwrap_or("?")
                 );
+            } else if e["kind"] == "subscription" {
+                println!(
+                    "subscription {} ({}): topic {}, events {}, sent {}, delivered {}, errors {}{}",
+                    name.trim_start_matches("subscription:"),
+                    e["status"].as_str().unwrap_or("?"),
+                    e["topic"].as_str().unwrap_or("?"),
+                    e["eventsSinceStart"],
+                    e["eventsSent"],
+                    e["delivered"],
+                    e["errors"],
+                    e["error"]
+                        .as_str()
+                        .or(e["lastError"].as_str())
+                        .map(|x| format!("\n  last error: {x}"))
+                        .unwrap_or_default()
+                );
+                continue;
+            } else if e["kind"] == "matcher" {
+                println!(
+                    "subscriptions: change log matched up to seq {} of {}",
+                    e["matchedSeq"], e["lastSeq"]
+                );
+                continue;
             } else if let Some(servers) = e["servers"].as_array() {
                 let list: Vec<&str> = servers.iter().filter_map(Value::as_str).collect();
                 println!(

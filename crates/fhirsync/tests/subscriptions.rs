@@ -912,6 +912,22 @@ async fn sigkill_during_delivery_loses_and_renumbers_nothing() {
         want.len(),
         delivered - want.len()
     );
+    // the operator's view
+    let url = base.trim_end_matches("/fhir").to_owned();
+    let out = std::process::Command::new(BIN)
+        .args(["status", "--url", &url])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("subscription s (active): topic http://example.org/topic/named"),
+        "{text}"
+    );
+    assert!(
+        text.contains("subscriptions: change log matched up to seq"),
+        "{text}"
+    );
     node.terminate(Duration::from_secs(30)).unwrap();
 }
 
