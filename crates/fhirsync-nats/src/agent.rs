@@ -147,29 +147,10 @@ async fn options(
     node: &str,
     conn: Arc<DirStats>,
 ) -> Result<async_nats::ConnectOptions, String> {
-    let mut o = async_nats::ConnectOptions::new().name(format!("fhirsync-{node}"));
-    if let Some(ca) = &cfg.tls_ca_file {
-        o = o.add_root_certificates(ca.clone()).require_tls(true);
-    }
-    if let (Some(c), Some(k)) = (&cfg.tls_cert_file, &cfg.tls_key_file) {
-        o = o
-            .add_client_certificate(c.clone(), k.clone())
-            .require_tls(true);
-    }
-    if let Some(p) = &cfg.nkey_seed_file {
-        let seed =
-            std::fs::read_to_string(p).map_err(|e| format!("cannot read {}: {e}", p.display()))?;
-        let seed = seed.trim().to_owned();
-        nkeys::KeyPair::from_seed(&seed)
-            .map_err(|e| format!("{} holds no NKey seed: {e}", p.display()))?;
-        o = o.nkey(seed);
-    }
-    if let Some(p) = &cfg.credentials_file {
-        o = o
-            .credentials_file(p)
-            .await
-            .map_err(|e| format!("cannot use credentials {}: {e}", p.display()))?;
-    }
+    let o = cfg
+        .auth()
+        .apply(async_nats::ConnectOptions::new().name(format!("fhirsync-{node}")))
+        .await?;
     Ok(o.event_callback(move |ev| {
         let conn = conn.clone();
         async move {

@@ -131,6 +131,17 @@ fn token_ok(s: &str) -> bool {
 }
 
 impl NatsConfig {
+    /// The files this node authenticates to NATS with.
+    pub fn auth(&self) -> crate::AuthFiles {
+        crate::AuthFiles {
+            tls_ca_file: self.tls_ca_file.clone(),
+            tls_cert_file: self.tls_cert_file.clone(),
+            tls_key_file: self.tls_key_file.clone(),
+            nkey_seed_file: self.nkey_seed_file.clone(),
+            credentials_file: self.credentials_file.clone(),
+        }
+    }
+
     pub fn new(servers: Vec<String>) -> Self {
         NatsConfig {
             servers,

@@ -6,11 +6,13 @@
 //! edges, and ack only after the local commit.
 
 pub mod agent;
+pub mod auth;
 pub mod config;
 pub mod outbox;
 pub mod subscriber;
 
 pub use agent::NatsAgent;
+pub use auth::AuthFiles;
 pub use config::{Follow, Mode, NatsConfig};
 
 /// `versions.via` of versions applied from NATS: the outbox never

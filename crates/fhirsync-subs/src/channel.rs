@@ -71,7 +71,7 @@ impl Channels {
             })?;
         let denied: Arc<Mutex<HashMap<String, String>>> = Arc::default();
         let seen = denied.clone();
-        let mut o = async_nats::ConnectOptions::new()
+        let o = async_nats::ConnectOptions::new()
             .name("fhirsync-subscriptions")
             .connection_timeout(Duration::from_secs(5))
             .event_callback(move |ev| {
@@ -88,25 +88,7 @@ impl Channels {
                     }
                 }
             });
-        if let Some(ca) = &cfg.tls_ca_file {
-            o = o.add_root_certificates(ca.clone()).require_tls(true);
-        }
-        if let (Some(c), Some(k)) = (&cfg.tls_cert_file, &cfg.tls_key_file) {
-            o = o
-                .add_client_certificate(c.clone(), k.clone())
-                .require_tls(true);
-        }
-        if let Some(p) = &cfg.nkey_seed_file {
-            let seed = std::fs::read_to_string(p)
-                .map_err(|e| format!("cannot read {}: {e}", p.display()))?;
-            o = o.nkey(seed.trim().to_owned());
-        }
-        if let Some(p) = &cfg.credentials_file {
-            o = o
-                .credentials_file(p)
-                .await
-                .map_err(|e| format!("cannot use credentials {}: {e}", p.display()))?;
-        }
+        let o = cfg.auth().apply(o).await?;
         let client = o
             .connect(cfg.servers.clone())
             .await

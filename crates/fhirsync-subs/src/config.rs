@@ -40,14 +40,27 @@ impl From<&fhirsync_nats::NatsConfig> for NatsConnection {
     /// The node's own `[nats]` servers and credentials, as the default
     /// connection (named "").
     fn from(n: &fhirsync_nats::NatsConfig) -> Self {
+        let a = n.auth();
         NatsConnection {
             name: String::new(),
             servers: n.servers.clone(),
-            credentials_file: n.credentials_file.clone(),
-            nkey_seed_file: n.nkey_seed_file.clone(),
-            tls_ca_file: n.tls_ca_file.clone(),
-            tls_cert_file: n.tls_cert_file.clone(),
-            tls_key_file: n.tls_key_file.clone(),
+            credentials_file: a.credentials_file,
+            nkey_seed_file: a.nkey_seed_file,
+            tls_ca_file: a.tls_ca_file,
+            tls_cert_file: a.tls_cert_file,
+            tls_key_file: a.tls_key_file,
+        }
+    }
+}
+
+impl NatsConnection {
+    pub fn auth(&self) -> fhirsync_nats::AuthFiles {
+        fhirsync_nats::AuthFiles {
+            tls_ca_file: self.tls_ca_file.clone(),
+            tls_cert_file: self.tls_cert_file.clone(),
+            tls_key_file: self.tls_key_file.clone(),
+            nkey_seed_file: self.nkey_seed_file.clone(),
+            credentials_file: self.credentials_file.clone(),
         }
     }
 }

@@ -99,6 +99,12 @@ async fn ok_put(s: &InProcess, path: &str, body: &Value) {
     );
 }
 
+/// The reference scenario's topic: a Patient created or updated with a name.
+async fn put_named_topic(n: &InProcess) {
+    let t = topic("named", "%current.name.exists()", &["create", "update"]);
+    ok_put(n, "SubscriptionTopic/named", &t).await;
+}
+
 /// Waits until the subscription's stored status is `want`.
 async fn wait_status(s: &InProcess, id: &str, want: &str, secs: u64) -> Value {
     let deadline = Instant::now() + Duration::from_secs(secs);
@@ -133,12 +139,7 @@ fn named(id: &str, name: Option<&str>, gender: &str) -> Value {
 async fn reference_scenario_patient_name_exists() {
     let hook = HookReceiver::start().await;
     let n = node(quick(), None).await;
-    ok_put(
-        &n,
-        "SubscriptionTopic/named",
-        &topic("named", "%current.name.exists()", &["create", "update"]),
-    )
-    .await;
+    put_named_topic(&n).await;
     ok_put(
         &n,
         "Subscription/s1",
@@ -331,12 +332,7 @@ async fn a_receiver_down_for_a_while_gets_every_event_after_in_order() {
         None,
     )
     .await;
-    ok_put(
-        &n,
-        "SubscriptionTopic/named",
-        &topic("named", "%current.name.exists()", &["create", "update"]),
-    )
-    .await;
+    put_named_topic(&n).await;
     let url = format!("http://{}/hook", proxy.addr);
     let mut s = subscription("s", "named", rest_hook(&url), "full-resource", None);
     s["channel"]["extension"] =
@@ -400,12 +396,7 @@ async fn retries_run_out_into_error_status_and_reactivation_loses_nothing() {
         None,
     )
     .await;
-    ok_put(
-        &n,
-        "SubscriptionTopic/named",
-        &topic("named", "%current.name.exists()", &["create", "update"]),
-    )
-    .await;
+    put_named_topic(&n).await;
     ok_put(
         &n,
         "Subscription/s",
@@ -534,12 +525,7 @@ async fn nats_core_best_effort_and_jetstream_at_least_once_with_a_crashing_consu
     .unwrap();
     let mut live = client.subscribe("live.patients").await.unwrap();
     client.flush().await.unwrap();
-    ok_put(
-        &n,
-        "SubscriptionTopic/named",
-        &topic("named", "%current.name.exists()", &["create", "update"]),
-    )
-    .await;
+    put_named_topic(&n).await;
     ok_put(
         &n,
         "Subscription/core",
@@ -681,12 +667,7 @@ async fn a_jwt_user_denied_a_subject_is_reported_in_the_status() {
         .unwrap();
     let mut joe_msgs = watcher.subscribe("joe.message").await.unwrap();
     watcher.flush().await.unwrap();
-    ok_put(
-        &n,
-        "SubscriptionTopic/named",
-        &topic("named", "%current.name.exists()", &["create", "update"]),
-    )
-    .await;
+    put_named_topic(&n).await;
     ok_put(
         &n,
         "Subscription/to-joe",
