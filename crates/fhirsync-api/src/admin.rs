@@ -365,6 +365,7 @@ pub async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError
     }
     let rows: Vec<_> = state.agents.iter().flat_map(|a| a.counters()).collect();
     crate::agent::render_counters(&mut out, &rows);
+    state.http_metrics.render(&mut out);
     let mut r = Response::new(Body::from(out));
     r.headers_mut().insert(
         header::CONTENT_TYPE,

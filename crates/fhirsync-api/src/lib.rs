@@ -10,8 +10,10 @@ mod capability;
 mod changes;
 mod crud;
 mod error;
+mod health;
 mod history;
 mod http;
+pub mod http_metrics;
 pub mod peers;
 mod render;
 mod search;
@@ -63,6 +65,8 @@ pub struct AppState {
     pub children: Arc<Children>,
     /// The node's sync agents (parent edge, NATS transport).
     pub agents: Vec<Arc<dyn SyncAgent>>,
+    /// Request counts and latencies for `/metrics`.
+    pub http_metrics: Arc<http_metrics::HttpMetrics>,
 }
 
 impl AppState {
@@ -74,6 +78,7 @@ impl AppState {
             shutdown,
             children: Arc::new(Children::default()),
             agents: Vec::new(),
+            http_metrics: Arc::default(),
         }
     }
 }
@@ -120,12 +125,18 @@ pub fn app(state: AppState) -> Router {
     Router::new()
         .nest("/admin", admin)
         .route("/metrics", get(admin::metrics))
+        .route("/healthz", get(health::live))
+        .route("/readyz", get(health::ready))
         // Clients POST transactions to the base with and without a trailing slash.
         .route("/fhir/", post(bundle::process).get(search::system_search))
         .nest("/fhir", fhir)
         .fallback(error::not_found)
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(
             error::panic_response,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            http_metrics::track,
         ))
         .layer(tower_http::trace::TraceLayer::new_for_http())
         .with_state(state)
