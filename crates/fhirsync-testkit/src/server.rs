@@ -185,7 +185,7 @@ impl NodeProcess {
         let base = loop {
             match lines.next() {
                 Some(Ok(l)) => {
-                    if let Some(i) = l.find("http://") {
+                    if let Some(i) = l.find("http://").or_else(|| l.find("https://")) {
                         break l[i..].trim().to_owned();
                     }
                 }

@@ -36,6 +36,8 @@ pub struct Config {
     pub nats: Option<fhirsync_nats::NatsConfig>,
     /// Topic-based subscriptions (always served; this tunes them).
     pub subscriptions: fhirsync_subs::SubsConfig,
+    /// HTTPS (and optionally client certificates) for the HTTP server.
+    pub tls: Option<crate::tls::TlsSection>,
 }
 
 /// A registered child (`[[children]]`).
@@ -98,6 +100,7 @@ impl Default for Config {
             children: Vec::new(),
             nats: None,
             subscriptions: fhirsync_subs::SubsConfig::default(),
+            tls: None,
         }
     }
 }
@@ -193,6 +196,9 @@ impl Config {
         if let Some(n) = &self.nats {
             n.check(self.node_id.as_deref())
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
+        }
+        if let Some(t) = &self.tls {
+            t.server_config()?;
         }
         self.subscriptions
             .check()

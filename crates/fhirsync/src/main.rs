@@ -10,6 +10,7 @@ mod lock;
 mod nats_cmd;
 mod serve;
 mod sync_cmd;
+mod tls;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

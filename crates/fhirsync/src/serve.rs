@@ -64,25 +64,37 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {addr}"))?;
     let local = listener.local_addr()?;
+    let scheme = if cfg.tls.is_some() { "https" } else { "http" };
     tracing::info!(
         node_id = store.node_id(),
-        "listening on http://{local}/fhir"
+        "listening on {scheme}://{local}/fhir"
     );
     // Scripts and tests read this line to find the port of `--listen 127.0.0.1:0`.
     println!(
-        "fhirsync node {} listening on http://{local}/fhir",
+        "fhirsync node {} listening on {scheme}://{local}/fhir",
         store.node_id()
     );
-    let subs = start_subscriptions(&cfg, store.clone(), format!("http://{local}/fhir"))?;
+    let subs = start_subscriptions(&cfg, store.clone(), format!("{scheme}://{local}/fhir"))?;
     state.agents.push(subs.clone());
-    axum::serve(listener, app(state))
-        .with_graceful_shutdown(async move {
-            wait_for_signal().await;
-            tracing::info!("shutting down");
-            let _ = shutdown_tx.send(true);
-        })
-        .await
-        .context("server failed")?;
+    let stop = async move {
+        wait_for_signal().await;
+        tracing::info!("shutting down");
+        let _ = shutdown_tx.send(true);
+    };
+    match &cfg.tls {
+        Some(t) => {
+            let tls = crate::tls::TlsListener::new(listener, t.server_config()?)?;
+            axum::serve(tls, app(state))
+                .with_graceful_shutdown(stop)
+                .await
+        }
+        None => {
+            axum::serve(listener, app(state))
+                .with_graceful_shutdown(stop)
+                .await
+        }
+    }
+    .context("server failed")?;
     if let Some(r) = replicator {
         r.shutdown().await;
     }
