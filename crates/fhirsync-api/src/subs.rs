@@ -137,10 +137,7 @@ pub async fn events(
         events_since_start: n,
         error: body["error"].as_str(),
     };
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0);
+    let now = fhirsync_core::clock::Clock::now_ms(&fhirsync_core::clock::SystemClock);
     Ok(fhir_json(
         notification_bundle(&status, &evs, payload, now).to_string(),
     ))

@@ -189,13 +189,7 @@ impl Notifier {
         for h in ws {
             let _ = h.await;
         }
-        let subs: Vec<Arc<SubState>> = self
-            .inner
-            .subs
-            .lock()
-            .map(|m| m.values().cloned().collect())
-            .unwrap_or_default();
-        for st in subs {
+        for st in self.inner.subs_list() {
             self.inner.store_sent(&st, true).await;
         }
     }
@@ -213,6 +207,16 @@ impl Drop for Notifier {
 }
 
 impl Inner {
+    /// The subscriptions served now (a snapshot).
+    fn subs_list(&self) -> Vec<Arc<SubState>> {
+        self.subs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
     fn stopped(&self) -> bool {
         *self.stop.borrow()
     }
@@ -503,10 +507,9 @@ impl Inner {
             .write(WriteRequest::Sync(SyncWrite::SubEvents { events, cursors }))
             .await
             .map_err(|e| e.to_string())?;
-        let subs = self.subs.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        for (id, n) in counts {
-            if let Some(st) = subs.get(&id) {
-                st.events.store(n, Relaxed);
+        for st in self.subs_list() {
+            if let Some(n) = counts.get(&st.id) {
+                st.events.store(*n, Relaxed);
                 st.wake.notify_one();
             }
         }
@@ -515,14 +518,8 @@ impl Inner {
 
     /// Subscriptions that collect events (not `off`), with their topics.
     fn active(&self) -> Vec<(Arc<SubState>, Arc<Subscription>, Arc<Topic>)> {
-        let subs: Vec<Arc<SubState>> = self
-            .subs
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .cloned()
-            .collect();
-        subs.into_iter()
+        self.subs_list()
+            .into_iter()
             .filter_map(|st| {
                 let (sub, _, _) = st.current();
                 if sub.status == "off" {
@@ -841,23 +838,16 @@ impl Inner {
 }
 
 fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    fhirsync_core::clock::Clock::now_ms(&fhirsync_core::clock::SystemClock)
 }
 
 #[async_trait]
 impl SyncAgent for Notifier {
     async fn edges(&self) -> Vec<Value> {
-        let subs = self
+        let mut out: Vec<Value> = self
             .inner
-            .subs
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        let mut out: Vec<Value> = subs
-            .values()
+            .subs_list()
+            .iter()
             .map(|st| {
                 let (sub, vid, body) = st.current();
                 json!({
@@ -894,14 +884,10 @@ impl SyncAgent for Notifier {
     }
 
     fn counters(&self) -> Vec<EdgeCounters> {
-        let subs = self
+        let mut rows: Vec<EdgeCounters> = self
             .inner
-            .subs
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        let mut rows: Vec<EdgeCounters> = subs
-            .values()
+            .subs_list()
+            .iter()
             .map(|st| EdgeCounters {
                 edge: format!("subscription:{}", st.id),
                 direction: "notify".into(),
