@@ -142,6 +142,11 @@ fn type_arg(e: &Expr) -> R<String> {
     }
 }
 
+/// The single input item as a system value, if any.
+fn one_value<'a>(input: &[Item<'a>], f: &str) -> R<Option<Item<'a>>> {
+    Ok(single(input, f)?.map(Item::prim))
+}
+
 fn one_str(input: &[Item], f: &str) -> R<Option<String>> {
     match single(input, f)? {
         None => Ok(None),
@@ -496,10 +501,9 @@ fn convert<'a>(
     focus: &[Item<'a>],
     cx: &Cx<'a, '_>,
 ) -> R<Coll<'a>> {
-    let Some(it) = single(input, name)? else {
+    let Some(it) = one_value(input, name)? else {
         return Ok(Vec::new());
     };
-    let it = it.prim();
     let target = name
         .trim_start_matches("convertsTo")
         .trim_start_matches("to");
@@ -810,10 +814,9 @@ fn math<'a>(
     focus: &[Item<'a>],
     cx: &Cx<'a, '_>,
 ) -> R<Coll<'a>> {
-    let Some(it) = single(input, name)? else {
+    let Some(it) = one_value(input, name)? else {
         return Ok(Vec::new());
     };
-    let it = it.prim();
     if let (Item::Qty(d, u), "abs") = (&it, name) {
         return Ok(vec![Item::Qty(d.abs(), u.clone())]);
     }
@@ -885,10 +888,9 @@ fn boundary<'a>(
     focus: &[Item<'a>],
     cx: &Cx<'a, '_>,
 ) -> R<Coll<'a>> {
-    let Some(it) = single(input, name)? else {
+    let Some(it) = one_value(input, name)? else {
         return Ok(Vec::new());
     };
-    let it = it.prim();
     let want = if args.is_empty() {
         None
     } else {
