@@ -31,7 +31,14 @@ fn json_response(v: Value) -> Response {
 
 pub fn check_admin(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
     let Some(want) = &state.cfg.admin_token else {
-        return Ok(());
+        if state.cfg.auth.anonymous {
+            return Ok(());
+        }
+        return Err(ApiError::new(
+            401,
+            "login",
+            "the admin API is closed: set admin_token (or enable anonymous access)",
+        ));
     };
     let got = headers
         .get(header::AUTHORIZATION)
@@ -84,6 +91,20 @@ pub async fn status(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     check_admin(&state, &headers)?;
+    let (open, dead) = open_counts(&state).await?;
+    let edges = all_edges(&state).await;
+    Ok(json_response(json!({
+        "nodeId": state.store.node_id(),
+        "lastSeq": state.store.last_seq(),
+        "edges": edges,
+        "children": children_json(&state).await?,
+        "openConflicts": open,
+        "deadLetters": dead,
+    })))
+}
+
+/// Open conflicts and dead letters (each counted up to `LIST_COUNT_MAX`).
+pub async fn open_counts(state: &AppState) -> Result<(usize, usize), ApiError> {
     let open = state
         .store
         .conflicts(ListQuery {
@@ -101,18 +122,10 @@ pub async fn status(
         })
         .await?
         .len();
-    let edges = all_edges(&state).await;
-    Ok(json_response(json!({
-        "nodeId": state.store.node_id(),
-        "lastSeq": state.store.last_seq(),
-        "edges": edges,
-        "children": children_json(&state).await?,
-        "openConflicts": open,
-        "deadLetters": dead,
-    })))
+    Ok((open, dead))
 }
 
-async fn children_json(state: &AppState) -> Result<Vec<Value>, ApiError> {
+pub async fn children_json(state: &AppState) -> Result<Vec<Value>, ApiError> {
     let peers = state.store.peers().await?;
     let last = state.store.last_seq();
     Ok(state
@@ -263,7 +276,7 @@ pub async fn dead_letter(
     }
 }
 
-async fn all_edges(state: &AppState) -> Vec<Value> {
+pub async fn all_edges(state: &AppState) -> Vec<Value> {
     let mut out = Vec::new();
     for a in &state.agents {
         out.extend(a.edges().await);
@@ -271,7 +284,7 @@ async fn all_edges(state: &AppState) -> Vec<Value> {
     out
 }
 
-async fn retry_one(state: &AppState, id: u64) -> Result<(), ApiError> {
+pub async fn retry_one(state: &AppState, id: u64) -> Result<(), ApiError> {
     let d = state
         .store
         .dead_letter(id)

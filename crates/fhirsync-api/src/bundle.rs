@@ -16,12 +16,16 @@ use crate::{ApiError, AppState};
 
 pub async fn process(
     State(state): State<AppState>,
+    principal: Option<axum::Extension<crate::auth::Principal>>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
     let bytes = read_body(&state, &headers, body).await?;
     let res = parse_resource(&bytes).map_err(StoreError::from)?;
     check_resource(&res, Some("Bundle")).map_err(StoreError::from)?;
+    if let Some(axum::Extension(p)) = principal {
+        crate::auth::check_bundle(&p, &res)?;
+    }
     let out = state.store.write(WriteRequest::Bundle(res)).await?;
     let WriteOutcome::Bundle(out) = out else {
         return Err(ApiError::new(

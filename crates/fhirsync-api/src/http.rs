@@ -33,7 +33,8 @@ pub fn base_url(state: &AppState, headers: &HeaderMap) -> String {
         .and_then(|h| h.to_str().ok())
         .filter(|h| !h.is_empty() && h.bytes().all(|b| b.is_ascii_graphic()))
         .unwrap_or("localhost");
-    format!("http://{host}/fhir")
+    let scheme = if state.cfg.https { "https" } else { "http" };
+    format!("{scheme}://{host}/fhir")
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -2,12 +2,16 @@
 //! `$changes`. Handlers translate HTTP to [`fhirsync_store::Store`] calls and
 //! back; FHIR semantics live in the store's engine, not here.
 
-mod admin;
+pub mod admin;
 pub mod agent;
 mod apply;
+mod audit;
+pub mod auditor;
+pub mod auth;
 mod bundle;
 mod capability;
 mod changes;
+pub mod console;
 mod crud;
 mod error;
 mod health;
@@ -39,8 +43,16 @@ pub struct ApiConfig {
     pub long_poll_s_max: u64,
     /// Public base URL (`http://host:port/fhir`); from the `Host` header when unset.
     pub base_url: Option<String>,
-    /// Bearer token the admin API requires; `None`: the admin API is open.
+    /// Bearer token the admin API requires; `None`: the admin API is open
+    /// only when anonymous access is enabled.
     pub admin_token: Option<String>,
+    /// Who may call the FHIR API.
+    pub auth: Arc<auth::Auth>,
+    /// The server speaks HTTPS (for base URLs derived from `Host`).
+    pub https: bool,
+    /// Each answer waits until its AuditEvent is committed (otherwise the
+    /// record follows within [`auditor::LINGER`]).
+    pub audit_wait: bool,
 }
 
 impl Default for ApiConfig {
@@ -50,6 +62,9 @@ impl Default for ApiConfig {
             long_poll_s_max: 60,
             base_url: None,
             admin_token: None,
+            auth: Arc::default(),
+            https: false,
+            audit_wait: false,
         }
     }
 }
@@ -67,12 +82,16 @@ pub struct AppState {
     pub agents: Vec<Arc<dyn SyncAgent>>,
     /// Request counts and latencies for `/metrics`.
     pub http_metrics: Arc<http_metrics::HttpMetrics>,
+    /// Commits the audit trail's records in batches.
+    pub auditor: auditor::Auditor,
 }
 
 impl AppState {
     /// A node without children or parent.
+    /// Starts the auditor task: call inside a Tokio runtime.
     pub fn new(store: Arc<dyn Store>, cfg: ApiConfig, shutdown: watch::Receiver<bool>) -> Self {
         AppState {
+            auditor: auditor::Auditor::start(store.clone(), cfg.audit_wait),
             store,
             cfg: Arc::new(cfg),
             shutdown,
@@ -81,6 +100,32 @@ impl AppState {
             http_metrics: Arc::default(),
         }
     }
+}
+
+/// A caller's address, from any listener whose peers have socket
+/// addresses (plain TCP or TLS).
+#[derive(Debug, Clone, Copy)]
+pub struct PeerAddr(pub std::net::SocketAddr);
+
+/// Listeners whose callers' addresses the audit trail records.
+pub trait PeerListener: axum::serve::Listener<Addr = std::net::SocketAddr> {}
+
+impl PeerListener for tokio::net::TcpListener {}
+
+impl<L: PeerListener> axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, L>>
+    for PeerAddr
+{
+    fn connect_info(s: axum::serve::IncomingStream<'_, L>) -> Self {
+        PeerAddr(*s.remote_addr())
+    }
+}
+
+/// The application as a service that knows each caller's address (for
+/// the audit trail).
+pub fn service(
+    state: AppState,
+) -> axum::extract::connect_info::IntoMakeServiceWithConnectInfo<Router, PeerAddr> {
+    app(state).into_make_service_with_connect_info::<PeerAddr>()
 }
 
 /// The whole HTTP application.
@@ -98,6 +143,12 @@ pub fn app(state: AppState) -> Router {
                 .put(crud::conditional_update)
                 .delete(crud::conditional_delete),
         )
+        .route(
+            "/.well-known/smart-configuration",
+            get(auth::smart_configuration),
+        )
+        .route("/AuditEvent", get(audit::search).fallback(audit::refuse))
+        .route("/AuditEvent/{id}", get(audit::read).fallback(audit::refuse))
         .route("/Subscription/{id}/$status", get(subs::status))
         .route("/Subscription/{id}/$events", get(subs::events))
         .route("/{rtype}/_search", post(search::type_search_post))
@@ -125,6 +176,7 @@ pub fn app(state: AppState) -> Router {
     Router::new()
         .nest("/admin", admin)
         .route("/metrics", get(admin::metrics))
+        .route("/auth/token", post(auth::token))
         .route("/healthz", get(health::live))
         .route("/readyz", get(health::ready))
         // Clients POST transactions to the base with and without a trailing slash.
@@ -133,6 +185,14 @@ pub fn app(state: AppState) -> Router {
         .fallback(error::not_found)
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(
             error::panic_response,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::guard,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            audit::record,
         ))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),

@@ -45,7 +45,7 @@ pub enum Access {
 }
 
 /// Equal-time comparison, so a token cannot be guessed byte by byte.
-fn same(a: &str, b: &str) -> bool {
+pub(crate) fn same(a: &str, b: &str) -> bool {
     let (a, b) = (a.as_bytes(), b.as_bytes());
     let mut diff = (a.len() != b.len()) as u8;
     for i in 0..a.len().max(b.len()) {

@@ -3,6 +3,7 @@
 //! reference rewriting. Nothing here does I/O or reads the wall clock
 //! directly; time comes in through [`clock::Clock`].
 
+pub mod audit;
 pub mod clock;
 pub mod fhirpath;
 pub mod hlc;

@@ -85,6 +85,14 @@ pub struct EdgeConfig {
     pub retry_delay_ms_max: u64,
     #[serde(default)]
     pub on_error: OnError,
+    /// PEM roots to trust for the parent's HTTPS, besides the system's.
+    #[serde(default)]
+    pub tls_ca_file: Option<std::path::PathBuf>,
+    /// This node's client certificate (PEM) for mutual TLS, with `tls_key_file`.
+    #[serde(default)]
+    pub tls_cert_file: Option<std::path::PathBuf>,
+    #[serde(default)]
+    pub tls_key_file: Option<std::path::PathBuf>,
 }
 
 mod policy_serde {
@@ -114,6 +122,9 @@ impl EdgeConfig {
             retry_max: default_retry_max(),
             retry_delay_ms_max: default_delay_max(),
             on_error: OnError::Block,
+            tls_ca_file: None,
+            tls_cert_file: None,
+            tls_key_file: None,
         }
     }
 }

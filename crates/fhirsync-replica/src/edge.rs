@@ -135,6 +135,38 @@ fn page_decimal(page: &Value, name: &str) -> Option<u64> {
         .ok()
 }
 
+/// The edge's TLS settings: extra trusted roots, and a client certificate
+/// for mutual TLS. Bad files are refused with their path.
+fn tls(mut b: reqwest::ClientBuilder, cfg: &EdgeConfig) -> Result<reqwest::ClientBuilder, String> {
+    let read = |p: &std::path::Path, what: &str| {
+        let bytes = std::fs::read(p).map_err(|e| format!("{what} {}: {e}", p.display()))?;
+        if !bytes.windows(11).any(|w| w == b"-----BEGIN ") {
+            return Err(format!("{what} {} is not PEM", p.display()));
+        }
+        Ok(bytes)
+    };
+    if let Some(ca) = &cfg.tls_ca_file {
+        let certs = reqwest::Certificate::from_pem_bundle(&read(ca, "tls_ca_file")?)
+            .map_err(|e| format!("tls_ca_file {}: {e}", ca.display()))?;
+        for c in certs {
+            b = b.add_root_certificate(c);
+        }
+    }
+    match (&cfg.tls_cert_file, &cfg.tls_key_file) {
+        (Some(c), Some(k)) => {
+            let mut pem = read(c, "tls_cert_file")?;
+            pem.push(b'\n');
+            pem.extend(read(k, "tls_key_file")?);
+            let id = reqwest::Identity::from_pem(&pem)
+                .map_err(|e| format!("tls_cert_file/tls_key_file: {e}"))?;
+            b = b.identity(id);
+        }
+        (None, None) => {}
+        _ => return Err("tls_cert_file and tls_key_file go together".into()),
+    }
+    Ok(b)
+}
+
 /// A failing record and how many times it failed.
 struct Failing {
     seq: u64,
@@ -143,12 +175,15 @@ struct Failing {
 
 impl Edge {
     pub fn new(cfg: EdgeConfig, store: Arc<dyn Store>) -> Result<Edge, String> {
-        let http = reqwest::Client::builder()
-            .use_rustls_tls()
-            .timeout(Duration::from_secs(cfg.long_poll_s + REQUEST_TIMEOUT_S))
-            .connect_timeout(Duration::from_secs(10))
-            .build()
-            .map_err(|e| format!("cannot build an HTTP client: {e}"))?;
+        let http = tls(
+            reqwest::Client::builder()
+                .use_rustls_tls()
+                .timeout(Duration::from_secs(cfg.long_poll_s + REQUEST_TIMEOUT_S))
+                .connect_timeout(Duration::from_secs(10)),
+            &cfg,
+        )?
+        .build()
+        .map_err(|e| format!("cannot build an HTTP client: {e}"))?;
         let seed = store
             .node_id()
             .bytes()

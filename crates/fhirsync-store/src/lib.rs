@@ -59,6 +59,12 @@ pub trait Store: Send + Sync + 'static {
     async fn dead_letter(&self, id: u64) -> Result<Option<DeadLetter>, StoreError>;
     /// The audit log of sync operations, newest first.
     async fn audit(&self, q: ListQuery) -> Result<Vec<AuditEntry>, StoreError>;
+    /// `AuditEvent`s matching a query, newest first (`count == 0`: none),
+    /// and how many match in all.
+    async fn audit_events(
+        &self,
+        q: AuditQuery,
+    ) -> Result<(Vec<serde_json::Value>, u64), StoreError>;
     /// A replication cursor.
     async fn cursor(&self, key: &str) -> Result<Option<u64>, StoreError>;
     /// Every replication cursor: key, seq, when it last moved (ms).

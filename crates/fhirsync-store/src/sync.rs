@@ -421,6 +421,36 @@ impl AuditEntry {
         }
     }
 
+    /// The `AuditEvent` form of this sync operation, recorded by `observer`.
+    pub fn to_record(&self, at_ms: u64, observer: &str) -> fhirsync_core::audit::AuditRecord {
+        use fhirsync_core::audit::{AuditKind, AuditRecord, Who};
+        let seqs = match (self.first_seq, self.last_seq) {
+            (Some(a), Some(b)) => format!(" seq {a}..{b}"),
+            _ => String::new(),
+        };
+        AuditRecord {
+            at_ms,
+            kind: AuditKind::Sync,
+            subtype: self.action.clone(),
+            action: 'E',
+            outcome: match self.outcome.as_str() {
+                "partial" => 4,
+                "failed" | "error" => 8,
+                _ => 0,
+            },
+            outcome_desc: Some(format!(
+                "edge {}: {} {}, {} records{seqs}: {}",
+                self.edge, self.action, self.outcome, self.count, self.detail
+            )),
+            who: Who::System,
+            address: None,
+            observer: observer.to_owned(),
+            entities: Vec::new(),
+            patients: Vec::new(),
+            query: None,
+        }
+    }
+
     pub fn to_json(&self) -> Value {
         json!({
             "id": self.id,
@@ -477,6 +507,14 @@ pub enum SyncWrite {
         audit: AuditEntry,
     },
     Audit(AuditEntry),
+    /// Audit records of REST requests (committed together, in order).
+    AuditEvents(Vec<fhirsync_core::audit::AuditRecord>),
+    /// Marks a key (an assertion's `jti`) used until a time; fails with
+    /// [`crate::StoreError::State`] when it already is.
+    ClaimOnce {
+        key: String,
+        until_ms: u64,
+    },
     /// Subscription events found in the change log, with the cursors that
     /// cover them (the matcher's position, each subscription's count).
     SubEvents {
@@ -513,6 +551,27 @@ pub struct SubEvent {
 }
 
 /// Which rows a list call returns: newest first, `before` an id cursor.
+/// A search of the node's `AuditEvent`s; every field narrows it.
+#[derive(Debug, Clone, Default)]
+pub struct AuditQuery {
+    /// `rest`, `sync` or `login`.
+    pub kind: Option<String>,
+    pub subtype: Option<String>,
+    pub action: Option<String>,
+    pub outcome: Option<u8>,
+    /// The agent's name (`token:NAME`, `client:ID`, `user:NAME`, ...).
+    pub agent: Option<String>,
+    /// `Patient/id`.
+    pub patient: Option<String>,
+    /// `Type/id`.
+    pub entity: Option<String>,
+    pub from_ms: Option<u64>,
+    pub until_ms: Option<u64>,
+    /// Events with ids below this one (paging).
+    pub before: Option<u64>,
+    pub count: usize,
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct ListQuery {
     pub state: Option<String>,

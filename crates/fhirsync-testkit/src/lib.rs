@@ -2,13 +2,16 @@
 //! as a child process, each with its own data directory, stopped on drop)
 //! and seeded generators of realistic FHIR data.
 
+pub mod browser;
 pub mod clock;
 pub mod gen;
 pub mod hook;
+pub mod mariadb;
 pub mod nats;
 pub mod nats_jwt;
 pub mod proxy;
 pub mod server;
+pub mod smart;
 pub mod tcp;
 pub mod tls;
 

@@ -7,7 +7,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use fhirsync_api::{app, ApiConfig, AppState};
+use fhirsync_api::{ApiConfig, AppState};
 use fhirsync_core::clock::{Clock, SystemClock};
 use fhirsync_store::sqlite::{SqliteConfig, SqliteStore};
 use tokio::sync::watch;
@@ -24,6 +24,8 @@ pub struct InProcess {
     pub nats: Option<Arc<fhirsync_nats::NatsAgent>>,
     /// The subscriptions agent, when `Options::subs` was given.
     pub subs: Option<Arc<fhirsync_subs::Notifier>>,
+    /// The console's base URL (`http://127.0.0.1:PORT`), when `Options::console` was given.
+    pub console: Option<String>,
     shutdown: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -38,6 +40,8 @@ pub struct Options {
     pub nats: Option<fhirsync_nats::NatsConfig>,
     /// Serve subscriptions (the `[nats]` servers are the default connection).
     pub subs: Option<fhirsync_subs::SubsConfig>,
+    /// Serve the web console on its own port (`InProcess::console`).
+    pub console: Option<fhirsync_api::console::ConsoleConfig>,
 }
 
 impl Default for Options {
@@ -50,6 +54,7 @@ impl Default for Options {
             parent: None,
             nats: None,
             subs: None,
+            console: None,
         }
     }
 }
@@ -105,9 +110,31 @@ impl InProcess {
             }
             None => None,
         };
+        let console = match opts.console.clone() {
+            Some(cc) => {
+                let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+                    .await
+                    .expect("bind");
+                let caddr = l.local_addr().expect("addr");
+                let app = fhirsync_api::console::router(fhirsync_api::console::Console::start(
+                    state.clone(),
+                    cc,
+                ));
+                let mut stop = shutdown.subscribe();
+                tokio::spawn(async move {
+                    let _ = axum::serve(l, app)
+                        .with_graceful_shutdown(async move {
+                            let _ = stop.wait_for(|v| *v).await;
+                        })
+                        .await;
+                });
+                Some(format!("http://{caddr}"))
+            }
+            None => None,
+        };
         let mut stop = shutdown.subscribe();
         let task = tokio::spawn(async move {
-            let _ = axum::serve(listener, app(state))
+            let _ = axum::serve(listener, fhirsync_api::service(state))
                 .with_graceful_shutdown(async move {
                     let _ = stop.wait_for(|v| *v).await;
                 })
@@ -121,6 +148,7 @@ impl InProcess {
             replicator,
             nats,
             subs,
+            console,
             shutdown,
             task,
         }
@@ -174,6 +202,9 @@ impl NodeProcess {
             .arg(data_dir)
             .args(extra)
             .env("RUST_LOG", "warn")
+            // Tests of the API's authentication configure it themselves.
+            .env("FHIRSYNC_ANONYMOUS", "true")
+            .env("FHIRSYNC_CONSOLE_LISTEN", "127.0.0.1:0")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()?;

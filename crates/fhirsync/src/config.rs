@@ -38,6 +38,10 @@ pub struct Config {
     pub subscriptions: fhirsync_subs::SubsConfig,
     /// HTTPS (and optionally client certificates) for the HTTP server.
     pub tls: Option<crate::tls::TlsSection>,
+    /// Who may call the FHIR API.
+    pub auth: crate::auth_cfg::AuthSection,
+    /// The web console.
+    pub console: crate::console_cfg::ConsoleSection,
 }
 
 /// A registered child (`[[children]]`).
@@ -83,6 +87,9 @@ pub struct ApiSection {
     pub body_bytes_max: usize,
     /// Longest `$changes` long-poll, in seconds.
     pub long_poll_s_max: u64,
+    /// Each answer waits until its AuditEvent is committed (else the
+    /// record follows within 10 ms).
+    pub audit_wait: bool,
 }
 
 impl Default for Config {
@@ -101,6 +108,8 @@ impl Default for Config {
             nats: None,
             subscriptions: fhirsync_subs::SubsConfig::default(),
             tls: None,
+            auth: Default::default(),
+            console: Default::default(),
         }
     }
 }
@@ -123,6 +132,7 @@ impl Default for ApiSection {
         ApiSection {
             body_bytes_max: d.body_bytes_max,
             long_poll_s_max: d.long_poll_s_max,
+            audit_wait: d.audit_wait,
         }
     }
 }
@@ -130,6 +140,18 @@ impl Default for ApiSection {
 impl Config {
     /// The file (if any), then flags and environment on top.
     pub fn load(args: &NodeArgs, listen: Option<&str>) -> anyhow::Result<Config> {
+        let mut c = Self::load_file(args, listen)?;
+        if args.anonymous {
+            c.auth.anonymous = true;
+        }
+        if let Some(l) = &args.console_listen {
+            c.console.listen = l.clone();
+        }
+        c.console.addr(c.tls.is_some())?;
+        Ok(c)
+    }
+
+    fn load_file(args: &NodeArgs, listen: Option<&str>) -> anyhow::Result<Config> {
         let mut c = match &args.config {
             Some(p) => Self::from_file(p)?,
             None => Config::default(),
@@ -250,13 +272,16 @@ impl Config {
         Ok(s)
     }
 
-    pub fn api(&self) -> fhirsync_api::ApiConfig {
-        fhirsync_api::ApiConfig {
+    pub fn api(&self) -> anyhow::Result<fhirsync_api::ApiConfig> {
+        Ok(fhirsync_api::ApiConfig {
             body_bytes_max: self.api.body_bytes_max,
             long_poll_s_max: self.api.long_poll_s_max,
             base_url: self.base_url.clone(),
             admin_token: self.admin_token.clone(),
-        }
+            auth: std::sync::Arc::new(self.auth.build()?),
+            https: self.tls.is_some(),
+            audit_wait: self.api.audit_wait,
+        })
     }
 
     pub fn children(&self) -> fhirsync_api::Children {

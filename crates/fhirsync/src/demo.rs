@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use fhirsync_api::{app, AppState, ChildConfig, Children};
+use fhirsync_api::{AppState, ChildConfig, Children};
 use fhirsync_replica::{EdgeConfig, Replicator};
 use fhirsync_store::sqlite::{SqliteConfig, SqliteStore};
 use fhirsync_store::{ChangesQuery, Store};
@@ -70,7 +70,7 @@ impl Node {
         let addr = listener.local_addr()?;
         let mut rx2 = rx;
         tokio::spawn(async move {
-            let _ = axum::serve(listener, app(state))
+            let _ = axum::serve(listener, fhirsync_api::service(state))
                 .with_graceful_shutdown(async move {
                     let _ = rx2.wait_for(|v| *v).await;
                 })

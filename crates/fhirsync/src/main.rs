@@ -3,7 +3,9 @@
 //! replication, and `status`/`conflicts`/`deadletters` call a node's admin API.
 
 mod admin_cmd;
+mod auth_cfg;
 mod config;
+mod console_cfg;
 mod demo;
 mod import;
 mod lock;
@@ -32,14 +34,20 @@ struct Cli {
 #[derive(clap::Args, Debug, Clone)]
 pub struct NodeArgs {
     /// TOML configuration file.
-    #[arg(long, env = "FHIRSYNC_CONFIG")]
+    #[arg(long, env = "FHIRSYNC_CONFIG", global = true)]
     pub config: Option<PathBuf>,
     /// Directory of the node's embedded database [default: ./fhirsync-data].
-    #[arg(long, env = "FHIRSYNC_DATA_DIR")]
+    #[arg(long, env = "FHIRSYNC_DATA_DIR", global = true)]
     pub data_dir: Option<PathBuf>,
     /// This node's id (fixed once the data directory exists).
-    #[arg(long, env = "FHIRSYNC_NODE_ID")]
+    #[arg(long, env = "FHIRSYNC_NODE_ID", global = true)]
     pub node_id: Option<String>,
+    /// Let requests without a token read and write everything (`[auth] anonymous`).
+    #[arg(long, env = "FHIRSYNC_ANONYMOUS", global = true)]
+    pub anonymous: bool,
+    /// The web console's address, or `off` (`[console] listen`) [default: 127.0.0.1:8081].
+    #[arg(long, env = "FHIRSYNC_CONSOLE_LISTEN", global = true)]
+    pub console_listen: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -80,6 +88,16 @@ enum Command {
         #[command(subcommand)]
         cmd: admin_cmd::DeadLettersCmd,
     },
+    /// Manage the web console's users (the users file, argon2 hashes).
+    User {
+        #[command(flatten)]
+        node: NodeArgs,
+        /// The users file [default: `[console] users_file`, else DATA_DIR/console-users].
+        #[arg(long, global = true)]
+        users_file: Option<PathBuf>,
+        #[command(subcommand)]
+        cmd: console_cfg::UserCmd,
+    },
     /// Load .json resources, Bundles and .ndjson files into a node's store,
     /// all or nothing.
     Import {
@@ -106,6 +124,14 @@ fn main() -> ExitCode {
         Command::Status { target } => admin_cmd::status(target),
         Command::Conflicts { target, cmd } => admin_cmd::conflicts(target, cmd),
         Command::Deadletters { target, cmd } => admin_cmd::dead_letters(target, cmd),
+        Command::User {
+            node,
+            users_file,
+            cmd,
+        } => config::Config::load(&node, None).and_then(|c| {
+            let f = users_file.unwrap_or_else(|| c.console.users_file(&c.data_dir));
+            console_cfg::run(&f, cmd)
+        }),
         Command::Import {
             node,
             batch_size,

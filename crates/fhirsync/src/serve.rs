@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use anyhow::Context;
-use fhirsync_api::{app, AppState};
+use fhirsync_api::{service, AppState};
 use fhirsync_replica::Replicator;
 use fhirsync_store::sqlite::SqliteStore;
 use fhirsync_store::Store;
@@ -44,7 +44,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         ),
         None => None,
     };
-    let mut state = AppState::new(store.clone(), cfg.api(), shutdown_rx);
+    let mut state = AppState::new(store.clone(), cfg.api()?, shutdown_rx);
     state.children = Arc::new(cfg.children());
     if let Some(r) = &replicator {
         state.agents.push(r.clone());
@@ -74,8 +74,11 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         "fhirsync node {} listening on {scheme}://{local}/fhir",
         store.node_id()
     );
+    println!("{}", cfg.auth.summary());
     let subs = start_subscriptions(&cfg, store.clone(), format!("{scheme}://{local}/fhir"))?;
     state.agents.push(subs.clone());
+    let console = start_console(&cfg, &state).await?;
+    let auditor = state.auditor.clone();
     let stop = async move {
         wait_for_signal().await;
         tracing::info!("shutting down");
@@ -84,17 +87,22 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     match &cfg.tls {
         Some(t) => {
             let tls = crate::tls::TlsListener::new(listener, t.server_config()?)?;
-            axum::serve(tls, app(state))
+            axum::serve(tls, service(state))
                 .with_graceful_shutdown(stop)
                 .await
         }
         None => {
-            axum::serve(listener, app(state))
+            axum::serve(listener, service(state))
                 .with_graceful_shutdown(stop)
                 .await
         }
     }
     .context("server failed")?;
+    if let Some(c) = console {
+        let _ = c.await;
+    }
+    // The audit records of the last answers, before the store closes.
+    auditor.flush().await;
     if let Some(r) = replicator {
         r.shutdown().await;
     }
@@ -106,6 +114,59 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     tokio::task::spawn_blocking(move || s.shutdown()).await?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The web console on its own listener (HTTPS when `[tls]` is set), until
+/// the node shuts down. Says where it listens.
+async fn start_console(
+    cfg: &Config,
+    state: &AppState,
+) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>> {
+    let tls = cfg.tls.is_some();
+    let Some(addr) = cfg.console.addr(tls)? else {
+        println!("console: off");
+        return Ok(None);
+    };
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("console: cannot listen on {addr}"))?;
+    let local = listener.local_addr()?;
+    let ccfg = cfg.console.config(&cfg.data_dir, tls);
+    let users = fhirsync_api::console::users::load(&ccfg.users_file)?;
+    let scheme = if tls { "https" } else { "http" };
+    let reach = if local.ip().is_loopback() {
+        "loopback only; set [console] listen (with [tls]) to reach it from elsewhere"
+    } else {
+        "REACHABLE FROM THE NETWORK; keep it behind a firewall"
+    };
+    println!(
+        "console on {scheme}://{local}/ ({reach}); {} user(s) in {}",
+        users.len(),
+        ccfg.users_file.display()
+    );
+    if users.is_empty() {
+        println!("console: no users yet; add one with: fhirsync user add NAME --role admin");
+    }
+    let app =
+        fhirsync_api::console::router(fhirsync_api::console::Console::start(state.clone(), ccfg));
+    let mut stop = state.shutdown.clone();
+    let until = async move {
+        let _ = stop.wait_for(|v| *v).await;
+    };
+    let task = match &cfg.tls {
+        Some(t) => {
+            let l = crate::tls::TlsListener::new(listener, t.server_config()?)?;
+            tokio::spawn(async move {
+                let _ = axum::serve(l, app).with_graceful_shutdown(until).await;
+            })
+        }
+        None => tokio::spawn(async move {
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(until)
+                .await;
+        }),
+    };
+    Ok(Some(task))
 }
 
 /// The subscriptions agent, with the node's `[nats]` servers as the

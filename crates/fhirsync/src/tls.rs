@@ -121,6 +121,8 @@ impl TlsListener {
     }
 }
 
+impl fhirsync_api::PeerListener for TlsListener {}
+
 impl axum::serve::Listener for TlsListener {
     type Io = TlsStream<TcpStream>;
     type Addr = std::net::SocketAddr;

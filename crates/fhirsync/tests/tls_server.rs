@@ -167,3 +167,115 @@ fn bad_tls_files_are_refused_with_one_line() {
         assert!(!data.exists(), "a refused config must not create the store");
     }
 }
+
+/// A child replicates to its parent over mutual TLS (two real processes);
+/// a child without a client certificate gets nothing through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_child_replicates_over_mutual_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("certs");
+    std::fs::create_dir_all(&certs).unwrap();
+    TestCerts::generate(&certs).unwrap();
+    let mut pcfg = std::fs::read_to_string(config(dir.path(), true)).unwrap();
+    pcfg.push_str(
+        "[[children]]\nnode_id = \"clinic\"\ntoken = \"clinic-token-0123456789\"\n\
+         [[children]]\nnode_id = \"rogue\"\ntoken = \"rogue-token-0123456789\"\n",
+    );
+    std::fs::write(dir.path().join("parent.toml"), pcfg).unwrap();
+    let parent = NodeProcess::spawn(
+        Path::new(BIN),
+        &dir.path().join("parent"),
+        &[
+            "--config",
+            dir.path().join("parent.toml").to_str().unwrap(),
+            "--node-id",
+            "district",
+        ],
+    )
+    .unwrap();
+    let child_cfg = |name: &str, token: &str, identity: bool| {
+        let mut t = format!(
+            "[parent]\nurl = \"{}\"\ntoken = \"{token}\"\nlong_poll_s = 1\ntls_ca_file = \"{}\"\n",
+            parent.base,
+            certs.join("ca.pem").display()
+        );
+        if identity {
+            t.push_str(&format!(
+                "tls_cert_file = \"{}\"\ntls_key_file = \"{}\"\n",
+                certs.join("client.pem").display(),
+                certs.join("client-key.pem").display()
+            ));
+        }
+        let p = dir.path().join(format!("{name}.toml"));
+        std::fs::write(&p, t).unwrap();
+        p
+    };
+    let c1 = child_cfg("clinic", "clinic-token-0123456789", true);
+    let child = NodeProcess::spawn(
+        Path::new(BIN),
+        &dir.path().join("clinic"),
+        &["--config", c1.to_str().unwrap(), "--node-id", "clinic"],
+    )
+    .unwrap();
+    let c2 = child_cfg("rogue", "rogue-token-0123456789", false);
+    let rogue = NodeProcess::spawn(
+        Path::new(BIN),
+        &dir.path().join("rogue"),
+        &["--config", c2.to_str().unwrap(), "--node-id", "rogue"],
+    )
+    .unwrap();
+    let plain = reqwest::Client::new();
+    for (node, id) in [(&child, "from-clinic"), (&rogue, "from-rogue")] {
+        let r = plain
+            .put(node.url(&format!("Patient/{id}")))
+            .header("content-type", "application/fhir+json")
+            .body(format!(r#"{{"resourceType":"Patient","id":"{id}"}}"#))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 201);
+    }
+    let c = client(&certs, true);
+    let mut arrived = false;
+    for _ in 0..200 {
+        let r = c
+            .get(parent.url("Patient/from-clinic"))
+            .send()
+            .await
+            .unwrap();
+        if r.status().as_u16() == 200 {
+            arrived = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(
+        arrived,
+        "the clinic's patient did not reach the parent over mTLS"
+    );
+    // The rogue child's edge fails its handshakes: nothing arrives, and its
+    // status says why.
+    let mut why = String::new();
+    for _ in 0..200 {
+        let edges: serde_json::Value = plain
+            .get(rogue.base.replace("/fhir", "/admin/edges"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if let Some(e) = edges["items"][0]["push"]["lastError"].as_str() {
+            why = e.to_owned();
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(!why.is_empty(), "the rogue edge reported no error");
+    let r = c
+        .get(parent.url("Patient/from-rogue"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 404);
+}

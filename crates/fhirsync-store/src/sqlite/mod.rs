@@ -1,6 +1,7 @@
 //! The embedded SQLite backend: one writer thread with group commit, a pool
 //! of read connections, WAL mode.
 
+mod audit_rows;
 mod query;
 mod schema;
 mod sync_rows;
@@ -331,6 +332,22 @@ impl Store for SqliteStore {
 
     async fn audit(&self, q: ListQuery) -> Result<Vec<AuditEntry>, StoreError> {
         self.read_with(move |c| sync_rows::audit(c, &q)).await
+    }
+
+    async fn audit_events(
+        &self,
+        q: AuditQuery,
+    ) -> Result<(Vec<serde_json::Value>, u64), StoreError> {
+        self.read_with(move |c| {
+            let total = audit_rows::audit_event_count(c, &q)?;
+            let page = if q.count == 0 {
+                Vec::new()
+            } else {
+                audit_rows::audit_events(c, &q)?
+            };
+            Ok((page, total))
+        })
+        .await
     }
 
     async fn cursor(&self, key: &str) -> Result<Option<u64>, StoreError> {

@@ -98,6 +98,31 @@ CREATE TABLE IF NOT EXISTS sub_events (
     at_ms   INTEGER NOT NULL,
     PRIMARY KEY (sub, num)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS audit_events (
+    aid      INTEGER PRIMARY KEY,
+    at_ms    INTEGER NOT NULL,
+    kind     TEXT    NOT NULL,
+    subtype  TEXT    NOT NULL,
+    action   TEXT    NOT NULL,
+    outcome  INTEGER NOT NULL,
+    who      TEXT    NOT NULL,
+    address  TEXT,
+    observer TEXT    NOT NULL,
+    entities TEXT    NOT NULL,
+    patients TEXT    NOT NULL,
+    query    TEXT,
+    detail   TEXT
+);
+CREATE INDEX IF NOT EXISTS audit_events_at ON audit_events(at_ms);
+CREATE TABLE IF NOT EXISTS audit_event_refs (
+    ref TEXT    NOT NULL,
+    aid INTEGER NOT NULL,
+    PRIMARY KEY (ref, aid)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS used_once (
+    key      TEXT PRIMARY KEY,
+    until_ms INTEGER NOT NULL
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS peers (
     node_id            TEXT PRIMARY KEY,
     first_ms           INTEGER NOT NULL,

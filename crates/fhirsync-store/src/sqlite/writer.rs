@@ -489,10 +489,20 @@ impl WriteTx for Writer {
     }
 
     fn add_audit(&mut self, a: &AuditEntry) -> Result<(), StoreError> {
-        sync_rows::add_audit(&self.conn, a, self.clock.now_ms())
+        let now = self.clock.now_ms();
+        sync_rows::add_audit(&self.conn, a, now)?;
+        super::audit_rows::add_audit_event(&self.conn, &a.to_record(now, &self.node_id))
     }
 
     fn add_sub_event(&mut self, e: &crate::sync::SubEvent) -> Result<(), StoreError> {
         sync_rows::add_sub_event(&self.conn, e)
+    }
+
+    fn add_audit_event(&mut self, r: &fhirsync_core::audit::AuditRecord) -> Result<(), StoreError> {
+        super::audit_rows::add_audit_event(&self.conn, r)
+    }
+
+    fn claim_once(&mut self, key: &str, until_ms: u64) -> Result<bool, StoreError> {
+        super::audit_rows::claim_once(&self.conn, key, until_ms, self.clock.now_ms())
     }
 }

@@ -114,6 +114,28 @@ enum Cmd {
         #[arg(long)]
         work: std::path::PathBuf,
     },
+    /// Row changes per second through the binlog reader: ROWS rows written
+    /// to a MariaDB started here, in transactions of TX rows, then read.
+    Binlog {
+        #[arg(long, default_value_t = 100_000)]
+        rows: u64,
+        #[arg(long, default_value_t = 1000)]
+        tx: u64,
+    },
+    /// Writes and reads per second through the API (8 clients each), and
+    /// whether the node's AuditEvents number its requests. BIN may be an
+    /// older build, to compare.
+    Audit {
+        #[arg(long)]
+        bin: std::path::PathBuf,
+        #[arg(long, default_value_t = 10_000)]
+        count: u64,
+        /// Run the node with `[api] audit_wait = true`.
+        #[arg(long)]
+        wait: bool,
+        #[arg(long)]
+        work: std::path::PathBuf,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -177,6 +199,19 @@ fn main() -> anyhow::Result<()> {
         } => {
             let rt = tokio::runtime::Runtime::new()?;
             rt.block_on(subs_bench(bin, subs, count, rate, seconds, work))
+        }
+        Cmd::Binlog { rows, tx } => {
+            let rt = tokio::runtime::Runtime::new()?;
+            rt.block_on(binlog_bench(rows, tx))
+        }
+        Cmd::Audit {
+            bin,
+            count,
+            wait,
+            work,
+        } => {
+            let rt = tokio::runtime::Runtime::new()?;
+            rt.block_on(audit_bench(bin, count, wait, work))
         }
         Cmd::ReplicateLag {
             bin,
@@ -873,5 +908,109 @@ async fn subs_bench(
         total as usize - lat.len()
     );
     drop(node);
+    Ok(())
+}
+
+async fn audit_bench(
+    bin: std::path::PathBuf,
+    count: u64,
+    wait: bool,
+    work: std::path::PathBuf,
+) -> anyhow::Result<()> {
+    use fhirsync_testkit::NodeProcess;
+    let dir = work.join("audit");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&work)?;
+    let cfg = work.join("audit-wait.toml");
+    std::fs::write(&cfg, "[api]\naudit_wait = true\n")?;
+    let extra: Vec<&str> = if wait {
+        vec!["--config", cfg.to_str().unwrap_or_default()]
+    } else {
+        Vec::new()
+    };
+    let node = NodeProcess::spawn(&bin, &dir, &extra)?;
+    let http = reqwest::Client::new();
+    let writes = sub_writes(&http, &node.base, 0, count, 1).await?;
+    let clients = 8u64;
+    let t = Instant::now();
+    let mut tasks = Vec::new();
+    for w in 0..clients {
+        let (http, base) = (http.clone(), node.base.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut i = w;
+            while i < count {
+                let r = http.get(format!("{base}/Patient/p{i}")).send().await?;
+                anyhow::ensure!(r.status().is_success(), "GET p{i}: {}", r.status());
+                r.bytes().await?;
+                i += clients;
+            }
+            Ok(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    let reads = count as f64 / t.elapsed().as_secs_f64();
+    let r = http
+        .get(format!("{}/AuditEvent?_summary=count", node.base))
+        .send()
+        .await?;
+    let audited = if r.status().is_success() {
+        let v: serde_json::Value = r.json().await?;
+        format!("{} AuditEvents for {} requests", v["total"], 2 * count)
+    } else {
+        format!("no audit trail (HTTP {})", r.status())
+    };
+    println!("audit: {count} writes {writes:.0}/s, {count} reads {reads:.0}/s; {audited}");
+    Ok(())
+}
+
+async fn binlog_bench(rows: u64, tx: u64) -> anyhow::Result<()> {
+    use fhirsync_db::binlog::{current_position, Reader};
+    use mysql_async::prelude::Queryable;
+    let db = fhirsync_testkit::mariadb::MariaDb::start()?;
+    db.sql(
+        "CREATE DATABASE emr; CREATE TABLE emr.obs (id INT PRIMARY KEY AUTO_INCREMENT, \
+         uuid CHAR(36) NOT NULL UNIQUE, person_id INT, concept VARCHAR(40), value_numeric DOUBLE, \
+         obs_datetime DATETIME, date_created DATETIME(3))",
+    );
+    let mut conn = mysql_async::Conn::from_url(&db.url).await?;
+    let start = current_position(&mut conn).await?;
+    let t = Instant::now();
+    let mut n = 0u64;
+    while n < rows {
+        let k = tx.min(rows - n);
+        let values: Vec<String> = (n..n + k)
+            .map(|i| {
+                format!(
+                    "('obs-{i:08}', {}, 'weight', {}.5, '2026-01-02 03:04:05', '2026-01-02 03:04:05.678')",
+                    i % 1000,
+                    i % 97
+                )
+            })
+            .collect();
+        conn.query_drop(format!(
+            "INSERT INTO emr.obs (uuid, person_id, concept, value_numeric, obs_datetime, date_created) VALUES {}",
+            values.join(",")
+        ))
+        .await?;
+        n += k;
+    }
+    let written = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    let mut r = Reader::open(&db.url, 999, &start, vec!["emr.obs".into()]).await?;
+    let mut got = 0u64;
+    let mut txs = 0u64;
+    while got < rows {
+        let t = r.next().await?;
+        got += t.changes.len() as u64;
+        txs += 1;
+    }
+    let read = t.elapsed().as_secs_f64();
+    println!(
+        "binlog: {rows} rows written in {written:.2} s ({:.0}/s); read back as {txs} transactions in {read:.2} s: {:.0} row changes/s",
+        rows as f64 / written,
+        rows as f64 / read
+    );
     Ok(())
 }
