@@ -14,6 +14,8 @@ use mysql_async::prelude::Queryable;
 use mysql_async::{BinlogStream, BinlogStreamRequest, Conn, Opts, Value};
 use serde_json::{json, Map, Value as Json};
 
+use crate::tz::epoch_to_utc;
+
 /// A place in the binlog: file and byte offset of the next event.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Position {
@@ -53,21 +55,6 @@ pub struct RowChange {
     pub op: Op,
     /// The row after the change (before it, for a delete), by column name.
     pub row: Map<String, Json>,
-}
-
-impl RowChange {
-    /// The change record: table, operation, row, and where it came from.
-    pub fn to_record(&self, site: &str, end: &Position) -> Json {
-        json!({
-            "site": site,
-            "database": self.database,
-            "table": self.table,
-            "op": self.op.as_str(),
-            "uuid": self.row.get("uuid"),
-            "row": self.row,
-            "binlog": end.to_string(),
-        })
-    }
 }
 
 /// The row changes of one committed transaction.
@@ -290,8 +277,8 @@ fn column_names(tme: &TableMapEvent<'_>) -> Vec<String> {
 }
 
 /// A row as JSON by column name. DATETIME and TIMESTAMP are
-/// `YYYY-MM-DD hh:mm:ss[.ffffff]`, DATE `YYYY-MM-DD`, TIME `hh:mm:ss`,
-/// text as strings, binary columns as hex.
+/// `YYYY-MM-DD hh:mm:ss[.ffffff]` (TIMESTAMP in UTC), DATE `YYYY-MM-DD`,
+/// TIME `hh:mm:ss`, text as strings, other bytes as `{"$hex"}`.
 fn row_json(row: BinlogRow, names: &[String], tme: &TableMapEvent<'_>) -> Map<String, Json> {
     let mut out = Map::new();
     for (i, v) in row.unwrap().into_iter().enumerate() {
@@ -313,10 +300,16 @@ fn value_json(v: BinlogValue<'_>, ty: Option<ColumnType>) -> Json {
         Value::UInt(u) => json!(u),
         Value::Float(f) => json!(f),
         Value::Double(d) => json!(d),
-        Value::Bytes(b) => match String::from_utf8(b) {
-            Ok(s) => Json::String(s),
-            Err(e) => Json::String(e.as_bytes().iter().map(|b| format!("{b:02x}")).collect()),
-        },
+        Value::Bytes(b)
+            if matches!(
+                ty,
+                Some(ColumnType::MYSQL_TYPE_TIMESTAMP | ColumnType::MYSQL_TYPE_TIMESTAMP2)
+            ) =>
+        {
+            let s = String::from_utf8_lossy(&b);
+            epoch_to_utc(&s).map(Json::String).unwrap_or(Json::Null)
+        }
+        Value::Bytes(b) => bytes_json(b),
         Value::Date(y, mo, d, h, mi, s, us) => {
             if matches!(
                 ty,
@@ -339,6 +332,16 @@ fn value_json(v: BinlogValue<'_>, ty: Option<ColumnType>) -> Json {
             } else {
                 json!(format!("{sign}{hours:02}:{mi:02}:{s:02}"))
             }
+        }
+    }
+}
+
+/// Text as a string; bytes that are not UTF-8 as `{"$hex": "..."}`.
+pub fn bytes_json(b: Vec<u8>) -> Json {
+    match String::from_utf8(b) {
+        Ok(s) => Json::String(s),
+        Err(e) => {
+            json!({"$hex": e.as_bytes().iter().map(|b| format!("{b:02x}")).collect::<String>()})
         }
     }
 }

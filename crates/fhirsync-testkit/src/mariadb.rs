@@ -31,8 +31,17 @@ impl MariaDb {
         Self::start_with(&["--binlog-format=ROW", "--binlog-row-metadata=FULL"])
     }
 
-    /// The binlog on, with `extra` server options.
+    /// The binlog on, with `extra` server options. A second try on a new
+    /// port when the first fails (another process may take a free port
+    /// between the check and the bind).
     pub fn start_with(extra: &[&str]) -> anyhow::Result<MariaDb> {
+        Self::try_start(extra).or_else(|e| {
+            eprintln!("mariadb: {e:#}; trying again");
+            Self::try_start(extra)
+        })
+    }
+
+    fn try_start(extra: &[&str]) -> anyhow::Result<MariaDb> {
         let dir = tempfile::tempdir()?;
         let data = dir.path().join("data");
         let out = Command::new("mariadb-install-db")
@@ -60,7 +69,7 @@ impl MariaDb {
             .args(["--innodb-buffer-pool-size=32M", "--skip-name-resolve"])
             .args(extra)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join("server.log"))?)
             .spawn()?;
         let mut db = MariaDb {
             port,
@@ -87,7 +96,13 @@ impl MariaDb {
                 return Ok(db);
             }
             if let Some(st) = db.child.try_wait()? {
-                anyhow::bail!("mariadbd exited before it listened ({st})");
+                let log =
+                    std::fs::read_to_string(db._dir.path().join("server.log")).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(5).collect();
+                anyhow::bail!(
+                    "mariadbd exited before it listened ({st}): {}",
+                    tail.join(" | ")
+                );
             }
             anyhow::ensure!(Instant::now() < deadline, "mariadbd did not start in 30 s");
             std::thread::sleep(Duration::from_millis(100));

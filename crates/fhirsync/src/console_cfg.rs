@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
+use fhirsync_api::console::db::DbReceiverLink;
 use fhirsync_api::console::{users, ConsoleConfig, Role};
 use serde::Deserialize;
 
@@ -19,6 +20,10 @@ pub struct ConsoleSection {
     pub session_idle_s: u64,
     pub lockout_failures: u32,
     pub lockout_s: u64,
+    /// A `fhirsync db-receiver` (its `listen` URL) whose sites and
+    /// conflicts the console shows, with its admin token.
+    pub db_receiver_url: Option<String>,
+    pub db_receiver_admin_token: Option<String>,
 }
 
 impl Default for ConsoleSection {
@@ -30,6 +35,8 @@ impl Default for ConsoleSection {
             session_idle_s: d.session_idle_s,
             lockout_failures: d.lockout_failures,
             lockout_s: d.lockout_s,
+            db_receiver_url: None,
+            db_receiver_admin_token: None,
         }
     }
 }
@@ -55,6 +62,9 @@ impl ConsoleSection {
                 "[console] listen {a} is not a loopback address: the console needs [tls] to be served to the network"
             );
         }
+        if self.db_receiver_url.is_some() != self.db_receiver_admin_token.is_some() {
+            bail!("[console] db_receiver_url and db_receiver_admin_token go together");
+        }
         if self.lockout_failures == 0 || self.session_idle_s == 0 {
             bail!("[console] lockout_failures and session_idle_s must be at least 1");
         }
@@ -67,6 +77,11 @@ impl ConsoleSection {
         c.session_idle_s = self.session_idle_s;
         c.lockout_failures = self.lockout_failures;
         c.lockout_s = self.lockout_s;
+        c.db_receiver = self
+            .db_receiver_url
+            .clone()
+            .zip(self.db_receiver_admin_token.clone())
+            .map(|(url, admin_token)| DbReceiverLink { url, admin_token });
         c
     }
 }

@@ -1,11 +1,13 @@
 //! The `fhirsync` command: `serve` runs a node, `import` loads files into a
 //! node's store without HTTP, `sync` copies between servers, `demo` shows
-//! replication, and `status`/`conflicts`/`deadletters` call a node's admin API.
+//! replication, `status`/`conflicts`/`deadletters` call a node's admin API,
+//! and `db-sender`/`db-receiver` sync MySQL/MariaDB databases from the binlog.
 
 mod admin_cmd;
 mod auth_cfg;
 mod config;
 mod console_cfg;
+mod db_cmd;
 mod demo;
 mod import;
 mod lock;
@@ -98,6 +100,11 @@ enum Command {
         #[command(subcommand)]
         cmd: console_cfg::UserCmd,
     },
+    /// Follow a MySQL/MariaDB binlog and deliver row changes to a receiver.
+    DbSender(db_cmd::SenderArgs),
+    /// Apply row changes from senders to a central database; manage sites
+    /// and conflicts.
+    DbReceiver(db_cmd::ReceiverArgs),
     /// Load .json resources, Bundles and .ndjson files into a node's store,
     /// all or nothing.
     Import {
@@ -132,6 +139,8 @@ fn main() -> ExitCode {
             let f = users_file.unwrap_or_else(|| c.console.users_file(&c.data_dir));
             console_cfg::run(&f, cmd)
         }),
+        Command::DbSender(a) => db_cmd::sender(a),
+        Command::DbReceiver(a) => db_cmd::receiver(a),
         Command::Import {
             node,
             batch_size,

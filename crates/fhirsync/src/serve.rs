@@ -187,7 +187,7 @@ fn start_subscriptions(
         .map_err(|e| anyhow::anyhow!("subscriptions: {e}"))
 }
 
-async fn wait_for_signal() {
+pub(crate) async fn wait_for_signal() {
     use tokio::signal::unix::{signal, SignalKind};
     let term = signal(SignalKind::terminate());
     let int = signal(SignalKind::interrupt());

@@ -7,6 +7,7 @@ mod common;
 
 use std::time::Duration;
 
+use common::web::{field, Web};
 use common::*;
 use fhirsync_api::console::{users, ConsoleConfig, Role};
 use fhirsync_api::ChildConfig;
@@ -14,7 +15,6 @@ use fhirsync_replica::EdgeConfig;
 use fhirsync_store::{AuditQuery, ListQuery, Store};
 use fhirsync_testkit::server::Options;
 use fhirsync_testkit::{Link, TcpProxy};
-use reqwest::redirect::Policy;
 use serde_json::json;
 
 const ADMIN_PW: &str = "kisumu-district-2026";
@@ -116,95 +116,6 @@ where
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     panic!("timed out waiting for {what}");
-}
-
-/// A console client that keeps its cookies by hand and never follows redirects.
-struct Web {
-    base: String,
-    http: reqwest::Client,
-    cookies: Vec<(String, String)>,
-}
-
-struct Page {
-    status: u16,
-    location: String,
-    set_cookie: Vec<String>,
-    body: String,
-}
-
-fn field(body: &str, name: &str) -> String {
-    let key = format!("name=\"{name}\" value=\"");
-    let i = body
-        .find(&key)
-        .unwrap_or_else(|| panic!("no {name} field in {body}"))
-        + key.len();
-    body[i..].split('"').next().unwrap().to_owned()
-}
-
-impl Web {
-    fn new(base: &str) -> Web {
-        Web {
-            base: base.to_owned(),
-            http: reqwest::Client::builder()
-                .redirect(Policy::none())
-                .build()
-                .unwrap(),
-            cookies: Vec::new(),
-        }
-    }
-
-    async fn send(&mut self, rb: reqwest::RequestBuilder) -> Page {
-        let cookie: Vec<String> = self
-            .cookies
-            .iter()
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect();
-        let r = rb.header("cookie", cookie.join("; ")).send().await.unwrap();
-        let set_cookie: Vec<String> = r
-            .headers()
-            .get_all("set-cookie")
-            .iter()
-            .map(|v| v.to_str().unwrap().to_owned())
-            .collect();
-        for c in &set_cookie {
-            let kv = c.split(';').next().unwrap();
-            let (k, v) = kv.split_once('=').unwrap();
-            self.cookies.retain(|(x, _)| x != k);
-            if !v.is_empty() {
-                self.cookies.push((k.to_owned(), v.to_owned()));
-            }
-        }
-        Page {
-            status: r.status().as_u16(),
-            location: r
-                .headers()
-                .get("location")
-                .map(|l| l.to_str().unwrap().to_owned())
-                .unwrap_or_default(),
-            set_cookie,
-            body: r.text().await.unwrap(),
-        }
-    }
-
-    async fn get(&mut self, path: &str) -> Page {
-        let rb = self.http.get(format!("{}{path}", self.base));
-        self.send(rb).await
-    }
-
-    async fn post(&mut self, path: &str, form: &[(&str, &str)]) -> Page {
-        let rb = self.http.post(format!("{}{path}", self.base)).form(form);
-        self.send(rb).await
-    }
-
-    async fn login(&mut self, user: &str, pw: &str) -> Page {
-        let p = self.get("/login").await;
-        let csrf = field(&p.body, "csrf");
-        self.post(
-            "/login",
-            &[("csrf", &csrf), ("user", user), ("password", pw)],
-        )
-        .await
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

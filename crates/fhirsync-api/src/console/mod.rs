@@ -1,11 +1,13 @@
 //! The web console: server-rendered pages on their own listener (loopback
 //! unless configured otherwise) for people watching a node: overview with
 //! lag and throughput plots, edges, children, conflicts (side-by-side diff,
-//! resolve), dead letters (retry), the audit trail and subscriptions.
+//! resolve), dead letters (retry), the audit trail, subscriptions, and a
+//! db-receiver's sites and conflicts.
 //! Users come from the users file (argon2); sessions are random cookies
 //! (HttpOnly, SameSite=Strict, Secure over HTTPS); every form carries the
 //! session's CSRF token; repeated failed logins lock the user name out.
 
+pub mod db;
 mod pages;
 mod plot;
 pub mod users;
@@ -42,6 +44,8 @@ pub struct ConsoleConfig {
     pub lockout_s: u64,
     /// Seconds between two samples of the plots.
     pub sample_s: u64,
+    /// A db-receiver whose sites and conflicts the console shows.
+    pub db_receiver: Option<db::DbReceiverLink>,
 }
 
 impl ConsoleConfig {
@@ -53,6 +57,7 @@ impl ConsoleConfig {
             lockout_failures: 5,
             lockout_s: 900,
             sample_s: 5,
+            db_receiver: None,
         }
     }
 }
@@ -92,7 +97,7 @@ pub struct Console {
     samples: Mutex<std::collections::VecDeque<Sample>>,
 }
 
-type Shared = Arc<Console>;
+pub(super) type Shared = Arc<Console>;
 
 pub const SESSION_COOKIE: &str = "fhirsync_session";
 const LOGIN_COOKIE: &str = "fhirsync_login";
@@ -176,7 +181,13 @@ impl Console {
     }
 
     /// Records a console action in the audit trail.
-    async fn audit(&self, who: &str, subtype: &str, outcome: u8, entity: Option<String>) {
+    pub(super) async fn audit(
+        &self,
+        who: &str,
+        subtype: &str,
+        outcome: u8,
+        entity: Option<String>,
+    ) {
         let mut r = AuditRecord::rest(
             now_ms(self),
             subtype,
@@ -223,7 +234,7 @@ fn set_cookie(c: &Console, name: &str, value: &str, max_age: Option<u64>) -> Hea
     HeaderValue::from_str(&s).expect("cookie header")
 }
 
-fn redirect(to: &str) -> Response {
+pub(super) fn redirect(to: &str) -> Response {
     let mut r = StatusCode::SEE_OTHER.into_response();
     r.headers_mut().insert(
         header::LOCATION,
@@ -288,7 +299,7 @@ impl axum::extract::FromRequestParts<Shared> for Viewer {
 
 /// Checks a form's CSRF token against the session's.
 /// The refusal when a form's CSRF token is not the session's.
-fn bad_csrf(s: &Session, form: &HashMap<String, String>) -> Option<Response> {
+pub(super) fn bad_csrf(s: &Session, form: &HashMap<String, String>) -> Option<Response> {
     match form.get("csrf") {
         Some(t) if crate::peers::same(t, &s.csrf) => None,
         _ => Some(pages::message(
@@ -300,7 +311,7 @@ fn bad_csrf(s: &Session, form: &HashMap<String, String>) -> Option<Response> {
 }
 
 /// The refusal when the user is not an admin.
-fn not_admin(s: &Session) -> Option<Response> {
+pub(super) fn not_admin(s: &Session) -> Option<Response> {
     if s.role == Role::Admin {
         None
     } else {
@@ -565,6 +576,9 @@ pub fn router(c: Arc<Console>) -> Router {
         .route("/deadletters/{id}/retry", post(retry))
         .route("/audit", get(pages::audit))
         .route("/subscriptions", get(pages::subscriptions))
+        .route("/db", get(db::overview))
+        .route("/db/conflicts/{id}", get(db::conflict))
+        .route("/db/conflicts/{id}/resolve", post(db::resolve))
         .fallback(|| async { pages::message(404, "Not found", "There is no such page.") })
         .layer(axum::middleware::from_fn(harden))
         .with_state(c)

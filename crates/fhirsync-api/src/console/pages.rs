@@ -41,7 +41,7 @@ tr.changed td{background:#fff8c5}tr.changed td.side{background:#ffebe9}.bad{colo
 figure.plot{background:#fff;border:1px solid #d0d7de;padding:8px;margin:8px 0;display:inline-block}\
 .msg{background:#fff;border:1px solid #d0d7de;padding:16px;max-width:520px}input{padding:4px}";
 
-fn page(title: &str, s: Option<&Session>, active: &str, body: &str) -> String {
+pub(super) fn page(title: &str, s: Option<&Session>, active: &str, body: &str) -> String {
     let nav = match s {
         Some(s) => {
             let links = [
@@ -52,6 +52,7 @@ fn page(title: &str, s: Option<&Session>, active: &str, body: &str) -> String {
                 ("/deadletters", "Dead letters"),
                 ("/audit", "Audit"),
                 ("/subscriptions", "Subscriptions"),
+                ("/db", "Database sync"),
             ];
             let l: String = links
                 .iter()
@@ -120,7 +121,7 @@ pub fn login(csrf: &str, error: Option<&str>, users: usize) -> Response {
     )
 }
 
-fn table(head: &[&str], rows: Vec<Vec<String>>, id: &str) -> String {
+pub(super) fn table(head: &[&str], rows: Vec<Vec<String>>, id: &str) -> String {
     if rows.is_empty() {
         return format!("<p id=\"{id}\">None.</p>");
     }
@@ -161,6 +162,38 @@ fn fields(v: &Value) -> String {
     flatten("", v, &mut flat);
     let rows = flat.into_iter().map(|(k, v)| vec![esc(&k), v]).collect();
     table(&["field", "value"], rows, "fields")
+}
+
+/// The rows of a side-by-side diff of (escaped) values by field, changed
+/// ones marked; `counted` says which fields count. Answers the rows and
+/// how many counted fields differ.
+pub(super) fn diff_rows(
+    l: &BTreeMap<String, String>,
+    r: &BTreeMap<String, String>,
+    counted: impl Fn(&str) -> bool,
+) -> (String, usize) {
+    let mut keys: Vec<&String> = l.keys().chain(r.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    let dash = "—".to_string();
+    let mut changed = 0;
+    let rows = keys
+        .iter()
+        .map(|k| {
+            let (a, b) = (l.get(*k).unwrap_or(&dash), r.get(*k).unwrap_or(&dash));
+            let cls = if a != b && counted(k) {
+                changed += 1;
+                " class=\"changed\""
+            } else {
+                ""
+            };
+            format!(
+                "<tr{cls}><td>{}</td><td class=\"side\">{a}</td><td class=\"side\">{b}</td></tr>",
+                esc(k)
+            )
+        })
+        .collect();
+    (rows, changed)
 }
 
 fn flatten(prefix: &str, v: &Value, out: &mut BTreeMap<String, String>) {
@@ -445,29 +478,8 @@ pub async fn conflict(State(c): C, Viewer(s): Viewer, Path(id): Path<u64>) -> Re
         lines(x.local.body.as_deref()),
         lines(x.remote.body.as_deref()),
     );
-    let mut keys: Vec<&String> = l.keys().chain(r.keys()).collect();
-    keys.sort();
-    keys.dedup();
-    let dash = "—".to_string();
-    let mut changed = 0;
-    let rows: String = keys
-        .iter()
-        .map(|k| {
-            let (a, b) = (l.get(*k).unwrap_or(&dash), r.get(*k).unwrap_or(&dash));
-            // Version bookkeeping always differs; it is shown, not counted.
-            let bookkeeping = k.as_str() == "meta.versionId" || k.as_str() == "meta.lastUpdated";
-            let cls = if a != b && !bookkeeping {
-                changed += 1;
-                " class=\"changed\""
-            } else {
-                ""
-            };
-            format!(
-                "<tr{cls}><td>{}</td><td class=\"side\">{a}</td><td class=\"side\">{b}</td></tr>",
-                esc(k)
-            )
-        })
-        .collect();
+    // Version bookkeeping always differs; it is shown, not counted.
+    let (rows, changed) = diff_rows(&l, &r, |k| k != "meta.versionId" && k != "meta.lastUpdated");
     let side = |sd: &fhirsync_store::ConflictSide| {
         format!(
             "origin {} · vector {}",

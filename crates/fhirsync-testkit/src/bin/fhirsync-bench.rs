@@ -122,6 +122,23 @@ enum Cmd {
         #[arg(long, default_value_t = 1000)]
         tx: u64,
     },
+    /// Sender → receiver: ROWS observation rows (with a foreign key to one
+    /// of 1,000 patients, mapped by uuid) in transactions of TX rows, as
+    /// fast as MariaDB takes them, until all are in the central database;
+    /// then lag at RATE single-row transactions per second for SECONDS.
+    DbSync {
+        #[arg(long, default_value_t = 100_000)]
+        rows: u64,
+        #[arg(long, default_value_t = 100)]
+        tx: u64,
+        #[arg(long, default_value_t = 200)]
+        rate: u64,
+        #[arg(long, default_value_t = 20)]
+        seconds: u64,
+        /// http or nats
+        #[arg(long, default_value = "http")]
+        transport: String,
+    },
     /// Writes and reads per second through the API (8 clients each), and
     /// whether the node's AuditEvents number its requests. BIN may be an
     /// older build, to compare.
@@ -203,6 +220,16 @@ fn main() -> anyhow::Result<()> {
         Cmd::Binlog { rows, tx } => {
             let rt = tokio::runtime::Runtime::new()?;
             rt.block_on(binlog_bench(rows, tx))
+        }
+        Cmd::DbSync {
+            rows,
+            tx,
+            rate,
+            seconds,
+            transport,
+        } => {
+            let rt = tokio::runtime::Runtime::new()?;
+            rt.block_on(db_sync_bench(rows, tx, rate, seconds, &transport))
         }
         Cmd::Audit {
             bin,
@@ -965,17 +992,16 @@ async fn audit_bench(
     Ok(())
 }
 
-async fn binlog_bench(rows: u64, tx: u64) -> anyhow::Result<()> {
-    use fhirsync_db::binlog::{current_position, Reader};
+/// Writes ROWS observation rows into `DB.obs` in transactions of TX
+/// (patient ids from `first` on, 1,000 of them); answers the seconds taken.
+async fn write_obs(
+    conn: &mut mysql_async::Conn,
+    db: &str,
+    rows: u64,
+    tx: u64,
+    first: u64,
+) -> anyhow::Result<f64> {
     use mysql_async::prelude::Queryable;
-    let db = fhirsync_testkit::mariadb::MariaDb::start()?;
-    db.sql(
-        "CREATE DATABASE emr; CREATE TABLE emr.obs (id INT PRIMARY KEY AUTO_INCREMENT, \
-         uuid CHAR(36) NOT NULL UNIQUE, person_id INT, concept VARCHAR(40), value_numeric DOUBLE, \
-         obs_datetime DATETIME, date_created DATETIME(3))",
-    );
-    let mut conn = mysql_async::Conn::from_url(&db.url).await?;
-    let start = current_position(&mut conn).await?;
     let t = Instant::now();
     let mut n = 0u64;
     while n < rows {
@@ -984,19 +1010,32 @@ async fn binlog_bench(rows: u64, tx: u64) -> anyhow::Result<()> {
             .map(|i| {
                 format!(
                     "('obs-{i:08}', {}, 'weight', {}.5, '2026-01-02 03:04:05', '2026-01-02 03:04:05.678')",
-                    i % 1000,
+                    first + i % 1000,
                     i % 97
                 )
             })
             .collect();
         conn.query_drop(format!(
-            "INSERT INTO emr.obs (uuid, person_id, concept, value_numeric, obs_datetime, date_created) VALUES {}",
+            "INSERT INTO {db}.obs (uuid, person_id, concept, value_numeric, obs_datetime, date_created) VALUES {}",
             values.join(",")
         ))
         .await?;
         n += k;
     }
-    let written = t.elapsed().as_secs_f64();
+    Ok(t.elapsed().as_secs_f64())
+}
+
+async fn binlog_bench(rows: u64, tx: u64) -> anyhow::Result<()> {
+    use fhirsync_db::binlog::{current_position, Reader};
+    let db = fhirsync_testkit::mariadb::MariaDb::start()?;
+    db.sql(
+        "CREATE DATABASE emr; CREATE TABLE emr.obs (id INT PRIMARY KEY AUTO_INCREMENT, \
+         uuid CHAR(36) NOT NULL UNIQUE, person_id INT, concept VARCHAR(40), value_numeric DOUBLE, \
+         obs_datetime DATETIME, date_created DATETIME(3))",
+    );
+    let mut conn = mysql_async::Conn::from_url(&db.url).await?;
+    let start = current_position(&mut conn).await?;
+    let written = write_obs(&mut conn, "emr", rows, tx, 0).await?;
     let t = Instant::now();
     let mut r = Reader::open(&db.url, 999, &start, vec!["emr.obs".into()]).await?;
     let mut got = 0u64;
@@ -1012,5 +1051,141 @@ async fn binlog_bench(rows: u64, tx: u64) -> anyhow::Result<()> {
         rows as f64 / written,
         rows as f64 / read
     );
+    Ok(())
+}
+
+async fn count(c: &mut mysql_async::Conn, sql: &str) -> anyhow::Result<u64> {
+    use mysql_async::prelude::Queryable;
+    Ok(c.query_first::<u64, _>(sql).await?.unwrap_or_default())
+}
+
+async fn db_sync_bench(
+    rows: u64,
+    tx: u64,
+    rate: u64,
+    seconds: u64,
+    transport: &str,
+) -> anyhow::Result<()> {
+    use fhirsync_db::config::SenderConfig;
+    use fhirsync_db::receiver::Receiver;
+    use fhirsync_db::sender::Sender;
+    use mysql_async::prelude::Queryable;
+    let db = fhirsync_testkit::mariadb::MariaDb::start()?;
+    let schema = |d: &str| {
+        format!(
+            "CREATE DATABASE {d}; CREATE TABLE {d}.person (id INT PRIMARY KEY AUTO_INCREMENT, \
+             uuid CHAR(36) NOT NULL UNIQUE, name VARCHAR(50), birthdate DATE); \
+             CREATE TABLE {d}.obs (id INT PRIMARY KEY AUTO_INCREMENT, uuid CHAR(36) NOT NULL UNIQUE, \
+             person_id INT NOT NULL, concept VARCHAR(40), value_numeric DOUBLE, obs_datetime DATETIME, \
+             date_created DATETIME(3), FOREIGN KEY (person_id) REFERENCES {d}.person(id));"
+        )
+    };
+    db.sql(&(schema("site") + &schema("central")));
+    let people: Vec<String> = (0..1000)
+        .map(|i| format!("('person-{i:04}', 'Patient {i}', '1980-01-01')"))
+        .collect();
+    db.sql(&format!(
+        "INSERT INTO site.person (uuid, name, birthdate) VALUES {}",
+        people.join(",")
+    ));
+    let receiver = Arc::new(Receiver::open(&db.url, "central", None, Vec::new()).await?);
+    let token = receiver.add_site("site").await?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let app = fhirsync_db::server::router(receiver.clone(), None);
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let nats = if transport == "nats" {
+        Some(fhirsync_testkit::nats::NatsServer::start()?)
+    } else {
+        None
+    };
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    if let Some(n) = &nats {
+        let link: fhirsync_db::config::NatsLink =
+            toml::from_str(&format!("servers = [\"{}\"]", n.url()))?;
+        tokio::spawn(fhirsync_db::nats::receive(
+            receiver.clone(),
+            link,
+            stop.clone(),
+        ));
+    }
+    let state = tempfile::tempdir()?;
+    let link = match &nats {
+        Some(n) => format!("[nats]\nservers = [\"{}\"]\n", n.url()),
+        None => format!("[http]\nurl = \"http://{addr}\"\ntoken = \"{token}\"\n"),
+    };
+    let cfg: SenderConfig = toml::from_str(&format!(
+        "site = \"site\"\nsource = \"{}\"\ndatabase = \"site\"\nstate_dir = \"{}\"\nsnapshot = true\n{link}",
+        db.url,
+        state.path().display()
+    ))?;
+    let sender = Sender::open(cfg).await?;
+    let progress = sender.progress.clone();
+    let run = tokio::spawn(sender.run(false, stop.clone()));
+    let mut central = mysql_async::Conn::from_url(&db.url).await?;
+    while count(&mut central, "SELECT COUNT(*) FROM central.person").await? < 1000 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut site = mysql_async::Conn::from_url(&db.url).await?;
+    let t = Instant::now();
+    let written = write_obs(&mut site, "site", rows, tx, 1).await?;
+    while count(&mut central, "SELECT COUNT(*) FROM central.obs").await? < rows {
+        anyhow::ensure!(!run.is_finished(), "the sender stopped");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let synced = t.elapsed().as_secs_f64();
+    let mapped = count(
+        &mut central,
+        "SELECT COUNT(*) FROM central.obs o JOIN central.person p ON p.id = o.person_id \
+         WHERE p.uuid = CONCAT('person-', LPAD(MOD(CAST(SUBSTRING(o.uuid, 5) AS UNSIGNED), 1000), 4, '0'))",
+    )
+    .await?;
+    let batches = progress.batches.load(std::sync::atomic::Ordering::Relaxed);
+    println!(
+        "db-sync ({transport}): {rows} rows in transactions of {tx}: written in {written:.2} s ({:.0}/s), \
+         all in the central database after {synced:.2} s: {:.0} row changes/s sustained; {batches} batches; \
+         {mapped} of {rows} with the right patient",
+        rows as f64 / written,
+        rows as f64 / synced
+    );
+    // Lag: single-row transactions at RATE/s; each sampled row is timed
+    // from its commit to its arrival.
+    let mut lags = Vec::new();
+    let start = Instant::now();
+    let mut i = 0u64;
+    let period = Duration::from_secs_f64(1.0 / rate as f64);
+    while start.elapsed() < Duration::from_secs(seconds) {
+        let uuid = format!("lag-{i:08}");
+        site.query_drop(format!(
+            "INSERT INTO site.obs (uuid, person_id, concept) VALUES ('{uuid}', 1, 'lag')"
+        ))
+        .await?;
+        if i.is_multiple_of((rate / 5).max(1)) {
+            let committed = Instant::now();
+            loop {
+                let found: Option<u64> = central
+                    .query_first(format!("SELECT 1 FROM central.obs WHERE uuid = '{uuid}'"))
+                    .await?;
+                if found.is_some() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            lags.push(committed.elapsed().as_secs_f64() * 1000.0);
+        }
+        i += 1;
+        let next = start + period * i as u32;
+        tokio::time::sleep_until(next.into()).await;
+    }
+    lags.sort_by(f64::total_cmp);
+    let pct = |p: f64| lags[((lags.len() - 1) as f64 * p) as usize];
+    println!(
+        "db-sync ({transport}) lag at {rate} transactions/s for {seconds} s: p50 {:.0} ms, p95 {:.0} ms, max {:.0} ms ({} samples)",
+        pct(0.5),
+        pct(0.95),
+        pct(1.0),
+        lags.len()
+    );
+    let _ = stop_tx.send(true);
     Ok(())
 }

@@ -2,6 +2,8 @@
 //! small request shorthands.
 #![allow(dead_code)]
 
+pub mod web;
+
 pub use fhirsync_testkit::InProcess;
 use reqwest::{RequestBuilder, Response};
 use serde_json::Value;

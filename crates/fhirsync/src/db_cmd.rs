@@ -1,0 +1,198 @@
+//! `fhirsync db-sender` and `fhirsync db-receiver`: database sync from a
+//! MySQL/MariaDB binlog into a central database.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Subcommand;
+use fhirsync_db::config::{ReceiverConfig, SenderConfig};
+use fhirsync_db::receiver::{Keep, Receiver};
+use fhirsync_db::sender::Sender;
+use tokio::sync::watch;
+
+use crate::serve::{init_logging, wait_for_signal};
+
+#[derive(clap::Args)]
+pub struct SenderArgs {
+    /// The sender's TOML file.
+    #[arg(long)]
+    config: PathBuf,
+    /// Copy the tables again before following the binlog (after a purged
+    /// position, say).
+    #[arg(long)]
+    snapshot: bool,
+}
+
+#[derive(clap::Args)]
+pub struct ReceiverArgs {
+    /// The receiver's TOML file.
+    #[arg(long)]
+    config: PathBuf,
+    #[command(subcommand)]
+    cmd: Option<ReceiverCmd>,
+}
+
+#[derive(Subcommand)]
+enum ReceiverCmd {
+    /// Register a sending site; prints its token once.
+    Site {
+        #[command(subcommand)]
+        cmd: SiteCmd,
+    },
+    /// Each site's position, last batch, record count, open conflicts.
+    Status,
+    /// Open conflicts (with --all, resolved ones too).
+    Conflicts {
+        #[arg(long)]
+        all: bool,
+    },
+    /// End a conflict, keeping the incoming or the local row.
+    Resolve {
+        id: i64,
+        #[arg(long)]
+        keep: Keep,
+    },
+}
+
+#[derive(Subcommand)]
+enum SiteCmd {
+    Add { site: String },
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+fn stop_on_signal() -> watch::Receiver<bool> {
+    let (tx, rx) = watch::channel(false);
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        let _ = tx.send(true);
+    });
+    rx
+}
+
+pub fn sender(a: SenderArgs) -> anyhow::Result<()> {
+    init_logging("info");
+    let cfg = SenderConfig::load(&a.config)?;
+    runtime()?.block_on(async {
+        let s = Sender::open(cfg).await?;
+        s.run(a.snapshot, stop_on_signal()).await?;
+        Ok(())
+    })
+}
+
+async fn open_receiver(path: &Path) -> anyhow::Result<(ReceiverConfig, Receiver)> {
+    let cfg = ReceiverConfig::load(path)?;
+    let r = Receiver::open(
+        &cfg.target,
+        &cfg.database,
+        cfg.zone()?,
+        cfg.change_columns.clone(),
+    )
+    .await?;
+    Ok((cfg, r))
+}
+
+pub fn receiver(a: ReceiverArgs) -> anyhow::Result<()> {
+    init_logging("info");
+    runtime()?.block_on(async {
+        let (cfg, r) = open_receiver(&a.config).await?;
+        match a.cmd {
+            None => serve(cfg, r).await,
+            Some(ReceiverCmd::Site { cmd: SiteCmd::Add { site } }) => {
+                let token = r.add_site(&site).await?;
+                println!("site {site} registered; its token (shown once, give it to the sender's [http] token):");
+                println!("{token}");
+                Ok(())
+            }
+            Some(ReceiverCmd::Status) => {
+                println!("{:<16} {:<28} {:<28} {:>10} {:>9} {:>9}", "SITE", "POSITION", "LAST BATCH (UTC)", "RECORDS", "BATCHES", "CONFLICTS");
+                for s in r.sites().await? {
+                    println!(
+                        "{:<16} {:<28} {:<28} {:>10} {:>9} {:>9}",
+                        s.site,
+                        s.position.as_deref().unwrap_or("-"),
+                        s.last_received_at.as_deref().unwrap_or("never"),
+                        s.records,
+                        s.batches,
+                        s.open_conflicts
+                    );
+                    if let Some(e) = s.last_error {
+                        println!("  last error: {e}");
+                    }
+                }
+                Ok(())
+            }
+            Some(ReceiverCmd::Conflicts { all }) => {
+                for c in r.conflicts(!all).await? {
+                    println!(
+                        "{} {} {} {} held={} {}{}",
+                        c.id,
+                        c.site,
+                        c.table,
+                        c.key,
+                        c.held,
+                        c.created_at,
+                        c.resolution.map(|r| format!(" resolved: {r}")).unwrap_or_default()
+                    );
+                    println!("  incoming: {}", c.incoming["change"]["row"]);
+                    println!("  local:    {}", c.local);
+                }
+                Ok(())
+            }
+            Some(ReceiverCmd::Resolve { id, keep }) => {
+                let by = std::env::var("USER").unwrap_or_else(|_| "cli".into());
+                r.resolve(id, keep, &by).await?;
+                println!("conflict {id} resolved");
+                Ok(())
+            }
+        }
+    })
+}
+
+async fn serve(cfg: ReceiverConfig, r: Receiver) -> anyhow::Result<()> {
+    if cfg.listen.is_none() && cfg.nats.is_none() {
+        anyhow::bail!("the receiver needs listen (HTTP) or [nats] to receive anything");
+    }
+    let r = Arc::new(r);
+    let stop = stop_on_signal();
+    let mut tasks = tokio::task::JoinSet::new();
+    if let Some(listen) = &cfg.listen {
+        let l = tokio::net::TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("cannot listen on {listen}"))?;
+        let addr = l.local_addr()?;
+        tracing::info!(%addr, zone = %r.zone, database = %r.schema.database, "db-receiver listening on http://{addr}");
+        let app = fhirsync_db::server::router(r.clone(), cfg.admin_token.clone());
+        let mut s = stop.clone();
+        tasks.spawn(async move {
+            axum::serve(l, app)
+                .with_graceful_shutdown(async move {
+                    let _ = s.wait_for(|v| *v).await;
+                })
+                .await
+                .map_err(anyhow::Error::from)
+        });
+    }
+    if let Some(link) = cfg.nats.clone() {
+        let (r, s) = (r.clone(), stop.clone());
+        tasks.spawn(async move {
+            fhirsync_db::nats::receive(r, link, s)
+                .await
+                .map_err(anyhow::Error::from)
+        });
+    }
+    // The first task to end (on a signal, or an error) ends the receiver.
+    let first = tasks.join_next().await;
+    tasks.abort_all();
+    match first {
+        Some(Ok(r)) => r,
+        Some(Err(e)) => Err(e.into()),
+        None => Ok(()),
+    }
+}
