@@ -47,6 +47,10 @@ pub struct HttpTarget {
     pub token: Option<String>,
     #[serde(default)]
     pub token_file: Option<PathBuf>,
+    /// PEM file of the CA that signed the receiver's certificate, when it
+    /// is not a public one.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
 }
 
 impl HttpTarget {
@@ -147,9 +151,15 @@ pub struct ReceiverConfig {
     /// UTC offset.
     #[serde(default)]
     pub time_zone: Option<String>,
-    /// Where senders POST batches (`host:port`); none: NATS only.
+    /// Where senders POST batches (`host:port`); none: NATS only. An
+    /// address other than loopback needs `tls_cert_file` and `tls_key_file`.
     #[serde(default)]
     pub listen: Option<String>,
+    /// HTTPS for `listen`: certificate chain and key (PEM).
+    #[serde(default)]
+    pub tls_cert_file: Option<PathBuf>,
+    #[serde(default)]
+    pub tls_key_file: Option<PathBuf>,
     /// Bearer token of the admin API (sites, conflicts).
     #[serde(default)]
     pub admin_token: Option<String>,

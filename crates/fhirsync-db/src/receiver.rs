@@ -352,8 +352,14 @@ impl Receiver {
         let mut deferred = Vec::new();
         let mut w = Writes::default();
         self.prefetch_ids(&mut tx, &mut w, &fresh).await?;
+        // Rows waiting for a parent: their later changes wait too.
+        let mut waiting: HashSet<(String, String)> = HashSet::new();
         for c in fresh.iter().copied() {
             let id = (c.table.clone(), c.key.clone());
+            if waiting.contains(&id) {
+                deferred.push(c);
+                continue;
+            }
             if open.contains(&id) {
                 tx.exec_drop(
                     "UPDATE fhirsync_db_conflicts SET incoming = ?, held = held + 1
@@ -398,7 +404,10 @@ impl Receiver {
                         .push(c.key.clone());
                     out.applied += 1;
                 }
-                Err(DbError::MissingParent { .. }) => deferred.push(c),
+                Err(DbError::MissingParent { .. }) => {
+                    waiting.insert(id);
+                    deferred.push(c);
+                }
                 Err(e) => return Err(e),
             }
         }

@@ -33,10 +33,16 @@ pub enum Transport {
 impl Transport {
     pub async fn connect(cfg: &SenderConfig) -> Result<Transport, DbError> {
         if let Some(h) = &cfg.http {
-            let client = reqwest::Client::builder()
-                .timeout(Duration::from_secs(120))
-                .build()
-                .map_err(|e| DbError::Delivery(e.to_string()))?;
+            let mut b = reqwest::Client::builder().timeout(Duration::from_secs(120));
+            if let Some(ca) = &h.ca_file {
+                let pem = std::fs::read(ca)
+                    .map_err(|e| DbError::Config(format!("cannot read {}: {e}", ca.display())))?;
+                let cert = reqwest::Certificate::from_pem(&pem).map_err(|e| {
+                    DbError::Config(format!("{} is not a PEM certificate: {e}", ca.display()))
+                })?;
+                b = b.add_root_certificate(cert);
+            }
+            let client = b.build().map_err(|e| DbError::Config(e.to_string()))?;
             return Ok(Transport::Http {
                 client,
                 url: format!("{}/db/batches", h.url.trim_end_matches('/')),

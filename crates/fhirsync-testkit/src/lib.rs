@@ -19,3 +19,11 @@ pub use nats::NatsServer;
 pub use proxy::{Proxy, ProxyOptions};
 pub use server::{InProcess, NodeProcess};
 pub use tcp::{Link, TcpProxy};
+
+/// A TCP port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}

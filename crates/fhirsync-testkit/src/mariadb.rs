@@ -2,6 +2,7 @@
 //! 127.0.0.1, the binlog on (ROW, full row metadata unless told
 //! otherwise); killed on drop.
 
+use crate::free_port;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -11,13 +12,6 @@ pub struct MariaDb {
     pub url: String,
     child: Child,
     _dir: tempfile::TempDir,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
 }
 
 /// Where Debian's `mariadb-server` puts the server.

@@ -12,6 +12,7 @@ use fhirsync_db::sender::Sender;
 use tokio::sync::watch;
 
 use crate::serve::{init_logging, wait_for_signal};
+use crate::tls::{TlsListener, TlsSection};
 
 #[derive(clap::Args)]
 pub struct SenderArgs {
@@ -163,20 +164,45 @@ async fn serve(cfg: ReceiverConfig, r: Receiver) -> anyhow::Result<()> {
     let stop = stop_on_signal();
     let mut tasks = tokio::task::JoinSet::new();
     if let Some(listen) = &cfg.listen {
+        let tls = match (&cfg.tls_cert_file, &cfg.tls_key_file) {
+            (Some(cert_file), Some(key_file)) => Some(
+                TlsSection {
+                    cert_file: cert_file.clone(),
+                    key_file: key_file.clone(),
+                    client_ca_file: None,
+                }
+                .server_config()?,
+            ),
+            (None, None) => None,
+            _ => anyhow::bail!("tls_cert_file and tls_key_file go together"),
+        };
         let l = tokio::net::TcpListener::bind(listen)
             .await
             .with_context(|| format!("cannot listen on {listen}"))?;
         let addr = l.local_addr()?;
-        tracing::info!(%addr, zone = %r.zone, database = %r.schema.database, "db-receiver listening on http://{addr}");
+        if tls.is_none() && !addr.ip().is_loopback() {
+            anyhow::bail!(
+                "listen {addr} is not a loopback address: site tokens and patient rows would cross the network in clear; set tls_cert_file and tls_key_file (or listen on 127.0.0.1 behind a TLS proxy)"
+            );
+        }
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        tracing::info!(%addr, zone = %r.zone, database = %r.schema.database, "db-receiver listening on {scheme}://{addr}");
         let app = fhirsync_db::server::router(r.clone(), cfg.admin_token.clone());
         let mut s = stop.clone();
+        let until_stop = async move {
+            let _ = s.wait_for(|v| *v).await;
+        };
         tasks.spawn(async move {
-            axum::serve(l, app)
-                .with_graceful_shutdown(async move {
-                    let _ = s.wait_for(|v| *v).await;
-                })
-                .await
-                .map_err(anyhow::Error::from)
+            match tls {
+                Some(t) => axum::serve(TlsListener::new(l, t)?, app)
+                    .with_graceful_shutdown(until_stop)
+                    .await
+                    .map_err(anyhow::Error::from),
+                None => axum::serve(l, app)
+                    .with_graceful_shutdown(until_stop)
+                    .await
+                    .map_err(anyhow::Error::from),
+            }
         });
     }
     if let Some(link) = cfg.nats.clone() {

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use common::web::{field, Web};
 use fhirsync_api::console::db::DbReceiverLink;
 use fhirsync_api::console::{users, ConsoleConfig, Role};
+use fhirsync_testkit::free_port;
 use fhirsync_testkit::mariadb::{available, MariaDb};
 use fhirsync_testkit::nats::NatsServer;
 use fhirsync_testkit::server::Options;
@@ -71,18 +72,12 @@ impl Drop for Proc {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 struct Central {
     dir: tempfile::TempDir,
     config: PathBuf,
     url: String,
+    /// The CA of its certificate, when it serves HTTPS.
+    ca: Option<PathBuf>,
     _proc: Proc,
 }
 
@@ -95,13 +90,25 @@ fn write(path: &Path, text: &str) -> PathBuf {
 
 /// Starts a receiver into database `central` (HTTP, and NATS if given)
 /// with the given sites registered; answers their tokens.
-fn receiver(db: &MariaDb, nats: Option<&NatsServer>, sites: &[&str]) -> (Central, Vec<String>) {
+fn receiver(
+    db: &MariaDb,
+    nats: Option<&NatsServer>,
+    certs: Option<&Path>,
+    sites: &[&str],
+) -> (Central, Vec<String>) {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let mut text = format!(
         "target = \"{}\"\ndatabase = \"central\"\ntime_zone = \"UTC\"\nlisten = \"127.0.0.1:{port}\"\nadmin_token = \"{ADMIN}\"\n",
         db.url
     );
+    if let Some(c) = certs {
+        text.push_str(&format!(
+            "tls_cert_file = \"{}\"\ntls_key_file = \"{}\"\n",
+            c.join("server.pem").display(),
+            c.join("server-key.pem").display()
+        ));
+    }
     if let Some(n) = nats {
         text.push_str(&format!("[nats]\nservers = [\"{}\"]\n", n.url()));
     }
@@ -137,7 +144,8 @@ fn receiver(db: &MariaDb, nats: Option<&NatsServer>, sites: &[&str]) -> (Central
             .spawn()
             .unwrap(),
     );
-    let url = format!("http://127.0.0.1:{port}");
+    let scheme = if certs.is_some() { "https" } else { "http" };
+    let url = format!("{scheme}://127.0.0.1:{port}");
     let deadline = Instant::now() + Duration::from_secs(30);
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
         assert!(Instant::now() < deadline, "the receiver did not listen");
@@ -148,6 +156,7 @@ fn receiver(db: &MariaDb, nats: Option<&NatsServer>, sites: &[&str]) -> (Central
             dir,
             config,
             url,
+            ca: certs.map(|c| c.join("ca.pem")),
             _proc: proc,
         },
         tokens,
@@ -206,8 +215,19 @@ fn wait_for(db: &MariaDb, sql: &str, want: &str) {
     }
 }
 
+/// A client that trusts the receiver's certificate.
+fn client(c: &Central) -> reqwest::Client {
+    let mut b = reqwest::Client::builder();
+    if let Some(ca) = &c.ca {
+        b = b.add_root_certificate(
+            reqwest::Certificate::from_pem(&std::fs::read(ca).unwrap()).unwrap(),
+        );
+    }
+    b.build().unwrap()
+}
+
 async fn admin_get(c: &Central, path: &str) -> Value {
-    reqwest::Client::new()
+    client(c)
         .get(format!("{}{path}", c.url))
         .bearer_auth(ADMIN)
         .send()
@@ -219,7 +239,7 @@ async fn admin_get(c: &Central, path: &str) -> Value {
 }
 
 async fn post_batch(c: &Central, token: &str, batch: &Value) -> reqwest::Response {
-    reqwest::Client::new()
+    client(c)
         .post(format!("{}/db/batches", c.url))
         .bearer_auth(token)
         .json(batch)
@@ -234,7 +254,7 @@ fn one_site(before: &str, snapshot: bool) -> (MariaDb, Central, String, Site) {
     need_mariadb();
     let db = MariaDb::start().unwrap();
     db.sql(&(schema("site_a") + &schema("central") + before));
-    let (central, mut tokens) = receiver(&db, None, &["site-a"]);
+    let (central, mut tokens) = receiver(&db, None, None, &["site-a"]);
     let token = tokens.remove(0);
     let a = site(
         &db,
@@ -424,15 +444,22 @@ async fn two_sites_in_other_time_zones_one_over_nats() {
     let db = MariaDb::start().unwrap();
     let nats = NatsServer::start().unwrap();
     db.sql(&(schema("site_a") + &schema("site_b") + &schema("central")));
-    let (central, tokens) = receiver(&db, Some(&nats), &["nairobi", "newyork"]);
-    let a = site(
+    // The HTTP site reaches the receiver over HTTPS.
+    let certs = tempfile::tempdir().unwrap();
+    fhirsync_testkit::tls::TestCerts::generate(certs.path()).unwrap();
+    let (central, tokens) = receiver(
         &db,
-        "nairobi",
-        "site_a",
-        "Africa/Nairobi",
-        &http_link(&central, &tokens[0]),
-        true,
+        Some(&nats),
+        Some(certs.path()),
+        &["nairobi", "newyork"],
     );
+    assert!(central.url.starts_with("https://"));
+    let https = format!(
+        "{}ca_file = \"{}\"\n",
+        http_link(&central, &tokens[0]),
+        certs.path().join("ca.pem").display()
+    );
+    let a = site(&db, "nairobi", "site_a", "Africa/Nairobi", &https, true);
     let b = site(
         &db,
         "newyork",
@@ -595,7 +622,7 @@ async fn a_conflict_is_queued_holds_its_row_and_is_resolved() {
 }
 
 #[test]
-fn a_statement_binlog_is_refused_with_its_way_out() {
+fn bad_states_are_refused_with_their_way_out() {
     need_mariadb();
     let db = MariaDb::start_with(&["--binlog-format=STATEMENT"]).unwrap();
     db.sql(&schema("site_a"));
@@ -616,4 +643,27 @@ fn a_statement_binlog_is_refused_with_its_way_out() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("binlog_format is STATEMENT, not ROW"), "{err}");
     assert!(!a.config.parent().unwrap().join("state/cursor").exists());
+    // A receiver on the network without TLS would carry tokens and rows
+    // in clear: it refuses to start.
+    db.sql(&schema("central"));
+    let dir = tempfile::tempdir().unwrap();
+    let config = write(
+        &dir.path().join("receiver.toml"),
+        &format!(
+            "target = \"{}\"\ndatabase = \"central\"\nlisten = \"0.0.0.0:{}\"\n",
+            db.url,
+            free_port()
+        ),
+    );
+    let out = Command::new(BIN)
+        .args(["db-receiver", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("is not a loopback address") && err.contains("tls_cert_file"),
+        "{err}"
+    );
 }

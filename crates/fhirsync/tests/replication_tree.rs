@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use fhirsync_store::sqlite::{SqliteConfig, SqliteStore};
 use fhirsync_store::Store;
+use fhirsync_testkit::free_port;
 use fhirsync_testkit::gen::Rng;
 use fhirsync_testkit::{Link, NodeProcess, TcpProxy};
 use serde_json::{json, Value};
@@ -295,14 +296,6 @@ async fn a_child_cut_off_keeps_writing_and_converges_after_reconnection() {
     for n in [np, n1, n2] {
         assert!(n.values().all(|c| *c == 1), "a version was stored twice");
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
