@@ -328,28 +328,33 @@ impl Sender {
                 }
             }
         });
-        loop {
-            let part = tokio::select! {
-                p = rx.recv() => p,
-                _ = stop.wait_for(|s| *s) => None,
-            };
-            let Some(part) = part else { break };
-            tokio::select! {
-                r = transport.deliver(&part) => r?,
-                _ = stop.wait_for(|s| *s) => break,
+        let delivered: Result<(), DbError> = async {
+            loop {
+                let part = tokio::select! {
+                    p = rx.recv() => p,
+                    _ = stop.wait_for(|s| *s) => None,
+                };
+                let Some(part) = part else { return Ok(()) };
+                tokio::select! {
+                    r = transport.deliver(&part) => r?,
+                    _ = stop.wait_for(|s| *s) => return Ok(()),
+                }
+                let end = part
+                    .end_position()
+                    .expect("a batch from the binlog has a position");
+                cursor.write(&end)?;
+                count(&progress, &part);
             }
-            let end = part
-                .end_position()
-                .expect("a batch from the binlog has a position");
-            cursor.write(&end)?;
-            count(&progress, &part);
         }
+        .await;
+        // Whatever ended the delivery ends the builder too.
         build.abort();
-        match (&mut build).await {
+        let built = match (&mut build).await {
             Ok(r) => r,
             Err(e) if e.is_cancelled() => Ok(()),
             Err(e) => Err(DbError::State(format!("the batch builder failed: {e}"))),
-        }
+        };
+        delivered.and(built)
     }
 }
 
