@@ -139,6 +139,14 @@ pub fn sha256_hex(s: &str) -> String {
     d.as_ref().iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// 32 random bytes in hex.
+fn new_token() -> Result<String, DbError> {
+    let mut b = [0u8; 32];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b)
+        .map_err(|_| DbError::State("no random numbers".into()))?;
+    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
+}
+
 /// MD5 over a row's copied columns, as the database prints them.
 fn hash_expr(t: &Table) -> String {
     let parts: Vec<String> = t
@@ -209,10 +217,7 @@ impl Receiver {
                 "site {site:?}: letters, digits, - and _ only"
             )));
         }
-        let mut b = [0u8; 32];
-        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b)
-            .map_err(|_| DbError::State("no random numbers".into()))?;
-        let token: String = b.iter().map(|x| format!("{x:02x}")).collect();
+        let token = new_token()?;
         let mut conn = self.pool.get_conn().await?;
         let r = conn
             .exec_drop(
@@ -225,6 +230,33 @@ impl Receiver {
                 "site {site} is already registered"
             ))),
             other => other.map(|_| token).map_err(DbError::from),
+        }
+    }
+
+    /// Gives a site a new token; the old one stops working at once.
+    pub async fn rotate_token(&self, site: &str) -> Result<String, DbError> {
+        let token = new_token()?;
+        let mut conn = self.pool.get_conn().await?;
+        conn.exec_drop(
+            "UPDATE fhirsync_db_sites SET token_sha256 = ? WHERE site = ?",
+            (sha256_hex(&token), site),
+        )
+        .await?;
+        match conn.affected_rows() {
+            0 => Err(DbError::UnknownSite(site.into())),
+            _ => Ok(token),
+        }
+    }
+
+    /// Forgets a site and its cursor (its rows and conflicts stay); its
+    /// token stops working.
+    pub async fn remove_site(&self, site: &str) -> Result<(), DbError> {
+        let mut conn = self.pool.get_conn().await?;
+        conn.exec_drop("DELETE FROM fhirsync_db_sites WHERE site = ?", (site,))
+            .await?;
+        match conn.affected_rows() {
+            0 => Err(DbError::UnknownSite(site.into())),
+            _ => Ok(()),
         }
     }
 

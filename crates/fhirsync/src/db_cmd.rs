@@ -36,7 +36,7 @@ pub struct ReceiverArgs {
 
 #[derive(Subcommand)]
 enum ReceiverCmd {
-    /// Register a sending site; prints its token once.
+    /// Register, re-key or remove a sending site.
     Site {
         #[command(subcommand)]
         cmd: SiteCmd,
@@ -58,7 +58,12 @@ enum ReceiverCmd {
 
 #[derive(Subcommand)]
 enum SiteCmd {
+    /// Register a site; prints its token once.
     Add { site: String },
+    /// A new token for a site; the old one stops working.
+    Rotate { site: String },
+    /// Forget a site and its cursor (its rows and conflicts stay).
+    Remove { site: String },
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -105,12 +110,25 @@ pub fn receiver(a: ReceiverArgs) -> anyhow::Result<()> {
         let (cfg, r) = open_receiver(&a.config).await?;
         match a.cmd {
             None => serve(cfg, r).await,
-            Some(ReceiverCmd::Site { cmd: SiteCmd::Add { site } }) => {
-                let token = r.add_site(&site).await?;
-                println!("site {site} registered; its token (shown once, give it to the sender's [http] token):");
-                println!("{token}");
-                Ok(())
-            }
+            Some(ReceiverCmd::Site { cmd }) => match cmd {
+                SiteCmd::Add { site } => {
+                    let token = r.add_site(&site).await?;
+                    println!("site {site} registered; its token (shown once, give it to the sender's [http] token):");
+                    println!("{token}");
+                    Ok(())
+                }
+                SiteCmd::Rotate { site } => {
+                    let token = r.rotate_token(&site).await?;
+                    println!("site {site} has a new token (shown once; the old one no longer works):");
+                    println!("{token}");
+                    Ok(())
+                }
+                SiteCmd::Remove { site } => {
+                    r.remove_site(&site).await?;
+                    println!("site {site} removed; its rows and conflicts stay");
+                    Ok(())
+                }
+            },
             Some(ReceiverCmd::Status) => {
                 println!("{:<16} {:<28} {:<28} {:>10} {:>9} {:>9}", "SITE", "POSITION", "LAST BATCH (UTC)", "RECORDS", "BATCHES", "CONFLICTS");
                 for s in r.sites().await? {

@@ -382,6 +382,41 @@ async fn snapshot_then_changes_arrive_with_parents_mapped_and_twice_is_once() {
         text.contains("site-a") && text.contains(&position),
         "{text}"
     );
+
+    // A new token: the old one is refused at once, the new one works.
+    let out = Command::new(BIN)
+        .args(["db-receiver", "--config"])
+        .arg(&central.config)
+        .args(["site", "rotate", "site-a"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let new = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .nth(1)
+        .unwrap()
+        .to_string();
+    assert_eq!(post_batch(&central, &token, &again).await.status(), 401);
+    assert_eq!(post_batch(&central, &new, &again).await.status(), 200);
+    // A removed site's token opens nothing; removing it twice says so.
+    let remove = || {
+        Command::new(BIN)
+            .args(["db-receiver", "--config"])
+            .arg(&central.config)
+            .args(["site", "remove", "site-a"])
+            .output()
+            .unwrap()
+    };
+    assert!(remove().status.success());
+    assert_eq!(post_batch(&central, &new, &again).await.status(), 401);
+    let twice = remove();
+    assert!(!twice.status.success());
+    assert!(String::from_utf8_lossy(&twice.stderr).contains("not registered"));
 }
 
 #[tokio::test(flavor = "multi_thread")]
