@@ -54,6 +54,16 @@ fn bearer(rb: reqwest::RequestBuilder, name: &str) -> reqwest::RequestBuilder {
     rb.bearer_auth(format!("secret-{name}"))
 }
 
+/// GET a path of the API with a bearer token.
+async fn get_as(s: &InProcess, path: &str, token: &str) -> reqwest::Response {
+    s.client
+        .get(s.url(path))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap()
+}
+
 #[tokio::test]
 async fn refused_requests_get_401_or_403_and_change_nothing() {
     let s = server(Auth::new(
@@ -88,13 +98,7 @@ async fn refused_requests_get_401_or_403_and_change_nothing() {
         .await
         .unwrap();
     expect_outcome(r, 401).await;
-    let r = s
-        .client
-        .get(s.url("Patient/p1"))
-        .bearer_auth("guess")
-        .send()
-        .await
-        .unwrap();
+    let r = get_as(&s, "Patient/p1", "guess").await;
     assert!(expect_outcome(r, 401)
         .await
         .contains("unknown or has expired"));
@@ -159,13 +163,7 @@ async fn refused_requests_get_401_or_403_and_change_nothing() {
         "{why}"
     );
     // A child's edge token is for its feed and pushes only.
-    let r = s
-        .client
-        .get(s.url("Patient/p1"))
-        .bearer_auth("edge-token")
-        .send()
-        .await
-        .unwrap();
+    let r = get_as(&s, "Patient/p1", "edge-token").await;
     assert!(expect_outcome(r, 403)
         .await
         .contains("$changes and $apply only"));
@@ -276,13 +274,7 @@ async fn backend_services_issue_short_lived_tokens_once_per_assertion() {
     assert_eq!(t["expires_in"], 300);
     assert_eq!(t["scope"], "system/Patient.rs");
     let tok = t["access_token"].as_str().unwrap().to_owned();
-    let r = s
-        .client
-        .get(s.url("Patient"))
-        .bearer_auth(&tok)
-        .send()
-        .await
-        .unwrap();
+    let r = get_as(&s, "Patient", &tok).await;
     assert_eq!(r.status(), 200);
     let r = with_body(
         s.client.put(s.url("Patient/x")),
@@ -359,25 +351,10 @@ async fn backend_services_issue_short_lived_tokens_once_per_assertion() {
     assert_eq!(st, 200, "{t}");
     assert_eq!(t["scope"], "system/*.rs");
     let rtok = t["access_token"].as_str().unwrap().to_owned();
-    assert_eq!(
-        s.client
-            .get(s.url("Observation"))
-            .bearer_auth(&rtok)
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(get_as(&s, "Observation", &rtok).await.status(), 200);
 
     // Issued tokens expire.
     clock.set(clock.now_ms() + 301_000);
-    let r = s
-        .client
-        .get(s.url("Patient"))
-        .bearer_auth(&tok)
-        .send()
-        .await
-        .unwrap();
+    let r = get_as(&s, "Patient", &tok).await;
     assert!(expect_outcome(r, 401).await.contains("expired"));
 }

@@ -86,6 +86,32 @@ struct Central {
 
 const ADMIN: &str = "admin-secret";
 
+/// `fhirsync db-receiver --config CONFIG ARGS...`, run to its end.
+fn receiver_cmd(config: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(BIN)
+        .args(["db-receiver", "--config"])
+        .arg(config)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// A token printed by a `site` command, which must succeed.
+fn site_token(config: &Path, args: &[&str]) -> String {
+    let out = receiver_cmd(config, args);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .nth(1)
+        .unwrap()
+        .to_string()
+}
+
 fn write(path: &Path, text: &str) -> PathBuf {
     std::fs::write(path, text).unwrap();
     path.to_path_buf()
@@ -118,25 +144,7 @@ fn receiver(
     let config = write(&dir.path().join("receiver.toml"), &text);
     let tokens = sites
         .iter()
-        .map(|s| {
-            let out = Command::new(BIN)
-                .args(["db-receiver", "--config"])
-                .arg(&config)
-                .args(["site", "add", s])
-                .output()
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            String::from_utf8(out.stdout)
-                .unwrap()
-                .lines()
-                .nth(1)
-                .unwrap()
-                .to_string()
-        })
+        .map(|s| site_token(&config, &["site", "add", s]))
         .collect();
     let scheme = if certs.is_some() { "https" } else { "http" };
     let mut c = Central {
@@ -371,12 +379,7 @@ async fn snapshot_then_changes_arrive_with_parents_mapped_and_twice_is_once() {
     assert_eq!(sites[0]["position"], position.as_str());
 
     // The status command says the same.
-    let out = Command::new(BIN)
-        .args(["db-receiver", "--config"])
-        .arg(&central.config)
-        .arg("status")
-        .output()
-        .unwrap();
+    let out = receiver_cmd(&central.config, &["status"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         text.contains("site-a") && text.contains(&position),
@@ -384,34 +387,11 @@ async fn snapshot_then_changes_arrive_with_parents_mapped_and_twice_is_once() {
     );
 
     // A new token: the old one is refused at once, the new one works.
-    let out = Command::new(BIN)
-        .args(["db-receiver", "--config"])
-        .arg(&central.config)
-        .args(["site", "rotate", "site-a"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let new = String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .nth(1)
-        .unwrap()
-        .to_string();
+    let new = site_token(&central.config, &["site", "rotate", "site-a"]);
     assert_eq!(post_batch(&central, &token, &again).await.status(), 401);
     assert_eq!(post_batch(&central, &new, &again).await.status(), 200);
     // A removed site's token opens nothing; removing it twice says so.
-    let remove = || {
-        Command::new(BIN)
-            .args(["db-receiver", "--config"])
-            .arg(&central.config)
-            .args(["site", "remove", "site-a"])
-            .output()
-            .unwrap()
-    };
+    let remove = || receiver_cmd(&central.config, &["site", "remove", "site-a"]);
     assert!(remove().status.success());
     assert_eq!(post_batch(&central, &new, &again).await.status(), 401);
     let twice = remove();
@@ -703,11 +683,7 @@ fn bad_states_are_refused_with_their_way_out() {
             free_port()
         ),
     );
-    let out = Command::new(BIN)
-        .args(["db-receiver", "--config"])
-        .arg(&config)
-        .output()
-        .unwrap();
+    let out = receiver_cmd(&config, &[]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
