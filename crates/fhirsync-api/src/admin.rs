@@ -29,6 +29,15 @@ fn json_response(v: Value) -> Response {
     r
 }
 
+/// The bearer token of a request.
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+}
+
 pub fn check_admin(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
     let Some(want) = &state.cfg.admin_token else {
         if state.cfg.auth.anonymous {
@@ -40,11 +49,7 @@ pub fn check_admin(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError
             "the admin API is closed: set admin_token (or enable anonymous access)",
         ));
     };
-    let got = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    if got.map(str::trim) == Some(want.as_str()) {
+    if bearer(headers).is_some_and(|t| crate::peers::same(t, want)) {
         Ok(())
     } else {
         Err(ApiError::new(
@@ -103,26 +108,10 @@ pub async fn status(
     })))
 }
 
-/// Open conflicts and dead letters (each counted up to `LIST_COUNT_MAX`).
-pub async fn open_counts(state: &AppState) -> Result<(usize, usize), ApiError> {
-    let open = state
-        .store
-        .conflicts(ListQuery {
-            state: Some("open".into()),
-            count: LIST_COUNT_MAX,
-            ..ListQuery::default()
-        })
-        .await?
-        .len();
-    let dead = state
-        .store
-        .dead_letters(ListQuery {
-            count: LIST_COUNT_MAX,
-            ..ListQuery::default()
-        })
-        .await?
-        .len();
-    Ok((open, dead))
+/// Open conflicts and dead letters, counted by the store (a busy node's
+/// figures are not capped by a page size).
+pub async fn open_counts(state: &AppState) -> Result<(u64, u64), ApiError> {
+    Ok(state.store.open_counts().await?)
 }
 
 pub async fn children_json(state: &AppState) -> Result<Vec<Value>, ApiError> {
@@ -355,7 +344,33 @@ pub async fn audit(
 }
 
 /// `/metrics` in the Prometheus text format.
-pub async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError> {
+/// 401 unless `/metrics` is open or the caller sent the metrics (or the
+/// admin) token.
+fn check_metrics(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(want) = &state.cfg.metrics_token else {
+        return Ok(());
+    };
+    let got = bearer(headers);
+    let admin = state.cfg.admin_token.as_deref();
+    match got {
+        Some(t)
+            if crate::peers::same(t, want) || admin.is_some_and(|a| crate::peers::same(t, a)) =>
+        {
+            Ok(())
+        }
+        _ => Err(ApiError::new(
+            401,
+            "login",
+            "/metrics needs the metrics bearer token (metrics_token)",
+        )),
+    }
+}
+
+pub async fn metrics(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    check_metrics(&state, &headers)?;
     let mut out = String::new();
     out.push_str("# HELP fhirsync_last_seq Highest committed change-log position.\n");
     out.push_str("# TYPE fhirsync_last_seq gauge\n");

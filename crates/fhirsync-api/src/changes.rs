@@ -7,10 +7,13 @@ use std::time::Duration;
 use axum::extract::{RawQuery, State};
 use axum::http::HeaderMap;
 use axum::response::Response;
+use axum::Extension;
+use fhirsync_core::audit::Who;
 use fhirsync_core::resource::is_resource_type;
 use fhirsync_store::{sync_extension, ChangesQuery, SyncWrite, WriteRequest, EXTENSION_BASE};
 use serde_json::json;
 
+use crate::auth::Principal;
 use crate::http::{base_url, check_accept, fhir_json, prefer, query_pairs};
 use crate::peers::Access;
 use crate::render::{full_url, history_rest, BundleBuilder};
@@ -25,13 +28,18 @@ pub const CHANGES_COUNT_MAX: usize = 1000;
 
 pub async fn changes(
     State(state): State<AppState>,
+    principal: Option<Extension<Principal>>,
     RawQuery(raw): RawQuery,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    // A node with registered children serves its feed to them only. On a
-    // node without, the feed stays open (credentials a proxy in front of
-    // it checked are not the node's business).
-    let child = if !state.children.is_empty() {
+    // A node with registered children serves its feed to them and to
+    // readers: a bearer token or SMART client whose system read scope
+    // covers every type passed the guard (`fhirsync sync -m INCREMENTAL`);
+    // a reader gets everything, keeps no cursor here and is no child. On
+    // a node without children the feed stays open (credentials a proxy in
+    // front of it checked are not the node's business).
+    let reader = principal.is_some_and(|p| matches!(p.who, Who::Token(_) | Who::Client(_)));
+    let child = if !state.children.is_empty() && !reader {
         Some(
             state
                 .children

@@ -46,6 +46,9 @@ pub struct ApiConfig {
     /// Bearer token the admin API requires; `None`: the admin API is open
     /// only when anonymous access is enabled.
     pub admin_token: Option<String>,
+    /// Bearer token `/metrics` requires (the admin token opens it too);
+    /// `None`: open.
+    pub metrics_token: Option<String>,
     /// Who may call the FHIR API.
     pub auth: Arc<auth::Auth>,
     /// The server speaks HTTPS (for base URLs derived from `Host`).
@@ -62,6 +65,7 @@ impl Default for ApiConfig {
             long_poll_s_max: 60,
             base_url: None,
             admin_token: None,
+            metrics_token: None,
             auth: Arc::default(),
             https: false,
             audit_wait: false,

@@ -319,6 +319,39 @@ impl Edge {
         }
     }
 
+    /// The push cursor and its lag: this node's log past the cursor.
+    fn note_push_lag(&self, cursor: u64) {
+        self.push.cursor.store(cursor, Ordering::Relaxed);
+        self.push.lag.store(
+            self.store.last_seq().saturating_sub(cursor),
+            Ordering::Relaxed,
+        );
+    }
+
+    /// [`Self::pause`] for the push loop: the lag follows new local writes
+    /// while the loop waits to try again.
+    async fn pause_noting_lag(
+        &self,
+        d: Duration,
+        cursor: u64,
+        stop: &mut watch::Receiver<bool>,
+    ) -> bool {
+        let mut seq_rx = self.store.watch_seq();
+        let until = tokio::time::sleep(d);
+        tokio::pin!(until);
+        loop {
+            if *stop.borrow() {
+                return false;
+            }
+            self.note_push_lag(cursor);
+            tokio::select! {
+                _ = &mut until => return true,
+                _ = stop.changed() => return false,
+                r = seq_rx.changed() => if r.is_err() { return !*stop.borrow() },
+            }
+        }
+    }
+
     /// A record failed once more: retry later, or after `retry_max`
     /// attempts block the direction or set it aside as a dead letter.
     /// Returns the wait before the next attempt.
@@ -611,7 +644,17 @@ impl Edge {
         let key = cursor_key(&self.cfg.name, Direction::Push);
         self.push.set_state("starting", None);
         let mut attempt = 0u32;
-        // The parent's node id first: its own versions are never sent back.
+        // The cursor first, so lag is true before the parent was ever
+        // reached (a wrong token, a parent that is down).
+        let mut cursor = match self.store.cursor(&key).await {
+            Ok(c) => c.unwrap_or(0),
+            Err(e) => {
+                self.push.set_state("blocked", Some(e.to_string()));
+                return;
+            }
+        };
+        self.note_push_lag(cursor);
+        // The parent's node id next: its own versions are never sent back.
         let parent = loop {
             let hello = tokio::select! {
                 r = self.post_apply(&[]) => r,
@@ -622,7 +665,10 @@ impl Edge {
                 Err(f) => {
                     self.push.errors.fetch_add(1, Ordering::Relaxed);
                     self.push.set_state("retrying", Some(f.reason));
-                    if !self.pause(self.delay(attempt), &mut stop).await {
+                    if !self
+                        .pause_noting_lag(self.delay(attempt), cursor, &mut stop)
+                        .await
+                    {
                         return;
                     }
                     attempt += 1;
@@ -630,13 +676,6 @@ impl Edge {
             }
         };
         self.learn_parent(&parent);
-        let mut cursor = match self.store.cursor(&key).await {
-            Ok(c) => c.unwrap_or(0),
-            Err(e) => {
-                self.push.set_state("blocked", Some(e.to_string()));
-                return;
-            }
-        };
         let mut seq_rx = self.store.watch_seq();
         let mut failing: Option<Failing> = None;
         attempt = 0;
@@ -656,7 +695,10 @@ impl Edge {
                 Ok(r) => r,
                 Err(e) => {
                     self.push.set_state("retrying", Some(e.to_string()));
-                    if !self.pause(self.delay(attempt), &mut stop).await {
+                    if !self
+                        .pause_noting_lag(self.delay(attempt), cursor, &mut stop)
+                        .await
+                    {
                         break;
                     }
                     attempt += 1;
@@ -668,11 +710,7 @@ impl Edge {
                 Some(v) => v.seq.max(upper),
                 None => upper.max(cursor),
             };
-            self.push.cursor.store(cursor, Ordering::Relaxed);
-            self.push.lag.store(
-                self.store.last_seq().saturating_sub(cursor),
-                Ordering::Relaxed,
-            );
+            self.note_push_lag(cursor);
             let sel: Vec<&StoredVersion> = rows
                 .iter()
                 .filter(|v| {
@@ -694,11 +732,7 @@ impl Edge {
                 // Nothing to send up to `scanned`: remember it in memory only
                 // (a restart scans those rows again, harmlessly).
                 cursor = scanned;
-                self.push.cursor.store(cursor, Ordering::Relaxed);
-                self.push.lag.store(
-                    self.store.last_seq().saturating_sub(cursor),
-                    Ordering::Relaxed,
-                );
+                self.note_push_lag(cursor);
                 if rows.is_empty() || scanned == upper {
                     tokio::select! {
                         r = seq_rx.changed() => if r.is_err() { break },
@@ -720,7 +754,10 @@ impl Edge {
                 Err(f) => {
                     self.push.errors.fetch_add(1, Ordering::Relaxed);
                     self.push.set_state("retrying", Some(f.reason));
-                    if !self.pause(self.delay(attempt), &mut stop).await {
+                    if !self
+                        .pause_noting_lag(self.delay(attempt), cursor, &mut stop)
+                        .await
+                    {
                         break;
                     }
                     attempt += 1;
@@ -764,18 +801,17 @@ impl Edge {
                     "retrying",
                     Some(format!("cannot store the push cursor: {e}")),
                 );
-                if !self.pause(self.delay(attempt), &mut stop).await {
+                if !self
+                    .pause_noting_lag(self.delay(attempt), cursor, &mut stop)
+                    .await
+                {
                     break;
                 }
                 attempt += 1;
                 continue;
             }
             cursor = to;
-            self.push.cursor.store(cursor, Ordering::Relaxed);
-            self.push.lag.store(
-                self.store.last_seq().saturating_sub(cursor),
-                Ordering::Relaxed,
-            );
+            self.note_push_lag(cursor);
             match ans.failed {
                 None => {
                     failing = None;
@@ -795,7 +831,7 @@ impl Edge {
                     if failing.is_none() {
                         cursor = v.seq;
                     }
-                    if !self.pause(wait, &mut stop).await {
+                    if !self.pause_noting_lag(wait, cursor, &mut stop).await {
                         break;
                     }
                 }

@@ -57,6 +57,9 @@ pub trait Store: Send + Sync + 'static {
     /// Dead letters, newest first.
     async fn dead_letters(&self, q: ListQuery) -> Result<Vec<DeadLetter>, StoreError>;
     async fn dead_letter(&self, id: u64) -> Result<Option<DeadLetter>, StoreError>;
+    /// How many conflicts are open and how many dead letters wait, counted
+    /// (not listed), however many there are.
+    async fn open_counts(&self) -> Result<(u64, u64), StoreError>;
     /// The audit log of sync operations, newest first.
     async fn audit(&self, q: ListQuery) -> Result<Vec<AuditEntry>, StoreError>;
     /// `AuditEvent`s matching a query, newest first (`count == 0`: none),

@@ -7,17 +7,23 @@ use anyhow::Context;
 use clap::{Args, Subcommand};
 use serde_json::{json, Value};
 
-/// Where the node's admin API is.
+/// Where the node's admin API is. The options are global: users type them
+/// before or after the subcommand (`conflicts list --url URL`).
 #[derive(Args, Debug, Clone)]
 pub struct Target {
     /// The node's address (its `/fhir` base or its root).
-    #[arg(long, env = "FHIRSYNC_URL", default_value = "http://127.0.0.1:8080")]
+    #[arg(
+        long,
+        env = "FHIRSYNC_URL",
+        default_value = "http://127.0.0.1:8080",
+        global = true
+    )]
     pub url: String,
     /// The node's admin token, when it has one.
-    #[arg(long, env = "FHIRSYNC_ADMIN_TOKEN")]
+    #[arg(long, env = "FHIRSYNC_ADMIN_TOKEN", global = true)]
     pub admin_token: Option<String>,
     /// Print the API's JSON instead of a summary.
-    #[arg(long)]
+    #[arg(long, global = true)]
     pub json: bool,
 }
 

@@ -28,6 +28,9 @@ pub struct Config {
     pub log: String,
     /// Bearer token the admin API (`/admin`) requires; open when absent.
     pub admin_token: Option<String>,
+    /// Bearer token `/metrics` requires (the admin token is taken too);
+    /// open to anyone who reaches the port when absent.
+    pub metrics_token: Option<String>,
     /// This node's parent edge (it is then a child).
     pub parent: Option<fhirsync_replica::EdgeConfig>,
     /// Children allowed to pull from and push to this node.
@@ -103,6 +106,7 @@ impl Default for Config {
             api: ApiSection::default(),
             log: "info".into(),
             admin_token: None,
+            metrics_token: None,
             parent: None,
             children: Vec::new(),
             nats: None,
@@ -278,6 +282,7 @@ impl Config {
             long_poll_s_max: self.api.long_poll_s_max,
             base_url: self.base_url.clone(),
             admin_token: self.admin_token.clone(),
+            metrics_token: self.metrics_token.clone(),
             auth: std::sync::Arc::new(self.auth.build()?),
             https: self.tls.is_some(),
             audit_wait: self.api.audit_wait,

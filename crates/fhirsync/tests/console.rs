@@ -213,18 +213,30 @@ async fn login_sessions_csrf_and_lock_out() {
     .await;
     let (ok, _) = trail.audit_events(logins).await.unwrap();
     assert_eq!(ok[0]["agent"][0]["who"]["display"], "user:amina");
-    let (_, failed) = s
+    // Every failed attempt is there with its reason, the forged CSRF
+    // token's included.
+    let (failures, failed) = s
         .child
         .store
         .audit_events(AuditQuery {
             kind: Some("login".into()),
             outcome: Some(4),
-            count: 0,
+            count: 10,
             ..AuditQuery::default()
         })
         .await
         .unwrap();
-    assert_eq!(failed, 5);
+    assert_eq!(failed, 6);
+    let why: Vec<&str> = failures
+        .iter()
+        .map(|e| e["outcomeDesc"].as_str().unwrap_or(""))
+        .collect();
+    let forged = failures
+        .iter()
+        .find(|e| e["outcomeDesc"].as_str().unwrap_or("").contains("CSRF"))
+        .unwrap_or_else(|| panic!("no failed login for the forged CSRF token: {why:?}"));
+    assert_eq!(forged["agent"][0]["who"]["display"], "user:amina");
+    assert!(why.contains(&"wrong user name or password"), "{why:?}");
     drop(s.parent);
 }
 

@@ -36,3 +36,35 @@ async fn health_readiness_and_request_metrics() {
         assert!(m.contains(line), "{line} not in\n{m}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_can_require_a_bearer_token() {
+    let s = InProcess::start_with(fhirsync_testkit::server::Options {
+        api: fhirsync_api::ApiConfig {
+            metrics_token: Some("scrape-secret-0123456789".into()),
+            admin_token: Some("admin-secret-0123456789".into()),
+            ..fhirsync_api::ApiConfig::default()
+        },
+        ..Default::default()
+    })
+    .await;
+    let scrape = |token: Option<&str>| {
+        let mut rb = s.client.get(root(&s, "/metrics"));
+        if let Some(t) = token {
+            rb = rb.bearer_auth(t);
+        }
+        rb.send()
+    };
+    let (st, oo) = status_json(scrape(None).await.unwrap()).await;
+    assert_eq!(st, 401);
+    assert!(oo["issue"][0]["diagnostics"]
+        .as_str()
+        .unwrap()
+        .contains("metrics_token"));
+    assert_eq!(scrape(Some("wrong")).await.unwrap().status(), 401);
+    let r = scrape(Some("scrape-secret-0123456789")).await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.text().await.unwrap().contains("fhirsync_last_seq"));
+    let r = scrape(Some("admin-secret-0123456789")).await.unwrap();
+    assert_eq!(r.status(), 200);
+}

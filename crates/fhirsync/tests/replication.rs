@@ -472,6 +472,11 @@ async fn refused_records_become_dead_letters_and_retry() {
         ok && out.contains("push Observation/o1") && out.contains("after 3 attempts"),
         "{out}"
     );
+    // The global options go after the subcommand too, as users type them.
+    let (ok, out, err) = cli(&["deadletters", "list", "--url", &child.base, "--json"]).await;
+    assert!(ok, "{err}");
+    let listed: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(listed["items"][0]["resourceType"], "Observation", "{out}");
     let m = metrics(&child).await;
     assert!(
         m.contains("fhirsync_edge_dead_letters_total{edge=\"parent\",direction=\"push\"} 1"),
@@ -566,6 +571,19 @@ async fn admin_cli_lists_shows_and_resolves_conflicts() {
     assert!(
         ok && out.contains("Patient/x") && out.contains("open"),
         "{out}"
+    );
+    let (ok, out, err) = cli(&[
+        "conflicts",
+        "list",
+        "--url",
+        &url,
+        "--admin-token",
+        "unused",
+    ])
+    .await;
+    assert!(
+        ok && out.contains("Patient/x") && out.contains("open"),
+        "{out}{err}"
     );
     let id = conflicts_of(&p.parent, "open").await[0]["id"]
         .as_u64()
@@ -870,4 +888,56 @@ async fn apply_is_idempotent() {
     assert_eq!(param(&v, "stored"), 1, "{v}");
     assert_eq!(param(&v, "skipped"), 2, "{v}");
     assert_eq!(get(&other, "Patient/a").await.status(), 410);
+}
+
+#[tokio::test]
+async fn status_counts_every_dead_letter_beyond_one_page() {
+    use fhirsync_store::{Direction, NewDeadLetter, SyncWrite, WriteRequest};
+    let node = InProcess::start().await;
+    let letters = (0..1005)
+        .map(|i| NewDeadLetter {
+            edge: "parent".into(),
+            direction: Direction::Push,
+            rtype: "Patient".into(),
+            rid: format!("p{i}"),
+            seq: i + 1,
+            record: "{}".into(),
+            error: "422: refused".into(),
+            attempts: 3,
+        })
+        .collect();
+    node.store
+        .write(WriteRequest::Sync(SyncWrite::DeadLetters {
+            letters,
+            cursor: None,
+        }))
+        .await
+        .unwrap();
+    let st = admin(&node, "status").await;
+    assert_eq!(st["deadLetters"], 1005, "{st}");
+    assert_eq!(st["openConflicts"], 0, "{st}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn push_lag_counts_waiting_records_before_the_parent_was_ever_reached() {
+    let parent = parent_with("parent", vec![child_cfg("c1")], Arc::new(SystemClock)).await;
+    let mut e = EdgeConfig::new(&parent.base, "not-the-token-of-c1-at-all");
+    e.retry_delay_ms_max = 200;
+    let child = child_with("c1", e, vec![], Arc::new(SystemClock)).await;
+    for i in 0..3 {
+        let r = put(&child, &format!("Patient/w{i}"), &pat(&format!("w{i}"))).await;
+        assert_eq!(r.status(), 201);
+    }
+    let push = || async {
+        let edges = admin(&child, "status").await;
+        edges["edges"][0]["push"].clone()
+    };
+    eventually("push retrying with lag 3", 10, || async {
+        let p = push().await;
+        p["state"] == "retrying" && p["lagSeq"] == 3
+    })
+    .await;
+    let p = push().await;
+    assert!(p["lastError"].as_str().unwrap_or("").contains("401"), "{p}");
+    assert_eq!(p["cursor"], 0, "{p}");
 }

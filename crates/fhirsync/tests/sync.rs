@@ -938,3 +938,64 @@ async fn bundles_as_resources_or_as_transactions() {
     assert_eq!(get(&c, "Patient/from-bundle").await.status(), 200);
     assert_eq!(get(&c, "Bundle/stored").await.status(), 404);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn incremental_follows_a_node_with_children_with_a_system_read_token() {
+    use fhirsync_api::auth::{token_hash, Auth, Scopes, TokenEntry};
+    let entry = |name: &str, scopes: &str| TokenEntry {
+        name: name.into(),
+        sha256: token_hash(&format!("secret-of-{name}")),
+        scopes: Scopes::parse(scopes).unwrap(),
+    };
+    let a = InProcess::start_with(fhirsync_testkit::server::Options {
+        api: fhirsync_api::ApiConfig {
+            auth: std::sync::Arc::new(Auth::new(
+                true,
+                vec![
+                    entry("reader", "system/*.rs"),
+                    entry("patients", "system/Patient.rs"),
+                ],
+                Vec::new(),
+            )),
+            ..Default::default()
+        },
+        children: vec![fhirsync_api::ChildConfig {
+            node_id: "clinic".into(),
+            token: "edge-token-of-the-clinic".into(),
+            pull: true,
+            push: true,
+            push_types: Vec::new(),
+        }],
+        ..Default::default()
+    })
+    .await;
+    let b = InProcess::start().await;
+    load(&a, &people(12)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state.json");
+    let run = |token: Option<&'static str>| {
+        let mut args = vec!["-s", &a.base, "-t", &b.base, "-m", "INCREMENTAL"];
+        args.extend(["--state", state.to_str().unwrap()]);
+        if let Some(t) = token {
+            args.extend(["--source-bearer-token", t]);
+        }
+        let args: Vec<String> = args.into_iter().map(String::from).collect();
+        async move { sync(&args.iter().map(String::as_str).collect::<Vec<_>>()).await }
+    };
+    // Without credentials the feed is the children's only.
+    let r = run(None).await;
+    assert!(!r.ok && r.stderr.contains("401"), "{}", r.stderr);
+    // A token that cannot read every type is refused.
+    let r = run(Some("secret-of-patients")).await;
+    assert!(!r.ok && r.stderr.contains("403"), "{}", r.stderr);
+    let r = run(Some("secret-of-reader")).await;
+    assert!(r.ok, "{}", r.stderr);
+    let types = ["Patient", "Observation"];
+    assert_eq!(content(&a, &types).await, content(&b, &types).await);
+    assert_eq!(content(&b, &["Patient"]).await.len(), 12);
+    // A reader is no child: the node keeps no contact or cursor for it.
+    assert!(fhirsync_store::Store::peers(a.store.as_ref())
+        .await
+        .unwrap()
+        .is_empty());
+}

@@ -188,6 +188,22 @@ impl Console {
         outcome: u8,
         entity: Option<String>,
     ) {
+        self.audit_why(who, subtype, outcome, entity, None).await
+    }
+
+    /// A failed login, with its reason (`outcomeDesc`).
+    async fn login_failed(&self, who: &str, why: &str) {
+        self.audit_why(who, "login", 4, None, Some(why)).await
+    }
+
+    async fn audit_why(
+        &self,
+        who: &str,
+        subtype: &str,
+        outcome: u8,
+        entity: Option<String>,
+        why: Option<&str>,
+    ) {
         let mut r = AuditRecord::rest(
             now_ms(self),
             subtype,
@@ -199,6 +215,7 @@ impl Console {
         r.subtype = subtype.to_owned();
         r.action = if subtype == "resolve" { 'U' } else { 'E' };
         r.outcome = outcome;
+        r.outcome_desc = why.map(str::to_owned);
         if let Some(e) = entity {
             if e.starts_with("Patient/") {
                 r.patients.push(e.clone());
@@ -352,6 +369,9 @@ async fn login(
     let pre = cookie(&headers, LOGIN_COOKIE);
     let ok_csrf = matches!((&pre, f.get("csrf")), (Some(a), Some(b)) if crate::peers::same(a, b));
     if !ok_csrf {
+        let name = f.get("user").map(|n| n.trim()).unwrap_or("");
+        c.login_failed(name, "the login form's CSRF token is missing or wrong")
+            .await;
         return pages::message(
             403,
             "Refused",
@@ -383,7 +403,8 @@ async fn login(
         .get(&name)
         .is_some_and(|x| x.locked_until_ms > now);
     if locked {
-        c.audit(&name, "login", 4, None).await;
+        c.login_failed(&name, "the user name is locked after failed logins")
+            .await;
         return again(
             "Too many failed attempts: this user name is locked for a while.",
             429,
@@ -433,7 +454,7 @@ async fn login(
                 false
             }
         };
-        c.audit(&name, "login", 4, None).await;
+        c.login_failed(&name, "wrong user name or password").await;
         return if locked {
             again(
                 "Too many failed attempts: this user name is locked for a while.",

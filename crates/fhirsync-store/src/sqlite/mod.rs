@@ -330,6 +330,10 @@ impl Store for SqliteStore {
         self.read_with(move |c| sync_rows::dead_letter(c, id)).await
     }
 
+    async fn open_counts(&self) -> Result<(u64, u64), StoreError> {
+        self.read_with(sync_rows::open_counts).await
+    }
+
     async fn audit(&self, q: ListQuery) -> Result<Vec<AuditEntry>, StoreError> {
         self.read_with(move |c| sync_rows::audit(c, &q)).await
     }

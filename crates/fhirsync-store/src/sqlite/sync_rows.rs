@@ -276,6 +276,19 @@ pub fn dead_letters(conn: &Connection, q: &ListQuery) -> Result<Vec<DeadLetter>,
     Ok(rows.collect::<Result<_, _>>()?)
 }
 
+/// Open conflicts and dead letters, counted.
+pub fn open_counts(conn: &Connection) -> Result<(u64, u64), StoreError> {
+    let count = |sql: &str| -> Result<u64, StoreError> {
+        Ok(conn
+            .prepare_cached(sql)?
+            .query_row([], |r| r.get::<_, i64>(0))? as u64)
+    };
+    Ok((
+        count("SELECT COUNT(*) FROM conflicts WHERE state = 'open'")?,
+        count("SELECT COUNT(*) FROM dead_letters")?,
+    ))
+}
+
 pub fn add_audit(conn: &Connection, a: &AuditEntry, now_ms: u64) -> Result<(), StoreError> {
     conn.prepare_cached(
         "INSERT INTO audit (at_ms, edge, action, outcome, count, first_seq, last_seq, detail)
