@@ -12,12 +12,15 @@ use axum::http::{header, HeaderMap};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use fhirsync_core::audit::{AuditKind, AuditRecord, Who};
+use fhirsync_core::resource::is_trail_id;
 use fhirsync_store::AuditQuery;
 use serde_json::{json, Value};
 
 use crate::auth::Principal;
 use crate::http::{base_url, fhir_json, query_pairs};
 use crate::{ApiError, AppState};
+
+const TYPE: &str = "AuditEvent";
 
 /// Interactions whose request body names the resources written.
 fn writes(interaction: &str) -> bool {
@@ -303,11 +306,17 @@ pub async fn search(
     Ok(fhir_json(b.to_string()))
 }
 
-/// `GET /fhir/AuditEvent/{id}`.
+/// `GET /fhir/AuditEvent/{id}`: a record of the node's trail (digits
+/// only), else an AuditEvent a client or peer stored.
 pub async fn read(
     State(state): State<AppState>,
     Path(id): Path<String>,
+    raw: RawQuery,
+    headers: HeaderMap,
 ) -> Result<Response, ApiError> {
+    if !is_trail_id(&id) {
+        return crate::crud::read(State(state), Path((TYPE.into(), id)), raw, headers).await;
+    }
     let n: u64 = id
         .parse()
         .map_err(|_| ApiError::not_found(format!("AuditEvent/{id} is not known")))?;
@@ -325,12 +334,67 @@ pub async fn read(
     }
 }
 
-/// Any write to `AuditEvent`: the trail is append-only and written by the
-/// node itself.
+/// A write to a record of the node's trail: it is append-only and
+/// written by the node itself.
 pub async fn refuse() -> ApiError {
     ApiError::new(
         405,
         "not-supported",
-        "the audit trail is written by this node only: AuditEvents cannot be created, changed or deleted through the API",
+        "AuditEvents with ids of digits only are this node's own audit trail: they cannot be changed or deleted",
     )
+}
+
+/// `POST /fhir/AuditEvent`: an AuditEvent from a client (an EHR's own
+/// records, a copy from another server), stored as an ordinary resource.
+pub async fn create(
+    state: State<AppState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    crate::crud::create(state, Path(TYPE.into()), headers, body).await
+}
+
+/// `PUT /fhir/AuditEvent/{id}`: a client's AuditEvent; the trail's own
+/// records are refused.
+pub async fn update(
+    state: State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    if is_trail_id(&id) {
+        return Err(refuse().await);
+    }
+    crate::crud::update(state, Path((TYPE.into(), id)), headers, body).await
+}
+
+/// `DELETE /fhir/AuditEvent/{id}`: a client's AuditEvent only.
+pub async fn delete(
+    state: State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    if is_trail_id(&id) {
+        return Err(refuse().await);
+    }
+    crate::crud::delete(state, Path((TYPE.into(), id)), headers).await
+}
+
+/// `PUT /fhir/AuditEvent?query` (conditional): clients' AuditEvents only.
+pub async fn conditional_update(
+    state: State<AppState>,
+    raw: RawQuery,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    crate::crud::conditional_update(state, Path(TYPE.into()), raw, headers, body).await
+}
+
+/// `DELETE /fhir/AuditEvent?query` (conditional): clients' AuditEvents only.
+pub async fn conditional_delete(
+    state: State<AppState>,
+    raw: RawQuery,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    crate::crud::conditional_delete(state, Path(TYPE.into()), raw, headers).await
 }

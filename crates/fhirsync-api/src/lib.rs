@@ -151,8 +151,17 @@ pub fn app(state: AppState) -> Router {
             "/.well-known/smart-configuration",
             get(auth::smart_configuration),
         )
-        .route("/AuditEvent", get(audit::search).fallback(audit::refuse))
-        .route("/AuditEvent/{id}", get(audit::read).fallback(audit::refuse))
+        .route(
+            "/AuditEvent",
+            get(audit::search)
+                .post(audit::create)
+                .put(audit::conditional_update)
+                .delete(audit::conditional_delete),
+        )
+        .route(
+            "/AuditEvent/{id}",
+            get(audit::read).put(audit::update).delete(audit::delete),
+        )
         .route("/Subscription/{id}/$status", get(subs::status))
         .route("/Subscription/{id}/$events", get(subs::events))
         .route("/{rtype}/_search", post(search::type_search_post))

@@ -277,6 +277,14 @@ pub fn check_resource(
             crate::subscription::Subscription::parse(&Value::Object(res.clone()))
                 .map_err(ValidationError::Invalid)?;
         }
+        // The node's own audit trail has ids of digits only; an AuditEvent
+        // a client or peer stores is an ordinary resource beside it.
+        "AuditEvent" if body_id(res).is_some_and(is_trail_id) => {
+            return Err(ValidationError::Invalid(format!(
+                "AuditEvent ids of digits only are this node's own audit trail: give AuditEvent/{} another id (fhirsync sync: --prefix-numeric-ids)",
+                body_id(res).unwrap_or_default()
+            )));
+        }
         "SubscriptionTopic" => {
             crate::subscription::Topic::parse(&Value::Object(res.clone()))
                 .map_err(ValidationError::Invalid)?;
@@ -284,6 +292,11 @@ pub fn check_resource(
         _ => {}
     }
     Ok(rtype)
+}
+
+/// An id of the node's own audit trail (`AuditEvent/123`): digits only.
+pub fn is_trail_id(id: &str) -> bool {
+    !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit())
 }
 
 /// The id element of a checked resource.

@@ -174,20 +174,62 @@ async fn every_request_is_one_audit_event_under_concurrent_load() {
     let v = audit_query(&s, "patient=Patient/w5-3&_summary=count").await;
     assert_eq!(v["total"], json!(before + 1));
 
-    // The trail cannot be written through the API.
+    // The trail's own records (ids of digits only) cannot be changed or
+    // deleted, nor can a client take such an id.
     let fake = json!({"resourceType": "AuditEvent", "id": "1"});
-    for rb in [
-        s.client.post(s.url("AuditEvent")),
-        s.client.put(s.url("AuditEvent/1")),
-        s.client.delete(s.url("AuditEvent/1")),
+    for (rb, want) in [
+        (s.client.put(s.url("AuditEvent/1")), 405),
+        (s.client.delete(s.url("AuditEvent/1")), 405),
+        (s.client.post(s.url("AuditEvent")), 422),
     ] {
         let r = with_body(rb, &fake)
             .bearer_auth("ehr")
             .send()
             .await
             .unwrap();
-        assert!(expect_outcome(r, 405).await.contains("audit trail"));
+        assert!(expect_outcome(r, want).await.contains("audit trail"));
     }
+    let v = audit_query(&s, "_summary=count").await;
+    let trail_before = v["total"].as_u64().unwrap();
+    // An EHR's own AuditEvent is stored as an ordinary, versioned resource,
+    // told apart from the node's records by its id and its observer.
+    let theirs = json!({"resourceType": "AuditEvent", "id": "ehr-login-7",
+        "type": {"system": "http://dicom.nema.org/resources/ontology/DCM", "code": "110114"},
+        "recorded": "2026-01-02T03:04:05Z",
+        "agent": [{"who": {"display": "dr-otieno"}, "requestor": true}],
+        "source": {"observer": {"display": "district-ehr"}}});
+    let r = with_body(s.client.put(s.url("AuditEvent/ehr-login-7")), &theirs)
+        .bearer_auth("ehr")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let r = s
+        .client
+        .get(s.url("AuditEvent/ehr-login-7"))
+        .bearer_auth("auditor")
+        .send()
+        .await
+        .unwrap();
+    let (st, back) = status_json(r).await;
+    assert_eq!(st, 200);
+    assert_eq!(back["source"]["observer"]["display"], "district-ehr");
+    assert_eq!(back["meta"]["versionId"], "1");
+    // It is in the change log like any resource (and so replicates).
+    let feed = fhirsync_store::Store::changes(
+        s.store.as_ref(),
+        fhirsync_store::ChangesQuery {
+            since: 0,
+            count: 1000,
+            types: vec!["AuditEvent".into()],
+            exclude_via: None,
+        },
+    );
+    assert_eq!(feed.await.unwrap().len(), 1);
+    // The node recorded that write in its own trail (one more record),
+    // which still answers the trail's searches.
+    let v = audit_query(&s, "_summary=count").await;
+    assert!(v["total"].as_u64().unwrap() > trail_before, "{v}");
     // Reading it needs its own scope; bad parameters get 400.
     let r = s
         .client
