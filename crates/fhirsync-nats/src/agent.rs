@@ -68,6 +68,7 @@ impl NatsAgent {
                         tasks.push(tokio::spawn(crate::outbox::run(
                             a2.store.clone(),
                             Publisher::JetStream(js.clone()),
+                            client.clone(),
                             a2.cfg.clone(),
                             a2.outbox.clone(),
                             rx.clone(),
@@ -89,6 +90,7 @@ impl NatsAgent {
                         tasks.push(tokio::spawn(crate::outbox::run(
                             a2.store.clone(),
                             Publisher::Core(client.clone()),
+                            client.clone(),
                             a2.cfg.clone(),
                             a2.outbox.clone(),
                             rx.clone(),

@@ -28,7 +28,58 @@ pub enum Publisher {
     Core(async_nats::Client),
 }
 
+/// How often the outbox's state and lag are refreshed from the client's
+/// connection and the log while it waits (for PubAcks, for a retry): a
+/// dead server shows within this, not when a PubAck times out.
+pub const WATCH_MS: u64 = 200;
+
+/// State of the publish edge that says the connection is down.
+const DISCONNECTED: &str = "disconnected";
+
 pub async fn run(
+    store: Arc<dyn Store>,
+    publisher: Publisher,
+    client: async_nats::Client,
+    cfg: NatsConfig,
+    stats: Arc<DirStats>,
+    stop: watch::Receiver<bool>,
+) {
+    let watcher = tokio::spawn(watch_connection(store.clone(), client, stats.clone()));
+    publish_loop(store, publisher, cfg, stats, stop).await;
+    watcher.abort();
+}
+
+/// Keeps `stats` true while the publish loop waits: the lag from the log
+/// and the cursor, and `disconnected` while the client has no connection
+/// (back to `ok` when it has one again and nothing else went wrong).
+async fn watch_connection(store: Arc<dyn Store>, client: async_nats::Client, stats: Arc<DirStats>) {
+    use async_nats::connection::State;
+    loop {
+        tokio::time::sleep(Duration::from_millis(WATCH_MS)).await;
+        let lag = store
+            .last_seq()
+            .saturating_sub(stats.cursor.load(Ordering::Relaxed));
+        stats.lag.store(lag, Ordering::Relaxed);
+        let now = stats.state.lock().map(|g| g.0.clone()).unwrap_or_default();
+        match client.connection_state() {
+            State::Connected if now == DISCONNECTED => stats.set_state("ok", None),
+            State::Connected => {}
+            State::Disconnected | State::Pending
+                if matches!(now.as_str(), "ok" | "starting" | DISCONNECTED) =>
+            {
+                stats.set_state(
+                    DISCONNECTED,
+                    Some(format!(
+                        "no connection to the NATS server: {lag} change(s) wait"
+                    )),
+                );
+            }
+            _ => {}
+        }
+    }
+}
+
+async fn publish_loop(
     store: Arc<dyn Store>,
     publisher: Publisher,
     cfg: NatsConfig,

@@ -544,3 +544,66 @@ async fn a_message_that_cannot_be_applied_becomes_a_dead_letter() {
         1
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_outbox_shows_a_dead_server_within_a_second() {
+    let mut server = NatsServer::start().unwrap();
+    let a = node("site-a", nats_cfg(&server, &[])).await;
+    let publish = || async {
+        let st = admin(&a, "edges").await;
+        st["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == "nats")
+            .unwrap()["publish"]
+            .clone()
+    };
+    put(&a, "Patient/first", &pat("first")).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let p = publish().await;
+        if p["state"] == "ok" && p["lagSeq"] == 0 && p["cursor"] == 1 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the first write was not published: {p}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    server.kill();
+    for i in 0..100 {
+        put(&a, &format!("Patient/w{i}"), &pat(&format!("w{i}"))).await;
+    }
+    let written = Instant::now();
+    loop {
+        let p = publish().await;
+        if p["state"] != "ok" && p["lagSeq"] == 100 {
+            assert!(
+                p["lastError"].as_str().is_some_and(|e| !e.is_empty()),
+                "{p}"
+            );
+            break;
+        }
+        assert!(
+            written.elapsed() < Duration::from_secs(1),
+            "still {p} a second after the server died"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Back again: everything goes out and the edge is ok.
+    server.restart().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let p = publish().await;
+        if p["state"] == "ok" && p["lagSeq"] == 0 && p["cursor"] == 101 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not published after the restart: {p}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
