@@ -6,6 +6,7 @@
 
 pub mod binlog;
 pub mod config;
+pub mod display;
 pub mod nats;
 pub mod receiver;
 pub mod record;

@@ -6,6 +6,8 @@
 //! version is older, goes to the conflict queue and is held there.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
 
 use mysql_async::prelude::Queryable;
 use mysql_async::{Conn, Opts, OptsBuilder, Pool, Row, Transaction, TxOpts, Value};
@@ -48,9 +50,14 @@ pub struct Conflict {
     pub site: String,
     pub table: String,
     pub key: String,
-    /// The incoming change (the latest one held) and its zone.
+    /// The zone every DATETIME and TIMESTAMP of `incoming` and `local` is
+    /// shown in: the receiver's.
+    pub time_zone: String,
+    /// The incoming change (the latest one held), its row shown in
+    /// `time_zone` (`site_time_zone`: where it came from).
     pub incoming: Json,
-    /// The receiver's row when the conflict was found.
+    /// The receiver's row when the conflict was found, typed like
+    /// `incoming`'s.
     pub local: Json,
     /// Incoming changes held for this row.
     pub held: u64,
@@ -76,6 +83,9 @@ impl std::str::FromStr for Keep {
         }
     }
 }
+
+/// Shortest time between two readings of the target's tables.
+pub const SCHEMA_RELOAD_MS_MIN: u64 = 1000;
 
 const STATE_TABLES: &str = "
 CREATE TABLE IF NOT EXISTS fhirsync_db_sites (
@@ -116,7 +126,11 @@ struct Local {
 
 pub struct Receiver {
     pool: Pool,
-    pub schema: Schema,
+    /// The target's tables, read again when a batch names one it lacks
+    /// (a table created after start).
+    schema: std::sync::RwLock<Arc<Schema>>,
+    /// When the schema was last read.
+    schema_read: std::sync::Mutex<std::time::Instant>,
     pub zone: Zone,
     change_columns: Vec<String>,
     /// One batch at a time: batches of different sites may touch the same
@@ -194,11 +208,36 @@ impl Receiver {
             .init(vec!["SET time_zone = '+00:00'"]);
         Ok(Receiver {
             pool: Pool::new(opts),
-            schema,
+            schema: std::sync::RwLock::new(Arc::new(schema)),
+            schema_read: std::sync::Mutex::new(std::time::Instant::now()),
             zone,
             change_columns,
             lock: tokio::sync::Mutex::new(()),
         })
+    }
+
+    /// The target's tables as last read.
+    pub fn schema(&self) -> Arc<Schema> {
+        self.schema.read().expect("schema").clone()
+    }
+
+    /// Reads the target's tables again, at most once every
+    /// [`SCHEMA_RELOAD_MS_MIN`] (a sender retrying a batch for a table the
+    /// receiver lacks asks again and again).
+    async fn reload_schema(&self) -> Result<Arc<Schema>, DbError> {
+        {
+            let mut last = self.schema_read.lock().expect("schema time");
+            if last.elapsed() < Duration::from_millis(SCHEMA_RELOAD_MS_MIN) {
+                return Ok(self.schema());
+            }
+            *last = std::time::Instant::now();
+        }
+        let database = self.schema().database.clone();
+        let mut conn = self.pool.get_conn().await?;
+        let fresh = Arc::new(Schema::load(&mut conn, &database, &[]).await?);
+        tracing::info!(database = %database, tables = fresh.tables.len(), "db-receiver read the target's tables again");
+        *self.schema.write().expect("schema") = fresh.clone();
+        Ok(fresh)
     }
 
     pub async fn close(self) -> Result<(), DbError> {
@@ -310,11 +349,19 @@ impl Receiver {
     /// Applies a batch; all of it or nothing.
     pub async fn apply(&self, batch: &Batch) -> Result<Applied, DbError> {
         let from = Zone::parse(&batch.time_zone).map_err(DbError::BadRecord)?;
+        let mut schema = self.schema();
+        if batch
+            .changes
+            .iter()
+            .any(|c| schema.table(&c.table).is_none())
+        {
+            schema = self.reload_schema().await?;
+        }
         for c in &batch.changes {
-            let t = self.schema.table(&c.table).ok_or_else(|| {
+            let t = schema.table(&c.table).ok_or_else(|| {
                 DbError::Schema(format!(
                     "table {} is not in the receiver's database {}",
-                    c.table, self.schema.database
+                    c.table, schema.database
                 ))
             })?;
             if !matches!(c.op.as_str(), "c" | "u" | "d") {
@@ -491,9 +538,10 @@ impl Receiver {
                 keys.entry(&c.table).or_default().push(&c.key);
             }
         }
+        let schema = self.schema();
         let mut out = HashMap::new();
         for (table, keys) in keys {
-            let t = &self.schema.tables[table];
+            let t = &schema.tables[table];
             let key = t.key().unwrap_or("uuid");
             let stamps: Vec<&str> = self
                 .change_columns
@@ -543,7 +591,8 @@ impl Receiver {
         table: &str,
         key: &str,
     ) -> Result<Json, DbError> {
-        let t = &self.schema.tables[table];
+        let schema = self.schema();
+        let t = &schema.tables[table];
         let cols: Vec<String> = t
             .columns
             .iter()
@@ -579,7 +628,8 @@ impl Receiver {
         keys: &[String],
         site: &str,
     ) -> Result<(), DbError> {
-        let t = &self.schema.tables[table];
+        let schema = self.schema();
+        let t = &schema.tables[table];
         let k = q(t.key().unwrap_or("uuid"));
         let mut uniq: Vec<&String> = keys.iter().collect();
         uniq.sort();
@@ -610,7 +660,8 @@ impl Receiver {
         c: &Change,
         from: Zone,
     ) -> Result<(), DbError> {
-        let t = &self.schema.tables[&c.table];
+        let schema = self.schema();
+        let t = &schema.tables[&c.table];
         let key = t.key().unwrap_or("uuid");
         if c.op == "d" {
             self.flush(tx, w).await?;
@@ -633,7 +684,7 @@ impl Receiver {
             let Some(v) = c.row.get(&col.name).filter(|_| t.copied(&col.name)) else {
                 continue;
             };
-            let value = match self.schema.mapped_parent(t, &col.name) {
+            let value = match schema.mapped_parent(t, &col.name) {
                 Some(parent) if !v.is_null() => {
                     let uuid = c.refs.get(&col.name).ok_or_else(|| {
                         DbError::BadRecord(format!(
@@ -712,11 +763,12 @@ impl Receiver {
         w: &mut Writes,
         changes: &[&Change],
     ) -> Result<(), DbError> {
+        let schema = self.schema();
         let mut wanted: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
         for c in changes.iter().filter(|c| c.op != "d") {
-            let t = &self.schema.tables[&c.table];
+            let t = &schema.tables[&c.table];
             for (col, uuid) in &c.refs {
-                if let Some(parent) = self.schema.mapped_parent(t, col) {
+                if let Some(parent) = schema.mapped_parent(t, col) {
                     wanted.entry(&parent.name).or_default().push(uuid);
                 }
             }
@@ -724,7 +776,7 @@ impl Receiver {
         for (parent, mut uuids) in wanted {
             uuids.sort_unstable();
             uuids.dedup();
-            let pk = self.schema.tables[parent].pk.as_deref().unwrap_or("id");
+            let pk = schema.tables[parent].pk.as_deref().unwrap_or("id");
             for part in uuids.chunks(500) {
                 let sql = format!(
                     "SELECT CAST(uuid AS CHAR), {} FROM {} WHERE uuid IN ({})",
@@ -778,7 +830,40 @@ impl Receiver {
             }
         );
         let rows: Vec<Row> = conn.query(sql).await?;
-        Ok(rows.into_iter().map(conflict_of).collect())
+        Ok(rows
+            .into_iter()
+            .map(|r| self.shown(conflict_of(r)))
+            .collect())
+    }
+
+    /// A conflict as people read it: both rows in this receiver's zone and
+    /// typed by their columns (the stored incoming change, in its site's
+    /// zone, is what a resolution applies).
+    fn shown(&self, mut c: Conflict) -> Conflict {
+        c.time_zone = self.zone.to_string();
+        let schema = self.schema();
+        let Some(t) = schema.table(&c.table) else {
+            return c;
+        };
+        let site_zone = c.incoming["time_zone"]
+            .as_str()
+            .and_then(|z| Zone::parse(z).ok())
+            .unwrap_or(self.zone);
+        // A local id (the key is the uuid) is not synced: not shown either.
+        let drop_local_id = |mut m: Map<String, Json>| {
+            m.retain(|k, _| t.copied(k));
+            Json::Object(m)
+        };
+        if let Some(row) = c.incoming["change"]["row"].as_object() {
+            let shown = drop_local_id(crate::display::row(t, row, site_zone, self.zone));
+            c.incoming["change"]["row"] = shown;
+            c.incoming["site_time_zone"] = json!(site_zone.to_string());
+            c.incoming["time_zone"] = json!(c.time_zone);
+        }
+        if let Some(row) = c.local.as_object() {
+            c.local = drop_local_id(crate::display::row(t, row, self.zone, self.zone));
+        }
+        c
     }
 
     /// Ends a conflict keeping one version; the row syncs again after.
@@ -805,7 +890,7 @@ impl Receiver {
             self.write(&mut tx, &mut w, &c, from).await?;
             self.flush(&mut tx, &mut w).await?;
         }
-        if self.schema.table(&table).is_some() {
+        if self.schema().table(&table).is_some() {
             self.record_synced(&mut tx, &table, std::slice::from_ref(&key), &site)
                 .await?;
         }
@@ -839,6 +924,7 @@ fn conflict_of(mut r: Row) -> Conflict {
         site: r.take(1).unwrap_or_default(),
         table: r.take(2).unwrap_or_default(),
         key: r.take(3).unwrap_or_default(),
+        time_zone: String::new(),
         incoming: parse(r.take(4)),
         local: parse(r.take(5)),
         held: r.take(6).unwrap_or_default(),

@@ -148,6 +148,7 @@ pub fn receiver(a: ReceiverArgs) -> anyhow::Result<()> {
                 Ok(())
             }
             Some(ReceiverCmd::Conflicts { all }) => {
+                println!("(times in {}, the receiver's zone)", r.zone);
                 for c in r.conflicts(!all).await? {
                     println!(
                         "{} {} {} {} held={} {}{}",
@@ -204,7 +205,7 @@ async fn serve(cfg: ReceiverConfig, r: Receiver) -> anyhow::Result<()> {
             );
         }
         let scheme = if tls.is_some() { "https" } else { "http" };
-        tracing::info!(%addr, zone = %r.zone, database = %r.schema.database, "db-receiver listening on {scheme}://{addr}");
+        tracing::info!(%addr, zone = %r.zone, database = %r.schema().database, "db-receiver listening on {scheme}://{addr}");
         let app = fhirsync_db::server::router(r.clone(), cfg.admin_token.clone());
         let mut s = stop.clone();
         let until_stop = async move {

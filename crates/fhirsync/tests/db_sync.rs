@@ -691,3 +691,83 @@ fn bad_states_are_refused_with_their_way_out() {
         "{err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_conflict_shows_both_rows_in_the_receivers_zone_with_the_same_types() {
+    need_mariadb();
+    let db = MariaDb::start().unwrap();
+    db.sql(&(schema("site_a") + &schema("central")));
+    let (central, mut tokens) = receiver(&db, None, None, &["site-a"]);
+    let a = site(
+        &db,
+        "site-a",
+        "site_a",
+        "Africa/Nairobi",
+        &http_link(&central, &tokens.remove(0)),
+        true,
+    );
+    let _sender = start_sender(&a);
+    db.sql(
+        "INSERT INTO site_a.person (uuid, name, birthdate, visit_time, created, n, date_changed) VALUES
+           ('p-1', 'Amina', '1980-02-01', '08:30:00', '2026-01-01 12:00:00.000', 0, '2026-01-01 12:00:00')",
+    );
+    wait_for(
+        &db,
+        "SELECT created FROM central.person WHERE uuid = 'p-1'",
+        "2026-01-01 09:00:00.000",
+    );
+    db.sql("UPDATE central.person SET name = 'Amina (central)', date_changed = '2026-05-01 10:00:00' WHERE uuid = 'p-1'");
+    db.sql("UPDATE site_a.person SET name = 'Amina (site)', date_changed = '2026-04-01 10:00:00' WHERE uuid = 'p-1'");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let open = loop {
+        let open = admin_get(&central, "/db/conflicts").await;
+        if !open.as_array().unwrap().is_empty() {
+            break open;
+        }
+        assert!(Instant::now() < deadline, "no conflict\n{}", logs());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let c = &open[0];
+    assert_eq!(c["time_zone"], "UTC", "{c}");
+    assert_eq!(c["incoming"]["site_time_zone"], "Africa/Nairobi", "{c}");
+    let (inc, loc) = (&c["incoming"]["change"]["row"], &c["local"]);
+    // The same instant, number and date on both sides, in the same form.
+    for col in ["created", "n", "birthdate", "visit_time", "uuid"] {
+        assert_eq!(inc[col], loc[col], "{col}: {c}");
+    }
+    assert_eq!(inc["created"], "2026-01-01 09:00:00", "{c}");
+    assert_eq!(inc["n"], 0, "{c}");
+    assert_eq!(inc["date_changed"], "2026-04-01 07:00:00", "{c}");
+    assert_eq!(loc["date_changed"], "2026-05-01 10:00:00", "{c}");
+    assert!(inc.get("id").is_none() && loc.get("id").is_none(), "{c}");
+    // The console's diff marks only what differs: the name and the change time.
+    let id = c["id"].as_i64().unwrap();
+    let users_file = central.dir.path().join("console-users");
+    users::add(&users_file, "amina", Role::Viewer, "kisumu-district-2026").unwrap();
+    let mut cfg = ConsoleConfig::new(users_file);
+    cfg.db_receiver = Some(DbReceiverLink {
+        url: central.url.clone(),
+        admin_token: ADMIN.into(),
+    });
+    let node = InProcess::start_with(Options {
+        console: Some(cfg),
+        ..Options::default()
+    })
+    .await;
+    let mut w = Web::new(node.console.as_deref().unwrap());
+    assert_eq!(w.login("amina", "kisumu-district-2026").await.status, 303);
+    let p = w.get(&format!("/db/conflicts/{id}")).await;
+    assert!(
+        p.body.contains("<span id=\"changed\">2</span>"),
+        "{}",
+        p.body
+    );
+    assert!(p.body.contains("receiver's time zone, UTC"), "{}", p.body);
+    // The command line says which zone it shows.
+    let out = receiver_cmd(&central.config, &["conflicts"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("times in UTC") && text.contains("2026-01-01 09:00:00"),
+        "{text}"
+    );
+}

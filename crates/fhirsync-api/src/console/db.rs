@@ -194,15 +194,17 @@ pub async fn conflict(State(c): State<Shared>, Viewer(s): Viewer, Path(id): Path
         "<p>Viewers cannot resolve conflicts.</p>".into()
     };
     let body = format!(
-        "<p>{} {} from site {} ({} {}) · since {} · {} change(s) held · <span id=\"changed\">{changed}</span> column(s) differ</p>{actions}\
-         <table class=\"diff\" id=\"diff\"><tr><th>column</th><th>incoming (site, its zone)</th><th>central</th></tr>{rows}</table>",
+        "<p>{} {} from site {} ({}) · since {} · {} change(s) held · <span id=\"changed\">{changed}</span> column(s) differ</p>{actions}\
+         <p id=\"zone\">Both versions are shown in the receiver's time zone, {} (the site's is {}).</p>\
+         <table class=\"diff\" id=\"diff\"><tr><th>column</th><th>incoming (site)</th><th>central</th></tr>{rows}</table>",
         esc(&text(&x["table"])),
         esc(&text(&x["key"])),
         esc(&text(&x["site"])),
         esc(&text(&change["op"])),
-        esc(&text(&x["incoming"]["time_zone"])),
         esc(&text(&x["created_at"])),
         esc(&text(&x["held"])),
+        esc(&text(&x["time_zone"])),
+        esc(&text(&x["incoming"]["site_time_zone"])),
     );
     html(
         200,
