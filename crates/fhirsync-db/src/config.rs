@@ -13,6 +13,9 @@ fn batch_rows() -> usize {
 fn linger_ms() -> u64 {
     50
 }
+fn retry_delay_ms_max() -> u64 {
+    30_000
+}
 fn server_id() -> u32 {
     7001
 }
@@ -105,6 +108,11 @@ impl NatsLink {
     }
 }
 
+/// Bounds of `retry_delay_ms_max`: retries faster than this would hammer
+/// the receiver, slower ones leave a fixed cause unnoticed for hours.
+pub const RETRY_DELAY_MS_MIN: u64 = 100;
+pub const RETRY_DELAY_MS_LIMIT: u64 = 3_600_000;
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SenderConfig {
@@ -135,6 +143,15 @@ pub struct SenderConfig {
     /// How long a batch waits for more transactions.
     #[serde(default = "linger_ms")]
     pub linger_ms: u64,
+    /// Longest wait between two attempts at a batch that failed (the
+    /// receiver refused it, or could not be reached); the wait doubles
+    /// from 1 s up to this.
+    #[serde(default = "retry_delay_ms_max")]
+    pub retry_delay_ms_max: u64,
+    /// `host:port` (loopback) where the sender serves `GET /status`
+    /// (JSON) and `GET /metrics` (Prometheus); none: not served.
+    #[serde(default)]
+    pub status_listen: Option<String>,
     #[serde(default)]
     pub http: Option<HttpTarget>,
     #[serde(default)]
@@ -213,6 +230,12 @@ impl SenderConfig {
             return Err(DbError::Config(
                 "give exactly one of [http] and [nats]".into(),
             ));
+        }
+        if !(RETRY_DELAY_MS_MIN..=RETRY_DELAY_MS_LIMIT).contains(&self.retry_delay_ms_max) {
+            return Err(DbError::Config(format!(
+                "retry_delay_ms_max {}: between {RETRY_DELAY_MS_MIN} and {RETRY_DELAY_MS_LIMIT}",
+                self.retry_delay_ms_max
+            )));
         }
         if self.batch_rows == 0 {
             return Err(DbError::Config("batch_rows must be at least 1".into()));

@@ -13,6 +13,7 @@ pub mod record;
 pub mod schema;
 pub mod sender;
 pub mod server;
+pub mod status;
 pub mod tz;
 
 pub use binlog::BinlogError;
@@ -52,6 +53,11 @@ pub enum DbError {
 /// Seconds of wait before the n-th retry (1, 2, 4, ... 30).
 pub fn backoff(attempt: u32) -> std::time::Duration {
     std::time::Duration::from_secs((1u64 << attempt.min(5)).min(30))
+}
+
+/// The n-th retry's wait, doubling from 1 s up to `max`.
+pub fn backoff_capped(attempt: u32, max: std::time::Duration) -> std::time::Duration {
+    std::time::Duration::from_millis(1000u64 << attempt.min(16)).min(max)
 }
 
 /// Runs `f` until it answers anything but a `Delivery` error (what may

@@ -16,6 +16,7 @@ use crate::config::SenderConfig;
 use crate::receiver::{key_text, server_zone};
 use crate::record::{Batch, Change};
 use crate::schema::{q, Schema};
+use crate::status::Progress;
 use crate::tz::Zone;
 use crate::DbError;
 
@@ -67,18 +68,14 @@ impl Transport {
         }
     }
 
-    /// Delivers, retrying what may pass later (connection, 5xx); a batch
-    /// the receiver refuses is an error.
+    /// One attempt: `Delivery` for what may pass by itself (a connection,
+    /// a 5xx), `Refused` for the receiver's "no" (a table or a parent it
+    /// lacks, a token it does not know); the caller retries both.
     pub async fn deliver(&self, batch: &Batch) -> Result<(), DbError> {
-        crate::retrying("delivery failed", || async {
-            match self {
-                Transport::Http { client, url, token } => {
-                    http_deliver(client, url, token, batch).await
-                }
-                Transport::Nats(p) => p.publish(batch).await,
-            }
-        })
-        .await
+        match self {
+            Transport::Http { client, url, token } => http_deliver(client, url, token, batch).await,
+            Transport::Nats(p) => p.publish(batch).await,
+        }
     }
 }
 
@@ -108,6 +105,41 @@ async fn http_deliver(
         Err(DbError::Delivery(format!("{status}: {why}")))
     } else {
         Err(DbError::Refused(why))
+    }
+}
+
+/// Delivers `batch`, retrying with back-off (doubling up to
+/// `retry_delay_ms_max`) whatever fails, the receiver's refusals included,
+/// with each failure in the sender's status; `false` when `stop` came
+/// first. The caller moves no cursor past the batch before this is `true`,
+/// and sends nothing after it.
+async fn until_through(
+    transport: &Transport,
+    progress: &Progress,
+    batch: &Batch,
+    stop: &mut tokio::sync::watch::Receiver<bool>,
+) -> Result<bool, DbError> {
+    let mut attempt = 0u32;
+    loop {
+        let r = tokio::select! {
+            r = transport.deliver(batch) => r,
+            _ = stop.wait_for(|s| *s) => return Ok(false),
+        };
+        let (refused, e) = match r {
+            Ok(()) => return Ok(true),
+            Err(e @ DbError::Refused(_)) => (true, e),
+            Err(e @ DbError::Delivery(_)) => (false, e),
+            Err(e) => return Err(e),
+        };
+        let wait = crate::backoff_capped(attempt, progress.retry_delay_max);
+        progress.failed(refused, &e.to_string());
+        progress.save(true)?;
+        tracing::warn!(error = %e, retry_in = ?wait, changes = batch.changes.len(), "db-sender: batch not delivered; kept and retried");
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = stop.wait_for(|s| *s) => return Ok(false),
+        }
+        attempt = attempt.saturating_add(1);
     }
 }
 
@@ -211,13 +243,6 @@ impl Cursor {
     }
 }
 
-/// Counters a caller (status line, benchmark) can read.
-#[derive(Debug, Default)]
-pub struct Progress {
-    pub batches: std::sync::atomic::AtomicU64,
-    pub changes: std::sync::atomic::AtomicU64,
-}
-
 pub struct Sender {
     b: Builder,
     transport: Transport,
@@ -255,6 +280,11 @@ impl Sender {
         let pool = Pool::new(OptsBuilder::from_opts(opts).init(vec!["SET time_zone = '+00:00'"]));
         let transport = Transport::connect(&cfg).await?;
         let cursor = Cursor::new(&cfg.state_dir)?;
+        let progress = std::sync::Arc::new(Progress::new(
+            &cfg.site,
+            &cfg.state_dir,
+            Duration::from_millis(cfg.retry_delay_ms_max),
+        ));
         Ok(Sender {
             b: Builder {
                 cfg,
@@ -265,7 +295,7 @@ impl Sender {
             },
             transport,
             cursor,
-            progress: Default::default(),
+            progress,
         })
     }
 
@@ -279,7 +309,11 @@ impl Sender {
     ) -> Result<(), DbError> {
         let start = match self.cursor.read()? {
             Some(p) if !force_snapshot => p,
-            _ if force_snapshot || self.b.cfg.snapshot => self.snapshot().await?,
+            _ if force_snapshot || self.b.cfg.snapshot => match self.snapshot(&mut stop).await? {
+                Some(p) => p,
+                // Stopped: the next run copies the tables again.
+                None => return Ok(()),
+            },
             _ => {
                 let mut conn = self.b.pool.get_conn().await?;
                 let p = current_position(&mut conn).await?;
@@ -294,6 +328,8 @@ impl Sender {
             cursor,
             progress,
         } = self;
+        progress.following(&start.to_string());
+        progress.save(true)?;
         let tables: Vec<String> = b
             .schema
             .tables
@@ -335,15 +371,16 @@ impl Sender {
                     _ = stop.wait_for(|s| *s) => None,
                 };
                 let Some(part) = part else { return Ok(()) };
-                tokio::select! {
-                    r = transport.deliver(&part) => r?,
-                    _ = stop.wait_for(|s| *s) => return Ok(()),
+                if !until_through(&transport, &progress, &part, &mut stop).await? {
+                    return Ok(());
                 }
                 let end = part
                     .end_position()
                     .expect("a batch from the binlog has a position");
                 cursor.write(&end)?;
-                count(&progress, &part);
+                let was_failing = progress.state() != "following";
+                progress.delivered(part.changes.len(), &end.to_string());
+                progress.save(was_failing)?;
             }
         }
         .await;
@@ -356,14 +393,6 @@ impl Sender {
         };
         delivered.and(built)
     }
-}
-
-fn count(progress: &Progress, batch: &Batch) {
-    use std::sync::atomic::Ordering::Relaxed;
-    progress.batches.fetch_add(1, Relaxed);
-    progress
-        .changes
-        .fetch_add(batch.changes.len() as u64, Relaxed);
 }
 
 impl Builder {
@@ -494,7 +523,11 @@ impl Builder {
 impl Sender {
     /// Copies the followed tables, parents first, from one consistent
     /// read, and answers the binlog position that read stands at.
-    async fn snapshot(&mut self) -> Result<Position, DbError> {
+    /// Copies the tables; `None` when `stop` came first.
+    async fn snapshot(
+        &mut self,
+        stop: &mut tokio::sync::watch::Receiver<bool>,
+    ) -> Result<Option<Position>, DbError> {
         let started = Instant::now();
         let opts =
             Opts::from_url(&self.b.cfg.source).map_err(|e| DbError::Config(e.to_string()))?;
@@ -568,8 +601,11 @@ impl Sender {
                         snapshot_done: false,
                         changes,
                     };
-                    self.transport.deliver(&batch).await?;
-                    count(&self.progress, &batch);
+                    if !until_through(&self.transport, &self.progress, &batch, stop).await? {
+                        return Ok(None);
+                    }
+                    self.progress
+                        .delivered(batch.changes.len(), &pos.to_string());
                 }
                 if done {
                     break;
@@ -586,10 +622,12 @@ impl Sender {
             snapshot_done: true,
             changes: Vec::new(),
         };
-        self.transport.deliver(&done).await?;
+        if !until_through(&self.transport, &self.progress, &done, stop).await? {
+            return Ok(None);
+        }
         self.cursor.write(&pos)?;
         tracing::info!(rows = total, position = %pos, seconds = started.elapsed().as_secs_f64(), "snapshot delivered");
-        Ok(pos)
+        Ok(Some(pos))
     }
 }
 

@@ -23,6 +23,19 @@ pub struct SenderArgs {
     /// position, say).
     #[arg(long)]
     snapshot: bool,
+    #[command(subcommand)]
+    cmd: Option<SenderCmd>,
+}
+
+#[derive(Subcommand)]
+enum SenderCmd {
+    /// What the sender is doing: its state, position, counters and last
+    /// error (from its status file, kept while it runs).
+    Status {
+        /// Print the status file's JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(clap::Args)]
@@ -83,13 +96,100 @@ fn stop_on_signal() -> watch::Receiver<bool> {
 }
 
 pub fn sender(a: SenderArgs) -> anyhow::Result<()> {
-    init_logging("info");
     let cfg = SenderConfig::load(&a.config)?;
+    if let Some(SenderCmd::Status { json }) = a.cmd {
+        return sender_status(&cfg, json);
+    }
+    init_logging("info");
     runtime()?.block_on(async {
+        let listener = match &cfg.status_listen {
+            Some(addr) => {
+                let l = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("status_listen: cannot listen on {addr}"))?;
+                if !l.local_addr()?.ip().is_loopback() {
+                    anyhow::bail!("status_listen {addr}: a loopback address only (the status names tables and errors)");
+                }
+                Some(l)
+            }
+            None => None,
+        };
         let s = Sender::open(cfg).await?;
+        if let Some(l) = listener {
+            tracing::info!(addr = %l.local_addr()?, "db-sender status on /status and /metrics");
+            let app = status_router(s.progress.clone());
+            tokio::spawn(async move { axum::serve(l, app).await });
+        }
         s.run(a.snapshot, stop_on_signal()).await?;
         Ok(())
     })
+}
+
+/// `GET /status` (JSON) and `GET /metrics` (Prometheus) of a running sender.
+fn status_router(p: Arc<fhirsync_db::status::Progress>) -> axum::Router {
+    use axum::routing::get;
+    let q = p.clone();
+    axum::Router::new()
+        .route(
+            "/status",
+            get(move || {
+                let p = p.clone();
+                async move { axum::Json(p.to_json()) }
+            }),
+        )
+        .route(
+            "/metrics",
+            get(move || {
+                let q = q.clone();
+                async move {
+                    (
+                        [(
+                            axum::http::header::CONTENT_TYPE,
+                            "text/plain; version=0.0.4",
+                        )],
+                        q.metrics(),
+                    )
+                }
+            }),
+        )
+}
+
+/// `fhirsync db-sender --config F status`.
+fn sender_status(cfg: &SenderConfig, json: bool) -> anyhow::Result<()> {
+    let path = fhirsync_db::status::status_file(&cfg.state_dir);
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("no status at {} (has this sender run yet?)", path.display()))?;
+    if json {
+        println!("{text}");
+        return Ok(());
+    }
+    let v: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{} is not JSON", path.display()))?;
+    let t = |k: &str| match &v[k] {
+        serde_json::Value::Null => "-".to_string(),
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    println!(
+        "site {} {} at {} · {} batches, {} changes · {} refused, {} delivery errors · updated {}",
+        t("site"),
+        t("state"),
+        t("position"),
+        t("batches"),
+        t("changes"),
+        t("refused"),
+        t("deliveryErrors"),
+        t("updated")
+    );
+    if v["lastError"].is_string() {
+        println!(
+            "  failing since {} ({} attempts): {}",
+            t("failingSince"),
+            t("attempts"),
+            t("lastError")
+        );
+    }
+    Ok(())
 }
 
 async fn open_receiver(path: &Path) -> anyhow::Result<(ReceiverConfig, Receiver)> {

@@ -771,3 +771,114 @@ async fn a_conflict_shows_both_rows_in_the_receivers_zone_with_the_same_types() 
         "{text}"
     );
 }
+
+/// `fhirsync db-sender --config CONFIG status --json`.
+fn sender_status(s: &Site) -> Value {
+    let out = Command::new(BIN)
+        .args(["db-sender", "--config"])
+        .arg(&s.config)
+        .args(["status", "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refused_batch_is_kept_and_retried_until_the_receiver_can_take_it() {
+    need_mariadb();
+    let db = MariaDb::start().unwrap();
+    db.sql(&(schema("site_a") + &schema("central")));
+    db.sql("CREATE TABLE site_a.visit (id INT PRIMARY KEY AUTO_INCREMENT, uuid CHAR(36) NOT NULL UNIQUE, note VARCHAR(40))");
+    let (central, mut tokens) = receiver(&db, None, None, &["site-a"]);
+    let status_port = free_port();
+    let a = site(
+        &db,
+        "site-a",
+        "site_a",
+        "UTC",
+        &format!(
+            "retry_delay_ms_max = 300\nstatus_listen = \"127.0.0.1:{status_port}\"\n{}",
+            http_link(&central, &tokens.remove(0))
+        ),
+        true,
+    );
+    let mut sender = start_sender(&a);
+    db.sql("INSERT INTO site_a.person (uuid, name) VALUES ('p-0', 'before')");
+    wait_for(&db, "SELECT COUNT(*) FROM central.person", "1");
+    // The central database has no table visit: the receiver refuses.
+    db.sql("INSERT INTO site_a.visit (uuid, note) VALUES ('v-1', 'first visit')");
+    db.sql("INSERT INTO site_a.person (uuid, name) VALUES ('p-1', 'after')");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let st = loop {
+        let st = sender_status(&a);
+        if st["state"] == "refused" && st["attempts"].as_u64() >= Some(3) {
+            break st;
+        }
+        assert!(Instant::now() < deadline, "never refused: {st}\n{}", logs());
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(
+        st["lastError"]
+            .as_str()
+            .unwrap()
+            .contains("table visit is not in the receiver's database central"),
+        "{st}"
+    );
+    // Still running, the cursor still before the refused batch, and the
+    // change behind it waits its turn.
+    assert!(
+        sender.0.try_wait().unwrap().is_none(),
+        "the sender exited\n{}",
+        logs()
+    );
+    let cursor_file = a.config.parent().unwrap().join("state/cursor");
+    let cursor = std::fs::read_to_string(&cursor_file).unwrap();
+    assert_eq!(st["position"].as_str().unwrap(), cursor.trim(), "{st}");
+    let m = reqwest::get(format!("http://127.0.0.1:{status_port}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        m.contains("fhirsync_db_sender_failing{site=\"site-a\"} 1"),
+        "{m}"
+    );
+    let refused: u64 = m
+        .lines()
+        .find(|l| l.starts_with("fhirsync_db_sender_refused_total"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    assert!(refused >= 3, "{m}");
+    let sites = admin_get(&central, "/db/sites").await;
+    assert!(
+        sites[0]["last_error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("table visit"),
+        "{sites}"
+    );
+    assert_eq!(db.sql("SELECT COUNT(*) FROM central.person").trim(), "1");
+    assert_eq!(std::fs::read_to_string(&cursor_file).unwrap(), cursor);
+    // Fixed at the centre: the batch goes through, in order.
+    db.sql("CREATE TABLE central.visit (id INT PRIMARY KEY AUTO_INCREMENT, uuid CHAR(36) NOT NULL UNIQUE, note VARCHAR(40))");
+    wait_for(&db, "SELECT note FROM central.visit", "first visit");
+    wait_for(&db, "SELECT COUNT(*) FROM central.person", "2");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let st = sender_status(&a);
+        if st["state"] == "following" && st["lastError"].is_null() {
+            assert_ne!(st["position"].as_str().unwrap(), cursor.trim());
+            break;
+        }
+        assert!(Instant::now() < deadline, "{st}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(sender.0.try_wait().unwrap().is_none());
+}
