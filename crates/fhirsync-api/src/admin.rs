@@ -343,29 +343,27 @@ pub async fn audit(
     ))
 }
 
-/// `/metrics` in the Prometheus text format.
 /// 401 unless `/metrics` is open or the caller sent the metrics (or the
 /// admin) token.
 fn check_metrics(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
     let Some(want) = &state.cfg.metrics_token else {
         return Ok(());
     };
-    let got = bearer(headers);
     let admin = state.cfg.admin_token.as_deref();
-    match got {
-        Some(t)
-            if crate::peers::same(t, want) || admin.is_some_and(|a| crate::peers::same(t, a)) =>
-        {
-            Ok(())
-        }
-        _ => Err(ApiError::new(
-            401,
-            "login",
-            "/metrics needs the metrics bearer token (metrics_token)",
-        )),
+    let ok = bearer(headers).is_some_and(|t| {
+        crate::peers::same(t, want) || admin.is_some_and(|a| crate::peers::same(t, a))
+    });
+    if ok {
+        return Ok(());
     }
+    Err(ApiError::new(
+        401,
+        "login",
+        "/metrics needs the metrics bearer token (metrics_token)",
+    ))
 }
 
+/// `/metrics` in the Prometheus text format.
 pub async fn metrics(
     State(state): State<AppState>,
     headers: HeaderMap,

@@ -283,6 +283,26 @@ fn one_site(before: &str, snapshot: bool) -> (MariaDb, Central, String, Site) {
     (db, central, token, a)
 }
 
+/// A node whose console links the receiver, and a browser signed in to
+/// it as a user of `role`.
+async fn linked_console(central: &Central, role: Role) -> (InProcess, Web) {
+    let users_file = central.dir.path().join("console-users");
+    users::add(&users_file, "amina", role, "kisumu-district-2026").unwrap();
+    let mut cfg = ConsoleConfig::new(users_file);
+    cfg.db_receiver = Some(DbReceiverLink {
+        url: central.url.clone(),
+        admin_token: ADMIN.into(),
+    });
+    let node = InProcess::start_with(Options {
+        console: Some(cfg),
+        ..Options::default()
+    })
+    .await;
+    let mut w = Web::new(node.console.as_deref().unwrap());
+    assert_eq!(w.login("amina", "kisumu-district-2026").await.status, 303);
+    (node, w)
+}
+
 fn need_mariadb() {
     assert!(
         available(),
@@ -573,20 +593,7 @@ async fn a_conflict_is_queued_holds_its_row_and_is_resolved() {
 
     // The console of a node linked to the receiver shows the site and the
     // conflict with both versions; an admin takes the incoming one there.
-    let users_file = central.dir.path().join("console-users");
-    users::add(&users_file, "amina", Role::Admin, "kisumu-district-2026").unwrap();
-    let mut cfg = ConsoleConfig::new(users_file);
-    cfg.db_receiver = Some(DbReceiverLink {
-        url: central.url.clone(),
-        admin_token: ADMIN.into(),
-    });
-    let node = InProcess::start_with(Options {
-        console: Some(cfg),
-        ..Options::default()
-    })
-    .await;
-    let mut w = Web::new(node.console.as_deref().unwrap());
-    assert_eq!(w.login("amina", "kisumu-district-2026").await.status, 303);
+    let (_node, mut w) = linked_console(&central, Role::Admin).await;
     let p = w.get("/db").await;
     assert!(
         p.body.contains("site-a") && p.body.contains(&format!("href=\"/db/conflicts/{id}\"")),
@@ -742,20 +749,7 @@ async fn a_conflict_shows_both_rows_in_the_receivers_zone_with_the_same_types() 
     assert!(inc.get("id").is_none() && loc.get("id").is_none(), "{c}");
     // The console's diff marks only what differs: the name and the change time.
     let id = c["id"].as_i64().unwrap();
-    let users_file = central.dir.path().join("console-users");
-    users::add(&users_file, "amina", Role::Viewer, "kisumu-district-2026").unwrap();
-    let mut cfg = ConsoleConfig::new(users_file);
-    cfg.db_receiver = Some(DbReceiverLink {
-        url: central.url.clone(),
-        admin_token: ADMIN.into(),
-    });
-    let node = InProcess::start_with(Options {
-        console: Some(cfg),
-        ..Options::default()
-    })
-    .await;
-    let mut w = Web::new(node.console.as_deref().unwrap());
-    assert_eq!(w.login("amina", "kisumu-district-2026").await.status, 303);
+    let (_node, mut w) = linked_console(&central, Role::Viewer).await;
     let p = w.get(&format!("/db/conflicts/{id}")).await;
     assert!(
         p.body.contains("<span id=\"changed\">2</span>"),

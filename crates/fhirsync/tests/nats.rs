@@ -559,19 +559,22 @@ async fn the_outbox_shows_a_dead_server_within_a_second() {
             .unwrap()["publish"]
             .clone()
     };
-    put(&a, "Patient/first", &pat("first")).await;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let p = publish().await;
-        if p["state"] == "ok" && p["lagSeq"] == 0 && p["cursor"] == 1 {
-            break;
+    let published = |cursor: u64| async move {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let p = publish().await;
+            if p["state"] == "ok" && p["lagSeq"] == 0 && p["cursor"] == cursor {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "not published up to {cursor}: {p}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        assert!(
-            Instant::now() < deadline,
-            "the first write was not published: {p}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    };
+    put(&a, "Patient/first", &pat("first")).await;
+    published(1).await;
     server.kill();
     for i in 0..100 {
         put(&a, &format!("Patient/w{i}"), &pat(&format!("w{i}"))).await;
@@ -594,16 +597,5 @@ async fn the_outbox_shows_a_dead_server_within_a_second() {
     }
     // Back again: everything goes out and the edge is ok.
     server.restart().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let p = publish().await;
-        if p["state"] == "ok" && p["lagSeq"] == 0 && p["cursor"] == 101 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "not published after the restart: {p}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    published(101).await;
 }
