@@ -38,10 +38,44 @@ impl<'a> Env<'a> {
 #[derive(Clone)]
 pub(crate) struct Cx<'a, 'e> {
     pub env: &'e Env<'a>,
+    /// Work done so far by this evaluation (see [`WORK_MAX`]).
+    pub work: &'e std::cell::Cell<u64>,
     pub context: Coll<'a>,
     pub this: Option<Item<'a>>,
     pub index: Option<usize>,
     pub total: Option<Coll<'a>>,
+}
+
+/// Most work one evaluation may do: a unit per sub-expression evaluated,
+/// per item it yields, per 64 bytes of the strings it makes, and per
+/// comparison of the de-duplications (`|`, `repeat`); past it the
+/// evaluation fails (and, as a filter or trigger, does not pass).
+pub const WORK_MAX: u64 = 2_000_000;
+/// Longest string an evaluation may make, in bytes.
+pub const STRING_BYTES_MAX: usize = 1 << 20;
+
+impl Cx<'_, '_> {
+    /// Counts `n` units of work; an error past [`WORK_MAX`].
+    pub fn spend(&self, n: usize) -> R<()> {
+        let w = self.work.get().saturating_add(n as u64);
+        self.work.set(w);
+        if w > WORK_MAX {
+            return Err(exec(format!(
+                "the evaluation needs more than {WORK_MAX} steps (WORK_MAX)"
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// An error unless a string of `len` bytes may be made.
+pub(crate) fn string_fits(len: usize) -> R<()> {
+    if len > STRING_BYTES_MAX {
+        return Err(exec(format!(
+            "a string of {len} bytes is longer than {STRING_BYTES_MAX} (STRING_BYTES_MAX)"
+        )));
+    }
+    Ok(())
 }
 
 pub(crate) fn exec(msg: impl Into<String>) -> Error {
@@ -155,6 +189,20 @@ fn known_type(name: &str) -> Option<String> {
 }
 
 pub(crate) fn eval<'a>(e: &Expr, focus: &[Item<'a>], cx: &Cx<'a, '_>) -> R<Coll<'a>> {
+    cx.spend(1)?;
+    let out = eval_node(e, focus, cx)?;
+    let bytes: usize = out
+        .iter()
+        .map(|i| match i {
+            Item::Str(s) => s.len(),
+            _ => 0,
+        })
+        .sum();
+    cx.spend(out.len() + bytes / 64)?;
+    Ok(out)
+}
+
+fn eval_node<'a>(e: &Expr, focus: &[Item<'a>], cx: &Cx<'a, '_>) -> R<Coll<'a>> {
     Ok(match e {
         Expr::Empty => Vec::new(),
         Expr::Lit(x) => vec![x.clone()],
@@ -324,6 +372,9 @@ fn binary<'a>(op: Op, l: &Expr, r: &Expr, focus: &[Item<'a>], cx: &Cx<'a, '_>) -
     }
     let a = eval(l, focus, cx)?;
     let b = eval(r, focus, cx)?;
+    if op == Op::Union {
+        return union(a, b, cx);
+    }
     apply(op, a, b)
 }
 
@@ -333,7 +384,7 @@ pub(crate) fn apply<'a>(op: Op, a: Coll<'a>, b: Coll<'a>) -> R<Coll<'a>> {
             (Some(x), Some(y)) => Some(x != y),
             _ => None,
         }),
-        Op::Union => union(a, b),
+        Op::Union => unreachable!("handled in binary, where its work is counted"),
         Op::Eq | Op::Ne => {
             if a.is_empty() || b.is_empty() {
                 return Ok(Vec::new());
@@ -382,7 +433,9 @@ pub(crate) fn apply<'a>(op: Op, a: Coll<'a>, b: Coll<'a>) -> R<Coll<'a>> {
             let s = |c: &[Item]| -> R<String> {
                 Ok(single(c, "&")?.map(|i| i.to_string()).unwrap_or_default())
             };
-            vec![Item::Str(s(&a)? + &s(&b)?)]
+            let (x, y) = (s(&a)?, s(&b)?);
+            string_fits(x.len() + y.len())?;
+            vec![Item::Str(x + &y)]
         }
         Op::Add | Op::Sub | Op::Mul | Op::Div | Op::IntDiv | Op::Mod => {
             let (Some(x), Some(y)) = (single(&a, "arithmetic")?, single(&b, "arithmetic")?) else {
@@ -394,14 +447,15 @@ pub(crate) fn apply<'a>(op: Op, a: Coll<'a>, b: Coll<'a>) -> R<Coll<'a>> {
     })
 }
 
-pub(crate) fn union<'a>(a: Coll<'a>, b: Coll<'a>) -> Coll<'a> {
+pub(crate) fn union<'a>(a: Coll<'a>, b: Coll<'a>, cx: &Cx<'a, '_>) -> R<Coll<'a>> {
     let mut out: Coll = Vec::with_capacity(a.len() + b.len());
     for v in a.into_iter().chain(b) {
+        cx.spend(out.len())?;
         if !out.iter().any(|x| equal(x, &v) == Some(true)) {
             out.push(v);
         }
     }
-    out
+    Ok(out)
 }
 
 fn arith<'a>(op: Op, x: &Item<'a>, y: &Item<'a>) -> R<Option<Item<'a>>> {
@@ -424,7 +478,10 @@ fn arith<'a>(op: Op, x: &Item<'a>, y: &Item<'a>) -> R<Option<Item<'a>>> {
             Op::Mod => a.checked_rem(*b).map(Int),
             _ => return Err(bad()),
         },
-        (Str(a), Str(b)) if op == Op::Add => Some(Str(format!("{a}{b}"))),
+        (Str(a), Str(b)) if op == Op::Add => {
+            string_fits(a.len() + b.len())?;
+            Some(Str(format!("{a}{b}")))
+        }
         (Qty(a, u), Qty(b, v)) => match op {
             Op::Add if u == v => a.checked_add(*b).map(|r| Qty(r, u.clone())),
             Op::Sub if u == v => a.checked_sub(*b).map(|r| Qty(r, u.clone())),

@@ -9,7 +9,9 @@ use rust_decimal::prelude::ToPrimitive;
 use rust_decimal::{Decimal, MathematicalOps};
 use serde_json::Value;
 
-use super::eval::{boolean, eval, exec, member, single, truth, type_is, union, Coll, Cx, R};
+use super::eval::{
+    boolean, eval, exec, member, single, string_fits, truth, type_is, union, Coll, Cx, R,
+};
 use super::parse::Expr;
 use super::value::{dec_f64, dec_from_f64, equal, num, parse_decimal, time_of, Item, Temporal};
 use super::Error;
@@ -178,8 +180,8 @@ fn contains_eq(c: &[Item], x: &Item) -> bool {
     c.iter().any(|y| equal(x, y) == Some(true))
 }
 
-fn distinct<'a>(input: Coll<'a>) -> Coll<'a> {
-    union(input, Vec::new())
+fn distinct<'a>(input: Coll<'a>, cx: &Cx<'a, '_>) -> R<Coll<'a>> {
+    union(input, Vec::new(), cx)
 }
 
 pub(crate) fn call<'a>(
@@ -231,10 +233,10 @@ pub(crate) fn call<'a>(
             b(other.iter().all(|x| contains_eq(&input, x)))
         }
         "count" => Ok(vec![Item::Int(input.len() as i64)]),
-        "distinct" => Ok(distinct(input)),
+        "distinct" => distinct(input, cx),
         "isDistinct" => {
             let n = input.len();
-            b(distinct(input).len() == n)
+            b(distinct(input, cx)?.len() == n)
         }
         "where" => {
             let keep = each(&input, &args[0], cx)?;
@@ -257,6 +259,7 @@ pub(crate) fn call<'a>(
                     .collect();
                 frontier = Vec::new();
                 for n in next {
+                    cx.spend(out.len())?;
                     if !contains_eq(&out, &n) {
                         out.push(n.clone());
                         frontier.push(n);
@@ -295,21 +298,24 @@ pub(crate) fn call<'a>(
         }
         "intersect" => {
             let other = arg(0)?;
-            Ok(distinct(
+            cx.spend(input.len().saturating_mul(other.len()))?;
+            distinct(
                 input
                     .into_iter()
                     .filter(|x| contains_eq(&other, x))
                     .collect(),
-            ))
+                cx,
+            )
         }
         "exclude" => {
             let other = arg(0)?;
+            cx.spend(input.len().saturating_mul(other.len()))?;
             Ok(input
                 .into_iter()
                 .filter(|x| !contains_eq(&other, x))
                 .collect())
         }
-        "union" => Ok(union(input, arg(0)?)),
+        "union" => union(input, arg(0)?, cx),
         "combine" => Ok(input.into_iter().chain(arg(0)?).collect()),
         "iif" => {
             let it = single(&input, "iif()")?.cloned();
@@ -350,7 +356,12 @@ pub(crate) fn call<'a>(
                 arg_str(args, 0, focus, cx)?
             };
             let parts: Vec<String> = input.iter().map(|i| i.prim().to_string()).collect();
-            Ok(vec![Item::Str(parts.join(&sep.unwrap_or_default()))])
+            let sep = sep.unwrap_or_default();
+            string_fits(
+                parts.iter().map(String::len).sum::<usize>()
+                    + sep.len().saturating_mul(parts.len()),
+            )?;
+            Ok(vec![Item::Str(parts.join(&sep))])
         }
         "abs" | "ceiling" | "exp" | "floor" | "ln" | "log" | "power" | "round" | "sqrt"
         | "truncate" => math(name, &input, args, focus, cx),
@@ -675,6 +686,7 @@ fn string<'a>(
         "lower" => out(Item::Str(s.to_lowercase())),
         "replace" => match (sa(0)?, sa(1)?) {
             (Some(p), Some(r)) => out(Item::Str(if p.is_empty() {
+                string_fits(s.len() + (chars.len() + 1).saturating_mul(r.len()))?;
                 let mut o = r.clone();
                 for c in s.chars() {
                     o.push(c);
@@ -682,6 +694,7 @@ fn string<'a>(
                 }
                 o
             } else {
+                string_fits(s.len() + s.matches(p.as_str()).count().saturating_mul(r.len()))?;
                 s.replace(&p, &r)
             })),
             _ => Ok(Vec::new()),
@@ -705,10 +718,14 @@ fn string<'a>(
             }
             match sa(1)? {
                 None => Ok(Vec::new()),
-                Some(r) => out(Item::Str(
-                    re.replace_all(&s, r.replace("$", "$$").replace("$$$$", "$$").as_str())
-                        .into_owned(),
-                )),
+                Some(r) => {
+                    string_fits(s.len() + re.find_iter(&s).count().saturating_mul(r.len()))?;
+                    let done = re
+                        .replace_all(&s, r.replace("$", "$$").replace("$$$$", "$$").as_str())
+                        .into_owned();
+                    string_fits(done.len())?;
+                    out(Item::Str(done))
+                }
             }
         }
         "length" => out(Item::Int(chars.len() as i64)),

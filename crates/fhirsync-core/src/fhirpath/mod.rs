@@ -15,7 +15,8 @@ mod value;
 use serde_json::Value;
 
 pub use eval::Env;
-pub use parse::{Expr, Op};
+pub use eval::{STRING_BYTES_MAX, WORK_MAX};
+pub use parse::{Expr, Op, DEPTH_MAX, EXPRESSION_BYTES_MAX, NEST_MAX};
 pub use value::{Item, Node, Temporal};
 
 /// Why an expression was refused or failed.
@@ -38,8 +39,10 @@ pub fn parse(s: &str) -> Result<Expr, Error> {
 /// variables of `env`.
 pub fn evaluate<'a>(e: &Expr, resource: &'a Value, env: &Env<'a>) -> Result<Vec<Item<'a>>, Error> {
     let root = vec![Item::node(resource)];
+    let work = std::cell::Cell::new(0);
     let cx = eval::Cx {
         env,
+        work: &work,
         context: root.clone(),
         this: None,
         index: None,

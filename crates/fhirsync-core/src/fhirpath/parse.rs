@@ -202,7 +202,36 @@ fn lex(s: &str) -> Result<Vec<Tok>, Error> {
 struct P {
     t: Vec<Tok>,
     i: usize,
+    /// Sub-expressions being parsed inside each other (parentheses,
+    /// arguments, indexers, unary minus).
+    nest: usize,
 }
+
+/// Longest expression text, in bytes.
+pub const EXPRESSION_BYTES_MAX: usize = 16 * 1024;
+/// Deepest syntax tree: every form of nesting counts (parentheses,
+/// arguments as in `where(where(...))`, chains as in `.not().not()...`,
+/// runs of one operator as in `a | b | c ...`), so evaluating and dropping
+/// a tree never recurses deeper than this.
+pub const DEPTH_MAX: usize = 128;
+/// Most sub-expressions inside each other (parentheses, arguments,
+/// indexers, signs), which the parser reads by recursion.
+pub const NEST_MAX: usize = 32;
+
+fn too_deep() -> Error {
+    syntax(format!(
+        "the expression's tree is deeper than {DEPTH_MAX} levels (DEPTH_MAX)"
+    ))
+}
+
+fn too_nested() -> Error {
+    syntax(format!(
+        "the expression nests more than {NEST_MAX} sub-expressions inside each other (NEST_MAX)"
+    ))
+}
+
+/// A tree and its height.
+type H = (Expr, usize);
 
 const LEVELS: &[&[(&str, Op)]] = &[
     &[("implies", Op::Implies)],
@@ -250,11 +279,30 @@ impl P {
         }
     }
 
-    fn level(&mut self, n: usize) -> Result<Expr, Error> {
+    /// A node of height `h`, refused past [`DEPTH_MAX`].
+    fn node(&self, e: Expr, h: usize) -> Result<H, Error> {
+        if h > DEPTH_MAX {
+            return Err(too_deep());
+        }
+        Ok((e, h))
+    }
+
+    /// A whole sub-expression (in parentheses, an argument, an index).
+    fn nested(&mut self) -> Result<H, Error> {
+        self.nest += 1;
+        if self.nest > NEST_MAX {
+            return Err(too_nested());
+        }
+        let r = self.level(0);
+        self.nest -= 1;
+        r
+    }
+
+    fn level(&mut self, n: usize) -> Result<H, Error> {
         if n == LEVELS.len() {
             return self.unary();
         }
-        let mut left = self.level(n + 1)?;
+        let (mut left, mut h) = self.level(n + 1)?;
         loop {
             if n == 7 {
                 let is = if self.is_op("is") {
@@ -266,17 +314,20 @@ impl P {
                 };
                 self.i += 1;
                 let ty = self.type_name()?;
-                left = Expr::Type(is, Box::new(left), ty);
+                (left, h) = self.node(Expr::Type(is, Box::new(left), ty), h + 1)?;
                 continue;
             }
             let Some(op) = LEVELS[n].iter().find(|(w, _)| self.is_op(w)).map(|x| x.1) else {
                 break;
             };
             self.i += 1;
-            let right = self.level(n + 1)?;
-            left = Expr::Bin(op, Box::new(left), Box::new(right));
+            let (right, hr) = self.level(n + 1)?;
+            (left, h) = self.node(
+                Expr::Bin(op, Box::new(left), Box::new(right)),
+                h.max(hr) + 1,
+            )?;
         }
-        Ok(left)
+        Ok((left, h))
     }
 
     fn type_name(&mut self) -> Result<String, Error> {
@@ -298,49 +349,59 @@ impl P {
         }
     }
 
-    fn unary(&mut self) -> Result<Expr, Error> {
-        if self.is_op("-") {
+    fn unary(&mut self) -> Result<H, Error> {
+        if self.is_op("-") || self.is_op("+") {
+            let minus = self.is_op("-");
             self.i += 1;
-            let e = self.unary()?;
-            return Ok(match e {
-                Expr::Lit(Item::Int(i)) => Expr::Lit(Item::Int(-i)),
-                Expr::Lit(Item::Dec(d)) => Expr::Lit(Item::Dec(-d)),
-                Expr::Lit(Item::Qty(d, u)) => Expr::Lit(Item::Qty(-d, u)),
-                e => Expr::Neg(Box::new(e)),
-            });
+            self.nest += 1;
+            if self.nest > NEST_MAX {
+                return Err(too_nested());
+            }
+            let r = self.unary();
+            self.nest -= 1;
+            let (e, h) = r?;
+            if !minus {
+                return Ok((e, h));
+            }
+            return match e {
+                Expr::Lit(Item::Int(i)) => Ok((Expr::Lit(Item::Int(-i)), h)),
+                Expr::Lit(Item::Dec(d)) => Ok((Expr::Lit(Item::Dec(-d)), h)),
+                Expr::Lit(Item::Qty(d, u)) => Ok((Expr::Lit(Item::Qty(-d, u)), h)),
+                e => self.node(Expr::Neg(Box::new(e)), h + 1),
+            };
         }
-        if self.is_op("+") {
-            self.i += 1;
-            return self.unary();
-        }
-        let mut e = self.term()?;
+        let (mut e, mut h) = self.term()?;
         loop {
             if self.is_op(".") {
                 self.i += 1;
                 let name = self.ident()?;
-                e = if self.is_op("(") {
-                    let args = self.args(&name)?;
-                    Expr::Call(Some(Box::new(e)), name, args)
+                (e, h) = if self.is_op("(") {
+                    let (args, ha) = self.args(&name)?;
+                    self.node(Expr::Call(Some(Box::new(e)), name, args), h.max(ha) + 1)?
                 } else {
-                    Expr::Member(Box::new(e), name)
+                    self.node(Expr::Member(Box::new(e), name), h + 1)?
                 };
             } else if self.is_op("[") {
                 self.i += 1;
-                let ix = self.level(0)?;
+                let (ix, hi) = self.nested()?;
                 self.expect("]")?;
-                e = Expr::Indexer(Box::new(e), Box::new(ix));
+                (e, h) = self.node(Expr::Indexer(Box::new(e), Box::new(ix)), h.max(hi) + 1)?;
             } else {
-                return Ok(e);
+                return Ok((e, h));
             }
         }
     }
 
-    fn args(&mut self, name: &str) -> Result<Vec<Expr>, Error> {
+    /// A call's arguments and the height of the highest.
+    fn args(&mut self, name: &str) -> Result<(Vec<Expr>, usize), Error> {
         self.expect("(")?;
         let mut args = Vec::new();
+        let mut h = 0;
         if !self.is_op(")") {
             loop {
-                args.push(self.level(0)?);
+                let (a, ha) = self.nested()?;
+                args.push(a);
+                h = h.max(ha);
                 if self.is_op(",") {
                     self.i += 1;
                 } else {
@@ -350,65 +411,70 @@ impl P {
         }
         self.expect(")")?;
         funcs::check(name, args.len())?;
-        Ok(args)
+        Ok((args, h))
     }
 
-    fn term(&mut self) -> Result<Expr, Error> {
+    fn term(&mut self) -> Result<H, Error> {
         let t = self
             .peek()
             .cloned()
             .ok_or_else(|| syntax("unexpected end of expression"))?;
         self.i += 1;
-        Ok(match t {
-            Tok::Str(s) => Expr::Lit(Item::Str(s)),
-            Tok::Num(n) => {
-                let unit = match self.peek().cloned() {
-                    Some(Tok::Str(u)) => Some(u),
-                    Some(Tok::Ident(w)) if is_calendar_word(&w) => Some(w),
-                    _ => None,
-                };
-                if let Some(u) = unit {
-                    self.i += 1;
-                    let d = parse_decimal(&n).ok_or_else(|| syntax("bad number"))?;
-                    Expr::Lit(Item::Qty(d, u))
-                } else if let Some(l) = n.strip_suffix('L') {
-                    Expr::Lit(Item::Int(l.parse().map_err(|_| syntax("bad integer"))?))
-                } else if n.contains('.') {
-                    Expr::Lit(Item::Dec(
-                        n.parse::<Decimal>().map_err(|_| syntax("bad decimal"))?,
-                    ))
-                } else {
-                    Expr::Lit(Item::Int(
-                        n.parse().map_err(|_| syntax("integer out of range"))?,
-                    ))
+        Ok((
+            match t {
+                Tok::Str(s) => Expr::Lit(Item::Str(s)),
+                Tok::Num(n) => {
+                    let unit = match self.peek().cloned() {
+                        Some(Tok::Str(u)) => Some(u),
+                        Some(Tok::Ident(w)) if is_calendar_word(&w) => Some(w),
+                        _ => None,
+                    };
+                    if let Some(u) = unit {
+                        self.i += 1;
+                        let d = parse_decimal(&n).ok_or_else(|| syntax("bad number"))?;
+                        Expr::Lit(Item::Qty(d, u))
+                    } else if let Some(l) = n.strip_suffix('L') {
+                        Expr::Lit(Item::Int(l.parse().map_err(|_| syntax("bad integer"))?))
+                    } else if n.contains('.') {
+                        Expr::Lit(Item::Dec(
+                            n.parse::<Decimal>().map_err(|_| syntax("bad decimal"))?,
+                        ))
+                    } else {
+                        Expr::Lit(Item::Int(
+                            n.parse().map_err(|_| syntax("integer out of range"))?,
+                        ))
+                    }
                 }
-            }
-            Tok::At(a) => Expr::Lit(temporal(&a)?),
-            Tok::Var(v) => Expr::Var(v),
-            Tok::Sym("(") => {
-                let e = self.level(0)?;
-                self.expect(")")?;
-                e
-            }
-            Tok::Sym("{") => {
-                self.expect("}")?;
-                Expr::Empty
-            }
-            Tok::Ident(w) if w == "true" || w == "false" => Expr::Lit(Item::Bool(w == "true")),
-            Tok::Ident(w) if w == "$this" => Expr::This,
-            Tok::Ident(w) if w == "$index" => Expr::Index,
-            Tok::Ident(w) if w == "$total" => Expr::Total,
-            Tok::Ident(w) if w.starts_with('$') => return Err(syntax(format!("unknown '{w}'"))),
-            Tok::Ident(w) | Tok::Quoted(w) => {
-                if self.is_op("(") {
-                    let args = self.args(&w)?;
-                    Expr::Call(None, w, args)
-                } else {
-                    Expr::Ident(w)
+                Tok::At(a) => Expr::Lit(temporal(&a)?),
+                Tok::Var(v) => Expr::Var(v),
+                Tok::Sym("(") => {
+                    let (e, h) = self.nested()?;
+                    self.expect(")")?;
+                    return Ok((e, h));
                 }
-            }
-            Tok::Sym(s) => return Err(syntax(format!("unexpected '{s}'"))),
-        })
+                Tok::Sym("{") => {
+                    self.expect("}")?;
+                    Expr::Empty
+                }
+                Tok::Ident(w) if w == "true" || w == "false" => Expr::Lit(Item::Bool(w == "true")),
+                Tok::Ident(w) if w == "$this" => Expr::This,
+                Tok::Ident(w) if w == "$index" => Expr::Index,
+                Tok::Ident(w) if w == "$total" => Expr::Total,
+                Tok::Ident(w) if w.starts_with('$') => {
+                    return Err(syntax(format!("unknown '{w}'")))
+                }
+                Tok::Ident(w) | Tok::Quoted(w) => {
+                    if self.is_op("(") {
+                        let (args, h) = self.args(&w)?;
+                        return self.node(Expr::Call(None, w, args), h + 1);
+                    } else {
+                        Expr::Ident(w)
+                    }
+                }
+                Tok::Sym(s) => return Err(syntax(format!("unexpected '{s}'"))),
+            },
+            1,
+        ))
     }
 }
 
@@ -428,11 +494,21 @@ fn temporal(a: &str) -> Result<Item<'static>, Error> {
 /// Parses an expression; unknown functions and wrong argument counts are
 /// refused here, never at evaluation time.
 pub fn parse(s: &str) -> Result<Expr, Error> {
-    let mut p = P { t: lex(s)?, i: 0 };
+    if s.len() > EXPRESSION_BYTES_MAX {
+        return Err(syntax(format!(
+            "the expression is {} bytes long, more than {EXPRESSION_BYTES_MAX} (EXPRESSION_BYTES_MAX)",
+            s.len()
+        )));
+    }
+    let mut p = P {
+        t: lex(s)?,
+        i: 0,
+        nest: 0,
+    };
     if p.t.is_empty() {
         return Err(syntax("empty expression"));
     }
-    let e = p.level(0)?;
+    let (e, _) = p.level(0)?;
     if p.i != p.t.len() {
         return Err(syntax(format!("unexpected {:?}", p.t[p.i])));
     }

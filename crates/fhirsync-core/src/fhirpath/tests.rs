@@ -104,3 +104,112 @@ fn overflow_is_an_error_not_a_panic() {
         let _ = evaluate(&x, &p, &Env::new());
     }
 }
+
+/// The forms of nesting sub-expressions inside each other, `n` deep.
+fn nested_forms(n: usize) -> Vec<(&'static str, String)> {
+    vec![
+        (
+            "parentheses",
+            format!("{}true{}", "(".repeat(n), ")".repeat(n)),
+        ),
+        (
+            "where in where",
+            format!("{}true{}", "where(".repeat(n), ")".repeat(n)),
+        ),
+        ("unary minus", format!("{}1", "-".repeat(n))),
+        (
+            "indexers in indexers",
+            format!("{}0{}", "name[".repeat(n), "]".repeat(n)),
+        ),
+    ]
+}
+
+/// The forms that make a deep tree without nesting, `n` long.
+fn chained_forms(n: usize) -> Vec<(&'static str, String)> {
+    vec![
+        ("method chain", format!("true{}", ".not()".repeat(n))),
+        ("union run", vec!["active"; n + 1].join(" | ")),
+        ("and run", vec!["active"; n + 1].join(" and ")),
+        ("member chain", format!("Patient{}", ".name".repeat(n))),
+        ("indexers", format!("name{}", "[0]".repeat(n))),
+    ]
+}
+
+#[test]
+fn deep_and_long_expressions_are_refused_not_a_crash() {
+    // The reported one: 2,000 pairs of parentheses.
+    let e = parse(&format!("{}true{}", "(".repeat(2000), ")".repeat(2000))).unwrap_err();
+    assert!(e.to_string().contains("NEST_MAX"), "{e}");
+    for (form, text) in nested_forms(NEST_MAX + 1) {
+        let e = parse(&text).expect_err(form);
+        assert!(e.to_string().contains("NEST_MAX"), "{form}: {e}");
+    }
+    for (form, text) in chained_forms(DEPTH_MAX + 1) {
+        let e = parse(&text).expect_err(form);
+        assert!(e.to_string().contains("DEPTH_MAX"), "{form}: {e}");
+    }
+    for (form, text) in nested_forms(100_000)
+        .into_iter()
+        .chain(chained_forms(100_000))
+    {
+        let e = parse(&text).expect_err(form);
+        assert!(
+            e.to_string().contains("EXPRESSION_BYTES_MAX"),
+            "{form}: {e}"
+        );
+    }
+}
+
+#[test]
+fn the_deepest_accepted_expressions_evaluate_on_a_small_stack() {
+    // A tokio worker's stack (2 MiB), in a debug build: every form at the
+    // deepest the parser takes parses, evaluates and drops without running
+    // out of stack.
+    std::thread::Builder::new()
+        .stack_size(2 << 20)
+        .spawn(|| {
+            let res = json!({"resourceType": "Patient", "active": true,
+                             "name": [{"family": "Otieno"}]});
+            let deepest = nested_forms(NEST_MAX)
+                .into_iter()
+                .chain(chained_forms(DEPTH_MAX - 2));
+            for (form, text) in deepest {
+                let e = parse(&text).unwrap_or_else(|err| panic!("{form}: {err}"));
+                let _ = evaluate(&e, &res, &Env::new());
+                drop(e);
+            }
+        })
+        .unwrap()
+        .join()
+        .unwrap();
+}
+
+#[test]
+fn costly_evaluations_stop_with_an_error() {
+    let res = json!({"resourceType": "Patient", "name": [{"family": "Otieno", "given": ["a", "b", "c"]}],
+                     "address": [{"line": ["1", "2"], "city": "Kisumu"}, {"city": "Nairobi"}]});
+    let run = |text: &str| {
+        let e = parse(text).unwrap();
+        evaluate(&e, &res, &Env::new())
+    };
+    // A string doubling at every step.
+    let doubling = format!("'ab'{}", ".replace('ab', 'abab')".repeat(40));
+    let e = run(&doubling).map(|r| r.len()).unwrap_err();
+    assert!(e.to_string().contains("STRING_BYTES_MAX"), "{e}");
+    let e = run("'x'.replace('', 'yyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyy').replace('', 'yyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyy').replace('', 'yyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyy').replace('', 'yyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyy')").map(|r| r.len()).unwrap_err();
+    assert!(e.to_string().contains("STRING_BYTES_MAX"), "{e}");
+    // Collections that grow at every step.
+    let growing = format!(
+        "descendants(){}",
+        ".select(%resource.descendants())".repeat(8)
+    );
+    let e = run(&growing).map(|r| r.len()).unwrap_err();
+    assert!(e.to_string().contains("WORK_MAX"), "{e}");
+    let dedup = format!(
+        "descendants(){}",
+        ".repeat(%resource.descendants())".repeat(4)
+    );
+    assert!(run(&dedup).map(|r| r.len()).is_ok());
+    // A cheap expression is untouched.
+    assert_eq!(run("name.given.count()").unwrap().len(), 1);
+}
