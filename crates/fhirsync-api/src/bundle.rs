@@ -4,7 +4,7 @@ use axum::body::Body;
 use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::Response;
-use fhirsync_core::resource::{check_resource, parse_resource};
+use fhirsync_core::resource::{check_resource, parse_client_resource};
 use fhirsync_store::{BundleKind, EntryResult, StoreError, WriteOutcome, WriteRequest};
 use serde_json::{json, Value};
 
@@ -21,7 +21,7 @@ pub async fn process(
     body: Body,
 ) -> Result<Response, ApiError> {
     let bytes = read_body(&state, &headers, body).await?;
-    let res = parse_resource(&bytes).map_err(StoreError::from)?;
+    let res = parse_client_resource(&bytes).map_err(StoreError::from)?;
     check_resource(&res, Some("Bundle")).map_err(StoreError::from)?;
     if let Some(axum::Extension(p)) = principal {
         crate::auth::check_bundle(&p, &res)?;

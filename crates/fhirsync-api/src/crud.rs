@@ -5,7 +5,7 @@ use axum::body::Body;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
-use fhirsync_core::resource::{check_resource, is_valid_id, parse_resource};
+use fhirsync_core::resource::{check_resource, is_valid_id, parse_client_resource};
 use fhirsync_core::search::SearchQuery;
 use fhirsync_core::ValidationError;
 use fhirsync_store::{Prepared, StoreError, WriteOutcome, WriteRequest};
@@ -24,7 +24,7 @@ async fn prepared_body(
     rtype: &str,
 ) -> Result<Prepared, ApiError> {
     let bytes = read_body(state, headers, body).await?;
-    let res = parse_resource(&bytes).map_err(StoreError::from)?;
+    let res = parse_client_resource(&bytes).map_err(StoreError::from)?;
     let t = check_resource(&res, Some(rtype)).map_err(StoreError::from)?;
     Ok(Prepared::new(t, res))
 }

@@ -9,6 +9,7 @@ pub mod fhirpath;
 pub mod hlc;
 pub mod index;
 pub mod instant;
+pub mod json_rules;
 pub mod meta;
 pub mod refs;
 pub mod replicate;

@@ -228,6 +228,20 @@ pub fn parse_resource(body: &[u8]) -> Result<Map<String, Value>, ValidationError
     }
 }
 
+/// [`parse_resource`] for what a client writes: FHIR's JSON rules too (no
+/// member twice in an object, no control characters but tab, CR and LF, no
+/// empty strings, objects or arrays; see [`crate::json_rules`]).
+pub fn parse_client_resource(body: &[u8]) -> Result<Map<String, Value>, ValidationError> {
+    let m = parse_resource(body)?;
+    if let Some(k) = crate::json_rules::duplicate_key(body) {
+        return Err(ValidationError::Json(format!(
+            "the member '{k}' appears twice in one object"
+        )));
+    }
+    crate::json_rules::check_members(&m).map_err(ValidationError::Json)?;
+    Ok(m)
+}
+
 /// Checks `resourceType` (known, and equal to `expected` when given) and the
 /// id element's form; returns the type.
 pub fn check_resource(

@@ -108,6 +108,42 @@ pub enum SearchError {
         value: String,
         why: &'static str,
     },
+    /// A search larger than a named limit.
+    #[error("{0}")]
+    Limit(String),
+}
+
+/// Most parameters (`key=value` pairs) in one search.
+pub const PARAMS_MAX: usize = 100;
+/// Longest value of one parameter, in bytes.
+pub const VALUE_BYTES_MAX: usize = 16 * 1024;
+/// Most comma-separated alternatives in one parameter's value.
+pub const VALUES_MAX: usize = 1000;
+
+/// An error unless `pairs` are within the search limits.
+fn check_limits(pairs: &[(String, String)]) -> Result<(), SearchError> {
+    if pairs.len() > PARAMS_MAX {
+        return Err(SearchError::Limit(format!(
+            "{} search parameters, more than {PARAMS_MAX} (PARAMS_MAX)",
+            pairs.len()
+        )));
+    }
+    for (k, v) in pairs {
+        if k.len() + v.len() > VALUE_BYTES_MAX {
+            return Err(SearchError::Limit(format!(
+                "search parameter '{}' is {} bytes long, more than {VALUE_BYTES_MAX} (VALUE_BYTES_MAX)",
+                k.chars().take(64).collect::<String>(),
+                k.len() + v.len()
+            )));
+        }
+        let alternatives = v.split(',').count();
+        if alternatives > VALUES_MAX {
+            return Err(SearchError::Limit(format!(
+                "search parameter '{k}' has {alternatives} values, more than {VALUES_MAX} (VALUES_MAX)"
+            )));
+        }
+    }
+    Ok(())
 }
 
 fn bad(param: &str, value: &str, why: &'static str) -> SearchError {
@@ -125,6 +161,7 @@ impl SearchQuery {
     /// Parses `key=value` pairs (already percent-decoded) for a search on
     /// `rtype`.
     pub fn parse(rtype: Option<&str>, pairs: &[(String, String)]) -> Result<Self, SearchError> {
+        check_limits(pairs)?;
         let mut q = SearchQuery {
             rtype: rtype.map(str::to_owned),
             count: COUNT_DEFAULT,

@@ -16,6 +16,9 @@ use crate::engine::{self, atomically, single_match, NewVersion, Stamp, WriteTx};
 use crate::types::*;
 use crate::StoreError;
 
+/// Most entries of one transaction or batch Bundle.
+pub const BUNDLE_ENTRIES_MAX: usize = 20_000;
+
 /// One request entry, parsed and checked.
 #[derive(Debug)]
 enum Op {
@@ -83,6 +86,12 @@ pub fn execute(
     };
     let entries = match bundle.get("entry") {
         None => Vec::new(),
+        Some(Value::Array(a)) if a.len() > BUNDLE_ENTRIES_MAX => {
+            return Err(StoreError::Unprocessable(format!(
+                "the Bundle has {} entries, more than {BUNDLE_ENTRIES_MAX} (BUNDLE_ENTRIES_MAX): split it",
+                a.len()
+            )))
+        }
         Some(Value::Array(a)) => a.clone(),
         Some(_) => {
             return Err(StoreError::BadRequest(
