@@ -252,3 +252,35 @@ async fn synthea_sized_patient_in_one_transaction() {
         "conditional Organization matched"
     );
 }
+
+#[tokio::test]
+async fn urn_uuid_references_in_a_cycle_resolve_once_each() {
+    // Three entries that refer to each other in a ring, one to itself: no
+    // graph is walked, each full URL becomes one id and every reference is
+    // rewritten once.
+    let s = InProcess::start().await;
+    let u = |n: u8| format!("urn:uuid:00000000-0000-4000-8000-00000000000{n}");
+    let obs = |me: u8, next: u8| {
+        json!({"fullUrl": u(me),
+               "resource": {"resourceType": "Observation", "status": "final", "code": {"text": format!("o{me}")},
+                            "hasMember": [{"reference": u(next)}, {"reference": u(me)}]},
+               "request": {"method": "POST", "url": "Observation"}})
+    };
+    let b = tx(json!([obs(1, 2), obs(2, 3), obs(3, 1)]));
+    let (st, resp) = status_json(post(&s, "", &b).await).await;
+    assert_eq!(st, 200, "{resp}");
+    let paths: Vec<String> = resp["entry"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            let l = e["response"]["location"].as_str().unwrap();
+            l.split("/_history").next().unwrap().to_owned()
+        })
+        .collect();
+    for (i, p) in paths.iter().enumerate() {
+        let (_, o) = status_json(get(&s, p).await).await;
+        assert_eq!(o["hasMember"][0]["reference"], paths[(i + 1) % 3], "{o}");
+        assert_eq!(o["hasMember"][1]["reference"], *p, "{o}");
+    }
+}
