@@ -200,6 +200,13 @@ impl Payload {
     }
 }
 
+/// Most filters (parameters of `backport-filter-criteria`) one
+/// subscription may have; every change a topic matches is tested
+/// against them.
+pub const FILTERS_MAX: usize = 64;
+/// Most values those filters may hold in all.
+pub const FILTER_VALUES_MAX: usize = 1000;
+
 /// A filter from `backport-filter-criteria`: `Type?param=a,b`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Filter {
@@ -266,6 +273,13 @@ impl Subscription {
                 .as_str()
                 .ok_or("backport-filter-criteria needs valueString")?;
             filters.extend(parse_filter(text)?);
+        }
+        let values: usize = filters.iter().map(|f| f.values.len()).sum();
+        if filters.len() > FILTERS_MAX || values > FILTER_VALUES_MAX {
+            return Err(format!(
+                "{} filters with {values} values: at most {FILTERS_MAX} filters (FILTERS_MAX) with {FILTER_VALUES_MAX} values in all (FILTER_VALUES_MAX)",
+                filters.len()
+            ));
         }
         let ch = &res["channel"];
         let declared = ch["type"].as_str().unwrap_or("");
@@ -659,6 +673,21 @@ mod tests {
             json!({"status": "requested", "criteria": "http://t", "channel": {"type": "nats", "endpoint": "a.*"}}),
         ] {
             assert!(Subscription::parse(&wrong).is_err(), "{wrong}");
+        }
+        // Filters past their limits.
+        let values: Vec<String> = (0..=FILTER_VALUES_MAX).map(|i| format!("v{i}")).collect();
+        for text in [
+            format!("Patient?gender={}", values.join(",")),
+            (0..=FILTERS_MAX)
+                .map(|i| format!("p{i}=x"))
+                .collect::<Vec<_>>()
+                .join("&"),
+        ] {
+            let sub = json!({"status": "requested", "criteria": "http://t",
+                "_criteria": {"extension": [{"url": format!("{BACKPORT}/backport-filter-criteria"), "valueString": text}]},
+                "channel": {"type": "rest-hook", "endpoint": "http://127.0.0.1:9/hook"}});
+            let e = Subscription::parse(&sub).unwrap_err();
+            assert!(e.contains("FILTERS_MAX"), "{e}");
         }
     }
 }

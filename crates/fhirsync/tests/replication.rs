@@ -758,7 +758,16 @@ async fn dead_letters_go_through_once_the_parent_takes_them() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_bad_parent_config_is_refused_with_one_line() {
     let dir = tempfile::tempdir().unwrap();
+    let deep = format!("{}true{}", "(".repeat(2000), ")".repeat(2000));
+    let deep_filter =
+        format!("[parent]\nurl = \"http://x/fhir\"\ntoken = \"t\"\n[parent.pull_filter]\nfhirpath = \"{deep}\"\n");
+    let long_filter = format!(
+        "[parent]\nurl = \"http://x/fhir\"\ntoken = \"t\"\n[parent.push_filter]\nfhirpath = \"{}\"\n",
+        vec!["active"; 5000].join(" or ")
+    );
     for (toml, want) in [
+        (deep_filter.as_str(), "NEST_MAX"),
+        (long_filter.as_str(), "EXPRESSION_BYTES_MAX"),
         ("[parent]\nurl = \"http://x/fhir\"\ntoken = \"t\"\nconflict_policy = \"newest\"\n", "unknown conflict policy 'newest'"),
         ("[parent]\nurl = \"http://x/fhir\"\ntoken = \"t\"\npul = true\n", "unknown field"),
         ("[parent]\nurl = \"x\"\ntoken = \"t\"\n", "not an http(s) URL"),
