@@ -90,14 +90,19 @@ fn lex(s: &str) -> Result<Vec<Tok>, Error> {
                 None => return Err(syntax("unterminated string or identifier")),
                 Some(c) if *c == q => break,
                 Some(b'\\') => {
-                    let e = *b.get(*i + 1).ok_or_else(|| syntax("unterminated escape"))?;
-                    *i += 2;
+                    // The escaped character may be any character, several
+                    // bytes long: step over all of it.
+                    let e = s
+                        .get(*i + 1..)
+                        .and_then(|rest| rest.chars().next())
+                        .ok_or_else(|| syntax("unterminated escape"))?;
+                    *i += 1 + e.len_utf8();
                     v.push(match e {
-                        b'n' => '\n',
-                        b't' => '\t',
-                        b'r' => '\r',
-                        b'f' => '\u{c}',
-                        b'u' => {
+                        'n' => '\n',
+                        't' => '\t',
+                        'r' => '\r',
+                        'f' => '\u{c}',
+                        'u' => {
                             let hex = s.get(*i..*i + 4).ok_or_else(|| syntax("bad \\u escape"))?;
                             *i += 4;
                             u32::from_str_radix(hex, 16)
@@ -105,7 +110,7 @@ fn lex(s: &str) -> Result<Vec<Tok>, Error> {
                                 .and_then(char::from_u32)
                                 .ok_or_else(|| syntax("bad \\u escape"))?
                         }
-                        other => other as char,
+                        other => other,
                     });
                 }
                 Some(_) => {

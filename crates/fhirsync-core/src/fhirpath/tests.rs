@@ -213,3 +213,11 @@ fn costly_evaluations_stop_with_an_error() {
     // A cheap expression is untouched.
     assert_eq!(run("name.given.count()").unwrap().len(), 1);
 }
+
+#[test]
+fn an_escaped_character_of_several_bytes_is_read_whole() {
+    // Found by the fuzzer: the lexer stepped into the middle of 'Ӌ'.
+    let e = parse("'\\Ӌ' = 'Ӌ' and '\\é\\n' = 'é\n'").unwrap();
+    assert!(matches(&e, &json!({"resourceType": "Patient"})));
+    assert!(parse("'\\").is_err());
+}
