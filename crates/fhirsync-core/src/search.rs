@@ -113,7 +113,11 @@ pub enum SearchError {
     Limit(String),
 }
 
-/// Most parameters (`key=value` pairs) in one search.
+/// The parameters of paging, which links carry and the server sets.
+const PAGING_PARAMS: &[&str] = &["_count", PARAM_SNAPSHOT, PARAM_CURSOR, PARAM_SNAPSHOT_TOTAL];
+
+/// Most parameters (`key=value` pairs) in one search, not counting the
+/// paging parameters a `next` link adds (`_count` and the snapshot's).
 pub const PARAMS_MAX: usize = 100;
 /// Longest value of one parameter, in bytes.
 pub const VALUE_BYTES_MAX: usize = 16 * 1024;
@@ -122,10 +126,13 @@ pub const VALUES_MAX: usize = 1000;
 
 /// An error unless `pairs` are within the search limits.
 fn check_limits(pairs: &[(String, String)]) -> Result<(), SearchError> {
-    if pairs.len() > PARAMS_MAX {
+    let counted = pairs
+        .iter()
+        .filter(|(k, _)| !PAGING_PARAMS.contains(&k.as_str()))
+        .count();
+    if counted > PARAMS_MAX {
         return Err(SearchError::Limit(format!(
-            "{} search parameters, more than {PARAMS_MAX} (PARAMS_MAX)",
-            pairs.len()
+            "{counted} search parameters, more than {PARAMS_MAX} (PARAMS_MAX)"
         )));
     }
     for (k, v) in pairs {
@@ -168,10 +175,7 @@ impl SearchQuery {
             ..Default::default()
         };
         for (k, v) in pairs {
-            let keep = !matches!(
-                k.as_str(),
-                "_count" | PARAM_SNAPSHOT | PARAM_CURSOR | PARAM_SNAPSHOT_TOTAL
-            );
+            let keep = !PAGING_PARAMS.contains(&k.as_str());
             let unsupported_before = q.unsupported.len();
             match k.as_str() {
                 "_id" => {
