@@ -4,70 +4,158 @@
 //! client's resource that breaks one is refused before anything is stored.
 
 use std::collections::HashSet;
-use std::fmt::Write;
 
 use serde_json::Value;
 
 /// The first rule a resource's members break, with the path of the
-/// element (`Patient.name[0].family`).
-pub fn check_members(m: &serde_json::Map<String, Value>) -> Result<(), String> {
+/// element (`Patient.name[0].family`); `json` is the text `m` was read
+/// from, whose members are counted to find a name given twice.
+pub fn check_resource_json(m: &serde_json::Map<String, Value>, json: &[u8]) -> Result<(), String> {
     if m.is_empty() {
         return Err("the resource is an empty object".into());
     }
     let root = m.get("resourceType").and_then(Value::as_str).unwrap_or("$");
-    for (k, v) in m {
-        walk(v, &mut format!("{root}.{k}"))?;
+    let members = |text: bool| -> Result<usize, String> {
+        let mut n = m.len();
+        for (k, v) in m {
+            n += walk(v, text).map_err(|f| f.render(&format!("{root}.{k}")))?;
+        }
+        Ok(n)
+    };
+    // Strings are read in the text: JSON cannot hold a raw control
+    // character, only an escape of one, and the tree is walked for each
+    // string's bytes only to name the element that has one.
+    let scan = scan(json);
+    let n = members(scan.control)?;
+    // Each member of each object is followed by exactly one `:` outside
+    // strings; the parsed tree has fewer members only when a name was
+    // given twice (serde_json keeps the last). The slower scan names it.
+    if scan.colons != n {
+        let k = duplicate_key(json).unwrap_or_default();
+        return Err(format!("the member '{k}' appears twice in one object"));
     }
     Ok(())
 }
 
 /// The first rule `v` breaks, with the path of the element.
 pub fn check_value(v: &Value) -> Result<(), String> {
-    walk(v, &mut String::from("$"))
+    walk(v, true).map(|_| ()).map_err(|f| f.render("$"))
 }
 
-fn walk(v: &Value, path: &mut String) -> Result<(), String> {
+/// A broken rule and the path below the element where it was found
+/// (innermost first; made only on the way out of an error).
+struct Fault {
+    rule: String,
+    below: Vec<String>,
+}
+
+impl Fault {
+    fn new(rule: String) -> Fault {
+        Fault {
+            rule,
+            below: Vec::new(),
+        }
+    }
+
+    fn under(mut self, step: String) -> Fault {
+        self.below.push(step);
+        self
+    }
+
+    fn render(self, root: &str) -> String {
+        let mut path = root.to_string();
+        for step in self.below.iter().rev() {
+            path.push_str(step);
+        }
+        format!("{path} {}", self.rule)
+    }
+}
+
+/// Checks `v` (its strings' characters too when `text`) and answers how
+/// many object members it holds.
+fn walk(v: &Value, text: bool) -> Result<usize, Fault> {
     match v {
-        Value::String(s) if s.is_empty() => Err(format!(
-            "{path} is an empty string (FHIR JSON has no empty elements)"
+        Value::String(s) if s.is_empty() => Err(Fault::new(
+            "is an empty string (FHIR JSON has no empty elements)".into(),
         )),
-        Value::String(s) => match s
-            .chars()
-            .find(|c| (*c as u32) < 0x20 && !matches!(c, '\t' | '\r' | '\n'))
-        {
-            Some(c) => Err(format!(
-                "{path} holds the control character U+{:04X} (only tab, CR and LF are allowed)",
-                c as u32
-            )),
-            None => Ok(()),
-        },
-        Value::Array(a) if a.is_empty() => Err(format!(
-            "{path} is an empty array (FHIR JSON has no empty elements)"
+        Value::String(_) if !text => Ok(0),
+        Value::String(s) => {
+            // A control character is one byte in UTF-8.
+            match s
+                .bytes()
+                .find(|b| *b < 0x20 && !matches!(b, b'\t' | b'\r' | b'\n'))
+            {
+                Some(b) => Err(Fault::new(format!(
+                    "holds the control character U+{b:04X} (only tab, CR and LF are allowed)"
+                ))),
+                None => Ok(0),
+            }
+        }
+        Value::Array(a) if a.is_empty() => Err(Fault::new(
+            "is an empty array (FHIR JSON has no empty elements)".into(),
         )),
         Value::Array(a) => {
+            let mut n = 0;
             for (i, x) in a.iter().enumerate() {
-                let len = path.len();
-                let _ = write!(path, "[{i}]");
-                walk(x, path)?;
-                path.truncate(len);
+                n += walk(x, text).map_err(|f| f.under(format!("[{i}]")))?;
             }
-            Ok(())
+            Ok(n)
         }
-        Value::Object(m) if m.is_empty() => Err(format!(
-            "{path} is an empty object (FHIR JSON has no empty elements)"
+        Value::Object(m) if m.is_empty() => Err(Fault::new(
+            "is an empty object (FHIR JSON has no empty elements)".into(),
         )),
         Value::Object(m) => {
+            let mut n = m.len();
             for (k, x) in m {
-                let len = path.len();
-                path.push('.');
-                path.push_str(k);
-                walk(x, path)?;
-                path.truncate(len);
+                n += walk(x, text).map_err(|f| f.under(format!(".{k}")))?;
             }
-            Ok(())
+            Ok(n)
         }
-        _ => Ok(()),
+        _ => Ok(0),
     }
+}
+
+/// What one pass over valid JSON text finds.
+struct Scan {
+    /// `:` outside strings: one per object member.
+    colons: usize,
+    /// A string holds an escaped control character other than tab, CR
+    /// and LF (`\b`, `\f`, `\u0000` to `\u001F`).
+    control: bool,
+}
+
+fn scan(json: &[u8]) -> Scan {
+    let mut out = Scan {
+        colons: 0,
+        control: false,
+    };
+    let mut in_string = false;
+    let mut skip = None;
+    for i in memchr::memchr3_iter(b'"', b'\\', b':', json) {
+        if skip == Some(i) {
+            continue;
+        }
+        match (json[i], in_string) {
+            (b'\\', true) => {
+                skip = Some(i + 1);
+                let e = json.get(i + 1..).unwrap_or_default();
+                let control = match e.first() {
+                    Some(b'b' | b'f') => true,
+                    Some(b'u') => e
+                        .get(1..5)
+                        .and_then(|h| std::str::from_utf8(h).ok())
+                        .and_then(|h| u32::from_str_radix(h, 16).ok())
+                        .is_some_and(|c| c < 0x20 && !matches!(c, 0x09 | 0x0a | 0x0d)),
+                    _ => false,
+                };
+                out.control |= control;
+            }
+            (b'"', _) => in_string = !in_string,
+            (b':', false) => out.colons += 1,
+            _ => {}
+        }
+    }
+    out
 }
 
 /// Objects with at most this many members are checked for duplicates by

@@ -233,12 +233,7 @@ pub fn parse_resource(body: &[u8]) -> Result<Map<String, Value>, ValidationError
 /// empty strings, objects or arrays; see [`crate::json_rules`]).
 pub fn parse_client_resource(body: &[u8]) -> Result<Map<String, Value>, ValidationError> {
     let m = parse_resource(body)?;
-    if let Some(k) = crate::json_rules::duplicate_key(body) {
-        return Err(ValidationError::Json(format!(
-            "the member '{k}' appears twice in one object"
-        )));
-    }
-    crate::json_rules::check_members(&m).map_err(ValidationError::Json)?;
+    crate::json_rules::check_resource_json(&m, body).map_err(ValidationError::Json)?;
     Ok(m)
 }
 
