@@ -15,7 +15,8 @@ async fn eight_clients_with_if_match_lose_no_update() {
     put(
         &s,
         "Patient/shared",
-        &json!({"resourceType": "Patient", "id": "shared", "extension": []}),
+        &json!({"resourceType": "Patient", "id": "shared",
+                "extension": [{"url": "http://x/edit", "valueString": "start"}]}),
     )
     .await;
     const CLIENTS: usize = 8;
@@ -64,7 +65,7 @@ async fn eight_clients_with_if_match_lose_no_update() {
         .iter()
         .map(|e| e["valueString"].as_str().unwrap().to_owned())
         .collect();
-    assert_eq!(edits.len(), CLIENTS * EACH, "an update was lost");
+    assert_eq!(edits.len(), CLIENTS * EACH + 1, "an update was lost");
     assert_eq!(p["meta"]["versionId"], (CLIENTS * EACH + 1).to_string());
     assert!(retries > 0, "the test did not exercise conflicts");
     // Versions 1..=N all readable, contiguous.
