@@ -52,7 +52,7 @@ pub enum DbError {
 
 /// Seconds of wait before the n-th retry (1, 2, 4, ... 30).
 pub fn backoff(attempt: u32) -> std::time::Duration {
-    std::time::Duration::from_secs((1u64 << attempt.min(5)).min(30))
+    backoff_capped(attempt, std::time::Duration::from_secs(30))
 }
 
 /// The n-th retry's wait, doubling from 1 s up to `max`.

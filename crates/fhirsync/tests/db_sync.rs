@@ -86,14 +86,19 @@ struct Central {
 
 const ADMIN: &str = "admin-secret";
 
-/// `fhirsync db-receiver --config CONFIG ARGS...`, run to its end.
-fn receiver_cmd(config: &Path, args: &[&str]) -> std::process::Output {
+/// `fhirsync COMMAND --config CONFIG ARGS...`, run to its end.
+fn db_cmd(command: &str, config: &Path, args: &[&str]) -> std::process::Output {
     Command::new(BIN)
-        .args(["db-receiver", "--config"])
+        .args([command, "--config"])
         .arg(config)
         .args(args)
         .output()
         .unwrap()
+}
+
+/// `fhirsync db-receiver --config CONFIG ARGS...`, run to its end.
+fn receiver_cmd(config: &Path, args: &[&str]) -> std::process::Output {
+    db_cmd("db-receiver", config, args)
 }
 
 /// A token printed by a `site` command, which must succeed.
@@ -768,12 +773,7 @@ async fn a_conflict_shows_both_rows_in_the_receivers_zone_with_the_same_types() 
 
 /// `fhirsync db-sender --config CONFIG status --json`.
 fn sender_status(s: &Site) -> Value {
-    let out = Command::new(BIN)
-        .args(["db-sender", "--config"])
-        .arg(&s.config)
-        .args(["status", "--json"])
-        .output()
-        .unwrap();
+    let out = db_cmd("db-sender", &s.config, &["status", "--json"]);
     assert!(
         out.status.success(),
         "{}",
