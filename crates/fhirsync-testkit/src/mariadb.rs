@@ -48,6 +48,11 @@ impl MariaDb {
             "mariadb-install-db failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+        // Its own temporary directory: implicit temporary tables (e.g. of
+        // information_schema queries) then live and die with this server,
+        // whatever else cleans the system's.
+        let tmp = dir.path().join("tmp");
+        std::fs::create_dir(&tmp)?;
         let port = free_port();
         let user = std::env::var("USER").unwrap_or_else(|_| "root".into());
         let child = Command::new("/usr/sbin/mariadbd")
@@ -57,6 +62,7 @@ impl MariaDb {
             .arg("--bind-address=127.0.0.1")
             .arg(format!("--socket={}", dir.path().join("sock").display()))
             .arg(format!("--pid-file={}", dir.path().join("pid").display()))
+            .arg(format!("--tmpdir={}", tmp.display()))
             .arg(format!("--log-bin={}", data.join("binlog").display()))
             .arg("--server-id=1")
             .arg(format!("--user={user}"))
