@@ -80,7 +80,11 @@ pub async fn process(
             }
             EntryResult::Search(s) => {
                 let (q, page) = *s;
-                let set = searchset(&base, &q, &page, None);
+                let path = match &q.rtype {
+                    Some(t) => format!("{base}/{t}"),
+                    None => base.clone(),
+                };
+                let set = searchset(&base, &path, &q, &page, None);
                 b.entry(
                     None,
                     None,

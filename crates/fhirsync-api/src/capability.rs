@@ -4,21 +4,82 @@
 use axum::extract::{RawQuery, State};
 use axum::http::HeaderMap;
 use axum::response::Response;
+use std::sync::OnceLock;
+
+use fhirsync_core::index;
 use fhirsync_core::resource::RESOURCE_TYPES;
+use fhirsync_core::spec::Kind;
 use serde_json::{json, Value};
 
 use crate::changes::CANONICAL_BASE;
 use crate::http::{base_url, check_accept, fhir_json, query_pairs};
 use crate::{ApiError, AppState};
 
-fn search_params() -> Value {
-    json!([
-        {"name": "_id", "type": "token", "documentation": "logical id; comma-separated ids are OR"},
-        {"name": "_lastUpdated", "type": "date", "documentation": "prefixes eq, gt, ge, lt, le; partial dates cover their range"},
-        {"name": "identifier", "type": "token", "documentation": "system|value, |value, system| or value"},
-        {"name": "patient", "type": "reference", "documentation": "the Patient in patient, subject or beneficiary"},
-        {"name": "subject", "type": "reference", "documentation": "Type/id or id"}
-    ])
+/// The search parameters, includes and revincludes of one type.
+fn type_search(rtype: &str) -> (Value, Vec<String>, Vec<String>) {
+    let mut params = vec![
+        json!({"name": "_id", "type": "token", "definition": "http://hl7.org/fhir/SearchParameter/Resource-id"}),
+        json!({"name": "_lastUpdated", "type": "date", "definition": "http://hl7.org/fhir/SearchParameter/Resource-lastUpdated"}),
+    ];
+    let mut includes = Vec::new();
+    for p in index::params(rtype).iter().filter(|p| p.expr.is_some()) {
+        params.push(json!({
+            "name": p.code,
+            "type": p.kind.as_str(),
+        }));
+        if p.kind == Kind::Reference {
+            includes.push(format!("{rtype}:{}", p.code));
+        }
+    }
+    let mut revincludes = Vec::new();
+    for t in RESOURCE_TYPES {
+        for p in index::params(t) {
+            if p.kind == Kind::Reference && p.expr.is_some() && p.targets.contains(&rtype) {
+                revincludes.push(format!("{t}:{}", p.code));
+            }
+        }
+    }
+    (Value::Array(params), includes, revincludes)
+}
+
+/// The `rest.resource` list, built once.
+fn resources() -> &'static Value {
+    static R: OnceLock<Value> = OnceLock::new();
+    R.get_or_init(|| {
+        let interactions = json!([
+            {"code": "read"}, {"code": "vread"}, {"code": "update"}, {"code": "delete"},
+            {"code": "history-instance"}, {"code": "history-type"}, {"code": "create"}, {"code": "search-type"}
+        ]);
+        Value::Array(
+            RESOURCE_TYPES
+                .iter()
+                .map(|t| {
+                    let (params, includes, revincludes) = type_search(t);
+                    let mut r = json!({
+                        "type": t,
+                        "interaction": interactions,
+                        "versioning": "versioned-update",
+                        "readHistory": true,
+                        "updateCreate": true,
+                        "conditionalCreate": true,
+                        "conditionalRead": "not-supported",
+                        "conditionalUpdate": true,
+                        "conditionalDelete": "single",
+                        "searchInclude": includes,
+                        "searchRevInclude": revincludes,
+                        "searchParam": params,
+                    });
+                    if *t == "Patient" {
+                        r["operation"] = json!([{
+                            "name": "everything",
+                            "definition": "http://hl7.org/fhir/OperationDefinition/Patient-everything"
+                        }]);
+                    }
+                    r
+                })
+                .collect(),
+        )
+    })
 }
 
 pub async fn metadata(
@@ -28,27 +89,6 @@ pub async fn metadata(
 ) -> Result<Response, ApiError> {
     check_accept(&headers, &query_pairs(q.as_deref()))?;
     let base = base_url(&state, &headers);
-    let interactions = json!([
-        {"code": "read"}, {"code": "vread"}, {"code": "update"}, {"code": "delete"},
-        {"code": "history-instance"}, {"code": "history-type"}, {"code": "create"}, {"code": "search-type"}
-    ]);
-    let resources: Vec<Value> = RESOURCE_TYPES
-        .iter()
-        .map(|t| {
-            json!({
-                "type": t,
-                "interaction": interactions,
-                "versioning": "versioned-update",
-                "readHistory": true,
-                "updateCreate": true,
-                "conditionalCreate": true,
-                "conditionalRead": "not-supported",
-                "conditionalUpdate": true,
-                "conditionalDelete": "single",
-                "searchParam": search_params(),
-            })
-        })
-        .collect();
     let body = json!({
         "resourceType": "CapabilityStatement",
         "status": "active",
@@ -60,19 +100,45 @@ pub async fn metadata(
         "format": ["application/fhir+json", "json"],
         "rest": [{
             "mode": "server",
-            "resource": resources,
+            "resource": resources(),
             "interaction": [{"code": "transaction"}, {"code": "batch"}, {"code": "history-system"}, {"code": "search-system"}],
             "searchParam": [
                 {"name": "_count", "type": "number", "documentation": "page size, at most 1000; 0 gives the total only"},
-                {"name": "_sort", "type": "special", "documentation": "_lastUpdated or -_lastUpdated"},
-                {"name": "_summary", "type": "special", "documentation": "count"},
+                {"name": "_sort", "type": "special", "documentation": "any sortable parameter of the type, several keys, - for descending"},
+                {"name": "_summary", "type": "special", "documentation": "true, text, data, count or false"},
+                {"name": "_elements", "type": "special", "documentation": "top-level elements to keep"},
+                {"name": "_include", "type": "special", "documentation": "Type:param[:target], Type:*, with :iterate"},
+                {"name": "_revinclude", "type": "special", "documentation": "Type:param[:target], with :iterate"},
+                {"name": "_has", "type": "special", "documentation": "_has:Type:param:parameter, nested"},
                 {"name": "_total", "type": "special", "documentation": "none, estimate or accurate"}
             ],
-            "operation": [{
-                "name": "changes",
-                "definition": format!("{CANONICAL_BASE}/OperationDefinition/changes"),
-                "documentation": "the change log: since=SEQ, _count, _type, wait (seconds, long-poll)"
-            }]
+            "operation": [
+                {
+                    "name": "changes",
+                    "definition": format!("{CANONICAL_BASE}/OperationDefinition/changes"),
+                    "documentation": "the change log: since=SEQ, _count, _type, wait (seconds, long-poll)"
+                },
+                {
+                    "name": "apply",
+                    "definition": format!("{CANONICAL_BASE}/OperationDefinition/apply"),
+                    "documentation": "a peer's change records, applied in order"
+                },
+                {
+                    "name": "status",
+                    "definition": "http://hl7.org/fhir/uv/subscriptions-backport/OperationDefinition/backport-subscription-status",
+                    "documentation": "Subscription/[id]/$status"
+                },
+                {
+                    "name": "events",
+                    "definition": "http://hl7.org/fhir/uv/subscriptions-backport/OperationDefinition/backport-subscription-events",
+                    "documentation": "Subscription/[id]/$events"
+                },
+                {
+                    "name": "everything",
+                    "definition": "http://hl7.org/fhir/OperationDefinition/Patient-everything",
+                    "documentation": "Patient/[id]/$everything with _since, _type, _count"
+                }
+            ]
         }]
     });
     Ok(fhir_json(body.to_string()))

@@ -171,6 +171,7 @@ pub fn app(state: AppState) -> Router {
             get(crud::read).put(crud::update).delete(crud::delete),
         )
         .route("/{rtype}/{id}/_history", get(history::instance))
+        .route("/{rtype}/{id}/{member}", get(search::compartment))
         .route("/{rtype}/{id}/_history/{vid}", get(crud::vread))
         .method_not_allowed_fallback(error::method_not_allowed);
     let admin = Router::new()

@@ -15,6 +15,7 @@ pub mod refs;
 pub mod replicate;
 pub mod resource;
 pub mod search;
+pub mod spec;
 pub mod subscription;
 pub mod vv;
 

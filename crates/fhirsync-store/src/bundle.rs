@@ -156,12 +156,12 @@ fn plan_entry(entry: Value) -> Result<Planned, StoreError> {
         ),
         None => None,
     };
-    let if_none_exist = match request.get("ifNoneExist").and_then(Value::as_str) {
-        Some(s) => Some(parse_condition(None, s)?),
-        None => None,
-    };
     let (path, query) = split_url(url)?;
     let seg: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    let if_none_exist = match request.get("ifNoneExist").and_then(Value::as_str) {
+        Some(s) => Some(parse_condition(seg.first().copied(), s)?),
+        None => None,
+    };
     let method = method.to_owned();
     let mut take_resource = |expected: &str| -> Result<Map<String, Value>, StoreError> {
         match resource.take() {

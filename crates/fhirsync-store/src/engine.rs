@@ -150,7 +150,7 @@ pub fn single_match(
     tx: &mut dyn WriteTx,
     q: &SearchQuery,
 ) -> Result<Option<ResourceKey>, StoreError> {
-    if q.ids.is_empty() && q.tokens.is_empty() && q.last_updated.is_empty() {
+    if q.clauses.is_empty() {
         return Err(StoreError::BadRequest(
             "a conditional request needs at least one supported search parameter".into(),
         ));

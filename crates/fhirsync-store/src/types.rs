@@ -68,8 +68,8 @@ impl Prepared {
     pub fn new(rtype: String, res: Map<String, Value>) -> Self {
         let split = split(&res);
         let hash = content_hash(&rtype, &split);
-        let index = extract(&res);
         let id = fhirsync_core::resource::body_id(&res).map(str::to_owned);
+        let index = extract(&rtype, &Value::Object(res));
         Prepared {
             rtype,
             id,
@@ -182,7 +182,10 @@ pub struct SearchPage {
     pub snapshot: u64,
     pub total: Option<u64>,
     pub items: Vec<StoredVersion>,
-    /// Position to continue from, when more results exist.
+    /// What `_include` and `_revinclude` added (`search.mode` include).
+    pub included: Vec<StoredVersion>,
+    /// Position to continue from, when more results exist: the last `seq`
+    /// returned in change-log order, the matches returned when sorted.
     pub next_cursor: Option<u64>,
 }
 

@@ -253,3 +253,23 @@ fn file_requests(bytes: &[u8]) -> Result<Vec<WriteRequest>, String> {
         })
         .collect()
 }
+
+/// `fhirsync reindex`: the whole search index rebuilt, with progress on
+/// stderr.
+pub fn reindex(cfg: Config) -> anyhow::Result<()> {
+    let _lock = lock_data_dir(&cfg.data_dir)?;
+    let start = std::time::Instant::now();
+    let mut last_report = std::time::Instant::now();
+    let n = SqliteStore::reindex_offline(&cfg.sqlite()?, &mut |done, total| {
+        if last_report.elapsed().as_secs() >= 1 || done == total {
+            eprintln!("reindexed {done} of {total} versions");
+            last_report = std::time::Instant::now();
+        }
+    })
+    .context("cannot reindex")?;
+    println!(
+        "reindexed {n} versions in {:.2} s",
+        start.elapsed().as_secs_f64()
+    );
+    Ok(())
+}

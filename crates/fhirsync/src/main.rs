@@ -117,6 +117,12 @@ enum Command {
         #[arg(required = true)]
         paths: Vec<PathBuf>,
     },
+    /// Rebuild the search index of a node's store (the node stopped; a
+    /// node also rebuilds an out-of-date index by itself, while serving).
+    Reindex {
+        #[command(flatten)]
+        node: NodeArgs,
+    },
 }
 
 fn main() -> ExitCode {
@@ -146,6 +152,7 @@ fn main() -> ExitCode {
             batch_size,
             paths,
         } => config::Config::load(&node, None).and_then(|c| import::run(c, batch_size, &paths)),
+        Command::Reindex { node } => config::Config::load(&node, None).and_then(import::reindex),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

@@ -771,7 +771,7 @@ async fn a_bad_parent_config_is_refused_with_one_line() {
         ("[parent]\nurl = \"http://x/fhir\"\ntoken = \"t\"\nconflict_policy = \"newest\"\n", "unknown conflict policy 'newest'"),
         ("[parent]\nurl = \"http://x/fhir\"\ntoken = \"t\"\npul = true\n", "unknown field"),
         ("[parent]\nurl = \"x\"\ntoken = \"t\"\n", "not an http(s) URL"),
-        ("[parent]\nurl = \"http://x/fhir\"\ntoken = \"t\"\n[parent.pull_filter]\nfhirpath = \"name.resolve()\"\n", "unknown function 'resolve'"),
+        ("[parent]\nurl = \"http://x/fhir\"\ntoken = \"t\"\n[parent.pull_filter]\nfhirpath = \"name.frobnicate()\"\n", "unknown function 'frobnicate'"),
         ("[[children]]\nnode_id = \"c1\"\ntoken = \"short\"\n", "shorter than 16"),
     ] {
         let cfg = dir.path().join("bad.toml");

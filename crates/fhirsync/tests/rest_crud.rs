@@ -222,7 +222,7 @@ async fn conditional_create() {
     assert_eq!(s.store.last_seq(), seq);
     // A condition without supported parameters is refused.
     let r = with_body(s.client.post(s.url("Patient")), &p)
-        .header("if-none-exist", "name=smith")
+        .header("if-none-exist", "nonsense=smith")
         .send()
         .await
         .unwrap();
@@ -424,9 +424,10 @@ async fn capability_statement_tells_the_truth() {
     // Every declared search parameter is accepted under strict handling.
     for p in rest["resource"][0]["searchParam"].as_array().unwrap() {
         let name = p["name"].as_str().unwrap();
-        let value = match name {
-            "_lastUpdated" => "ge2020-01-01",
-            "patient" | "subject" => "Patient/x",
+        let value = match p["type"].as_str().unwrap() {
+            "date" => "ge2020-01-01",
+            "reference" => "Patient/x",
+            "number" | "quantity" => "5",
             _ => "x",
         };
         let r = s

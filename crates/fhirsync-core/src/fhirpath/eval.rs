@@ -240,7 +240,15 @@ fn eval_node<'a>(e: &Expr, focus: &[Item<'a>], cx: &Cx<'a, '_>) -> R<Coll<'a>> {
             if name.starts_with(|c: char| c.is_ascii_uppercase()) {
                 let typed: Coll = focus
                     .iter()
-                    .filter(|i| matches!(i, Item::Node(n) if n.v.get("resourceType").and_then(Value::as_str) == Some(name)))
+                    .filter(|i| match i {
+                        // `Resource.meta` and `DomainResource.text` name
+                        // any resource (the R4 search parameters do).
+                        Item::Node(n) => match n.v.get("resourceType").and_then(Value::as_str) {
+                            Some(t) => t == name || name == "Resource" || name == "DomainResource",
+                            None => false,
+                        },
+                        _ => false,
+                    })
                     .cloned()
                     .collect();
                 if !typed.is_empty() {
@@ -290,6 +298,13 @@ fn eval_node<'a>(e: &Expr, focus: &[Item<'a>], cx: &Cx<'a, '_>) -> R<Coll<'a>> {
                 Some(_) => return Err(exec("unary minus needs a number")),
             }
         }
+        // `as` filters a collection of several items as `ofType` does:
+        // the R4 search parameters' expressions depend on it
+        // (`(useContext.value as CodeableConcept)`).
+        Expr::Type(false, x, ty) => eval(x, focus, cx)?
+            .into_iter()
+            .filter(|i| type_is(i, ty))
+            .collect(),
         Expr::Type(is, x, ty) => {
             let v = eval(x, focus, cx)?;
             let Some(it) = single(&v, "is/as")? else {

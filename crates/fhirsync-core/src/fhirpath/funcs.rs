@@ -109,7 +109,30 @@ const FUNCTIONS: &[(&str, usize, usize)] = &[
     ("highBoundary", 0, 1),
     ("precision", 0, 0),
     ("type", 0, 0),
+    ("resolve", 0, 0),
 ];
+
+/// `resolve()` without a server to ask: a Reference (or a reference
+/// string) becomes an empty element of the type it names, so that
+/// `resolve() is Patient` and `resolve().ofType(Patient)` work; the target's
+/// own elements are not read.
+fn resolve_type<'a>(it: &Item<'a>) -> Option<Item<'a>> {
+    let s = match it {
+        Item::Node(n) => match n.v {
+            Value::Object(o) => o.get("reference")?.as_str()?,
+            Value::String(s) => s.as_str(),
+            _ => return None,
+        },
+        Item::Str(s) => s.as_str(),
+        _ => return None,
+    };
+    let (t, _) = crate::refs::parse_reference(s)?;
+    Some(Item::Node(super::value::Node {
+        v: &super::value::NULL,
+        ty: Some(t.to_owned()),
+        ext: None,
+    }))
+}
 
 /// Refuses an unknown function or a wrong number of arguments.
 pub(crate) fn check(name: &str, n: usize) -> Result<(), Error> {
@@ -437,6 +460,7 @@ pub(crate) fn call<'a>(
             _ => Vec::new(),
         }),
         "lowBoundary" | "highBoundary" | "precision" => boundary(name, &input, args, focus, cx),
+        "resolve" => Ok(input.iter().filter_map(resolve_type).collect()),
         "type" => Ok(input
             .iter()
             .map(|i| {

@@ -2,8 +2,11 @@
 //! of read connections, WAL mode.
 
 mod audit_rows;
+mod index_rows;
 mod query;
+pub mod reindex;
 mod schema;
+mod search_sql;
 mod sync_rows;
 mod writer;
 
@@ -115,7 +118,25 @@ impl SqliteStore {
         Self::open_with_clock(cfg, Arc::new(SystemClock))
     }
 
-    pub fn open_with_clock(cfg: SqliteConfig, clock: Arc<dyn Clock>) -> Result<Self, StoreError> {
+    /// Rebuilds the whole search index of the store at `cfg.path`, which no
+    /// process may have open, reporting progress; returns the versions
+    /// reindexed.
+    pub fn reindex_offline(
+        cfg: &SqliteConfig,
+        progress: reindex::Progress<'_>,
+    ) -> Result<u64, StoreError> {
+        if !cfg.path.exists() {
+            return Err(StoreError::NotFound(format!(
+                "no store at {}",
+                cfg.path.display()
+            )));
+        }
+        let (conn, _) = Self::connect(cfg)?;
+        reindex::reindex(&conn, 0, progress)
+    }
+
+    /// The writer's connection, with the schema current.
+    fn connect(cfg: &SqliteConfig) -> Result<(Connection, String), StoreError> {
         if let Some(dir) = cfg.path.parent() {
             if !dir.as_os_str().is_empty() {
                 std::fs::create_dir_all(dir).map_err(|e| {
@@ -127,10 +148,29 @@ impl SqliteStore {
         schema::configure_writer(&conn, cfg.sync)?;
         conn.execute_batch(schema::SCHEMA)?;
         let node_id = init_node(&conn, cfg.node_id.as_deref())?;
+        Ok((conn, node_id))
+    }
+
+    pub fn open_with_clock(cfg: SqliteConfig, clock: Arc<dyn Clock>) -> Result<Self, StoreError> {
+        let (conn, node_id) = Self::connect(&cfg)?;
         let hlc: i64 = conn.query_row("SELECT coalesce(max(hlc), 0) FROM versions", [], |r| {
             r.get(0)
         })?;
         let last = query::last_seq(&conn)?;
+        // An index of an older version is rebuilt by the writer between
+        // writes: the node serves meanwhile (searches see the old index of
+        // versions not yet reached).
+        let reindex = if reindex::index_version(&conn)? == Some(schema::INDEX_VERSION) {
+            None
+        } else {
+            if last > 0 {
+                tracing::info!(
+                    versions = last,
+                    "search index out of date: reindexing in the background"
+                );
+            }
+            Some(reindex::Reindex::start(&conn, 0)?)
+        };
         let (seq_tx, seq_rx) = watch::channel(last);
         let (jobs_tx, jobs_rx) = mpsc::channel(cfg.write_queue_max.max(1));
         let w = writer::Writer {
@@ -142,6 +182,8 @@ impl SqliteStore {
             seq_tx,
             next_seq: None,
             lu_text: (0, String::new()),
+            reindex,
+            pending: None,
         };
         let handle = std::thread::Builder::new()
             .name("fhirsync-writer".into())
@@ -231,13 +273,21 @@ fn init_node(conn: &Connection, wanted: Option<&str>) -> Result<String, StoreErr
             |r| r.get(0),
         )
         .optional()?;
-    if version.as_deref() == Some("1") {
-        conn.execute_batch(schema::MIGRATE_1_TO_2)?;
+    if matches!(version.as_deref(), Some("1" | "2")) {
+        if version.as_deref() == Some("1") {
+            conn.execute_batch(schema::MIGRATE_1_TO_2)?;
+        }
+        // 2 to 3: the index tables, which SCHEMA has created; filling them
+        // is the reindex that follows.
         conn.execute(
             "UPDATE node_info SET value = ?1 WHERE key = 'schema_version'",
             [schema::SCHEMA_VERSION.to_string()],
         )?;
-        tracing::info!("store schema migrated from 1 to 2");
+        tracing::info!(
+            from = version.as_deref(),
+            to = schema::SCHEMA_VERSION,
+            "store schema migrated"
+        );
     } else if let Some(v) = version {
         if v != schema::SCHEMA_VERSION.to_string() {
             return Err(StoreError::Backend(format!(
@@ -306,7 +356,7 @@ impl Store for SqliteStore {
     }
 
     async fn search(&self, q: SearchQuery) -> Result<SearchPage, StoreError> {
-        self.read_with(move |c| query::search(c, &q)).await
+        self.read_with(move |c| search_sql::search(c, &q)).await
     }
 
     async fn changes(&self, q: ChangesQuery) -> Result<Vec<StoredVersion>, StoreError> {

@@ -3,7 +3,11 @@
 use rusqlite::Connection;
 
 /// Bumped when the schema changes; a store of another version is refused.
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
+
+/// Bumped when what the index holds changes (new parameters, new rules):
+/// a store indexed by an older version is reindexed when it opens.
+pub const INDEX_VERSION: i64 = 1;
 
 /// Schema 1 lacked `versions.via` and the replication tables (which
 /// `SCHEMA` creates when missing).
@@ -12,7 +16,10 @@ pub const MIGRATE_1_TO_2: &str = "ALTER TABLE versions ADD COLUMN via TEXT;";
 /// `versions` is the change log and the version history at once: `seq` is
 /// the gapless log position, `superseded` the `seq` of the next version of
 /// the same resource (NULL for the current one), which lets a search run at
-/// any snapshot `seq`. `tokens` holds search keys per version.
+/// any snapshot `seq`. `tokens`, `strings`, `dates`, `numbers` and
+/// `composites` hold the search index per version (see
+/// `fhirsync_core::index`); their keys start with the parameter, and every
+/// query reaches them by it.
 pub const SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS node_info (
     key   TEXT PRIMARY KEY,
@@ -43,6 +50,39 @@ CREATE TABLE IF NOT EXISTS tokens (
     system TEXT    NOT NULL,
     seq    INTEGER NOT NULL,
     PRIMARY KEY (param, value, system, seq)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS strings (
+    param TEXT    NOT NULL,
+    norm  TEXT    NOT NULL,
+    raw   TEXT    NOT NULL,
+    seq   INTEGER NOT NULL,
+    PRIMARY KEY (param, norm, raw, seq)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS dates (
+    param TEXT    NOT NULL,
+    lo    INTEGER NOT NULL,
+    hi    INTEGER NOT NULL,
+    seq   INTEGER NOT NULL,
+    PRIMARY KEY (param, lo, hi, seq)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS numbers (
+    param  TEXT    NOT NULL,
+    value  REAL    NOT NULL,
+    system TEXT    NOT NULL,
+    code   TEXT    NOT NULL,
+    seq    INTEGER NOT NULL,
+    PRIMARY KEY (param, value, system, code, seq)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS composites (
+    param TEXT    NOT NULL,
+    a_val TEXT    NOT NULL,
+    a_sys TEXT    NOT NULL,
+    b_val TEXT    NOT NULL,
+    b_sys TEXT    NOT NULL,
+    b_lo  REAL    NOT NULL,
+    b_hi  REAL    NOT NULL,
+    seq   INTEGER NOT NULL,
+    PRIMARY KEY (param, a_val, a_sys, b_val, b_sys, b_lo, b_hi, seq)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS cursors (
     key        TEXT PRIMARY KEY,

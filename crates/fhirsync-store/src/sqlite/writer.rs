@@ -13,7 +13,7 @@ use fhirsync_core::{Hlc, ResourceKey, VersionVector};
 use rusqlite::{params, Connection, OptionalExtension};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::{query, sync_rows};
+use super::{index_rows, query, search_sql, sync_rows};
 use crate::engine::{self, CurrentVersion, NewVersion, Stamp, WriteTx};
 use crate::sync::{AuditEntry, Conflict, NewDeadLetter};
 use crate::types::*;
@@ -70,6 +70,11 @@ pub struct Writer {
     pub next_seq: Option<u64>,
     /// The last formatted `lastUpdated`: many versions share a millisecond.
     pub lu_text: (u64, String),
+    /// A reindex under way, one batch between jobs.
+    pub reindex: Option<super::reindex::Reindex>,
+    /// During a streamed load: index entries held back to be written
+    /// sorted at the end of each batch (and before any search).
+    pub pending: Option<index_rows::Pending>,
 }
 
 impl Writer {
@@ -78,11 +83,24 @@ impl Writer {
         loop {
             let job = match pending.take() {
                 Some(j) => j,
+                None if self.reindex.is_some() => match rx.try_recv() {
+                    Ok(j) => j,
+                    Err(mpsc::error::TryRecvError::Empty) => {
+                        self.reindex_step();
+                        continue;
+                    }
+                    Err(mpsc::error::TryRecvError::Disconnected) => break,
+                },
                 None => match rx.blocking_recv() {
                     Some(j) => j,
                     None => break,
                 },
             };
+            // A reindex under way advances one batch per job, so that it
+            // ends even under a steady load.
+            if self.reindex.is_some() {
+                self.reindex_step();
+            }
             match job {
                 Job::Stream(srx, done) => {
                     let r = self.run_stream(srx);
@@ -109,6 +127,31 @@ impl Writer {
             tracing::warn!(error = %e, "checkpoint at shutdown failed");
         }
         tracing::debug!("writer stopped");
+    }
+
+    /// Writes the index entries held back, if any.
+    fn flush_index(&mut self) -> Result<(), StoreError> {
+        match self.pending.as_mut() {
+            Some(p) => p.flush(&self.conn),
+            None => Ok(()),
+        }
+    }
+
+    fn reindex_step(&mut self) {
+        let Some(r) = self.reindex.as_mut() else {
+            return;
+        };
+        match r.step(&self.conn) {
+            Ok(()) if r.finished() => {
+                tracing::info!(versions = r.total, "reindex done");
+                self.reindex = None;
+            }
+            Ok(()) => tracing::info!(done = r.done, total = r.total, "reindexing"),
+            Err(e) => {
+                tracing::error!(error = %e, "reindex failed; it starts again at the next open");
+                self.reindex = None;
+            }
+        }
     }
 
     fn run_group(&mut self, group: Vec<(WriteRequest, Reply)>) {
@@ -143,6 +186,7 @@ impl Writer {
 
     fn run_stream(&mut self, mut rx: mpsc::Receiver<StreamMsg>) -> Result<LoadSummary, StoreError> {
         self.conn.execute_batch("BEGIN IMMEDIATE")?;
+        self.pending = Some(index_rows::Pending::default());
         let mut sum = LoadSummary::default();
         let r = (|| {
             loop {
@@ -173,12 +217,14 @@ impl Writer {
                             }
                             count(&mut sum, &out);
                         }
+                        self.flush_index()?;
                     }
-                    Some(StreamMsg::Commit) => return Ok(()),
+                    Some(StreamMsg::Commit) => return self.flush_index(),
                     None => return Err(StoreError::BadRequest("load ended without commit".into())),
                 }
             }
         })();
+        self.pending = None;
         match r {
             Ok(()) => {
                 self.conn.execute_batch("COMMIT")?;
@@ -312,11 +358,13 @@ impl WriteTx for Writer {
     }
 
     fn search(&mut self, q: &SearchQuery) -> Result<SearchPage, StoreError> {
-        query::search(&self.conn, q)
+        self.flush_index()?;
+        search_sql::search(&self.conn, q)
     }
 
     fn matches(&mut self, q: &SearchQuery, limit: usize) -> Result<Vec<ResourceKey>, StoreError> {
-        query::matches(&self.conn, q, limit)
+        self.flush_index()?;
+        search_sql::matches(&self.conn, q, limit)
     }
 
     fn insert(&mut self, v: NewVersion<'_>) -> Result<StoredVersion, StoreError> {
@@ -401,13 +449,9 @@ impl WriteTx for Writer {
                 body,
                 via,
             ])?;
-        if !index.is_empty() {
-            let mut st = self.conn.prepare_cached(
-                "INSERT OR IGNORE INTO tokens (param, value, system, seq) VALUES (?1, ?2, ?3, ?4)",
-            )?;
-            for e in &index {
-                st.execute(params![e.param, e.value, e.system, seq as i64])?;
-            }
+        match self.pending.as_mut() {
+            Some(p) => p.add(seq, index),
+            None => index_rows::insert(&self.conn, seq, &index)?,
         }
         self.next_seq = Some(seq + 1);
         Ok(StoredVersion {

@@ -27,6 +27,11 @@ enum Cmd {
         seed: u64,
     },
     /// POST Synthea-sized patient transaction Bundles from several clients.
+    /// Index extraction alone (one thread): NDJSON in, entries counted.
+    Index {
+        #[arg(long)]
+        input: std::path::PathBuf,
+    },
     HttpTx {
         #[arg(long)]
         base: String,
@@ -157,6 +162,27 @@ enum Cmd {
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
+        Cmd::Index { input } => {
+            let text = std::fs::read_to_string(&input)?;
+            let docs: Vec<serde_json::Value> = text
+                .lines()
+                .filter(|l| !l.trim().is_empty())
+                .map(serde_json::from_str)
+                .collect::<Result<_, _>>()?;
+            let start = std::time::Instant::now();
+            let mut entries = 0usize;
+            for d in &docs {
+                let t = d["resourceType"].as_str().unwrap_or("");
+                entries += fhirsync_core::index::extract(t, d).len();
+            }
+            let s = start.elapsed().as_secs_f64();
+            println!(
+                "indexed {} resources in {s:.2} s ({:.0}/s, one thread), {entries} entries",
+                docs.len(),
+                docs.len() as f64 / s
+            );
+            Ok(())
+        }
         Cmd::GenNdjson { count, out, seed } => {
             let mut f = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(&out)?);
             for i in 0..count {

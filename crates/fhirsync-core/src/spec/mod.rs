@@ -1,0 +1,144 @@
+//! Tables generated from the FHIR R4 definitions (`scripts/gen-spec-tables.py`):
+//! search parameters, compartments and summary elements, with lookups.
+
+mod compartments;
+mod search_params;
+mod summary;
+
+pub use compartments::COMPARTMENTS;
+pub use search_params::PARAMS;
+pub use summary::SUMMARY;
+
+/// The type of a search parameter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Kind {
+    Token,
+    Reference,
+    String,
+    Date,
+    Composite,
+    Uri,
+    Quantity,
+    Number,
+    Special,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Token => "token",
+            Kind::Reference => "reference",
+            Kind::String => "string",
+            Kind::Date => "date",
+            Kind::Composite => "composite",
+            Kind::Uri => "uri",
+            Kind::Quantity => "quantity",
+            Kind::Number => "number",
+            Kind::Special => "special",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Kind> {
+        Some(match s {
+            "token" => Kind::Token,
+            "reference" => Kind::Reference,
+            "string" => Kind::String,
+            "date" => Kind::Date,
+            "composite" => Kind::Composite,
+            "uri" => Kind::Uri,
+            "quantity" => Kind::Quantity,
+            "number" => Kind::Number,
+            "special" => Kind::Special,
+            _ => return None,
+        })
+    }
+}
+
+/// One SearchParameter of the spec on one base type.
+#[derive(Debug)]
+pub struct ParamDef {
+    pub base: &'static str,
+    pub code: &'static str,
+    pub kind: Kind,
+    /// This base's part of the FHIRPath expression.
+    pub expr: Option<&'static str>,
+    pub targets: &'static [&'static str],
+    /// Composite parts: the component's code, type and expression relative
+    /// to each element the parameter's expression selects.
+    pub components: &'static [(&'static str, Kind, &'static str)],
+}
+
+/// The bases whose parameters apply to every resource type.
+pub const COMMON_BASES: &[&str] = &["Resource", "DomainResource"];
+
+/// The spec's parameters of `rtype`, its own and the common ones.
+pub fn params_of(rtype: &str) -> impl Iterator<Item = &'static ParamDef> + '_ {
+    of_base(rtype).chain(COMMON_BASES.iter().flat_map(|b| of_base(b)))
+}
+
+fn of_base(base: &str) -> impl Iterator<Item = &'static ParamDef> + '_ {
+    let start = PARAMS.partition_point(|p| p.base < base);
+    PARAMS[start..].iter().take_while(move |p| p.base == base)
+}
+
+/// The compartments' link parameters of a member type (`Patient`,
+/// `Observation` → `subject`, `performer`).
+pub fn compartment_params(compartment: &str, rtype: &str) -> Option<&'static [&'static str]> {
+    COMPARTMENTS
+        .iter()
+        .find(|(c, t, _)| *c == compartment && *t == rtype)
+        .map(|(_, _, p)| *p)
+}
+
+/// The member types of a compartment.
+pub fn compartment_members(compartment: &str) -> impl Iterator<Item = &'static str> + '_ {
+    COMPARTMENTS
+        .iter()
+        .filter(move |(c, _, _)| *c == compartment)
+        .map(|(_, t, _)| *t)
+}
+
+/// The top-level elements `_summary=true` keeps for `rtype`.
+pub fn summary_elements(rtype: &str) -> &'static [&'static str] {
+    SUMMARY
+        .iter()
+        .find(|(t, _)| *t == rtype)
+        .map(|(_, e)| *e)
+        .unwrap_or(&[])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tables_are_sorted_and_complete() {
+        assert!(PARAMS
+            .windows(2)
+            .all(|w| (w[0].base, w[0].code) <= (w[1].base, w[1].code)));
+        let obs: Vec<_> = params_of("Observation").map(|p| p.code).collect();
+        for c in [
+            "code",
+            "subject",
+            "patient",
+            "value-quantity",
+            "_id",
+            "_tag",
+        ] {
+            assert!(obs.contains(&c), "{c}");
+        }
+        let p = params_of("Observation")
+            .find(|p| p.code == "patient")
+            .unwrap();
+        assert_eq!(
+            p.expr,
+            Some("Observation.subject.where(resolve() is Patient)")
+        );
+        assert_eq!(
+            compartment_params("Patient", "Observation").unwrap(),
+            ["subject", "performer"]
+        );
+        assert!(compartment_members("Patient").any(|t| t == "Encounter"));
+        assert!(summary_elements("Patient").contains(&"name"));
+    }
+}

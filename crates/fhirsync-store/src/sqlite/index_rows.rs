@@ -1,0 +1,147 @@
+//! The search index tables: writing a version's entries and deleting
+//! those of a range of versions (for reindexing).
+
+use fhirsync_core::index::{IndexEntry, Key};
+use rusqlite::{params, CachedStatement, Connection};
+
+use crate::StoreError;
+
+/// The index tables, each with a `seq` column.
+pub const TABLES: &[&str] = &["tokens", "strings", "dates", "numbers", "composites"];
+
+/// Writes the entries of version `seq`.
+pub fn insert(conn: &Connection, seq: u64, entries: &[IndexEntry]) -> Result<(), StoreError> {
+    if entries.is_empty() {
+        return Ok(());
+    }
+    let mut ins = Inserter::new(conn)?;
+    for e in entries {
+        ins.put(seq, e)?;
+    }
+    Ok(())
+}
+
+/// The five insert statements, prepared once for many rows.
+struct Inserter<'c> {
+    token: CachedStatement<'c>,
+    text: CachedStatement<'c>,
+    date: CachedStatement<'c>,
+    number: CachedStatement<'c>,
+    composite: CachedStatement<'c>,
+}
+
+impl<'c> Inserter<'c> {
+    fn new(conn: &'c Connection) -> Result<Self, StoreError> {
+        Ok(Inserter {
+            token: conn.prepare_cached(
+                "INSERT OR IGNORE INTO tokens (param, value, system, seq) VALUES (?1, ?2, ?3, ?4)",
+            )?,
+            text: conn.prepare_cached(
+                "INSERT OR IGNORE INTO strings (param, norm, raw, seq) VALUES (?1, ?2, ?3, ?4)",
+            )?,
+            date: conn.prepare_cached(
+                "INSERT OR IGNORE INTO dates (param, lo, hi, seq) VALUES (?1, ?2, ?3, ?4)",
+            )?,
+            number: conn.prepare_cached(
+                "INSERT OR IGNORE INTO numbers (param, value, system, code, seq) VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?,
+            composite: conn.prepare_cached(
+                "INSERT OR IGNORE INTO composites (param, a_val, a_sys, b_val, b_sys, b_lo, b_hi, seq) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            )?,
+        })
+    }
+
+    fn put(&mut self, seq: u64, e: &IndexEntry) -> Result<(), StoreError> {
+        let seq = seq as i64;
+        let p: &str = &e.param;
+        match &e.key {
+            Key::Token { system, value } => self.token.execute(params![p, value, system, seq])?,
+            Key::Text { norm, raw } => self.text.execute(params![p, norm, raw, seq])?,
+            Key::Date { lo, hi } => self.date.execute(params![p, lo, hi, seq])?,
+            Key::Number {
+                value,
+                system,
+                code,
+            } => self.number.execute(params![p, value, system, code, seq])?,
+            Key::Composite {
+                a_sys,
+                a_val,
+                b_sys,
+                b_val,
+                b_lo,
+                b_hi,
+            } => self
+                .composite
+                .execute(params![p, a_val, a_sys, b_val, b_sys, b_lo, b_hi, seq])?,
+        };
+        Ok(())
+    }
+}
+
+/// Deletes every entry (a reindex of everything starts with it).
+pub fn clear(conn: &Connection) -> Result<(), StoreError> {
+    for t in TABLES {
+        conn.execute(&format!("DELETE FROM {t}"), [])?;
+    }
+    Ok(())
+}
+
+/// Entries held back to be written in key order: inserting a whole batch
+/// sorted by table and key touches each B-tree page once instead of once
+/// per resource.
+#[derive(Default)]
+pub struct Pending(Vec<(u64, IndexEntry)>);
+
+impl Pending {
+    pub fn add(&mut self, seq: u64, entries: Vec<IndexEntry>) {
+        self.0.extend(entries.into_iter().map(|e| (seq, e)));
+    }
+
+    /// Writes what is held, in key order.
+    pub fn flush(&mut self, conn: &Connection) -> Result<(), StoreError> {
+        if self.0.is_empty() {
+            return Ok(());
+        }
+        let mut rows = std::mem::take(&mut self.0);
+        rows.sort_by(|(sa, a), (sb, b)| order(a, b).then(sa.cmp(sb)));
+        let mut ins = Inserter::new(conn)?;
+        for (seq, e) in &rows {
+            ins.put(*seq, e)?;
+        }
+        Ok(())
+    }
+}
+
+/// The order of entries in their tables' keys (table first).
+fn order(a: &IndexEntry, b: &IndexEntry) -> std::cmp::Ordering {
+    fn rank(k: &Key) -> u8 {
+        match k {
+            Key::Token { .. } => 0,
+            Key::Text { .. } => 1,
+            Key::Date { .. } => 2,
+            Key::Number { .. } => 3,
+            Key::Composite { .. } => 4,
+        }
+    }
+    rank(&a.key)
+        .cmp(&rank(&b.key))
+        .then_with(|| a.param.cmp(&b.param))
+        .then_with(|| match (&a.key, &b.key) {
+            (
+                Key::Token {
+                    value: x,
+                    system: s,
+                },
+                Key::Token {
+                    value: y,
+                    system: t,
+                },
+            ) => x.cmp(y).then_with(|| s.cmp(t)),
+            (Key::Text { norm: x, .. }, Key::Text { norm: y, .. }) => x.cmp(y),
+            (Key::Date { lo: x, .. }, Key::Date { lo: y, .. }) => x.cmp(y),
+            (Key::Number { value: x, .. }, Key::Number { value: y, .. }) => x.total_cmp(y),
+            (Key::Composite { a_val: x, .. }, Key::Composite { a_val: y, .. }) => x.cmp(y),
+            _ => std::cmp::Ordering::Equal,
+        })
+}

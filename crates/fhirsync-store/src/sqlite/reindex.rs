@@ -1,0 +1,118 @@
+//! Rebuilding the search index from the stored versions, in batches of
+//! short transactions so that a running node keeps writing in between.
+
+use fhirsync_core::index::extract;
+use rusqlite::{params, Connection};
+use serde_json::Value;
+
+use super::index_rows;
+use super::schema::INDEX_VERSION;
+use crate::StoreError;
+
+/// Versions reindexed per transaction.
+pub const REINDEX_BATCH: u64 = 2_000;
+
+/// Progress of a reindex: versions done and versions in all.
+pub type Progress<'a> = &'a mut dyn FnMut(u64, u64);
+
+/// A reindex under way: the versions `next..=last` are still to do.
+#[derive(Debug, Clone)]
+pub struct Reindex {
+    pub next: u64,
+    pub last: u64,
+    pub done: u64,
+    pub total: u64,
+}
+
+impl Reindex {
+    /// A reindex of every version after `after` (0: of all, which first
+    /// clears the index).
+    pub fn start(conn: &Connection, after: u64) -> Result<Reindex, StoreError> {
+        let (last, total): (i64, i64) = conn.query_row(
+            "SELECT coalesce(max(seq), 0), count(*) FROM versions WHERE seq > ?1",
+            [after as i64],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?;
+        Ok(Reindex {
+            next: after + 1,
+            last: last as u64,
+            done: 0,
+            total: total as u64,
+        })
+    }
+
+    pub fn finished(&self) -> bool {
+        self.next > self.last
+    }
+
+    /// Reindexes the next [`REINDEX_BATCH`] versions in one transaction;
+    /// after the last batch, records the index version.
+    pub fn step(&mut self, conn: &Connection) -> Result<(), StoreError> {
+        if !self.finished() {
+            let (from, to) = (self.next, (self.next + REINDEX_BATCH - 1).min(self.last));
+            let tx = conn.unchecked_transaction()?;
+            if from == 1 {
+                index_rows::clear(&tx)?;
+            }
+            {
+                let mut st = tx.prepare_cached(
+                    "SELECT seq, type, body FROM versions WHERE seq BETWEEN ?1 AND ?2 AND body IS NOT NULL",
+                )?;
+                let mut pending = index_rows::Pending::default();
+                let rows = st.query_map(params![from as i64, to as i64], |r| {
+                    Ok((
+                        r.get::<_, i64>(0)? as u64,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, String>(2)?,
+                    ))
+                })?;
+                for row in rows {
+                    let (seq, rtype, body) = row?;
+                    let Ok(v) = serde_json::from_str::<Value>(&body) else {
+                        tracing::warn!(seq, "a stored body is not JSON; not indexed");
+                        continue;
+                    };
+                    pending.add(seq, extract(&rtype, &v));
+                }
+                pending.flush(&tx)?;
+            }
+            tx.commit()?;
+            self.done = (self.done + to + 1 - from).min(self.total);
+            self.next = to + 1;
+        }
+        if self.finished() {
+            conn.execute(
+                "INSERT OR REPLACE INTO node_info (key, value) VALUES ('index_version', ?1)",
+                [INDEX_VERSION.to_string()],
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// Reindexes every version after `after` (0: all) at once, then records
+/// the index version. Returns the versions reindexed.
+pub fn reindex(conn: &Connection, after: u64, progress: Progress<'_>) -> Result<u64, StoreError> {
+    let mut r = Reindex::start(conn, after)?;
+    loop {
+        r.step(conn)?;
+        progress(r.done, r.total);
+        if r.finished() {
+            return Ok(r.total);
+        }
+    }
+}
+
+/// The index version the store was built with (`None`: before versions
+/// were recorded).
+pub fn index_version(conn: &Connection) -> Result<Option<i64>, StoreError> {
+    use rusqlite::OptionalExtension;
+    Ok(conn
+        .query_row(
+            "SELECT value FROM node_info WHERE key = 'index_version'",
+            [],
+            |r| r.get::<_, String>(0),
+        )
+        .optional()?
+        .and_then(|v| v.parse().ok()))
+}
