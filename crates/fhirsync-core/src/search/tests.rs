@@ -168,3 +168,13 @@ fn conditional_queries_have_clauses() {
     let q = SearchQuery::parse_query_string(Some("Patient"), "identifier=urn:mrn|m").unwrap();
     assert_eq!(q.clauses.len(), 1, "{q:?}");
 }
+
+#[test]
+fn includes_are_bounded() {
+    let many: Vec<String> = (0..=INCLUDES_MAX)
+        .map(|_| "_include=Observation:subject".to_string())
+        .collect();
+    let err = parse(&many.join("&")).unwrap_err();
+    assert!(err.to_string().contains("INCLUDES_MAX"), "{err}");
+    assert!(parse(&many[..INCLUDES_MAX].join("&")).is_ok());
+}

@@ -116,3 +116,73 @@ pub fn index_version(conn: &Connection) -> Result<Option<i64>, StoreError> {
         .optional()?
         .and_then(|v| v.parse().ok()))
 }
+
+#[cfg(test)]
+mod tests {
+    use fhirsync_core::search::SearchQuery;
+    use serde_json::json;
+
+    use crate::sqlite::{SqliteConfig, SqliteStore};
+    use crate::types::{Prepared, WriteRequest};
+    use crate::Store;
+
+    async fn names(store: &SqliteStore, q: &str) -> Vec<String> {
+        let q = SearchQuery::parse_query_string(Some("Patient"), q).unwrap();
+        let page = store.search(q).await.unwrap();
+        page.items.into_iter().map(|v| v.id).collect()
+    }
+
+    /// A store whose index is missing or of an older version is rebuilt:
+    /// in the background when a node opens it, at once by the CLI's call.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn an_outdated_index_is_rebuilt() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("fhirsync.db");
+        let store = SqliteStore::open(SqliteConfig::new(&path)).unwrap();
+        for (id, family) in [("a", "Otieno"), ("b", "Wanjiru")] {
+            let res = json!({"resourceType": "Patient", "name": [{"family": family}]});
+            let res = Prepared::new("Patient".into(), res.as_object().unwrap().clone());
+            store
+                .write(WriteRequest::Update {
+                    id: id.into(),
+                    res,
+                    if_match: None,
+                })
+                .await
+                .unwrap();
+        }
+        assert_eq!(names(&store, "name=oti").await, ["a"]);
+        drop(store);
+        let forget = || {
+            let c = rusqlite::Connection::open(&path).unwrap();
+            c.execute_batch(
+                "DELETE FROM strings; DELETE FROM tokens;
+                 UPDATE node_info SET value = '0' WHERE key = 'index_version';",
+            )
+            .unwrap();
+        };
+        forget();
+        let store = SqliteStore::open(SqliteConfig::new(&path)).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while names(&store, "name=oti").await.is_empty() {
+            assert!(std::time::Instant::now() < deadline, "not reindexed");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        assert_eq!(names(&store, "name=wan").await, ["b"]);
+        drop(store);
+        forget();
+        let mut seen = Vec::new();
+        let n =
+            SqliteStore::reindex_offline(&SqliteConfig::new(&path), &mut |d, t| seen.push((d, t)))
+                .unwrap();
+        assert_eq!(n, 2);
+        assert_eq!(seen.last(), Some(&(2, 2)));
+        let store = SqliteStore::open(SqliteConfig::new(&path)).unwrap();
+        assert_eq!(names(&store, "name=oti").await, ["a"]);
+        let missing = SqliteStore::reindex_offline(
+            &SqliteConfig::new(dir.path().join("none.db")),
+            &mut |_, _| {},
+        );
+        assert!(missing.is_err());
+    }
+}
