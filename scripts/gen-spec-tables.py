@@ -7,7 +7,10 @@ scripts/fetch-fhir-examples.sh):
   one row per (resource type, code) with that type's part of the FHIRPath
   expression, its targets and its composite components;
 - crates/fhirsync-core/src/spec/compartments.rs: the CompartmentDefinitions;
-- crates/fhirsync-core/src/spec/summary.rs: each type's summary elements.
+- crates/fhirsync-core/src/spec/summary.rs: each type's summary elements;
+- crates/fhirsync-core/src/spec/elements.rs: every element of every
+  resource and data type (cardinality, types, content references), for
+  structural validation.
 
 Usage: scripts/gen-spec-tables.py [EXAMPLES_DIR]. The output is committed;
 neither the build nor the binary needs the package.
@@ -164,8 +167,47 @@ def summary():
     return "".join(out), n
 
 
+SYSTEM_STRING = "http://hl7.org/fhirpath/System.String"
+
+
+def elements():
+    sds = [
+        e["resource"]
+        for name in ("Bundle-resources.json", "Bundle-types.json")
+        for e in load(name)["entry"]
+        if e["resource"]["resourceType"] == "StructureDefinition"
+    ]
+    rows = {}
+    for sd in sds:
+        if sd.get("derivation") == "constraint" or sd.get("kind") == "logical":
+            continue
+        for el in sd["snapshot"]["element"]:
+            path = el["path"]
+            if "." not in path:
+                continue
+            mx = el.get("max", "1")
+            types = []
+            for t in el.get("type", []):
+                code = t["code"]
+                types.append("string" if code == SYSTEM_STRING else code)
+            ref = el.get("contentReference", "")
+            rows[path] = (int(el.get("min", 0)), "u32::MAX" if mx == "*" else mx, types, ref.lstrip("#"))
+    out = [HEADER, "\nuse super::Element;\n\n"]
+    out.append("/// Every element below a type's root, sorted by path.\n")
+    out.append("pub static ELEMENTS: &[Element] = &[\n")
+    for path in sorted(rows):
+        mn, mx, types, ref = rows[path]
+        t = ", ".join(rs(x) for x in types)
+        out.append(
+            f"    Element {{ path: {rs(path)}, min: {mn}, max: {mx}, types: &[{t}], content_ref: {rs(ref)} }},\n"
+        )
+    out.append("];\n")
+    return "".join(out), len(rows)
+
+
 def main():
     for fname, gen in (
+        ("elements.rs", elements),
         ("search_params.rs", search_params),
         ("compartments.rs", compartments),
         ("summary.rs", summary),

@@ -23,6 +23,7 @@ pub async fn process(
     let bytes = read_body(&state, &headers, body).await?;
     let res = parse_client_resource(&bytes).map_err(StoreError::from)?;
     check_resource(&res, Some("Bundle")).map_err(StoreError::from)?;
+    crate::validation::check(&state, &res)?;
     if let Some(axum::Extension(p)) = principal {
         crate::auth::check_bundle(&p, &res)?;
     }

@@ -137,6 +137,11 @@ pub async fn metadata(
                     "name": "everything",
                     "definition": "http://hl7.org/fhir/OperationDefinition/Patient-everything",
                     "documentation": "Patient/[id]/$everything with _since, _type, _count"
+                },
+                {
+                    "name": "validate",
+                    "definition": "http://hl7.org/fhir/OperationDefinition/Resource-validate",
+                    "documentation": "[type]/$validate: structural validation against the R4 definitions, nothing stored"
                 }
             ]
         }]

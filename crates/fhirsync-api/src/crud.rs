@@ -26,6 +26,7 @@ async fn prepared_body(
     let bytes = read_body(state, headers, body).await?;
     let res = parse_client_resource(&bytes).map_err(StoreError::from)?;
     let t = check_resource(&res, Some(rtype)).map_err(StoreError::from)?;
+    crate::validation::check(state, &res)?;
     Ok(Prepared::new(t, res))
 }
 

@@ -14,6 +14,9 @@ pub struct ApiError {
     /// FHIR `IssueType` code.
     pub code: &'static str,
     pub diagnostics: String,
+    /// A whole OperationOutcome to send instead of one made of `code` and
+    /// `diagnostics` (validation reports one issue per problem).
+    pub outcome: Option<serde_json::Value>,
 }
 
 impl ApiError {
@@ -22,6 +25,7 @@ impl ApiError {
             status: StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
             code,
             diagnostics: diagnostics.into(),
+            outcome: None,
         }
     }
     pub fn bad_request(d: impl Into<String>) -> Self {
@@ -71,7 +75,9 @@ pub fn outcome(severity: &str, code: &str, diagnostics: &str) -> serde_json::Val
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = outcome("error", self.code, &self.diagnostics);
+        let body = self
+            .outcome
+            .unwrap_or_else(|| outcome("error", self.code, &self.diagnostics));
         let mut r = fhir_json(body.to_string());
         *r.status_mut() = self.status;
         r

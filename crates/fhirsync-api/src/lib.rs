@@ -22,6 +22,7 @@ pub mod peers;
 mod render;
 mod search;
 mod subs;
+pub mod validation;
 
 use std::sync::Arc;
 
@@ -56,6 +57,8 @@ pub struct ApiConfig {
     /// Each answer waits until its AuditEvent is committed (otherwise the
     /// record follows within [`auditor::LINGER`]).
     pub audit_wait: bool,
+    /// What happens to a client's write that fails structural validation.
+    pub validation: validation::Mode,
 }
 
 impl Default for ApiConfig {
@@ -69,6 +72,7 @@ impl Default for ApiConfig {
             auth: Arc::default(),
             https: false,
             audit_wait: false,
+            validation: validation::Mode::Strict,
         }
     }
 }
@@ -165,6 +169,7 @@ pub fn app(state: AppState) -> Router {
         .route("/Subscription/{id}/$status", get(subs::status))
         .route("/Subscription/{id}/$events", get(subs::events))
         .route("/{rtype}/_search", post(search::type_search_post))
+        .route("/{rtype}/$validate", post(validation::validate_op))
         .route("/{rtype}/_history", get(history::type_level))
         .route(
             "/{rtype}/{id}",

@@ -17,6 +17,7 @@ pub mod resource;
 pub mod search;
 pub mod spec;
 pub mod subscription;
+pub mod validate;
 pub mod vv;
 
 pub use hlc::Hlc;

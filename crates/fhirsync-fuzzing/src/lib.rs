@@ -70,7 +70,8 @@ pub fn fhirpath_eval(data: &[u8]) {
 }
 
 /// A client's resource as a create or update takes it: JSON → FHIR's
-/// JSON rules → type and id checks → the stored form.
+/// JSON rules → type and id checks → structural validation (its report
+/// bounded) → the stored form, indexed.
 pub fn ingest(data: &[u8]) {
     let Ok(res) = parse_client_resource(data) else {
         return;
@@ -78,6 +79,8 @@ pub fn ingest(data: &[u8]) {
     let Ok(rtype) = check_resource(&res, None) else {
         return;
     };
+    let issues = fhirsync_core::validate::validate(&serde_json::Value::Object(res.clone()));
+    assert!(issues.len() <= fhirsync_core::validate::ISSUES_MAX);
     let p = Prepared::new(rtype, res);
     let body = p.body(
         p.body_id().unwrap_or("new-id"),

@@ -45,6 +45,25 @@ pub struct Config {
     pub auth: crate::auth_cfg::AuthSection,
     /// The web console.
     pub console: crate::console_cfg::ConsoleSection,
+    /// Structural validation of what clients write.
+    pub validation: ValidationSection,
+}
+
+/// `[validation]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ValidationSection {
+    /// `strict` (refuse with 422), `lenient` (store, log the problems) or
+    /// `off`.
+    pub mode: String,
+}
+
+impl Default for ValidationSection {
+    fn default() -> Self {
+        ValidationSection {
+            mode: "strict".into(),
+        }
+    }
 }
 
 /// A registered child (`[[children]]`).
@@ -114,6 +133,7 @@ impl Default for Config {
             tls: None,
             auth: Default::default(),
             console: Default::default(),
+            validation: Default::default(),
         }
     }
 }
@@ -189,6 +209,7 @@ impl Config {
     fn check(&self) -> anyhow::Result<()> {
         self.listen_addr()?;
         self.sync_mode()?;
+        self.validation_mode()?;
         if let Some(n) = &self.node_id {
             anyhow::ensure!(
                 fhirsync_store::sqlite::is_valid_node_id(n),
@@ -286,6 +307,16 @@ impl Config {
             auth: std::sync::Arc::new(self.auth.build()?),
             https: self.tls.is_some(),
             audit_wait: self.api.audit_wait,
+            validation: self.validation_mode()?,
+        })
+    }
+
+    fn validation_mode(&self) -> anyhow::Result<fhirsync_api::validation::Mode> {
+        fhirsync_api::validation::Mode::parse(&self.validation.mode).ok_or_else(|| {
+            anyhow::anyhow!(
+                "[validation] mode '{}': expected strict, lenient or off",
+                self.validation.mode
+            )
         })
     }
 

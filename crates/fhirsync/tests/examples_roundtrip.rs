@@ -126,12 +126,19 @@ async fn official_r4_examples_round_trip() {
         types.extend(t);
     }
     // The one example whose id breaks the FHIR id rule (over 64 characters)
-    // must be refused with 422; everything else must round-trip, the
-    // AuditEvents included (clients' records, beside the node's own trail).
-    assert_eq!(refused.len(), 1, "refused: {refused:?}");
-    assert_eq!(refused[0].1, 422, "{refused:?}");
-    assert!(refused[0].2.contains("invalid resource id"), "{refused:?}");
-    assert_eq!(ok, total - 1);
+    // and the ones that break the structure rules must be refused with 422;
+    // everything else must round-trip, the AuditEvents included (clients'
+    // records, beside the node's own trail).
+    let invalid = fhirsync_core::validate::INVALID_R4_EXAMPLES;
+    for (name, st, body) in &refused {
+        assert_eq!(*st, 422, "{name}: {body}");
+        assert!(
+            body.contains("invalid resource id") || invalid.iter().any(|(n, _)| n == name),
+            "{name} refused: {body}"
+        );
+    }
+    assert_eq!(refused.len(), 1 + invalid.len(), "refused: {refused:?}");
+    assert_eq!(ok, total - refused.len());
     assert!(types.contains("AuditEvent"));
     assert!(types.len() >= 126, "{} types", types.len());
     println!(

@@ -128,7 +128,7 @@ async fn search_parameters() {
     })
     .await;
     put(&s, "Patient/p1", &json!({"resourceType": "Patient", "id": "p1", "identifier": [{"system": "urn:a", "value": "1"}, {"value": "bare"}]})).await;
-    put(&s, "Patient/p2", &json!({"resourceType": "Patient", "id": "p2", "identifier": {"system": "urn:b", "value": "1"}})).await;
+    put(&s, "Patient/p2", &json!({"resourceType": "Patient", "id": "p2", "identifier": [{"system": "urn:b", "value": "1"}]})).await;
     clock.set(1_700_000_000_000); // 2023-11-14
     for (id, subj) in [
         ("o1", "Patient/p1"),

@@ -2,10 +2,12 @@
 //! search parameters, compartments and summary elements, with lookups.
 
 mod compartments;
+mod elements;
 mod search_params;
 mod summary;
 
 pub use compartments::COMPARTMENTS;
+pub use elements::ELEMENTS;
 pub use search_params::PARAMS;
 pub use summary::SUMMARY;
 
@@ -66,6 +68,42 @@ pub struct ParamDef {
     /// Composite parts: the component's code, type and expression relative
     /// to each element the parameter's expression selects.
     pub components: &'static [(&'static str, Kind, &'static str)],
+}
+
+/// One element of a resource or data type's definition.
+#[derive(Debug)]
+pub struct Element {
+    /// `Observation.component.code`, `Quantity.value`, `Observation.value[x]`.
+    pub path: &'static str,
+    pub min: u32,
+    /// `u32::MAX` for `*`.
+    pub max: u32,
+    /// Type codes (`Quantity`, `string`, `BackboneElement`, `Resource`);
+    /// empty with a content reference.
+    pub types: &'static [&'static str],
+    /// The element whose definition this one reuses (`Observation.referenceRange`).
+    pub content_ref: &'static str,
+}
+
+/// The element at `path`.
+pub fn element(path: &str) -> Option<&'static Element> {
+    ELEMENTS
+        .binary_search_by(|e| e.path.cmp(path))
+        .ok()
+        .map(|i| &ELEMENTS[i])
+}
+
+/// The direct children of the element or type at `path`.
+pub fn children(path: &str) -> impl Iterator<Item = &'static Element> + '_ {
+    let start = ELEMENTS.partition_point(|e| e.path <= path);
+    ELEMENTS[start..]
+        .iter()
+        .take_while(move |e| {
+            e.path.len() > path.len()
+                && e.path.starts_with(path)
+                && e.path.as_bytes()[path.len()] == b'.'
+        })
+        .filter(move |e| !e.path[path.len() + 1..].contains('.'))
 }
 
 /// The bases whose parameters apply to every resource type.
