@@ -106,78 +106,11 @@ impl Pending {
         let mut rows = std::mem::take(&mut self.0);
         rows.sort_by(|(sa, a), (sb, b)| order(a, b).then(sa.cmp(sb)));
         let mut ins = Inserter::new(conn)?;
-        // Runs of one table go in statements of CHUNK rows; the rest one
-        // by one (one statement shape per table keeps the cache small).
-        let mut i = 0;
-        while i < rows.len() {
-            let r = rank(&rows[i].1.key);
-            let run = rows[i..]
-                .iter()
-                .take_while(|(_, e)| rank(&e.key) == r)
-                .count();
-            let full = run / CHUNK * CHUNK;
-            for chunk in rows[i..i + full].chunks(CHUNK) {
-                insert_chunk(conn, chunk)?;
-            }
-            for (seq, e) in &rows[i + full..i + run] {
-                ins.put(*seq, e)?;
-            }
-            i += run;
+        for (seq, e) in &rows {
+            ins.put(*seq, e)?;
         }
         Ok(())
     }
-}
-
-/// Rows per multi-row insert of a sorted flush.
-const CHUNK: usize = 32;
-
-/// `CHUNK` rows of one table in one statement.
-fn insert_chunk(conn: &Connection, chunk: &[(u64, IndexEntry)]) -> Result<(), StoreError> {
-    use rusqlite::ToSql;
-    let (table, cols, n) = match chunk[0].1.key {
-        Key::Token { .. } => ("tokens", "param, value, system, seq", 4),
-        Key::Text { .. } => ("strings", "param, norm, raw, seq", 4),
-        Key::Date { .. } => ("dates", "param, lo, hi, seq", 4),
-        Key::Number { .. } => ("numbers", "param, value, system, code, seq", 5),
-        Key::Composite { .. } => (
-            "composites",
-            "param, a_val, a_sys, b_val, b_sys, b_lo, b_hi, seq",
-            8,
-        ),
-    };
-    let one = format!("({})", vec!["?"; n].join(","));
-    let sql = format!(
-        "INSERT OR IGNORE INTO {table} ({cols}) VALUES {}",
-        vec![one.as_str(); chunk.len()].join(",")
-    );
-    let seqs: Vec<i64> = chunk.iter().map(|(s, _)| *s as i64).collect();
-    let names: Vec<&str> = chunk.iter().map(|(_, e)| &*e.param).collect();
-    let mut args: Vec<&dyn ToSql> = Vec::with_capacity(chunk.len() * n);
-    for (((_, e), seq), name) in chunk.iter().zip(&seqs).zip(&names) {
-        args.push(name);
-        match &e.key {
-            Key::Token { system, value } => args.extend([value as &dyn ToSql, system]),
-            Key::Text { norm, raw } => args.extend([norm as &dyn ToSql, raw]),
-            Key::Date { lo, hi } => args.extend([lo as &dyn ToSql, hi]),
-            Key::Number {
-                value,
-                system,
-                code,
-            } => args.extend([value as &dyn ToSql, system, code]),
-            Key::Composite {
-                a_sys,
-                a_val,
-                b_sys,
-                b_val,
-                b_lo,
-                b_hi,
-            } => args.extend([a_val as &dyn ToSql, a_sys, b_val, b_sys, b_lo, b_hi]),
-        }
-        args.push(seq);
-    }
-    conn.prepare_cached(&sql)?
-        .execute(rusqlite::params_from_iter(args))?;
-    Ok(())
 }
 
 fn rank(k: &Key) -> u8 {
@@ -278,7 +211,7 @@ mod tests {
         out
     }
 
-    /// A sorted, chunked flush writes exactly what row-by-row inserts write.
+    /// A sorted flush writes exactly what inserts in arrival order write.
     #[test]
     fn a_flush_writes_what_single_inserts_write() {
         let a = Connection::open_in_memory().unwrap();
