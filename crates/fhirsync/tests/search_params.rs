@@ -119,6 +119,13 @@ async fn search(s: &InProcess, q: &str) -> (Vec<String>, Vec<String>) {
     (matched, included)
 }
 
+/// The sorted included resources of a search.
+async fn included(s: &InProcess, q: &str) -> Vec<String> {
+    let mut i = search(s, q).await.1;
+    i.sort();
+    i
+}
+
 /// The sorted matches of a search.
 async fn ids(s: &InProcess, q: &str) -> Vec<String> {
     let mut m = search(s, q).await.0;
@@ -333,42 +340,34 @@ async fn includes_sorting_and_paging() {
     let s = loaded().await;
     let (m, inc) = search(&s, "Observation?code=8867-4&_include=Observation:subject").await;
     assert_eq!((m, inc), (set(&["Observation/ob1"]), set(&["Patient/p1"])));
-    let (_, mut inc) = search(&s, "Observation?_id=ob1&_include=Observation:*").await;
-    inc.sort();
+    let inc = included(&s, "Observation?_id=ob1&_include=Observation:*").await;
     assert_eq!(
         inc,
         set(&["Patient/p1", "Practitioner/pr1", "ServiceRequest/sr1"])
     );
     let (_, inc) = search(&s, "Observation?_id=ob1&_include=Observation:subject:Group").await;
     assert!(inc.is_empty());
-    let (_, mut inc) = search(
+    let inc = included(
         &s,
         "Patient?_id=p1&_revinclude=Condition:subject&_revinclude=Observation:patient",
     )
     .await;
-    inc.sort();
     assert_eq!(
         inc,
         set(&["Condition/c1", "Observation/ob1", "Observation/ob3"])
     );
     // :iterate follows what was included.
-    let (_, mut inc) = search(
-        &s,
-        "Observation?_id=ob1&_include=Observation:subject&_include:iterate=Patient:organization&_include:iterate=Organization:partof",
-    )
-    .await;
-    inc.sort();
+    let inc = included(&s, "Observation?_id=ob1&_include=Observation:subject&_include:iterate=Patient:organization&_include:iterate=Organization:partof").await;
     assert_eq!(
         inc,
         set(&["Organization/o1", "Organization/o2", "Patient/p1"])
     );
     // Without :iterate, one level only.
-    let (_, mut inc) = search(
+    let inc = included(
         &s,
         "Observation?_id=ob1&_include=Observation:subject&_include=Patient:organization",
     )
     .await;
-    inc.sort();
     assert_eq!(inc, set(&["Patient/p1"]));
 
     // _sort on any sortable parameter, several keys, missing values last.

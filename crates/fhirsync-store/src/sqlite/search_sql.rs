@@ -178,14 +178,7 @@ impl Builder {
             } => {
                 let p = self.text(param);
                 let mut w = format!("param = {p}");
-                if let Some(v) = value {
-                    let x = self.text(v);
-                    w.push_str(&format!(" AND value = {x}"));
-                }
-                if let Some(s) = system {
-                    let x = self.text(s);
-                    w.push_str(&format!(" AND system = {x}"));
-                }
+                self.pair(&mut w, ("value", value), ("system", system));
                 format!("{a}.seq IN (SELECT seq FROM tokens WHERE {w})")
             }
             Cond::Text { param, op, value } => {
@@ -249,25 +242,11 @@ impl Builder {
             } => {
                 let p = self.text(param);
                 let mut w = format!("param = {p}");
-                if let Some(v) = a_val {
-                    let x = self.text(v);
-                    w.push_str(&format!(" AND a_val = {x}"));
-                }
-                if let Some(s) = a_sys {
-                    let x = self.text(s);
-                    w.push_str(&format!(" AND a_sys = {x}"));
-                }
+                self.pair(&mut w, ("a_val", a_val), ("a_sys", a_sys));
                 let bw = match b {
                     CompB::Token(s, v) => {
                         let mut bw = String::from("1");
-                        if let Some(v) = v {
-                            let x = self.text(v);
-                            bw.push_str(&format!(" AND b_val = {x}"));
-                        }
-                        if let Some(s) = s {
-                            let x = self.text(s);
-                            bw.push_str(&format!(" AND b_sys = {x}"));
-                        }
+                        self.pair(&mut bw, ("b_val", v), ("b_sys", s));
                         bw
                     }
                     CompB::Text(t) => {
@@ -281,6 +260,22 @@ impl Builder {
                     }
                 };
                 format!("{a}.seq IN (SELECT seq FROM composites WHERE {w} AND {bw})")
+            }
+        }
+    }
+
+    /// ` AND col = ?` for the value and the system a token names (`None`:
+    /// any).
+    fn pair(
+        &mut self,
+        w: &mut String,
+        value: (&str, &Option<String>),
+        system: (&str, &Option<String>),
+    ) {
+        for (col, v) in [value, system] {
+            if let Some(v) = v {
+                let x = self.text(v);
+                w.push_str(&format!(" AND {col} = {x}"));
             }
         }
     }
