@@ -327,6 +327,7 @@ fn is_time(s: &str) -> bool {
 fn zone(z: &str) -> bool {
     z == "Z"
         || (z.len() == 6
+            && z.is_ascii()
             && (z.starts_with('+') || z.starts_with('-'))
             && digits(&z[1..3], 2)
             && &z[3..4] == ":"
@@ -461,6 +462,23 @@ mod tests {
             "valueQuantity": {"value": 1.5, "unit": "mg"},
             "component": [{"code": {"text": "c"}, "valueString": "v", "referenceRange": [{"text": "t"}]}]}))
         .is_empty());
+    }
+
+    /// A zone with a multi-byte character is refused, never sliced inside
+    /// the character.
+    #[test]
+    fn odd_zones_are_refused_not_sliced() {
+        for bad in [
+            "2020-01-01T10:00:00+00\u{e9}0",
+            "2020-01-01T10:00:00+\u{e9}0:0",
+            "2020-01-01T10:00:00-0\u{20ac}",
+        ] {
+            assert_eq!(
+                paths(json!({"resourceType": "Patient", "deceasedDateTime": bad})),
+                ["Patient.deceasedDateTime"],
+                "{bad}"
+            );
+        }
     }
 
     #[test]
