@@ -399,3 +399,30 @@ pub async fn metrics(
     );
     Ok(r)
 }
+
+fn reindex_json(s: fhirsync_store::ReindexStatus) -> Value {
+    json!({"running": s.running, "done": s.done, "total": s.total})
+}
+
+/// `POST /admin/reindex`: every stored version indexed again while the
+/// node serves (after a `SearchParameter` was defined, so that it finds
+/// what was stored before); answers 202 with the progress.
+pub async fn reindex(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    check_admin(&state, &headers)?;
+    let s = state.store.reindex().await?;
+    let mut r = json_response(reindex_json(s));
+    *r.status_mut() = axum::http::StatusCode::ACCEPTED;
+    Ok(r)
+}
+
+/// `GET /admin/reindex`: progress of the reindex under way or the last.
+pub async fn reindex_status(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    check_admin(&state, &headers)?;
+    Ok(json_response(reindex_json(state.store.reindex_status())))
+}

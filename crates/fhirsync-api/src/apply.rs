@@ -1,13 +1,16 @@
 //! `POST /fhir/$apply`: a registered child sends a batch of its change
 //! records (the same entries `$changes` serves). They are applied in order
 //! in one transaction; applying the same batch again changes nothing, so a
-//! child may resend whenever it did not see the answer.
+//! child may resend whenever it did not see the answer. Each version is
+//! validated as the node's `[validation] mode` says; a refused one stops
+//! the batch there with a 422, which the child's `on_error` takes.
 
 use axum::body::Body;
 use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::Response;
 use fhirsync_core::replicate::Policy;
+use fhirsync_core::validate::Mode;
 use fhirsync_store::{ApplyRequest, Direction, RemoteVersion, WriteOutcome, WriteRequest};
 use serde_json::{json, Value};
 
@@ -38,7 +41,8 @@ pub async fn apply(
 ) -> Result<Response, ApiError> {
     let child = state.children.authenticate(&headers, Access::Push)?.clone();
     let bytes = read_body(&state, &headers, body).await?;
-    let parsed = tokio::task::spawn_blocking(move || parse(&bytes, &child.push_types))
+    let validation = state.cfg.validation;
+    let parsed = tokio::task::spawn_blocking(move || parse(&bytes, &child.push_types, validation))
         .await
         .map_err(|e| ApiError::new(500, "exception", format!("parser failed: {e}")))??;
     let (policy, versions, refused) = parsed;
@@ -89,7 +93,7 @@ type Parsed = (Policy, Vec<RemoteVersion>, Option<(u16, String)>);
 
 /// The batch's policy and versions, up to the first entry that cannot be
 /// applied (its status and reason come back as the refusal).
-fn parse(bytes: &[u8], push_types: &[String]) -> Result<Parsed, ApiError> {
+fn parse(bytes: &[u8], push_types: &[String], validation: Mode) -> Result<Parsed, ApiError> {
     let b: Value = serde_json::from_slice(bytes)
         .map_err(|e| ApiError::bad_request(format!("body is not JSON: {e}")))?;
     if b.get("resourceType").and_then(Value::as_str) != Some("Bundle") {
@@ -114,7 +118,7 @@ fn parse(bytes: &[u8], push_types: &[String]) -> Result<Parsed, ApiError> {
     }
     let mut versions = Vec::with_capacity(entries.len());
     for (i, e) in entries.iter().enumerate() {
-        match RemoteVersion::from_entry(e) {
+        match RemoteVersion::from_entry(e, validation) {
             Ok(v) if !push_types.is_empty() && !push_types.contains(&v.rtype) => {
                 let why = format!("entry {i}: this child may not push {} resources", v.rtype);
                 return Ok((policy, versions, Some((403, why))));

@@ -5,6 +5,7 @@ use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::Response;
 use fhirsync_core::resource::{check_resource, parse_client_resource};
+use fhirsync_core::validate::Issue;
 use fhirsync_store::{BundleKind, EntryResult, StoreError, WriteOutcome, WriteRequest};
 use serde_json::{json, Value};
 
@@ -21,9 +22,10 @@ pub async fn process(
     body: Body,
 ) -> Result<Response, ApiError> {
     let bytes = read_body(&state, &headers, body).await?;
-    let res = parse_client_resource(&bytes).map_err(StoreError::from)?;
+    let mut res = parse_client_resource(&bytes).map_err(StoreError::from)?;
     check_resource(&res, Some("Bundle")).map_err(StoreError::from)?;
-    crate::validation::check(&state, &res)?;
+    let mut refused = refuse_invalid_batch_entries(&state, &mut res);
+    let warnings = crate::validation::check(&state, &res)?;
     if let Some(axum::Extension(p)) = principal {
         crate::auth::check_bundle(&p, &res)?;
     }
@@ -43,7 +45,18 @@ pub async fn process(
         BundleKind::Batch => "batch-response",
     };
     let mut b = BundleBuilder::new(btype, None, &[], Value::Null);
-    for e in out.entries {
+    let mut results = out.entries.into_iter();
+    for i in 0.. {
+        if refused.first().is_some_and(|(at, _)| *at == i) {
+            let (_, issues) = refused.remove(0);
+            let response = json!({
+                "status": status_text(422),
+                "outcome": crate::validation::outcome(&issues, "error"),
+            });
+            b.entry(None, None, None, json!({ "response": response }));
+            continue;
+        }
+        let Some(e) = results.next() else { break };
         match e {
             EntryResult::Write { status, version } => {
                 let mut response = json!({"status": status_text(status)});
@@ -110,5 +123,43 @@ pub async fn process(
             }
         }
     }
-    Ok(fhir_json(b.finish()))
+    let mut r = fhir_json(b.finish());
+    crate::validation::warn(&mut r, &warnings);
+    Ok(r)
+}
+
+/// In strict mode, a `batch` entry whose resource fails validation is
+/// taken out before the store sees the Bundle and answered on its own
+/// with a 422 (the others go on, as a batch's entries do). Returns the
+/// refused entries' positions and problems, in order.
+fn refuse_invalid_batch_entries(
+    state: &AppState,
+    bundle: &mut serde_json::Map<String, Value>,
+) -> Vec<(usize, Vec<Issue>)> {
+    let mode = state.cfg.validation;
+    if !mode.refuses() || bundle.get("type").and_then(Value::as_str) != Some("batch") {
+        return Vec::new();
+    }
+    let Some(Value::Array(entries)) = bundle.get_mut("entry") else {
+        return Vec::new();
+    };
+    let mut refused = Vec::new();
+    let mut kept = Vec::with_capacity(entries.len());
+    for (i, e) in entries.drain(..).enumerate() {
+        let issues = e
+            .get("resource")
+            .map(|r| mode.issues(r))
+            .unwrap_or_default();
+        if issues.is_empty() {
+            kept.push(e);
+        } else {
+            refused.push((i, issues));
+        }
+    }
+    if kept.is_empty() {
+        bundle.remove("entry");
+    } else {
+        *entries = kept;
+    }
+    refused
 }

@@ -82,6 +82,36 @@ fn resources() -> &'static Value {
     })
 }
 
+/// The resource list with the custom search parameters in force added
+/// (the R4 list is built once; a copy is made only when there are some).
+fn with_custom_params(r: &'static Value) -> std::borrow::Cow<'static, Value> {
+    use fhirsync_core::index::custom;
+    let extra: Vec<(usize, Vec<Value>)> = RESOURCE_TYPES
+        .iter()
+        .enumerate()
+        .filter_map(|(i, t)| {
+            let ps = custom::params(t);
+            (!ps.is_empty()).then(|| {
+                let list = ps
+                    .iter()
+                    .map(|p| json!({"name": p.code, "type": p.kind.as_str(), "documentation": "custom (a SearchParameter on this node)"}))
+                    .collect();
+                (i, list)
+            })
+        })
+        .collect();
+    if extra.is_empty() {
+        return std::borrow::Cow::Borrowed(r);
+    }
+    let mut r = r.clone();
+    for (i, list) in extra {
+        if let Some(Value::Array(a)) = r.get_mut(i).and_then(|t| t.get_mut("searchParam")) {
+            a.extend(list);
+        }
+    }
+    std::borrow::Cow::Owned(r)
+}
+
 pub async fn metadata(
     State(state): State<AppState>,
     RawQuery(q): RawQuery,
@@ -100,7 +130,7 @@ pub async fn metadata(
         "format": ["application/fhir+json", "json"],
         "rest": [{
             "mode": "server",
-            "resource": resources(),
+            "resource": with_custom_params(resources()),
             "interaction": [{"code": "transaction"}, {"code": "batch"}, {"code": "history-system"}, {"code": "search-system"}],
             "searchParam": [
                 {"name": "_count", "type": "number", "documentation": "page size, at most 1000; 0 gives the total only"},

@@ -7,27 +7,49 @@ use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use fhirsync_core::resource::{check_resource, is_valid_id, parse_client_resource};
 use fhirsync_core::search::SearchQuery;
+use fhirsync_core::validate::Issue;
 use fhirsync_core::ValidationError;
 use fhirsync_store::{Prepared, StoreError, WriteOutcome, WriteRequest};
 
 use crate::http::{
     base_url, check_accept, check_type, if_match, prefer, query_pairs, read_body, with_status,
+    Return,
 };
 use crate::render::{resource_response, set_version_headers};
 use crate::{ApiError, AppState};
 
-/// Parses and checks a body against the URL type.
+/// Parses and checks a body against the URL type; with it, the problems
+/// lenient validation lets through.
 async fn prepared_body(
     state: &AppState,
     headers: &HeaderMap,
     body: Body,
     rtype: &str,
-) -> Result<Prepared, ApiError> {
+) -> Result<(Prepared, Vec<Issue>), ApiError> {
     let bytes = read_body(state, headers, body).await?;
     let res = parse_client_resource(&bytes).map_err(StoreError::from)?;
     let t = check_resource(&res, Some(rtype)).map_err(StoreError::from)?;
-    crate::validation::check(state, &res)?;
-    Ok(Prepared::new(t, res))
+    let warnings = crate::validation::check(state, &res)?;
+    Ok((Prepared::new(t, res), warnings))
+}
+
+/// [`write_response`] with lenient validation's warnings: in a header, and
+/// as the OperationOutcome when the client asked for one.
+fn written(
+    state: &AppState,
+    headers: &HeaderMap,
+    out: WriteOutcome,
+    warnings: &[Issue],
+) -> Response {
+    let mut r = write_response(state, headers, out);
+    if !warnings.is_empty() && prefer(headers).ret == Return::OperationOutcome {
+        let (mut parts, _) = r.into_parts();
+        parts.headers.remove(axum::http::header::CONTENT_LENGTH);
+        let body = crate::validation::outcome(warnings, "warning").to_string();
+        r = Response::from_parts(parts, Body::from(body));
+    }
+    crate::validation::warn(&mut r, warnings);
+    r
 }
 
 /// A condition from `If-None-Exist` or a conditional URL.
@@ -85,7 +107,7 @@ pub async fn create(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let res = prepared_body(&state, &headers, body, &rtype).await?;
+    let (res, warnings) = prepared_body(&state, &headers, body, &rtype).await?;
     let if_none_exist = match headers.get("if-none-exist") {
         Some(v) => Some(condition(&rtype, v.to_str().unwrap_or(""))?),
         None => None,
@@ -94,7 +116,7 @@ pub async fn create(
         .store
         .write(WriteRequest::Create { res, if_none_exist })
         .await?;
-    Ok(write_response(&state, &headers, out))
+    Ok(written(&state, &headers, out, &warnings))
 }
 
 pub async fn update(
@@ -106,7 +128,7 @@ pub async fn update(
     if !is_valid_id(&id) {
         return Err(StoreError::from(ValidationError::BadId(id)).into());
     }
-    let res = prepared_body(&state, &headers, body, &rtype).await?;
+    let (res, warnings) = prepared_body(&state, &headers, body, &rtype).await?;
     match res.body_id() {
         None => return Err(StoreError::from(ValidationError::MissingId).into()),
         Some(b) if b != id => {
@@ -123,7 +145,7 @@ pub async fn update(
         .store
         .write(WriteRequest::Update { id, res, if_match })
         .await?;
-    Ok(write_response(&state, &headers, out))
+    Ok(written(&state, &headers, out, &warnings))
 }
 
 pub async fn conditional_update(
@@ -141,7 +163,7 @@ pub async fn conditional_update(
         ));
     };
     let query = condition(&rtype, &q)?;
-    let res = prepared_body(&state, &headers, body, &rtype).await?;
+    let (res, warnings) = prepared_body(&state, &headers, body, &rtype).await?;
     let if_match = if_match(&headers)?;
     let out = state
         .store
@@ -151,7 +173,7 @@ pub async fn conditional_update(
             if_match,
         })
         .await?;
-    Ok(write_response(&state, &headers, out))
+    Ok(written(&state, &headers, out, &warnings))
 }
 
 pub async fn conditional_delete(

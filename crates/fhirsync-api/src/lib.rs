@@ -191,6 +191,7 @@ pub fn app(state: AppState) -> Router {
         .route("/deadletters/{id}", get(admin::dead_letter))
         .route("/deadletters/{id}/retry", post(admin::retry))
         .route("/audit", get(admin::audit))
+        .route("/reindex", get(admin::reindex_status).post(admin::reindex))
         .method_not_allowed_fallback(error::method_not_allowed);
     Router::new()
         .nest("/admin", admin)

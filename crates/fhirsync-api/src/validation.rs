@@ -6,36 +6,16 @@ use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::HeaderMap;
 use axum::response::Response;
+use fhirsync_core::index::custom::Definition;
 use fhirsync_core::resource::{check_resource, parse_client_resource};
-use fhirsync_core::validate::{validate, Issue};
+use fhirsync_core::validate::{summary, validate, Issue};
 use fhirsync_store::StoreError;
 use serde_json::{json, Map, Value};
 
 use crate::http::{check_type, fhir_json, read_body};
 use crate::{ApiError, AppState};
 
-/// What the node does with a write that fails validation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Mode {
-    /// Refused with 422 and the problems.
-    #[default]
-    Strict,
-    /// Stored; the problems are logged as a warning.
-    Lenient,
-    /// Not validated.
-    Off,
-}
-
-impl Mode {
-    pub fn parse(s: &str) -> Option<Mode> {
-        match s {
-            "strict" => Some(Mode::Strict),
-            "lenient" => Some(Mode::Lenient),
-            "off" => Some(Mode::Off),
-            _ => None,
-        }
-    }
-}
+pub use fhirsync_core::validate::Mode;
 
 /// An OperationOutcome with one issue per problem, each with its path.
 pub fn outcome(issues: &[Issue], severity: &str) -> Value {
@@ -61,36 +41,66 @@ pub fn outcome(issues: &[Issue], severity: &str) -> Value {
 }
 
 /// Validates a resource a client writes, as the node's mode says: an
-/// error in strict mode, the issues to log in lenient mode.
-pub fn check(state: &AppState, res: &Map<String, Value>) -> Result<(), ApiError> {
-    if state.cfg.validation == Mode::Off {
-        return Ok(());
+/// error in strict mode; in lenient mode the problems, which the answer
+/// carries as warnings (empty when there are none).
+pub fn check(state: &AppState, res: &Map<String, Value>) -> Result<Vec<Issue>, ApiError> {
+    let value = Value::Object(res.clone());
+    check_search_parameters(&value)?;
+    let mode = state.cfg.validation;
+    if mode == Mode::Off {
+        return Ok(Vec::new());
     }
-    let v = Value::Object(res.clone());
-    let issues = validate(&v);
-    if issues.is_empty() {
-        return Ok(());
+    let issues = mode.issues(&value);
+    if issues.is_empty() || !mode.refuses() {
+        if !issues.is_empty() {
+            tracing::warn!(problems = %summary(&issues), "stored a resource that fails validation (lenient mode)");
+        }
+        return Ok(issues);
     }
-    if state.cfg.validation == Mode::Lenient {
-        tracing::warn!(
-            issues = issues.len(),
-            first = %issues[0].expression,
-            "stored a resource that fails validation (lenient mode)"
-        );
-        return Ok(());
-    }
-    let mut e = ApiError::new(
-        422,
-        "structure",
-        format!(
-            "{} problem(s), the first at {}: {}",
-            issues.len(),
-            issues[0].expression,
-            issues[0].message
-        ),
-    );
+    let mut e = ApiError::new(422, "structure", summary(&issues));
     e.outcome = Some(outcome(&issues, "error"));
     Err(e)
+}
+
+/// Refuses an active `SearchParameter` (written alone or in a Bundle) that
+/// the node cannot serve, whatever the mode: the client would otherwise
+/// believe it in force.
+fn check_search_parameters(v: &Value) -> Result<(), ApiError> {
+    let entries = v.get("entry").and_then(Value::as_array);
+    let inner = entries
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.get("resource"));
+    for r in std::iter::once(v).chain(inner) {
+        if r.get("resourceType").and_then(Value::as_str) == Some("SearchParameter") {
+            Definition::from_resource(r).map_err(|why| ApiError::new(422, "not-supported", why))?;
+        }
+    }
+    Ok(())
+}
+
+/// Header of a write answer in lenient mode: the problems in one line
+/// (all of them, as an OperationOutcome, with `Prefer: return=OperationOutcome`).
+pub const WARNING_HEADER: &str = "x-validation-warning";
+
+/// Adds the lenient-mode warnings to an answer.
+pub fn warn(r: &mut Response, issues: &[Issue]) {
+    if issues.is_empty() {
+        return;
+    }
+    let line: String = summary(issues)
+        .chars()
+        .map(|c| {
+            if c.is_ascii_graphic() || c == ' ' {
+                c
+            } else {
+                '?'
+            }
+        })
+        .collect();
+    if let Ok(v) = axum::http::HeaderValue::from_str(&line) {
+        r.headers_mut().insert(WARNING_HEADER, v);
+    }
 }
 
 /// `POST [type]/$validate`: the resource (or a Parameters with a

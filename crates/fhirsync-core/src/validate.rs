@@ -18,6 +18,55 @@ pub struct Issue {
     pub message: String,
 }
 
+/// What a node does with a write that fails validation (`[validation] mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Mode {
+    /// Refused with the problems.
+    #[default]
+    Strict,
+    /// Stored; the problems are reported as warnings.
+    Lenient,
+    /// Not validated.
+    Off,
+}
+
+impl Mode {
+    pub fn parse(s: &str) -> Option<Mode> {
+        match s {
+            "strict" => Some(Mode::Strict),
+            "lenient" => Some(Mode::Lenient),
+            "off" => Some(Mode::Off),
+            _ => None,
+        }
+    }
+
+    /// The problems of `v` this mode looks at (none when it is off).
+    pub fn issues(self, v: &Value) -> Vec<Issue> {
+        match self {
+            Mode::Off => Vec::new(),
+            Mode::Strict | Mode::Lenient => validate(v),
+        }
+    }
+
+    /// Whether problems refuse the write.
+    pub fn refuses(self) -> bool {
+        self == Mode::Strict
+    }
+}
+
+/// One line for a list of problems: their count, the first one and its path.
+pub fn summary(issues: &[Issue]) -> String {
+    match issues.first() {
+        None => "no problems found".into(),
+        Some(i) => format!(
+            "{} problem(s), the first at {}: {}",
+            issues.len(),
+            i.expression,
+            i.message
+        ),
+    }
+}
+
 /// The problems of `v` as a resource; empty when it is valid.
 pub fn validate(v: &Value) -> Vec<Issue> {
     let mut cx = Cx { issues: Vec::new() };

@@ -153,7 +153,7 @@ pub fn change_record(data: &[u8]) {
     let Ok(entry) = serde_json::from_slice::<Value>(data) else {
         return;
     };
-    let Ok(v) = RemoteVersion::from_entry(&entry) else {
+    let Ok(v) = RemoteVersion::from_entry(&entry, fhirsync_core::validate::Mode::Strict) else {
         return;
     };
     if let Some(p) = &v.res {

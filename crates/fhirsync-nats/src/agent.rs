@@ -302,8 +302,14 @@ impl SyncAgent for NatsAgent {
     }
 
     async fn retry(&self, d: &DeadLetter) -> Result<(), (u16, String)> {
-        fhirsync_replica::edge::apply_again(&self.store, d, VIA_NATS, self.cfg.conflict_policy)
-            .await?;
+        fhirsync_replica::edge::apply_again(
+            &self.store,
+            d,
+            VIA_NATS,
+            self.cfg.conflict_policy,
+            self.cfg.validation,
+        )
+        .await?;
         fhirsync_replica::edge::drop_dead_letter(&self.store, d).await
     }
 

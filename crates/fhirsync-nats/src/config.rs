@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use fhirsync_core::replicate::Policy;
+use fhirsync_core::validate::Mode as ValidationMode;
 use serde::Deserialize;
 
 fn stream() -> String {
@@ -113,6 +114,10 @@ pub struct NatsConfig {
     /// A `.creds` file (user JWT and seed) for servers in operator/account mode.
     #[serde(default)]
     pub credentials_file: Option<PathBuf>,
+    /// How received versions are validated: the node's `[validation]
+    /// mode`, not a field of `[nats]`.
+    #[serde(skip)]
+    pub validation: ValidationMode,
 }
 
 mod policy_serde {
@@ -163,6 +168,7 @@ impl NatsConfig {
             tls_key_file: None,
             nkey_seed_file: None,
             credentials_file: None,
+            validation: ValidationMode::Strict,
         }
     }
 

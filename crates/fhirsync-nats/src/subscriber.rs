@@ -9,6 +9,7 @@ use std::sync::Arc;
 use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
 use async_nats::jetstream::stream::Stream;
 use async_nats::jetstream::AckKind;
+use fhirsync_core::validate::Mode as ValidationMode;
 use fhirsync_replica::edge::DirStats;
 use fhirsync_store::{
     entry_seq, ApplyRequest, Direction, NewDeadLetter, RemoteVersion, Store, WriteOutcome,
@@ -157,7 +158,7 @@ async fn apply_batch(
     let mut letters = Vec::new();
     let mut nak = Vec::new();
     for (i, m) in batch.iter().enumerate() {
-        match parse(&m.payload) {
+        match parse(&m.payload, cfg.validation) {
             Ok(v) if !follow.types.is_empty() && !follow.types.contains(&v.rtype) => {
                 stats.filtered.fetch_add(1, Ordering::Relaxed);
                 ack_now.push(i);
@@ -233,10 +234,10 @@ async fn apply_batch(
 }
 
 /// A change record from a message payload.
-fn parse(payload: &[u8]) -> Result<RemoteVersion, String> {
+fn parse(payload: &[u8], validation: ValidationMode) -> Result<RemoteVersion, String> {
     let entry: Value =
         serde_json::from_slice(payload).map_err(|e| format!("message is not JSON: {e}"))?;
-    RemoteVersion::from_entry(&entry)
+    RemoteVersion::from_entry(&entry, validation)
 }
 
 /// Best-effort following over core NATS: live messages only, applied in
@@ -283,7 +284,7 @@ pub async fn run_core(
         let mut versions = Vec::with_capacity(batch.len());
         let mut letters = Vec::new();
         for m in &batch {
-            match parse(&m.payload) {
+            match parse(&m.payload, cfg.validation) {
                 Ok(v) if !follow.types.is_empty() && !follow.types.contains(&v.rtype) => {
                     stats.filtered.fetch_add(1, Ordering::Relaxed);
                 }

@@ -1,6 +1,7 @@
 //! The configuration of a node's parent edge (the `[parent]` TOML table).
 
 use fhirsync_core::replicate::Policy;
+use fhirsync_core::validate::Mode;
 use serde::Deserialize;
 
 /// What to do with a record that keeps failing after its retries.
@@ -93,6 +94,10 @@ pub struct EdgeConfig {
     pub tls_cert_file: Option<std::path::PathBuf>,
     #[serde(default)]
     pub tls_key_file: Option<std::path::PathBuf>,
+    /// How pulled versions are validated: the node's `[validation] mode`,
+    /// not a field of `[parent]`.
+    #[serde(skip)]
+    pub validation: Mode,
 }
 
 mod policy_serde {
@@ -125,6 +130,7 @@ impl EdgeConfig {
             tls_ca_file: None,
             tls_cert_file: None,
             tls_key_file: None,
+            validation: Mode::Strict,
         }
     }
 }

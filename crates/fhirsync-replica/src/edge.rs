@@ -561,7 +561,7 @@ impl Edge {
         let mut from_entry = Vec::with_capacity(entries.len());
         let mut bad = None;
         for (i, e) in entries.iter().enumerate() {
-            match RemoteVersion::from_entry(e) {
+            match RemoteVersion::from_entry(e, self.cfg.validation) {
                 Ok(v) => {
                     if self.pull_filter.passes(&v.rtype, e.get("resource")) {
                         versions.push(v);
@@ -608,7 +608,8 @@ impl Edge {
         let failed = match (rep.failed(), bad) {
             (Some((i, status, why)), _) => {
                 let e = &entries[from_entry[i]];
-                let v = RemoteVersion::from_entry(e).map_err(|w| w.to_string())?;
+                let v =
+                    RemoteVersion::from_entry(e, self.cfg.validation).map_err(|w| w.to_string())?;
                 Some(self.letter(
                     Direction::Pull,
                     &v.rtype,
@@ -846,7 +847,14 @@ impl Edge {
         match l.direction {
             Direction::Pull => {
                 let peer = self.parent_id().unwrap_or_else(|| "parent".into());
-                apply_again(&self.store, d, &peer, self.cfg.conflict_policy).await?;
+                apply_again(
+                    &self.store,
+                    d,
+                    &peer,
+                    self.cfg.conflict_policy,
+                    self.cfg.validation,
+                )
+                .await?;
             }
             Direction::Push => {
                 let ans = self
@@ -874,10 +882,11 @@ pub async fn apply_again(
     d: &DeadLetter,
     peer: &str,
     policy: fhirsync_core::replicate::Policy,
+    validation: fhirsync_core::validate::Mode,
 ) -> Result<(), (u16, String)> {
     let entry: Value = serde_json::from_str(&d.letter.record)
         .map_err(|e| (422, format!("the record is not JSON: {e}")))?;
-    let v = RemoteVersion::from_entry(&entry).map_err(|w| (422, w))?;
+    let v = RemoteVersion::from_entry(&entry, validation).map_err(|w| (422, w))?;
     let out = store
         .write(WriteRequest::Apply(Box::new(ApplyRequest {
             edge: d.letter.edge.clone(),

@@ -88,4 +88,12 @@ pub trait Store: Send + Sync + 'static {
 
     /// Notified with the highest committed `seq` after each commit.
     fn watch_seq(&self) -> watch::Receiver<u64>;
+
+    /// Starts indexing every stored version again while the node serves
+    /// (unless a reindex is already under way), so that search parameters
+    /// defined since find what was stored before; returns its progress.
+    async fn reindex(&self) -> Result<ReindexStatus, StoreError>;
+
+    /// Progress of the reindex under way or of the last one.
+    fn reindex_status(&self) -> ReindexStatus;
 }

@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use fhirsync_core::replicate::Policy;
 use fhirsync_core::resource::{check_resource, is_resource_type};
+use fhirsync_core::validate::{summary, Mode};
 use fhirsync_core::{Hlc, VersionVector};
 use serde_json::{json, Value};
 
@@ -115,8 +116,10 @@ pub fn entry_seq(e: &Value) -> Option<u64> {
 }
 
 impl RemoteVersion {
-    /// Reads a change record from a Bundle entry of `$changes` or `$apply`.
-    pub fn from_entry(e: &Value) -> Result<RemoteVersion, String> {
+    /// Reads a change record from a Bundle entry of `$changes` or `$apply`;
+    /// its resource is validated as `validation` says (a refusal is the
+    /// record's error, which the receiver's retry and dead-letter rules take).
+    pub fn from_entry(e: &Value, validation: Mode) -> Result<RemoteVersion, String> {
         let meta = sync_metadata(e).ok_or("entry has no sync-metadata extension")?;
         let field = |name: &str, kind: &str| {
             meta.iter()
@@ -157,6 +160,13 @@ impl RemoteVersion {
             check_resource(&map, Some(rtype)).map_err(|err| err.to_string())?;
             if fhirsync_core::resource::body_id(&map) != Some(id) {
                 return Err(format!("resource id is not '{id}'"));
+            }
+            let issues = validation.issues(r);
+            if !issues.is_empty() {
+                if validation.refuses() {
+                    return Err(format!("{url} fails validation: {}", summary(&issues)));
+                }
+                tracing::warn!(resource = %url, problems = %summary(&issues), "received a version that fails validation (lenient mode)");
             }
             let raw: Arc<str> = Arc::from(r.to_string());
             (Some(Prepared::new(rtype.to_owned(), map)), Some(raw))

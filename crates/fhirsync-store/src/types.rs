@@ -214,3 +214,13 @@ pub struct ChangesQuery {
     /// Leaves out versions received from this node (it has them already).
     pub exclude_via: Option<String>,
 }
+
+/// Progress of a rebuild of the search index (at open after an upgrade,
+/// or asked for while the node serves).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ReindexStatus {
+    pub running: bool,
+    /// Versions reindexed so far, of `total`.
+    pub done: u64,
+    pub total: u64,
+}

@@ -75,7 +75,11 @@ impl InProcess {
         state.children = Arc::new(fhirsync_api::Children::new(opts.children.clone()));
         let replicator = match &opts.parent {
             Some(p) => {
-                let r = fhirsync_replica::Replicator::start(store.clone(), vec![p.clone()])
+                let p = fhirsync_replica::EdgeConfig {
+                    validation: opts.api.validation,
+                    ..p.clone()
+                };
+                let r = fhirsync_replica::Replicator::start(store.clone(), vec![p])
                     .expect("start the parent edge");
                 state.agents.push(r.clone());
                 Some(r)
@@ -84,7 +88,11 @@ impl InProcess {
         };
         let nats = match &opts.nats {
             Some(n) => {
-                let a = fhirsync_nats::NatsAgent::start(store.clone(), n.clone())
+                let n = fhirsync_nats::NatsConfig {
+                    validation: opts.api.validation,
+                    ..n.clone()
+                };
+                let a = fhirsync_nats::NatsAgent::start(store.clone(), n)
                     .await
                     .expect("start the NATS agent");
                 state.agents.push(a.clone());

@@ -1,5 +1,5 @@
-//! `fhirsync status`, `conflicts` and `deadletters`: thin clients of a
-//! running node's admin API that print what it answers.
+//! `fhirsync status`, `conflicts`, `deadletters` and `reindex --url`: thin
+//! clients of a running node's admin API that print what it answers.
 
 use std::path::PathBuf;
 
@@ -89,7 +89,7 @@ impl Target {
             .with_context(|| format!("cannot reach {url}"))?;
         let status = r.status().as_u16();
         let v: Value = r.json().await.unwrap_or(Value::Null);
-        if status != 200 {
+        if !(200..300).contains(&status) {
             let why = fhirsync_sync::client::outcome_text(&v);
             anyhow::bail!("{url} answered {status}: {why}");
         }
@@ -346,6 +346,29 @@ pub fn dead_letters(t: Target, cmd: DeadLettersCmd) -> anyhow::Result<()> {
                 }
             }
         }
+        Ok(())
+    })
+}
+
+/// How often `fhirsync reindex --url` asks for progress.
+const REINDEX_POLL: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// `fhirsync reindex --url`: starts a reindex on a running node and
+/// follows it to the end.
+pub fn reindex(t: Target) -> anyhow::Result<()> {
+    run_async(async {
+        let start = std::time::Instant::now();
+        let mut v = t.call(reqwest::Method::POST, "reindex", None).await?;
+        while v["running"] == json!(true) {
+            eprintln!("reindexed {} of {} versions", v["done"], v["total"]);
+            tokio::time::sleep(REINDEX_POLL).await;
+            v = t.call(reqwest::Method::GET, "reindex", None).await?;
+        }
+        println!(
+            "reindexed {} versions in {:.2} s",
+            v["total"],
+            start.elapsed().as_secs_f64()
+        );
         Ok(())
     })
 }

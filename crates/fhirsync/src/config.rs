@@ -311,8 +311,8 @@ impl Config {
         })
     }
 
-    fn validation_mode(&self) -> anyhow::Result<fhirsync_api::validation::Mode> {
-        fhirsync_api::validation::Mode::parse(&self.validation.mode).ok_or_else(|| {
+    pub fn validation_mode(&self) -> anyhow::Result<fhirsync_core::validate::Mode> {
+        fhirsync_core::validate::Mode::parse(&self.validation.mode).ok_or_else(|| {
             anyhow::anyhow!(
                 "[validation] mode '{}': expected strict, lenient or off",
                 self.validation.mode

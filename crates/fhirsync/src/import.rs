@@ -1,16 +1,19 @@
 //! `fhirsync import`: streams files into the store without HTTP. Files are
 //! read in chunks, parsed in parallel, and applied by the store's writer in
 //! one transaction: the whole import lands, or (on the first bad line)
-//! nothing does and the error names the file and line.
+//! nothing does and the error names the file and line. What is loaded is
+//! validated as the node's `[validation] mode` says.
 
 use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use anyhow::{bail, Context};
 use fhirsync_core::resource::{body_id, check_resource, parse_resource};
+use fhirsync_core::validate::{summary, Mode};
 use fhirsync_store::sqlite::{SqliteStore, StreamMsg};
 use fhirsync_store::{Prepared, StoreError, WriteRequest};
 use fhirsync_sync::files::{split_file, FilePart};
@@ -63,8 +66,37 @@ impl Recent {
     }
 }
 
+/// Validation of what an import loads, as the node's `[validation] mode`
+/// says; counts what lenient mode lets through.
+struct Checker {
+    mode: Mode,
+    lenient: AtomicU64,
+}
+
+impl Checker {
+    /// `Err` with the problems in one line when the mode refuses them.
+    fn check(&self, res: &serde_json::Map<String, Value>) -> Result<(), String> {
+        if self.mode == Mode::Off {
+            return Ok(());
+        }
+        let issues = self.mode.issues(&Value::Object(res.clone()));
+        if issues.is_empty() {
+            return Ok(());
+        }
+        if self.mode.refuses() {
+            return Err(format!("fails validation: {}", summary(&issues)));
+        }
+        self.lenient.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
 pub fn run(cfg: Config, batch_size: usize, paths: &[PathBuf]) -> anyhow::Result<()> {
     crate::serve::init_logging("warn");
+    let checker = Checker {
+        mode: cfg.validation_mode()?,
+        lenient: AtomicU64::new(0),
+    };
     let files = collect_files(paths)?;
     let total_bytes: u64 = files
         .iter()
@@ -123,7 +155,7 @@ pub fn run(cfg: Config, batch_size: usize, paths: &[PathBuf]) -> anyhow::Result<
                     }
                     let parsed: Vec<Result<WriteRequest, String>> = lines
                         .par_iter()
-                        .map(|(_, l)| to_request(l.as_bytes(), true))
+                        .map(|(_, l)| to_request(l.as_bytes(), &checker))
                         .collect();
                     let mut reqs = Vec::with_capacity(parsed.len());
                     let mut origins = Vec::with_capacity(parsed.len());
@@ -145,7 +177,7 @@ pub fn run(cfg: Config, batch_size: usize, paths: &[PathBuf]) -> anyhow::Result<
                 let bytes = std::fs::read(file)
                     .with_context(|| format!("cannot read {}", file.display()))?;
                 bar.inc(bytes.len() as u64);
-                let reqs = file_requests(&bytes)
+                let reqs = file_requests(&bytes, &checker)
                     .map_err(|e| anyhow::anyhow!("{}: {}", file.display(), e))?;
                 let origins = vec![
                     Origin {
@@ -189,6 +221,10 @@ pub fn run(cfg: Config, batch_size: usize, paths: &[PathBuf]) -> anyhow::Result<
     };
     bar.finish_and_clear();
     drop(store);
+    let lenient = checker.lenient.load(Ordering::Relaxed);
+    if lenient > 0 {
+        eprintln!("{lenient} resources fail validation and were stored anyway ([validation] mode = \"lenient\")");
+    }
     let secs = started.elapsed().as_secs_f64();
     println!(
         "imported {} resources from {} files in {:.2} s ({:.0}/s): {} created, {} updated, {} unchanged, {} deleted; change log at seq {}",
@@ -216,13 +252,17 @@ fn collect_files(paths: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
 
 /// One resource: with an id it is an update (create-or-update), without one
 /// a create. In NDJSON every line is a resource, Bundles included.
-fn to_request(bytes: &[u8], _ndjson: bool) -> Result<WriteRequest, String> {
+fn to_request(bytes: &[u8], checker: &Checker) -> Result<WriteRequest, String> {
     let res = parse_resource(bytes).map_err(|e| e.to_string())?;
-    resource_request(res)
+    resource_request(res, checker)
 }
 
-fn resource_request(res: serde_json::Map<String, Value>) -> Result<WriteRequest, String> {
+fn resource_request(
+    res: serde_json::Map<String, Value>,
+    checker: &Checker,
+) -> Result<WriteRequest, String> {
     let rtype = check_resource(&res, None).map_err(|e| e.to_string())?;
+    checker.check(&res)?;
     let id = body_id(&res).map(str::to_owned);
     let res = Prepared::new(rtype, res);
     Ok(match id {
@@ -239,17 +279,20 @@ fn resource_request(res: serde_json::Map<String, Value>) -> Result<WriteRequest,
 }
 
 /// A `.json` file as write requests (see `fhirsync_sync::files::split_file`).
-fn file_requests(bytes: &[u8]) -> Result<Vec<WriteRequest>, String> {
+fn file_requests(bytes: &[u8], checker: &Checker) -> Result<Vec<WriteRequest>, String> {
     let res = parse_resource(bytes).map_err(|e| e.to_string())?;
     split_file(res, false)?
         .into_iter()
         .map(|part| match part {
-            FilePart::Bundle(b) => Ok(WriteRequest::Bundle(b)),
-            FilePart::Resource { res, entry: None } => resource_request(res),
+            FilePart::Bundle(b) => {
+                checker.check(&b)?;
+                Ok(WriteRequest::Bundle(b))
+            }
+            FilePart::Resource { res, entry: None } => resource_request(res, checker),
             FilePart::Resource {
                 res,
                 entry: Some(i),
-            } => resource_request(res).map_err(|m| format!("entry {i}: {m}")),
+            } => resource_request(res, checker).map_err(|m| format!("entry {i}: {m}")),
         })
         .collect()
 }

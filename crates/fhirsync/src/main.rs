@@ -118,10 +118,18 @@ enum Command {
         paths: Vec<PathBuf>,
     },
     /// Rebuild the search index of a node's store (the node stopped; a
-    /// node also rebuilds an out-of-date index by itself, while serving).
+    /// node also rebuilds an out-of-date index by itself, while serving),
+    /// or with `--url` index a running node's versions again in place
+    /// (after a SearchParameter was defined).
     Reindex {
         #[command(flatten)]
         node: NodeArgs,
+        /// A running node's address: reindex it while it serves.
+        #[arg(long)]
+        url: Option<String>,
+        /// The running node's admin token, when it has one.
+        #[arg(long, env = "FHIRSYNC_ADMIN_TOKEN", requires = "url")]
+        admin_token: Option<String>,
     },
 }
 
@@ -152,7 +160,18 @@ fn main() -> ExitCode {
             batch_size,
             paths,
         } => config::Config::load(&node, None).and_then(|c| import::run(c, batch_size, &paths)),
-        Command::Reindex { node } => config::Config::load(&node, None).and_then(import::reindex),
+        Command::Reindex {
+            url: Some(url),
+            admin_token,
+            ..
+        } => admin_cmd::reindex(admin_cmd::Target {
+            url,
+            admin_token,
+            json: false,
+        }),
+        Command::Reindex { node, .. } => {
+            config::Config::load(&node, None).and_then(import::reindex)
+        }
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

@@ -37,10 +37,17 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     let _lock = lock_data_dir(&cfg.data_dir)?;
     let store = Arc::new(SqliteStore::open(cfg.sqlite()?).context("cannot open the store")?);
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let validation = cfg.validation_mode()?;
     let replicator = match &cfg.parent {
         Some(p) => Some(
-            Replicator::start(store.clone(), vec![p.clone()])
-                .map_err(|e| anyhow::anyhow!("parent edge: {e}"))?,
+            Replicator::start(
+                store.clone(),
+                vec![fhirsync_replica::EdgeConfig {
+                    validation,
+                    ..p.clone()
+                }],
+            )
+            .map_err(|e| anyhow::anyhow!("parent edge: {e}"))?,
         ),
         None => None,
     };
@@ -51,9 +58,15 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     }
     let nats = match &cfg.nats {
         Some(n) => Some(
-            fhirsync_nats::NatsAgent::start(store.clone(), n.clone())
-                .await
-                .map_err(|e| anyhow::anyhow!("nats: {e}"))?,
+            fhirsync_nats::NatsAgent::start(
+                store.clone(),
+                fhirsync_nats::NatsConfig {
+                    validation,
+                    ..n.clone()
+                },
+            )
+            .await
+            .map_err(|e| anyhow::anyhow!("nats: {e}"))?,
         ),
         None => None,
     };

@@ -188,11 +188,21 @@ async fn bad_import_names_file_and_line_and_changes_nothing() {
         &fhirsync(&["import", "--data-dir", d, &bad.to_string_lossy()]),
         "bad.ndjson:3: unknown resourceType 'Patientt'",
     );
+    // A resource that fails validation (the default mode is strict).
+    std::fs::write(
+        &bad,
+        "{\"resourceType\":\"Patient\"}\n{\"resourceType\":\"Patient\",\"notAnElement\":1}\n",
+    )
+    .unwrap();
+    fails_with(
+        &fhirsync(&["import", "--data-dir", d, &bad.to_string_lossy()]),
+        "bad.ndjson:2: fails validation: 1 problem(s), the first at Patient.notAnElement",
+    );
     // A failing transaction inside a bundle file.
     let bundle = src.path().join("tx.json");
     std::fs::write(&bundle, json!({"resourceType": "Bundle", "type": "transaction", "entry": [
         {"resource": {"resourceType": "Patient", "id": "t1"}, "request": {"method": "PUT", "url": "Patient/t1"}},
-        {"resource": {"resourceType": "Observation", "subject": {"reference": "urn:uuid:missing"}}, "request": {"method": "POST", "url": "Observation"}}
+        {"resource": {"resourceType": "Observation", "status": "final", "code": {"text": "x"}, "subject": {"reference": "urn:uuid:missing"}}, "request": {"method": "POST", "url": "Observation"}}
     ]}).to_string()).unwrap();
     fails_with(
         &fhirsync(&["import", "--data-dir", d, &bundle.to_string_lossy()]),
@@ -349,4 +359,102 @@ async fn sigterm_shuts_down_cleanly_and_keeps_data() {
         reqwest::get(node.url("Patient/a")).await.unwrap().status(),
         200
     );
+}
+
+/// A `SearchParameter` written to a running node is in force at once for
+/// what is written after; `fhirsync reindex --url` indexes what was there
+/// before while the node serves; the definition survives a restart; one
+/// the node cannot serve is refused with the reason.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_search_parameter_defined_on_a_running_node_is_served() {
+    let data = tempfile::tempdir().unwrap();
+    let node = NodeProcess::spawn(BIN.as_ref(), data.path(), &[]).unwrap();
+    let c = reqwest::Client::new();
+    let post = |path: &str, body: Value| c.post(node.url(path)).json(&body).send();
+    let maiden = |name: &str| {
+        json!({"resourceType": "Patient", "extension": [
+            {"url": "http://example.org/mothers-maiden-name", "valueString": name}]})
+    };
+    assert_eq!(
+        post("Patient", maiden("Wanjiru")).await.unwrap().status(),
+        201
+    );
+    let sp = json!({"resourceType": "SearchParameter", "url": "http://example.org/sp/mm",
+        "name": "MothersMaidenName", "status": "active", "description": "Mother's maiden name",
+        "code": "mothers-maiden", "base": ["Patient"], "type": "string",
+        "expression": "Patient.extension.where(url = 'http://example.org/mothers-maiden-name').value"});
+    let r = post("SearchParameter", sp.clone()).await.unwrap();
+    assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+    assert_eq!(
+        post("Patient", maiden("Wambui")).await.unwrap().status(),
+        201
+    );
+    assert_eq!(count(&node, "Patient?mothers-maiden=wam").await, 1);
+    // Stored before the definition: found once reindexed.
+    assert_eq!(count(&node, "Patient?mothers-maiden=wan").await, 0);
+    let o = fhirsync(&["reindex", "--url", &node.base]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("reindexed 3 versions"));
+    assert_eq!(count(&node, "Patient?mothers-maiden=wan").await, 1);
+    assert_eq!(count(&node, "Patient?mothers-maiden:exact=Wambui").await, 1);
+    let cap = reqwest::get(node.url("metadata"))
+        .await
+        .unwrap()
+        .text()
+        .await;
+    assert!(cap
+        .unwrap()
+        .contains(r#""name":"mothers-maiden","type":"string""#));
+
+    for (change, why) in [
+        (json!({"type": "composite"}), "custom parameters may be"),
+        (
+            json!({"expression": "Patient.extension.where("}),
+            "does not parse",
+        ),
+        (json!({"base": ["Nope"]}), "not a resource type"),
+        (json!({"code": "_x"}), "not starting with _"),
+    ] {
+        let mut bad = sp.clone();
+        bad["code"] = json!("other");
+        for (k, v) in change.as_object().unwrap() {
+            bad[k] = v.clone();
+        }
+        let r = post("SearchParameter", bad).await.unwrap();
+        assert_eq!(r.status(), 422);
+        let body = r.text().await.unwrap();
+        assert!(body.contains(why), "{body}");
+    }
+    assert_eq!(count(&node, "SearchParameter").await, 1);
+
+    drop(node);
+    let node = NodeProcess::spawn(BIN.as_ref(), data.path(), &[]).unwrap();
+    assert_eq!(count(&node, "Patient?mothers-maiden=w").await, 2);
+    // Retired: the code is no longer a parameter.
+    let id = {
+        let b: Value = reqwest::get(node.url("SearchParameter"))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        b["entry"][0]["resource"]["id"].as_str().unwrap().to_owned()
+    };
+    let mut retired = sp.clone();
+    retired["id"] = json!(id);
+    retired["status"] = json!("retired");
+    let r = c
+        .put(node.url(&format!("SearchParameter/{id}")))
+        .json(&retired)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = c
+        .get(node.url("Patient?mothers-maiden=w"))
+        .header("prefer", "handling=strict")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
 }

@@ -950,3 +950,86 @@ async fn push_lag_counts_waiting_records_before_the_parent_was_ever_reached() {
     assert!(p["lastError"].as_str().unwrap_or("").contains("401"), "{p}");
     assert_eq!(p["cursor"], 0, "{p}");
 }
+
+/// A node whose `[validation] mode` is lenient, so it can hold a version
+/// that a strict peer refuses.
+fn lenient() -> fhirsync_api::ApiConfig {
+    fhirsync_api::ApiConfig {
+        validation: fhirsync_api::validation::Mode::Lenient,
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn versions_that_fail_validation_follow_on_error_in_both_directions() {
+    let bad = |id: &str| json!({"resourceType": "Patient", "id": id, "notAnElement": true});
+    // Push: a lenient child holds an invalid Patient; the strict parent
+    // refuses it (422 with the path), the child sets it aside and goes on.
+    let parent = parent_with("parent", vec![child_cfg("c1")], Arc::new(SystemClock)).await;
+    let mut e = edge_to(&parent, "c1");
+    e.on_error = OnError::DeadLetter;
+    e.retry_max = 2;
+    e.retry_delay_ms_max = 100;
+    let child = InProcess::start_with(Options {
+        node_id: Some("c1".into()),
+        parent: Some(e),
+        api: lenient(),
+        ..Options::default()
+    })
+    .await;
+    let r = put(&child, "Patient/bad", &bad("bad")).await;
+    assert_eq!(r.status(), 201);
+    let warning = r.headers()[fhirsync_api::validation::WARNING_HEADER]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(warning.contains("Patient.notAnElement"), "{warning}");
+    assert_eq!(
+        put(&child, "Patient/good", &pat("good")).await.status(),
+        201
+    );
+    eventually(
+        "the valid Patient after it reached the parent",
+        30,
+        || async { has(&parent, "Patient/good").await },
+    )
+    .await;
+    assert!(!has(&parent, "Patient/bad").await);
+    let dl = admin(&child, "deadletters?direction=push").await;
+    let items = dl["items"].as_array().unwrap();
+    assert_eq!(items.len(), 1, "{dl}");
+    let why = items[0]["error"].as_str().unwrap();
+    assert!(
+        why.contains("422") && why.contains("Patient.notAnElement"),
+        "{why}"
+    );
+
+    // Pull: a lenient parent holds an invalid Patient; the strict child
+    // with `block` stops at it and says why, storing nothing of it.
+    let parent = InProcess::start_with(Options {
+        node_id: Some("p2".into()),
+        children: vec![child_cfg("c2")],
+        api: lenient(),
+        ..Options::default()
+    })
+    .await;
+    assert_eq!(put(&parent, "Patient/bad", &bad("bad")).await.status(), 201);
+    let mut e = edge_to(&parent, "c2");
+    e.push = false;
+    e.retry_max = 2;
+    e.retry_delay_ms_max = 100;
+    let child = child_with("c2", e, vec![], Arc::new(SystemClock)).await;
+    eventually("the pull direction blocked", 30, || async {
+        admin(&child, "status")
+            .await
+            .to_string()
+            .contains("blocked")
+    })
+    .await;
+    let status = admin(&child, "status").await.to_string();
+    assert!(
+        status.contains("fails validation") && status.contains("Patient.notAnElement"),
+        "{status}"
+    );
+    assert!(!has(&child, "Patient/bad").await);
+}

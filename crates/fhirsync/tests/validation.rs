@@ -120,3 +120,94 @@ async fn a_bad_mode_is_refused_at_start() {
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(err.contains("[validation] mode 'sometimes'"), "{err}");
 }
+
+#[tokio::test]
+async fn a_batch_refuses_only_its_invalid_entries() {
+    let s = InProcess::start().await;
+    let b = json!({"resourceType": "Bundle", "type": "batch", "entry": [
+        {"resource": pat("b1"), "request": {"method": "PUT", "url": "Patient/b1"}},
+        {"resource": {"resourceType": "Patient", "id": "b2", "x": 1}, "request": {"method": "PUT", "url": "Patient/b2"}},
+        {"resource": pat("b3"), "request": {"method": "PUT", "url": "Patient/b3"}},
+        {"resource": {"resourceType": "Patient", "id": "b4", "active": "no"}, "request": {"method": "PUT", "url": "Patient/b4"}}]});
+    let (st, out) = status_json(post(&s, "", &b).await).await;
+    assert_eq!(st, 200, "{out}");
+    let statuses: Vec<&str> = out["entry"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["response"]["status"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        statuses,
+        [
+            "201 Created",
+            "422 Unprocessable Entity",
+            "201 Created",
+            "422 Unprocessable Entity"
+        ],
+        "{out}"
+    );
+    assert_eq!(
+        issues(&out["entry"][1]["response"]["outcome"]),
+        ["Patient.x"]
+    );
+    assert_eq!(
+        issues(&out["entry"][3]["response"]["outcome"]),
+        ["Patient.active"]
+    );
+    assert_eq!(get(&s, "Patient/b1").await.status(), 200);
+    assert_eq!(get(&s, "Patient/b2").await.status(), 404);
+    assert_eq!(get(&s, "Patient/b3").await.status(), 200);
+    // A batch of nothing but invalid entries stores nothing.
+    let seq = s.store.last_seq();
+    let b = json!({"resourceType": "Bundle", "type": "batch", "entry": [
+        {"resource": {"resourceType": "Patient", "id": "b5", "x": 1}, "request": {"method": "PUT", "url": "Patient/b5"}}]});
+    let (st, out) = status_json(post(&s, "", &b).await).await;
+    assert_eq!(st, 200, "{out}");
+    assert_eq!(
+        out["entry"][0]["response"]["status"],
+        "422 Unprocessable Entity"
+    );
+    assert_eq!(s.store.last_seq(), seq);
+}
+
+#[tokio::test]
+async fn lenient_mode_stores_and_answers_with_the_problems() {
+    let s = InProcess::start_with(fhirsync_testkit::server::Options {
+        api: fhirsync_api::ApiConfig {
+            validation: fhirsync_api::validation::Mode::Lenient,
+            ..Default::default()
+        },
+        ..Default::default()
+    })
+    .await;
+    let bad = json!({"resourceType": "Patient", "id": "l1", "notAnElement": true, "active": "yes"});
+    let r = put(&s, "Patient/l1", &bad).await;
+    assert_eq!(r.status(), 201);
+    let w = r.headers()[fhirsync_api::validation::WARNING_HEADER]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(w.starts_with("2 problem(s)"), "{w}");
+    // Asked for an OperationOutcome, the answer lists every problem as a warning.
+    let r = s
+        .client
+        .put(format!("{}/Patient/l1", s.base))
+        .header("content-type", "application/fhir+json")
+        .header("prefer", "return=OperationOutcome")
+        .body(json!({"resourceType": "Patient", "id": "l1", "notAnElement": false}).to_string())
+        .send()
+        .await
+        .unwrap();
+    let (st, oo) = status_json(r).await;
+    assert_eq!(st, 200, "{oo}");
+    assert_eq!(issues(&oo), ["Patient.notAnElement"]);
+    assert_eq!(oo["issue"][0]["severity"], "warning");
+    // A valid write carries no warning.
+    let r = put(&s, "Patient/l2", &pat("l2")).await;
+    assert!(r
+        .headers()
+        .get(fhirsync_api::validation::WARNING_HEADER)
+        .is_none());
+    assert_eq!(get(&s, "Patient/l1/_history").await.status(), 200);
+}

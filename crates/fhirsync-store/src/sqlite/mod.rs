@@ -2,6 +2,7 @@
 //! of read connections, WAL mode.
 
 mod audit_rows;
+mod custom_params;
 mod index_rows;
 mod query;
 pub mod reindex;
@@ -103,6 +104,9 @@ pub struct SqliteStore {
     writer: Mutex<Option<JoinHandle<()>>>,
     readers: Arc<Readers>,
     seq_rx: watch::Receiver<u64>,
+    reindex_rx: watch::Receiver<ReindexStatus>,
+    /// Names this store's custom search parameters in the process.
+    custom_source: String,
 }
 
 /// Characters allowed in a node id (it becomes part of NATS subjects later).
@@ -171,6 +175,10 @@ impl SqliteStore {
             }
             Some(reindex::Reindex::start(&conn, 0)?)
         };
+        let (reindex_tx, reindex_rx) =
+            watch::channel(reindex.as_ref().map(|r| r.status()).unwrap_or_default());
+        let custom_source = cfg.path.display().to_string();
+        custom_params::load(&conn, &custom_source);
         let (seq_tx, seq_rx) = watch::channel(last);
         let (jobs_tx, jobs_rx) = mpsc::channel(cfg.write_queue_max.max(1));
         let w = writer::Writer {
@@ -184,6 +192,9 @@ impl SqliteStore {
             lu_text: (0, String::new()),
             reindex,
             pending: None,
+            custom_source: custom_source.clone(),
+            custom_dirty: false,
+            reindex_tx,
         };
         let handle = std::thread::Builder::new()
             .name("fhirsync-writer".into())
@@ -200,6 +211,8 @@ impl SqliteStore {
                 max: cfg.readers_max.max(1),
             }),
             seq_rx,
+            reindex_rx,
+            custom_source,
         })
     }
 
@@ -238,6 +251,7 @@ impl SqliteStore {
         let handle = self.writer.lock().ok().and_then(|mut h| h.take());
         if let Some(h) = handle {
             let _ = h.join();
+            custom_params::forget(&self.custom_source);
         }
     }
 
@@ -435,5 +449,18 @@ impl Store for SqliteStore {
 
     fn watch_seq(&self) -> watch::Receiver<u64> {
         self.seq_rx.clone()
+    }
+
+    async fn reindex(&self) -> Result<ReindexStatus, StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.sender()?
+            .send(writer::Job::Reindex(tx))
+            .await
+            .map_err(|_| StoreError::ShuttingDown)?;
+        rx.await.map_err(|_| StoreError::ShuttingDown)?
+    }
+
+    fn reindex_status(&self) -> ReindexStatus {
+        *self.reindex_rx.borrow()
     }
 }

@@ -18,6 +18,9 @@ pub type Progress<'a> = &'a mut dyn FnMut(u64, u64);
 /// A reindex under way: the versions `next..=last` are still to do.
 #[derive(Debug, Clone)]
 pub struct Reindex {
+    /// Whether the first batch clears the index (a rebuild); otherwise
+    /// entries are added to it (existing ones are kept once).
+    pub clear: bool,
     pub next: u64,
     pub last: u64,
     pub done: u64,
@@ -28,12 +31,21 @@ impl Reindex {
     /// A reindex of every version after `after` (0: of all, which first
     /// clears the index).
     pub fn start(conn: &Connection, after: u64) -> Result<Reindex, StoreError> {
+        let mut r = Self::additive(conn, after)?;
+        r.clear = after == 0;
+        Ok(r)
+    }
+
+    /// A reindex of every version after `after` that adds to the index
+    /// in place (searches stay right while it runs).
+    pub fn additive(conn: &Connection, after: u64) -> Result<Reindex, StoreError> {
         let (last, total): (i64, i64) = conn.query_row(
             "SELECT coalesce(max(seq), 0), count(*) FROM versions WHERE seq > ?1",
             [after as i64],
             |r| Ok((r.get(0)?, r.get(1)?)),
         )?;
         Ok(Reindex {
+            clear: false,
             next: after + 1,
             last: last as u64,
             done: 0,
@@ -45,13 +57,21 @@ impl Reindex {
         self.next > self.last
     }
 
+    pub fn status(&self) -> crate::ReindexStatus {
+        crate::ReindexStatus {
+            running: !self.finished(),
+            done: self.done,
+            total: self.total,
+        }
+    }
+
     /// Reindexes the next [`REINDEX_BATCH`] versions in one transaction;
     /// after the last batch, records the index version.
     pub fn step(&mut self, conn: &Connection) -> Result<(), StoreError> {
         if !self.finished() {
             let (from, to) = (self.next, (self.next + REINDEX_BATCH - 1).min(self.last));
             let tx = conn.unchecked_transaction()?;
-            if from == 1 {
+            if std::mem::take(&mut self.clear) {
                 index_rows::clear(&tx)?;
             }
             {

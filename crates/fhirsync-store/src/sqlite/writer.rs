@@ -56,6 +56,8 @@ pub enum Job {
         mpsc::Receiver<StreamMsg>,
         oneshot::Sender<Result<LoadSummary, StoreError>>,
     ),
+    /// Start an additive reindex of every version (unless one runs).
+    Reindex(oneshot::Sender<Result<ReindexStatus, StoreError>>),
 }
 
 pub struct Writer {
@@ -75,6 +77,13 @@ pub struct Writer {
     /// During a streamed load: index entries held back to be written
     /// sorted at the end of each batch (and before any search).
     pub pending: Option<index_rows::Pending>,
+    /// Names this store's custom search parameters (its database path).
+    pub custom_source: String,
+    /// A `SearchParameter` version was written since the last commit: the
+    /// custom parameters are read again once it is durable.
+    pub custom_dirty: bool,
+    /// Progress of the reindex, for readers.
+    pub reindex_tx: watch::Sender<ReindexStatus>,
 }
 
 impl Writer {
@@ -102,9 +111,25 @@ impl Writer {
                 self.reindex_step();
             }
             match job {
+                Job::Reindex(reply) => {
+                    let r = match &self.reindex {
+                        Some(r) => Ok(r.status()),
+                        None => super::reindex::Reindex::additive(&self.conn, 0).map(|r| {
+                            tracing::info!(versions = r.total, "reindex asked for");
+                            let s = r.status();
+                            self.reindex = Some(r);
+                            s
+                        }),
+                    };
+                    if let Ok(s) = &r {
+                        self.reindex_tx.send_replace(*s);
+                    }
+                    let _ = reply.send(r);
+                }
                 Job::Stream(srx, done) => {
                     let r = self.run_stream(srx);
                     self.publish_seq();
+                    self.reload_custom();
                     let _ = done.send(r);
                 }
                 Job::Write(req, reply) => {
@@ -141,7 +166,9 @@ impl Writer {
         let Some(r) = self.reindex.as_mut() else {
             return;
         };
-        match r.step(&self.conn) {
+        let stepped = r.step(&self.conn);
+        self.reindex_tx.send_replace(r.status());
+        match stepped {
             Ok(()) if r.finished() => {
                 tracing::info!(versions = r.total, "reindex done");
                 self.reindex = None;
@@ -149,6 +176,7 @@ impl Writer {
             Ok(()) => tracing::info!(done = r.done, total = r.total, "reindexing"),
             Err(e) => {
                 tracing::error!(error = %e, "reindex failed; it starts again at the next open");
+                self.reindex_tx.send_modify(|s| s.running = false);
                 self.reindex = None;
             }
         }
@@ -169,6 +197,7 @@ impl Writer {
         match self.conn.execute_batch("COMMIT") {
             Ok(()) => {
                 self.publish_seq();
+                self.reload_custom();
                 for (reply, r) in results {
                     let _ = reply.send(r);
                 }
@@ -251,6 +280,15 @@ impl Writer {
             let _ = self.conn.execute_batch("ROLLBACK TO sp; RELEASE sp");
             Err(StoreError::Backend("internal error while writing".into()))
         })
+    }
+
+    /// Puts the store's active `SearchParameter`s in force again after one
+    /// was written (before the writer answers, so a client that defined a
+    /// parameter finds it in force at its next request).
+    fn reload_custom(&mut self) {
+        if std::mem::take(&mut self.custom_dirty) {
+            super::custom_params::load(&self.conn, &self.custom_source);
+        }
     }
 
     fn publish_seq(&self) {
@@ -403,6 +441,9 @@ impl WriteTx for Writer {
             }
         };
         let lu_ms = self.hlc.wall_ms();
+        if v.rtype == "SearchParameter" {
+            self.custom_dirty = true;
+        }
         let vid = v.prev.as_ref().map_or(1, |p| p.vid + 1);
         let (body, hash, index) = match v.res {
             Some(p) => {

@@ -82,6 +82,8 @@ pub struct Param {
     /// which gives what the engine gives several times faster.
     paths: Option<Vec<Vec<&'static str>>>,
     name: Arc<str>,
+    /// Defined by a `SearchParameter` resource of the node, not by R4.
+    pub custom: bool,
 }
 
 /// The member paths of an expression made only of `Type.a.b` unions.
@@ -138,6 +140,8 @@ fn walk<'a>(root: &'a Value, path: &[&str], out: &mut Vec<&'a Value>) {
     out.extend(cur);
 }
 
+pub mod custom;
+
 type Registry = HashMap<&'static str, Vec<Param>>;
 
 fn registry() -> &'static Registry {
@@ -166,6 +170,7 @@ fn registry() -> &'static Registry {
                         .filter_map(|(_, k, e)| Some((*k, compile(e)?)))
                         .collect(),
                     name: Arc::from(d.code),
+                    custom: false,
                 });
             }
             r.insert(t, v);
@@ -174,14 +179,22 @@ fn registry() -> &'static Registry {
     })
 }
 
-/// The search parameters of `rtype` (its own and the common ones).
+/// The search parameters of R4 for `rtype` (its own and the common ones).
 pub fn params(rtype: &str) -> &'static [Param] {
     registry().get(rtype).map(Vec::as_slice).unwrap_or(&[])
 }
 
-/// One parameter of `rtype` by its code.
+/// One parameter of `rtype` by its code: R4's, else an active custom one.
 pub fn param(rtype: &str, code: &str) -> Option<&'static Param> {
-    params(rtype).iter().find(|p| p.code == code)
+    params(rtype)
+        .iter()
+        .find(|p| p.code == code)
+        .or_else(|| custom::params(rtype).into_iter().find(|p| p.code == code))
+}
+
+/// Every parameter of `rtype`: R4's, then the active custom ones.
+pub fn all_params(rtype: &str) -> Vec<&'static Param> {
+    params(rtype).iter().chain(custom::params(rtype)).collect()
 }
 
 /// Case- and accent-folded text, at most [`TEXT_CHARS_MAX`] characters.
@@ -198,7 +211,7 @@ pub fn extract(rtype: &str, root: &Value) -> Vec<IndexEntry> {
     let env = Env::new();
     let mut out = Vec::new();
     let mut values = Vec::new();
-    for p in params(rtype) {
+    for p in params(rtype).iter().chain(custom::params(rtype)) {
         let Some(e) = &p.expr else { continue };
         let mut keys = Vec::new();
         match &p.paths {
