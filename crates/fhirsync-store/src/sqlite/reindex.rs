@@ -12,6 +12,10 @@ use crate::StoreError;
 /// Versions reindexed per transaction.
 pub const REINDEX_BATCH: u64 = 2_000;
 
+/// Versions per transaction of a reindex asked for while the node serves:
+/// smaller, since a write arriving meanwhile waits for the batch under way.
+pub const ONLINE_REINDEX_BATCH: u64 = 500;
+
 /// Progress of a reindex: versions done and versions in all.
 pub type Progress<'a> = &'a mut dyn FnMut(u64, u64);
 
@@ -21,6 +25,8 @@ pub struct Reindex {
     /// Whether the first batch clears the index (a rebuild); otherwise
     /// entries are added to it (existing ones are kept once).
     pub clear: bool,
+    /// Versions per transaction.
+    pub batch: u64,
     pub next: u64,
     pub last: u64,
     pub done: u64,
@@ -33,6 +39,7 @@ impl Reindex {
     pub fn start(conn: &Connection, after: u64) -> Result<Reindex, StoreError> {
         let mut r = Self::additive(conn, after)?;
         r.clear = after == 0;
+        r.batch = REINDEX_BATCH;
         Ok(r)
     }
 
@@ -46,6 +53,7 @@ impl Reindex {
         )?;
         Ok(Reindex {
             clear: false,
+            batch: ONLINE_REINDEX_BATCH,
             next: after + 1,
             last: last as u64,
             done: 0,
@@ -65,11 +73,11 @@ impl Reindex {
         }
     }
 
-    /// Reindexes the next [`REINDEX_BATCH`] versions in one transaction;
+    /// Reindexes the next `batch` versions in one transaction;
     /// after the last batch, records the index version.
     pub fn step(&mut self, conn: &Connection) -> Result<(), StoreError> {
         if !self.finished() {
-            let (from, to) = (self.next, (self.next + REINDEX_BATCH - 1).min(self.last));
+            let (from, to) = (self.next, (self.next + self.batch - 1).min(self.last));
             let tx = conn.unchecked_transaction()?;
             if std::mem::take(&mut self.clear) {
                 index_rows::clear(&tx)?;
