@@ -44,36 +44,46 @@ pub fn outcome(issues: &[Issue], severity: &str) -> Value {
 /// error in strict mode; in lenient mode the problems, which the answer
 /// carries as warnings (empty when there are none).
 pub fn check(state: &AppState, res: &Map<String, Value>) -> Result<Vec<Issue>, ApiError> {
-    let value = Value::Object(res.clone());
-    check_search_parameters(&value)?;
+    check_search_parameters(res)?;
     let mode = state.cfg.validation;
     if mode == Mode::Off {
         return Ok(Vec::new());
     }
-    let issues = mode.issues(&value);
-    if issues.is_empty() || !mode.refuses() {
-        if !issues.is_empty() {
-            tracing::warn!(problems = %summary(&issues), "stored a resource that fails validation (lenient mode)");
+    match mode.check(&Value::Object(res.clone())) {
+        Ok(issues) => {
+            if !issues.is_empty() {
+                tracing::warn!(problems = %summary(&issues), "stored a resource that fails validation (lenient mode)");
+            }
+            Ok(issues)
         }
-        return Ok(issues);
+        Err(issues) => {
+            let mut e = ApiError::new(422, "structure", summary(&issues));
+            e.outcome = Some(outcome(&issues, "error"));
+            Err(e)
+        }
     }
-    let mut e = ApiError::new(422, "structure", summary(&issues));
-    e.outcome = Some(outcome(&issues, "error"));
-    Err(e)
 }
 
 /// Refuses an active `SearchParameter` (written alone or in a Bundle) that
 /// the node cannot serve, whatever the mode: the client would otherwise
 /// believe it in force.
-fn check_search_parameters(v: &Value) -> Result<(), ApiError> {
-    let entries = v.get("entry").and_then(Value::as_array);
-    let inner = entries
+fn check_search_parameters(res: &Map<String, Value>) -> Result<(), ApiError> {
+    let is_sp =
+        |r: &Value| r.get("resourceType").and_then(Value::as_str) == Some("SearchParameter");
+    let refuse = |r: &Value| {
+        Definition::from_resource(r).map_err(|why| ApiError::new(422, "not-supported", why))
+    };
+    if res.get("resourceType").and_then(Value::as_str) == Some("SearchParameter") {
+        refuse(&Value::Object(res.clone()))?;
+    }
+    let entries = res.get("entry").and_then(Value::as_array);
+    for r in entries
         .into_iter()
         .flatten()
-        .filter_map(|e| e.get("resource"));
-    for r in std::iter::once(v).chain(inner) {
-        if r.get("resourceType").and_then(Value::as_str) == Some("SearchParameter") {
-            Definition::from_resource(r).map_err(|why| ApiError::new(422, "not-supported", why))?;
+        .filter_map(|e| e.get("resource"))
+    {
+        if is_sp(r) {
+            refuse(r)?;
         }
     }
     Ok(())

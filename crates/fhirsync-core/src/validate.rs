@@ -52,6 +52,17 @@ impl Mode {
     pub fn refuses(self) -> bool {
         self == Mode::Strict
     }
+
+    /// Checks `v` as this mode says: `Err` with the problems when they
+    /// refuse it, else `Ok` with those to report as warnings (lenient).
+    pub fn check(self, v: &Value) -> Result<Vec<Issue>, Vec<Issue>> {
+        let issues = self.issues(v);
+        if !issues.is_empty() && self.refuses() {
+            Err(issues)
+        } else {
+            Ok(issues)
+        }
+    }
 }
 
 /// One line for a list of problems: their count, the first one and its path.

@@ -161,11 +161,10 @@ impl RemoteVersion {
             if fhirsync_core::resource::body_id(&map) != Some(id) {
                 return Err(format!("resource id is not '{id}'"));
             }
-            let issues = validation.issues(r);
+            let issues = validation
+                .check(r)
+                .map_err(|i| format!("{url} fails validation: {}", summary(&i)))?;
             if !issues.is_empty() {
-                if validation.refuses() {
-                    return Err(format!("{url} fails validation: {}", summary(&issues)));
-                }
                 tracing::warn!(resource = %url, problems = %summary(&issues), "received a version that fails validation (lenient mode)");
             }
             let raw: Arc<str> = Arc::from(r.to_string());

@@ -75,19 +75,26 @@ struct Checker {
 
 impl Checker {
     /// `Err` with the problems in one line when the mode refuses them.
-    fn check(&self, res: &serde_json::Map<String, Value>) -> Result<(), String> {
-        if self.mode == Mode::Off {
-            return Ok(());
+    fn check(&self, res: Value) -> Result<Value, String> {
+        let issues = self
+            .mode
+            .check(&res)
+            .map_err(|i| format!("fails validation: {}", summary(&i)))?;
+        if !issues.is_empty() {
+            self.lenient.fetch_add(1, Ordering::Relaxed);
         }
-        let issues = self.mode.issues(&Value::Object(res.clone()));
-        if issues.is_empty() {
-            return Ok(());
+        Ok(res)
+    }
+
+    /// [`Checker::check`] of a resource as a JSON object, without copying it.
+    fn check_map(
+        &self,
+        res: serde_json::Map<String, Value>,
+    ) -> Result<serde_json::Map<String, Value>, String> {
+        match self.check(Value::Object(res))? {
+            Value::Object(m) => Ok(m),
+            _ => Err("not a JSON object".into()),
         }
-        if self.mode.refuses() {
-            return Err(format!("fails validation: {}", summary(&issues)));
-        }
-        self.lenient.fetch_add(1, Ordering::Relaxed);
-        Ok(())
     }
 }
 
@@ -262,7 +269,7 @@ fn resource_request(
     checker: &Checker,
 ) -> Result<WriteRequest, String> {
     let rtype = check_resource(&res, None).map_err(|e| e.to_string())?;
-    checker.check(&res)?;
+    let res = checker.check_map(res)?;
     let id = body_id(&res).map(str::to_owned);
     let res = Prepared::new(rtype, res);
     Ok(match id {
@@ -284,10 +291,7 @@ fn file_requests(bytes: &[u8], checker: &Checker) -> Result<Vec<WriteRequest>, S
     split_file(res, false)?
         .into_iter()
         .map(|part| match part {
-            FilePart::Bundle(b) => {
-                checker.check(&b)?;
-                Ok(WriteRequest::Bundle(b))
-            }
+            FilePart::Bundle(b) => Ok(WriteRequest::Bundle(checker.check_map(b)?)),
             FilePart::Resource { res, entry: None } => resource_request(res, checker),
             FilePart::Resource {
                 res,

@@ -122,6 +122,8 @@ struct Registry {
     sources: HashMap<String, Vec<Definition>>,
     /// Compiled parameters by (base, definition); kept for the process.
     compiled: HashMap<(String, Definition), &'static Param>,
+    /// At most this many compiled ([`CUSTOM_PARAMS_MAX`]).
+    cap: usize,
 }
 
 static REGISTRY: Mutex<Option<Registry>> = Mutex::new(None);
@@ -151,54 +153,68 @@ fn compile(base: &str, d: &Definition) -> Result<&'static Param, String> {
     })))
 }
 
+impl Registry {
+    fn new(cap: usize) -> Registry {
+        Registry {
+            sources: HashMap::new(),
+            compiled: HashMap::new(),
+            cap,
+        }
+    }
+
+    /// Sets the definitions of `source`; the parameters in force over all
+    /// sources, and the problems of those that could not be put in force.
+    fn put(&mut self, source: &str, defs: Vec<Definition>) -> (Active, Vec<String>) {
+        let mut problems = Vec::new();
+        self.sources.insert(source.to_owned(), defs);
+        let mut active: Active = HashMap::new();
+        let mut wanted: Vec<(String, Definition)> = Vec::new();
+        for defs in self.sources.values() {
+            for d in defs {
+                for b in &d.bases {
+                    wanted.push((b.clone(), d.clone()));
+                }
+            }
+        }
+        for (base, d) in wanted {
+            let key = (base.clone(), d.clone());
+            let p = match self.compiled.get(&key) {
+                Some(p) => *p,
+                None if self.compiled.len() >= self.cap => {
+                    problems.push(format!(
+                        "{}: more than CUSTOM_PARAMS_MAX ({}) custom parameter definitions in this process",
+                        d.code, self.cap
+                    ));
+                    continue;
+                }
+                None => match compile(&base, &d) {
+                    Ok(p) => {
+                        self.compiled.insert(key, p);
+                        p
+                    }
+                    Err(e) => {
+                        problems.push(e);
+                        continue;
+                    }
+                },
+            };
+            let list = active.entry(base).or_default();
+            if !list.iter().any(|q| q.code == p.code) {
+                list.push(p);
+            }
+        }
+        (active, problems)
+    }
+}
+
 /// Sets the definitions of `source` (a store) and returns the problems of
 /// those that could not be put in force (each named by its code).
 pub fn set(source: &str, defs: Vec<Definition>) -> Vec<String> {
-    let mut problems = Vec::new();
     let Ok(mut g) = REGISTRY.lock() else {
         return vec!["the custom parameter registry is poisoned".into()];
     };
-    let reg = g.get_or_insert_with(|| Registry {
-        sources: HashMap::new(),
-        compiled: HashMap::new(),
-    });
-    reg.sources.insert(source.to_owned(), defs);
-    let mut active: Active = HashMap::new();
-    let mut wanted: Vec<(String, Definition)> = Vec::new();
-    for defs in reg.sources.values() {
-        for d in defs {
-            for b in &d.bases {
-                wanted.push((b.clone(), d.clone()));
-            }
-        }
-    }
-    for (base, d) in wanted {
-        let key = (base.clone(), d.clone());
-        let p = match reg.compiled.get(&key) {
-            Some(p) => *p,
-            None if reg.compiled.len() >= CUSTOM_PARAMS_MAX => {
-                problems.push(format!(
-                    "{}: more than CUSTOM_PARAMS_MAX ({CUSTOM_PARAMS_MAX}) custom parameter definitions in this process",
-                    d.code
-                ));
-                continue;
-            }
-            None => match compile(&base, &d) {
-                Ok(p) => {
-                    reg.compiled.insert(key, p);
-                    p
-                }
-                Err(e) => {
-                    problems.push(e);
-                    continue;
-                }
-            },
-        };
-        let list = active.entry(base).or_default();
-        if !list.iter().any(|q| q.code == p.code) {
-            list.push(p);
-        }
-    }
+    let reg = g.get_or_insert_with(|| Registry::new(CUSTOM_PARAMS_MAX));
+    let (active, problems) = reg.put(source, defs);
     ANY.store(!active.is_empty(), Ordering::Release);
     if let Ok(mut a) = ACTIVE.write() {
         *a = Some(Arc::new(active));
@@ -244,6 +260,11 @@ mod tests {
             ),
             (sp("x", "string", "Patient.name.("), "does not parse"),
             (sp("x", "string", "Patient.name.where("), "does not parse"),
+            (
+                sp(&"a".repeat(CODE_CHARS_MAX + 1), "string", "Patient.name"),
+                "1 to 64",
+            ),
+            (sp("a b", "string", "Patient.name"), "1 to 64"),
         ] {
             let e = Definition::from_resource(&v).unwrap_err();
             assert!(e.contains(why), "{e}");
@@ -271,5 +292,22 @@ mod tests {
         assert!(super::super::param("Patient", "unit-test-mothers-maiden").is_some());
         set("unit-test-source", Vec::new());
         assert!(super::super::param("Patient", "unit-test-mothers-maiden").is_none());
+    }
+
+    #[test]
+    fn definitions_past_the_cap_are_not_in_force() {
+        let mut reg = Registry::new(1);
+        let def = |code: &str| {
+            Definition::from_resource(&sp(code, "string", "Patient.name.given"))
+                .unwrap()
+                .unwrap()
+        };
+        let (active, problems) = reg.put("a", vec![def("cap-one"), def("cap-two")]);
+        assert_eq!(active["Patient"].len(), 1);
+        assert_eq!(problems.len(), 1);
+        assert!(problems[0].contains("CUSTOM_PARAMS_MAX"), "{problems:?}");
+        // What is already compiled stays usable.
+        let (active, problems) = reg.put("a", vec![def("cap-one")]);
+        assert_eq!((active["Patient"].len(), problems.len()), (1, 0));
     }
 }
