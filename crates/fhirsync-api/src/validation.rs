@@ -93,6 +93,10 @@ fn check_search_parameters(res: &Map<String, Value>) -> Result<(), ApiError> {
 /// (all of them, as an OperationOutcome, with `Prefer: return=OperationOutcome`).
 pub const WARNING_HEADER: &str = "x-validation-warning";
 
+/// Longest `x-validation-warning` line: a client names the elements, so
+/// without a cap one header could be megabytes long.
+pub const WARNING_CHARS_MAX: usize = 1_000;
+
 /// Adds the lenient-mode warnings to an answer.
 pub fn warn(r: &mut Response, issues: &[Issue]) {
     if issues.is_empty() {
@@ -100,6 +104,7 @@ pub fn warn(r: &mut Response, issues: &[Issue]) {
     }
     let line: String = summary(issues)
         .chars()
+        .take(WARNING_CHARS_MAX)
         .map(|c| {
             if c.is_ascii_graphic() || c == ' ' {
                 c

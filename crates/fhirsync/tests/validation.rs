@@ -189,6 +189,13 @@ async fn lenient_mode_stores_and_answers_with_the_problems() {
         .unwrap()
         .to_owned();
     assert!(w.starts_with("2 problem(s)"), "{w}");
+    // A client names the elements: the line is cut at its limit.
+    let mut long = pat("l3");
+    long["x".repeat(5_000)] = json!(1);
+    let r = put(&s, "Patient/l3", &long).await;
+    assert_eq!(r.status(), 201);
+    let w = &r.headers()[fhirsync_api::validation::WARNING_HEADER];
+    assert_eq!(w.len(), fhirsync_api::validation::WARNING_CHARS_MAX);
     // Asked for an OperationOutcome, the answer lists every problem as a warning.
     let r = s
         .client
