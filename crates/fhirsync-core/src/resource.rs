@@ -276,7 +276,8 @@ pub fn check_resource(
     }
     match rtype.as_str() {
         // a topic-based (backport) subscription must be one the node can
-        // serve; a query-based R4 subscription is stored as data, not served
+        // serve; a query-based R4 subscription is stored as data, and the
+        // node sets it to `error` when it cannot serve it
         "Subscription"
             if !res
                 .get("criteria")
@@ -297,6 +298,16 @@ pub fn check_resource(
         "SubscriptionTopic" => {
             crate::subscription::Topic::parse(&Value::Object(res.clone()))
                 .map_err(ValidationError::Invalid)?;
+        }
+        // a topic in the Backport IG's R4 form
+        "Basic" => {
+            let v = Value::Object(res.clone());
+            if crate::subscription::basic::is_topic(&v) {
+                crate::subscription::Topic::parse(&crate::subscription::basic::topic_json(&v))
+                    .map_err(|e| {
+                        ValidationError::Invalid(format!("SubscriptionTopic (Basic): {e}"))
+                    })?;
+            }
         }
         _ => {}
     }

@@ -48,6 +48,11 @@ pub trait Store: Send + Sync + 'static {
     /// Current resources matching a search, one page.
     async fn search(&self, q: SearchQuery) -> Result<SearchPage, StoreError>;
 
+    /// Whether the version written at `seq` satisfies the search's
+    /// conditions as the store stood right after it was written (chains
+    /// and `_has` read that same moment); a deletion never does.
+    async fn version_matches(&self, q: SearchQuery, seq: u64) -> Result<bool, StoreError>;
+
     /// The change log after `since`, in `seq` order.
     async fn changes(&self, q: ChangesQuery) -> Result<Vec<StoredVersion>, StoreError>;
 

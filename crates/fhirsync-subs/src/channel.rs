@@ -99,6 +99,34 @@ impl Channels {
         Ok(c)
     }
 
+    /// One HTTP request of a REST hook (`body` as FHIR JSON, or none); a
+    /// 2xx answer confirms it.
+    pub async fn rest(
+        &self,
+        method: reqwest::Method,
+        url: &str,
+        headers: &[(String, String)],
+        body: Option<Vec<u8>>,
+        timeout: Duration,
+    ) -> Result<(), String> {
+        let mut rq = self.http.request(method.clone(), url).timeout(timeout);
+        if let Some(b) = body {
+            rq = rq.header("content-type", "application/fhir+json").body(b);
+        }
+        for (k, v) in headers {
+            rq = rq.header(k.as_str(), v.as_str());
+        }
+        let r = rq
+            .send()
+            .await
+            .map_err(|e| format!("{method} {url}: {e}"))?;
+        if r.status().is_success() {
+            Ok(())
+        } else {
+            Err(format!("{method} {url}: HTTP {}", r.status()))
+        }
+    }
+
     /// Sends one notification; `Err` carries the reason shown in the
     /// subscription's status.
     pub async fn send(
@@ -110,24 +138,14 @@ impl Channels {
     ) -> Result<(), String> {
         match ch {
             Channel::RestHook { endpoint, headers } => {
-                let mut rq = self
-                    .http
-                    .post(endpoint)
-                    .timeout(timeout)
-                    .header("content-type", "application/fhir+json");
-                for (k, v) in headers {
-                    rq = rq.header(k.as_str(), v.as_str());
-                }
-                let r = rq
-                    .body(body)
-                    .send()
-                    .await
-                    .map_err(|e| format!("POST {endpoint}: {e}"))?;
-                if r.status().is_success() {
-                    Ok(())
-                } else {
-                    Err(format!("POST {endpoint}: HTTP {}", r.status()))
-                }
+                self.rest(
+                    reqwest::Method::POST,
+                    endpoint,
+                    headers,
+                    Some(body),
+                    timeout,
+                )
+                .await
             }
             Channel::Nats {
                 subject,

@@ -16,8 +16,10 @@ use async_trait::async_trait;
 use fhirsync_api::agent::EdgeCounters;
 use fhirsync_api::SyncAgent;
 use fhirsync_core::search::SearchQuery;
+use fhirsync_core::subscription::Channel;
 use fhirsync_core::subscription::{
-    notification_bundle, Event, Interaction, NoteKind, Status, Subscription, Topic,
+    basic, notification_bundle, search_of, Event, Interaction, NoteKind, Payload, Status,
+    Subscription, Topic,
 };
 use fhirsync_store::{
     sub_events_key, sub_sent_key, ChangesQuery, DeadLetter, Prepared, Store, StoredVersion,
@@ -67,6 +69,21 @@ struct Inner {
     workers: Mutex<HashMap<String, JoinHandle<()>>>,
     matched: AtomicU64,
     stop: watch::Sender<bool>,
+}
+
+/// A subscription that collects events, its current version and its topic
+/// (none for a query-based one).
+type Served = (Arc<SubState>, Arc<Subscription>, Option<Arc<Topic>>);
+
+/// One change as the matcher judges it.
+struct Change<'a> {
+    v: &'a StoredVersion,
+    interaction: Interaction,
+    /// The version before (none for a create), its JSON and `seq`.
+    previous: Option<Value>,
+    prev_seq: Option<u64>,
+    /// This version's JSON (none for a delete).
+    current: Option<Value>,
 }
 
 /// The subscriptions agent of a node.
@@ -256,9 +273,11 @@ impl Inner {
         self.matched.store(cursor, Relaxed);
         // the versions the matcher's position covers; newer ones come
         // through the log in order
-        for t in list_all(store.as_ref(), "SubscriptionTopic").await {
-            if let Some(v) = covered(store.as_ref(), t, cursor).await {
-                self.topic_version(&v);
+        for rtype in ["SubscriptionTopic", "Basic"] {
+            for t in list_all(store.as_ref(), rtype).await {
+                if let Some(v) = covered(store.as_ref(), t, cursor).await {
+                    self.topic_version(&v);
+                }
             }
         }
         for s in list_all(store.as_ref(), "Subscription").await {
@@ -294,15 +313,20 @@ impl Inner {
         }
     }
 
-    /// A SubscriptionTopic version: topics are kept by id and url.
+    /// A SubscriptionTopic version, or a `Basic` one (a topic in the
+    /// Backport IG's R4 form, or no longer one): topics are kept by type,
+    /// id and url.
     fn topic_version(&self, v: &StoredVersion) {
+        let body = (!v.deleted).then(|| body_json(v)).flatten();
+        let body = match (v.rtype.as_str(), body) {
+            ("Basic", Some(b)) if basic::is_topic(&b) => Some(basic::topic_json(&b)),
+            ("Basic", _) => None,
+            (_, b) => b,
+        };
         let mut topics = self.topics.write().unwrap_or_else(|p| p.into_inner());
-        let prefix = format!("id:{}:", v.id);
+        let prefix = format!("{}/{}:", v.rtype, v.id);
         topics.retain(|k, _| !k.starts_with(&prefix));
-        if v.deleted {
-            return;
-        }
-        if let Some(b) = body_json(v) {
+        if let Some(b) = body {
             match Topic::parse(&b) {
                 Ok(t) => {
                     topics.insert(format!("{prefix}{}", t.url), Arc::new(t));
@@ -423,7 +447,7 @@ impl Inner {
         let mut active = self.active();
         for v in &changes {
             match v.rtype.as_str() {
-                "SubscriptionTopic" => {
+                "SubscriptionTopic" | "Basic" => {
                     self.topic_version(v);
                     active = self.active();
                 }
@@ -433,54 +457,68 @@ impl Inner {
                 }
                 _ => {}
             }
-            let candidates: Vec<&(Arc<SubState>, Arc<Subscription>, Arc<Topic>)> = active
+            let candidates: Vec<&Served> = active
                 .iter()
-                .filter(|(_, _, t)| {
-                    t.triggers.iter().any(|t| {
+                .filter(|(_, sub, topic)| match topic {
+                    Some(t) => t.triggers.iter().any(|t| {
                         t.rtype == v.rtype || t.rtype == "Resource" || t.rtype == "DomainResource"
-                    })
+                    }),
+                    None => {
+                        !v.deleted
+                            && sub
+                                .classic
+                                .as_ref()
+                                .is_some_and(|q| q.rtype.as_deref() == Some(v.rtype.as_str()))
+                    }
                 })
                 .collect();
             if candidates.is_empty() {
                 continue;
             }
-            let current = body_json(v);
+            let current = (!v.deleted).then(|| body_json(v)).flatten();
             let previous = if v.vid > 1 {
                 self.store
                     .vread(&v.rtype, &v.id, v.vid - 1)
                     .await
                     .map_err(|e| e.to_string())?
                     .filter(|p| !p.deleted)
-                    .and_then(|p| body_json(&p))
             } else {
                 None
             };
-            let interaction = if v.deleted {
-                Interaction::Delete
-            } else if previous.is_none() {
-                Interaction::Create
-            } else {
-                Interaction::Update
+            let change = Change {
+                v,
+                interaction: if v.deleted {
+                    Interaction::Delete
+                } else if previous.is_none() {
+                    Interaction::Create
+                } else {
+                    Interaction::Update
+                },
+                prev_seq: previous.as_ref().map(|p| p.seq),
+                previous: previous.as_ref().and_then(body_json),
+                current,
             };
-            let cur = if v.deleted { None } else { current.as_ref() };
-            // a topic's criterion runs once per change, however many
-            // subscriptions share it; the cheaper filters run first
-            let mut memo: Vec<(*const Topic, bool)> = Vec::new();
+            // a topic is decided once per change, however many
+            // subscriptions share it; the filters run first
+            let mut memo: Vec<(usize, bool)> = Vec::new();
             for (st, sub, topic) in candidates {
-                let Some(focus) = cur.or(previous.as_ref()) else {
-                    continue;
-                };
-                if !sub.filters_match(&v.rtype, focus) {
-                    continue;
-                }
-                let key = Arc::as_ptr(topic);
-                let hit = match memo.iter().find(|m| m.0 == key) {
-                    Some(m) => m.1,
-                    None => {
-                        let m = topic.matches(&v.rtype, interaction, cur, previous.as_ref());
-                        memo.push((key, m));
-                        m
+                let hit = match (topic, &sub.classic) {
+                    (Some(topic), _) => {
+                        if !self.filters_pass(sub, &change).await? {
+                            continue;
+                        }
+                        let key = Arc::as_ptr(topic) as usize;
+                        match memo.iter().find(|m| m.0 == key) {
+                            Some(m) => m.1,
+                            None => {
+                                let m = self.topic_matches(topic, &change).await?;
+                                memo.push((key, m));
+                                m
+                            }
+                        }
                     }
+                    (None, Some(q)) => self.holds(q.clone(), v.seq).await?,
+                    (None, None) => false,
                 };
                 if !hit {
                     continue;
@@ -516,8 +554,74 @@ impl Inner {
         Ok(last)
     }
 
-    /// Subscriptions that collect events (not `off`), with their topics.
-    fn active(&self) -> Vec<(Arc<SubState>, Arc<Subscription>, Arc<Topic>)> {
+    /// Whether the version at `seq` satisfies a search as it was written.
+    async fn holds(&self, q: SearchQuery, seq: u64) -> Result<bool, String> {
+        self.store
+            .version_matches(q, seq)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    /// Whether a change passes a subscription's filters (those of another
+    /// type do not apply): a search parameter of the type through the
+    /// store, otherwise the element it names. A deletion is judged by the
+    /// version it deleted.
+    async fn filters_pass(&self, sub: &Subscription, c: &Change<'_>) -> Result<bool, String> {
+        let (focus, seq) = match (&c.current, &c.previous, c.prev_seq) {
+            (Some(cur), _, _) => (cur, c.v.seq),
+            (None, Some(prev), Some(s)) => (prev, s),
+            _ => return Ok(false),
+        };
+        for f in &sub.filters {
+            if f.rtype.as_deref().is_some_and(|t| t != c.v.rtype) {
+                continue;
+            }
+            let ok = match f.search(&c.v.rtype) {
+                Some(q) => self.holds(q, seq).await?,
+                None => f.matches_elements(focus),
+            };
+            if !ok {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    /// Whether a change is an event of a topic: a trigger whose FHIRPath
+    /// criterion holds and whose `queryCriteria` (if any) hold, the
+    /// previous test on the previous version and the current test on this
+    /// one, each as the store stood when it was written.
+    async fn topic_matches(&self, topic: &Topic, c: &Change<'_>) -> Result<bool, String> {
+        let rtype = c.v.rtype.as_str();
+        let triggered = topic.triggered(
+            rtype,
+            c.interaction,
+            c.current.as_ref(),
+            c.previous.as_ref(),
+        );
+        for t in triggered {
+            let Some(qc) = &t.query else { return Ok(true) };
+            let test = |text: &Option<String>| text.as_deref().map(|t| search_of(rtype, t));
+            let previous = match (test(&qc.previous), c.prev_seq) {
+                (None, _) => None,
+                (Some(q), Some(s)) => Some(self.holds(q?, s).await?),
+                (Some(_), None) => Some(qc.create_passes),
+            };
+            let current = match test(&qc.current) {
+                None => None,
+                Some(_) if c.v.deleted => Some(qc.delete_passes),
+                Some(q) => Some(self.holds(q?, c.v.seq).await?),
+            };
+            if qc.decide(previous, current) {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// Subscriptions that collect events (not `off`), with their topics
+    /// (none for a query-based one).
+    fn active(&self) -> Vec<Served> {
         self.subs_list()
             .into_iter()
             .filter_map(|st| {
@@ -525,8 +629,11 @@ impl Inner {
                 if sub.status == "off" {
                     return None;
                 }
+                if sub.classic.is_some() {
+                    return Some((st, sub, None));
+                }
                 let topic = self.topic(&sub.topic)?;
-                Some((st, sub, topic))
+                Some((st, sub, Some(topic)))
             })
             .collect()
     }
@@ -620,12 +727,64 @@ impl Inner {
         }
     }
 
+    /// Sends the next event of a query-based (R4) subscription: a POST
+    /// without a body to the endpoint, or with `application/fhir+json` a
+    /// PUT of the version as stored to `endpoint/Type/id`.
+    async fn deliver_classic(
+        &self,
+        st: &SubState,
+        sub: &Subscription,
+        num: u64,
+    ) -> Result<(), String> {
+        let Channel::RestHook { endpoint, headers } = &sub.channel else {
+            return Err("query-based subscriptions use rest-hook channels".into());
+        };
+        let ev = self
+            .store
+            .sub_events(&st.id, num, num, 1)
+            .await
+            .map_err(|e| e.to_string())?
+            .pop()
+            .ok_or_else(|| format!("event {num} is not stored"))?;
+        let timeout = Duration::from_secs(sub.timeout_s);
+        if sub.payload == Payload::Empty {
+            return self
+                .channels
+                .rest(reqwest::Method::POST, endpoint, headers, None, timeout)
+                .await;
+        }
+        let body = self
+            .store
+            .vread(&ev.rtype, &ev.rid, ev.vid)
+            .await
+            .map_err(|e| e.to_string())?
+            .and_then(|v| v.body)
+            .ok_or_else(|| format!("{}/{}/_history/{} is not stored", ev.rtype, ev.rid, ev.vid))?;
+        let url = format!("{}/{}/{}", endpoint.trim_end_matches('/'), ev.rtype, ev.rid);
+        self.channels
+            .rest(
+                reqwest::Method::PUT,
+                &url,
+                headers,
+                Some(body.as_bytes().to_vec()),
+                timeout,
+            )
+            .await
+    }
+
     /// Builds and sends the next notification; `Ok(false)` when nothing
     /// was pending.
     async fn deliver_next(&self, st: &SubState, sub: &Subscription) -> Result<bool, String> {
         let (sent, total) = (st.sent.load(Relaxed), st.events.load(Relaxed));
         if sent >= total {
             return Ok(false);
+        }
+        if sub.classic.is_some() {
+            self.deliver_classic(st, sub, sent + 1).await?;
+            st.delivered.fetch_add(1, Relaxed);
+            st.sent.store(sent + 1, Relaxed);
+            self.store_sent(st, false).await;
+            return Ok(true);
         }
         let evs = self
             .store
@@ -712,6 +871,9 @@ impl Inner {
 
     /// Why a subscription cannot be served, before any attempt.
     fn refusal(&self, sub: &Subscription) -> Option<String> {
+        if sub.problem.is_some() || sub.classic.is_some() {
+            return sub.problem.clone();
+        }
         let Some(topic) = self.topic(&sub.topic) else {
             return Some(format!("no SubscriptionTopic with url {}", sub.topic));
         };
@@ -748,6 +910,13 @@ impl Inner {
                 "requested" => match self.refusal(&sub) {
                     Some(why) => {
                         if !self.settle(&st, "error", Some(&why)).await {
+                            return;
+                        }
+                        continue;
+                    }
+                    // R4's query-based subscriptions have no handshake
+                    None if sub.classic.is_some() => {
+                        if !self.settle(&st, "active", None).await {
                             return;
                         }
                         continue;

@@ -1,18 +1,22 @@
 //! A real webhook receiver on 127.0.0.1 for subscription tests: records
-//! every POST (headers and JSON body) and answers with a settable status.
+//! every request to `/hook` and below (method, path, headers and JSON
+//! body) and answers with a settable status.
 
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
-use axum::routing::post;
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::routing::any;
 use axum::Router;
 use serde_json::Value;
 
 #[derive(Debug, Clone)]
 pub struct Received {
+    pub method: String,
+    /// The path, `/hook` or below it (`/hook/Observation/1`).
+    pub path: String,
     pub headers: HeaderMap,
     pub body: Value,
     pub at: Instant,
@@ -31,16 +35,25 @@ pub struct HookReceiver {
     task: tokio::task::JoinHandle<()>,
 }
 
-async fn take(State(s): State<Shared>, headers: HeaderMap, body: String) -> StatusCode {
+async fn take(
+    State(s): State<Shared>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: String,
+) -> StatusCode {
     let code = s.status.load(Ordering::Relaxed);
     let code = StatusCode::from_u16(code).unwrap_or(StatusCode::OK);
     if code.is_success() {
         let body = serde_json::from_str(&body).unwrap_or(Value::String(body));
         let at = Instant::now();
-        s.got
-            .lock()
-            .expect("lock")
-            .push(Received { headers, body, at });
+        s.got.lock().expect("lock").push(Received {
+            method: method.to_string(),
+            path: uri.path().to_owned(),
+            headers,
+            body,
+            at,
+        });
     }
     code
 }
@@ -54,7 +67,8 @@ impl HookReceiver {
             .expect("bind hook");
         let addr = listener.local_addr().expect("addr").to_string();
         let app = Router::new()
-            .route("/hook", post(take))
+            .route("/hook", any(take))
+            .route("/hook/{*rest}", any(take))
             .with_state(shared.clone());
         let task = tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;

@@ -949,3 +949,234 @@ async fn an_idle_subscription_sends_heartbeats() {
         "a heartbeat carries the status only"
     );
 }
+
+/// An R4 query-based Subscription on the node: `criteria` is a search.
+fn classic(id: &str, criteria: &str, endpoint: &str, payload: Option<&str>) -> Value {
+    let mut s = json!({
+        "resourceType": "Subscription", "id": id, "status": "requested",
+        "reason": "test", "criteria": criteria,
+        "channel": {"type": "rest-hook", "endpoint": endpoint, "header": ["Authorization: Bearer hook-secret"]},
+    });
+    if let Some(p) = payload {
+        s["channel"]["payload"] = json!(p);
+    }
+    s
+}
+
+fn encounter(id: &str, patient: &str, status: &str) -> Value {
+    json!({"resourceType": "Encounter", "id": id, "status": status,
+        "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "AMB"},
+        "subject": {"reference": format!("Patient/{patient}")}})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn classic_r4_subscriptions_notify_every_matching_create_and_update_in_order() {
+    let hook = HookReceiver::start().await;
+    let n = node(quick(), None).await;
+    let base = hook.url();
+    // a full-resource one on two parameters, an empty one on a chain
+    let full = classic(
+        "finished",
+        "Encounter?patient=Patient/123&status=finished",
+        &base,
+        Some("application/fhir+json"),
+    );
+    ok_put(&n, "Subscription/finished", &full).await;
+    let chained = classic(
+        "otieno",
+        "Encounter?subject:Patient.family=Otieno",
+        &base,
+        None,
+    );
+    ok_put(&n, "Subscription/otieno", &chained).await;
+    // what the node cannot serve goes to error with the reason
+    for (id, sub, why) in [
+        (
+            "unknown-param",
+            classic("unknown-param", "Encounter?nope=1", &base, None),
+            "'nope' is not a search parameter of Encounter",
+        ),
+        (
+            "bad-value",
+            classic("bad-value", "Encounter?date=soon", &base, None),
+            "invalid value 'soon'",
+        ),
+        (
+            "email",
+            {
+                let mut s = classic("email", "Encounter?status=finished", &base, None);
+                s["channel"] = json!({"type": "email", "endpoint": "mailto:ward@example.org"});
+                s
+            },
+            "channel type 'email' is not served",
+        ),
+    ] {
+        ok_put(&n, &format!("Subscription/{id}"), &sub).await;
+        let b = wait_status(&n, id, "error", 10).await;
+        assert!(b["error"].as_str().unwrap_or("").contains(why), "{id}: {b}");
+    }
+    wait_status(&n, "finished", "active", 10).await;
+    wait_status(&n, "otieno", "active", 10).await;
+
+    ok_put(
+        &n,
+        "Patient/123",
+        &json!({"resourceType": "Patient", "id": "123", "name": [{"family": "Otieno"}]}),
+    )
+    .await;
+    ok_put(
+        &n,
+        "Patient/999",
+        &json!({"resourceType": "Patient", "id": "999", "name": [{"family": "Smith"}]}),
+    )
+    .await;
+    ok_put(&n, "Encounter/e1", &encounter("e1", "123", "in-progress")).await; // otieno 1
+    ok_put(&n, "Encounter/e1", &encounter("e1", "123", "finished")).await; // finished 1, otieno 2
+    ok_put(&n, "Encounter/e2", &encounter("e2", "999", "finished")).await; // neither
+                                                                           // the receiver fails for a while: nothing is lost or repeated
+    hook.answer(503);
+    ok_put(&n, "Encounter/e3", &encounter("e3", "123", "finished")).await; // finished 2, otieno 3
+    let mut e1 = encounter("e1", "123", "finished");
+    e1["period"] = json!({"end": "2026-12-01"});
+    ok_put(&n, "Encounter/e1", &e1).await; // finished 3, otieno 4
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    hook.answer(200);
+    assert_eq!(delete(&n, "Encounter/e3").await.status().as_u16(), 204); // a delete is no event
+                                                                         // the patient renamed: later encounters of 123 no longer match the chain
+    ok_put(
+        &n,
+        "Patient/123",
+        &json!({"resourceType": "Patient", "id": "123", "name": [{"family": "Odhiambo"}]}),
+    )
+    .await;
+    ok_put(&n, "Encounter/e4", &encounter("e4", "123", "planned")).await; // neither
+
+    let puts = |g: &[Received]| -> Vec<(String, String)> {
+        g.iter()
+            .filter(|r| r.method == "PUT")
+            .map(|r| {
+                (
+                    r.path.clone(),
+                    r.body["meta"]["versionId"]
+                        .as_str()
+                        .unwrap_or("")
+                        .to_owned(),
+                )
+            })
+            .collect()
+    };
+    let got = hook
+        .wait(15, "3 PUTs and 4 POSTs", |g| {
+            puts(g).len() >= 3 && g.iter().filter(|r| r.method == "POST").count() >= 4
+        })
+        .await;
+    assert_eq!(
+        puts(&got),
+        [
+            ("/hook/Encounter/e1".to_owned(), "2".to_owned()),
+            ("/hook/Encounter/e3".to_owned(), "1".to_owned()),
+            ("/hook/Encounter/e1".to_owned(), "3".to_owned()),
+        ],
+        "each matching version once, in commit order"
+    );
+    let put_e3 = got.iter().find(|r| r.path == "/hook/Encounter/e3").unwrap();
+    assert_eq!(put_e3.body["status"], "finished");
+    assert_eq!(put_e3.headers["authorization"], "Bearer hook-secret");
+    assert_eq!(put_e3.headers["content-type"], "application/fhir+json");
+    let posts: Vec<&Received> = got.iter().filter(|r| r.method == "POST").collect();
+    assert!(
+        posts
+            .iter()
+            .all(|r| r.path == "/hook" && r.body == json!("")),
+        "empty payload: no body"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let after = hook.received();
+    assert_eq!(puts(&after).len(), 3);
+    assert_eq!(after.iter().filter(|r| r.method == "POST").count(), 4);
+    let (_, st) = status_json(get(&n, "Subscription/finished/$status").await).await;
+    assert!(st.to_string().contains("\"valueString\":\"3\""), "{st}");
+}
+
+/// A topic as the Backport IG writes it in R4 (`Basic`), with
+/// `queryCriteria`, and a filter naming a search parameter.
+fn basic_topic(id: &str, current: &str) -> Value {
+    let x = |name: &str| {
+        format!("http://hl7.org/fhir/5.0/StructureDefinition/extension-SubscriptionTopic.{name}")
+    };
+    json!({
+        "resourceType": "Basic", "id": id,
+        "code": {"coding": [{"system": "http://hl7.org/fhir/fhir-types", "code": "SubscriptionTopic"}]},
+        "extension": [
+            {"url": x("url"), "valueUri": format!("http://example.org/topic/{id}")},
+            {"url": x("status"), "valueCode": "active"},
+            {"url": x("resourceTrigger"), "extension": [
+                {"url": "resource", "valueUri": "http://hl7.org/fhir/StructureDefinition/Encounter"},
+                {"url": "supportedInteraction", "valueCode": "create"},
+                {"url": "supportedInteraction", "valueCode": "update"},
+                {"url": "queryCriteria", "extension": [
+                    {"url": "previous", "valueString": "status:not=finished"},
+                    {"url": "resultForCreate", "valueCode": "test-passes"},
+                    {"url": "current", "valueString": current},
+                    {"url": "requireBoth", "valueBoolean": true}]}]},
+            {"url": x("canFilterBy"), "extension": [
+                {"url": "resource", "valueUri": "Encounter"},
+                {"url": "filterParameter", "valueString": "patient"}]}
+        ]
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn basic_topics_with_query_criteria_and_search_parameter_filters() {
+    let hook = HookReceiver::start().await;
+    let n = node(quick(), None).await;
+    // a topic that cannot be served is refused like a SubscriptionTopic
+    let r = put(&n, "Basic/broken", &basic_topic("broken", "nope=1")).await;
+    let (code, oo) = status_json(r).await;
+    assert_eq!(code, 422, "{oo}");
+    assert!(
+        oo.to_string().contains("'nope' is not a search parameter"),
+        "{oo}"
+    );
+    ok_put(
+        &n,
+        "Basic/finished",
+        &basic_topic("finished", "status=finished"),
+    )
+    .await;
+    let mut s = subscription(
+        "p1",
+        "finished",
+        rest_hook(&hook.url()),
+        "id-only",
+        Some("Encounter?patient=Patient/1"),
+    );
+    s["id"] = json!("p1");
+    ok_put(&n, "Subscription/p1", &s).await;
+    wait_status(&n, "p1", "active", 10).await;
+    ok_put(&n, "Encounter/a", &encounter("a", "1", "planned")).await; // current fails
+    ok_put(&n, "Encounter/a", &encounter("a", "1", "finished")).await; // 1: became finished
+    let mut a = encounter("a", "1", "finished");
+    a["period"] = json!({"end": "2026-12-01"});
+    ok_put(&n, "Encounter/a", &a).await; // was finished already: no event
+    ok_put(&n, "Encounter/b", &encounter("b", "2", "finished")).await; // filtered out
+    ok_put(&n, "Encounter/c", &encounter("c", "1", "finished")).await; // 2: created finished
+    let got = hook
+        .wait(10, "two events", |g| events_of(g).len() >= 2)
+        .await;
+    assert_eq!(events_of(&got), vec![1, 2]);
+    let foci: Vec<String> = got
+        .iter()
+        .filter(|r| note_type(&r.body) == "event-notification")
+        .map(|r| r.body["entry"][1]["fullUrl"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(
+        foci[0].ends_with("/Encounter/a") && foci[1].ends_with("/Encounter/c"),
+        "{foci:?}"
+    );
+    // deleting the topic stops the events
+    assert_eq!(delete(&n, "Basic/finished").await.status().as_u16(), 204);
+    ok_put(&n, "Encounter/d", &encounter("d", "1", "finished")).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(events_of(&hook.received()), vec![1, 2]);
+}

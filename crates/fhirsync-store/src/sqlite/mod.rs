@@ -373,6 +373,11 @@ impl Store for SqliteStore {
         self.read_with(move |c| search_sql::search(c, &q)).await
     }
 
+    async fn version_matches(&self, q: SearchQuery, seq: u64) -> Result<bool, StoreError> {
+        self.read_with(move |c| search_sql::version_matches(c, &q, seq))
+            .await
+    }
+
     async fn changes(&self, q: ChangesQuery) -> Result<Vec<StoredVersion>, StoreError> {
         self.read_with(move |c| query::changes(c, &q)).await
     }

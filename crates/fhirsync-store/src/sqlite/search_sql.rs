@@ -623,6 +623,16 @@ fn includes(
     Ok(out)
 }
 
+/// Whether the version at `seq` matches `q` at the snapshot `seq` (for
+/// subscriptions, which judge each version as it was written).
+pub fn version_matches(conn: &Connection, q: &SearchQuery, seq: u64) -> Result<bool, StoreError> {
+    let (w, mut args) = search_where(q, seq);
+    args.push(Sql::Integer(seq as i64));
+    let sql = format!("SELECT 1 FROM versions v WHERE {w} AND v.seq = ?");
+    let mut st = conn.prepare_cached(&sql)?;
+    Ok(st.exists(params_from_iter(args))?)
+}
+
 /// Keys of current resources matching `q` (for conditional operations).
 pub fn matches(
     conn: &Connection,

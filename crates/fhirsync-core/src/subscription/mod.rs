@@ -1,11 +1,16 @@
-//! Topic-based subscriptions (R5 `SubscriptionTopic`, R4 Subscriptions
-//! Backport `Subscription`): reading them from JSON, deciding whether a
-//! change is an event for them, and the notification Bundles.
+//! Subscriptions: topic-based ones (R5 `SubscriptionTopic`, or its R4
+//! `Basic` form, with the Subscriptions Backport `Subscription`) and R4's
+//! query-based ones; reading them from JSON, deciding whether a change is
+//! an event for them (the parts that need the store are searches the
+//! notifier runs), and the notification Bundles.
+
+pub mod basic;
 
 use serde_json::{json, Map, Value};
 
 use crate::fhirpath::{self, Env, Expr};
 use crate::instant::format_instant;
+use crate::search::SearchQuery;
 
 /// Backport IG extensions and profiles.
 pub const BACKPORT: &str = "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition";
@@ -38,12 +43,94 @@ impl Interaction {
     }
 }
 
+/// A trigger's `queryCriteria`: searches the previous and the current
+/// version must satisfy, as the store stood when each was written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueryCriteria {
+    /// Search parameters (`status:not=finished`) for the previous version.
+    pub previous: Option<String>,
+    /// Search parameters for the current version.
+    pub current: Option<String>,
+    /// The previous test's result for a create (`resultForCreate`;
+    /// default `test-passes`).
+    pub create_passes: bool,
+    /// The current test's result for a delete (`resultForDelete`;
+    /// default `test-fails`).
+    pub delete_passes: bool,
+    /// Both tests must pass (otherwise either).
+    pub require_both: bool,
+}
+
+impl QueryCriteria {
+    fn parse(rtype: &str, q: &Value) -> Result<QueryCriteria, String> {
+        let text = |k: &str| -> Result<Option<String>, String> {
+            match q[k].as_str() {
+                None => Ok(None),
+                Some(t) => {
+                    search_of(rtype, t).map_err(|e| format!("queryCriteria.{k} '{t}': {e}"))?;
+                    Ok(Some(t.to_owned()))
+                }
+            }
+        };
+        let result = |k: &str, default: bool| match q[k].as_str() {
+            None => Ok(default),
+            Some("test-passes") => Ok(true),
+            Some("test-fails") => Ok(false),
+            Some(o) => Err(format!(
+                "queryCriteria.{k} '{o}' is not test-passes|test-fails"
+            )),
+        };
+        let c = QueryCriteria {
+            previous: text("previous")?,
+            current: text("current")?,
+            create_passes: result("resultForCreate", true)?,
+            delete_passes: result("resultForDelete", false)?,
+            require_both: q["requireBoth"].as_bool().unwrap_or(false),
+        };
+        if c.previous.is_none() && c.current.is_none() {
+            return Err("queryCriteria needs previous or current".into());
+        }
+        Ok(c)
+    }
+
+    /// Whether the change is an event, from the tests' results (`None`:
+    /// that test is absent).
+    pub fn decide(&self, previous: Option<bool>, current: Option<bool>) -> bool {
+        match (previous, current) {
+            (Some(p), Some(c)) if self.require_both => p && c,
+            (Some(p), Some(c)) => p || c,
+            (Some(x), None) | (None, Some(x)) => x,
+            (None, None) => true,
+        }
+    }
+}
+
+/// Search parameters (`a=1&b=2`, optionally after `Type?`) as a search on
+/// `rtype`; refuses parameters the node does not know.
+pub fn search_of(rtype: &str, text: &str) -> Result<SearchQuery, String> {
+    let qs = match text.split_once('?') {
+        Some((t, q)) if t.is_empty() || t == rtype => q,
+        Some((t, _)) => return Err(format!("names {t}, not {rtype}")),
+        None => text,
+    };
+    let q = SearchQuery::parse_query_string(Some(rtype), qs).map_err(|e| e.to_string())?;
+    if let Some(u) = q.unsupported.first() {
+        return Err(format!("'{u}' is not a search parameter of {rtype}"));
+    }
+    if q.clauses.is_empty() {
+        return Err("no search parameter".into());
+    }
+    Ok(q)
+}
+
 #[derive(Debug, Clone)]
 pub struct Trigger {
     pub rtype: String,
     pub interactions: Vec<Interaction>,
     /// `fhirPathCriteria`, evaluated with `%current` and `%previous`.
     pub criteria: Option<Expr>,
+    /// `queryCriteria`, decided by the notifier through the store.
+    pub query: Option<QueryCriteria>,
 }
 
 #[derive(Debug, Clone)]
@@ -93,11 +180,16 @@ impl Topic {
                     Interaction::Delete,
                 ];
             }
-            if t.get("queryCriteria").is_some() {
-                return Err(
-                    "resourceTrigger.queryCriteria is not supported: use fhirPathCriteria".into(),
-                );
-            }
+            let query = match t.get("queryCriteria") {
+                None => None,
+                // a search needs a concrete type
+                Some(_) if !crate::resource::is_resource_type(&rtype) || rtype == "Resource" => {
+                    return Err(format!(
+                        "resourceTrigger.queryCriteria needs a concrete resource type, not {rtype}"
+                    ))
+                }
+                Some(q) => Some(QueryCriteria::parse(&rtype, q)?),
+            };
             let criteria = match t["fhirPathCriteria"].as_str() {
                 Some(e) => Some(
                     fhirpath::parse(e).map_err(|why| format!("fhirPathCriteria '{e}': {why}"))?,
@@ -108,6 +200,7 @@ impl Topic {
                 rtype,
                 interactions,
                 criteria,
+                query,
             });
         }
         if triggers.is_empty() {
@@ -129,10 +222,9 @@ impl Topic {
         })
     }
 
-    /// Whether a change is an event of this topic: a trigger for the type
-    /// and interaction whose criterion is true. The criterion runs on the
-    /// current version (the previous one for a delete), with `%current` and
-    /// `%previous` set (empty when there is none).
+    /// Whether a change is an event of this topic, as far as it can be
+    /// decided without the store: [`Topic::triggered`] is not empty and
+    /// one of those triggers has no `queryCriteria`.
     pub fn matches(
         &self,
         rtype: &str,
@@ -140,30 +232,43 @@ impl Topic {
         current: Option<&Value>,
         previous: Option<&Value>,
     ) -> bool {
-        self.triggers.iter().any(|t| {
-            if t.rtype != rtype && t.rtype != "Resource" && t.rtype != "DomainResource" {
-                return false;
-            }
-            if !t.interactions.contains(&interaction) {
-                return false;
-            }
-            let Some(e) = &t.criteria else {
-                return true;
-            };
-            let Some(focus) = current.or(previous) else {
-                return false;
-            };
-            let mut env = Env::new();
-            env.set("current", current).set("previous", previous);
-            fhirpath::matches_with(e, focus, &env)
-        })
+        self.triggered(rtype, interaction, current, previous)
+            .iter()
+            .any(|t| t.query.is_none())
     }
 
-    /// Whether a trigger needs the previous version to decide.
-    pub fn uses_previous(&self, rtype: &str) -> bool {
+    /// The triggers for the type and interaction whose FHIRPath criterion
+    /// (if any) is true; the change is an event when one of them has no
+    /// `queryCriteria` or its `queryCriteria` hold. The criterion runs on
+    /// the current version (the previous one for a delete), with
+    /// `%current` and `%previous` set (empty when there is none).
+    pub fn triggered(
+        &self,
+        rtype: &str,
+        interaction: Interaction,
+        current: Option<&Value>,
+        previous: Option<&Value>,
+    ) -> Vec<&Trigger> {
         self.triggers
             .iter()
-            .any(|t| t.rtype == rtype && t.criteria.is_some())
+            .filter(|t| {
+                if t.rtype != rtype && t.rtype != "Resource" && t.rtype != "DomainResource" {
+                    return false;
+                }
+                if !t.interactions.contains(&interaction) {
+                    return false;
+                }
+                let Some(e) = &t.criteria else {
+                    return true;
+                };
+                let Some(focus) = current.or(previous) else {
+                    return false;
+                };
+                let mut env = Env::new();
+                env.set("current", current).set("previous", previous);
+                fhirpath::matches_with(e, focus, &env)
+            })
+            .collect()
     }
 }
 
@@ -207,20 +312,59 @@ pub const FILTERS_MAX: usize = 64;
 /// Most values those filters may hold in all.
 pub const FILTER_VALUES_MAX: usize = 1000;
 
-/// A filter from `backport-filter-criteria`: `Type?param=a,b`.
+/// A filter from `backport-filter-criteria`: `Type?param[:modifier]=a,b`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Filter {
     pub rtype: Option<String>,
+    /// The parameter's code (what `canFilterBy` names).
     pub param: String,
+    /// The parameter as written, with its modifier.
+    pub key: String,
     /// Any of these values matches.
     pub values: Vec<String>,
+}
+
+impl Filter {
+    /// The filter as a search on `rtype` when it names one of that type's
+    /// search parameters (the notifier runs it on the version); `None`
+    /// when it names an element instead.
+    pub fn search(&self, rtype: &str) -> Option<SearchQuery> {
+        if !self.param.starts_with('_') && crate::index::param(rtype, &self.param).is_none() {
+            return None;
+        }
+        search_of(
+            rtype,
+            &format!("{}={}", enc(&self.key), enc(&self.values.join(","))),
+        )
+        .ok()
+    }
+
+    /// Whether a resource's element named by the parameter holds one of
+    /// the values (a code, a Coding/CodeableConcept's code or
+    /// `system|code`, an Identifier, a Reference).
+    pub fn matches_elements(&self, res: &Value) -> bool {
+        let vals = element_values(res, &self.param);
+        self.values
+            .iter()
+            .any(|want| vals.iter().any(|v| v == want))
+    }
+}
+
+fn enc(s: &str) -> String {
+    form_urlencoded::byte_serialize(s.as_bytes()).collect()
 }
 
 #[derive(Debug, Clone)]
 pub struct Subscription {
     pub id: String,
     pub status: String,
+    /// The topic's URL; for a query-based subscription, its `criteria`.
     pub topic: String,
+    /// A query-based (R4) subscription: its `criteria` as a search.
+    pub classic: Option<SearchQuery>,
+    /// Why the node cannot serve this query-based subscription (it is
+    /// stored as data like any R4 resource and set to `error` with this).
+    pub problem: Option<String>,
     pub filters: Vec<Filter>,
     pub channel: Channel,
     pub payload: Payload,
@@ -265,7 +409,7 @@ impl Subscription {
             .as_str()
             .ok_or("Subscription.criteria (the topic URL) is required")?;
         if topic.contains('?') {
-            return Err("Subscription.criteria must be a SubscriptionTopic URL (topic-based subscriptions only)".into());
+            return Ok(Self::classic(res, id, status, topic));
         }
         let mut filters = Vec::new();
         for f in ext(&res["_criteria"], "/backport-filter-criteria") {
@@ -290,20 +434,7 @@ impl Subscription {
         let kind = custom.as_deref().unwrap_or(declared);
         let endpoint = ch["endpoint"].as_str().unwrap_or("").to_owned();
         let channel = match kind {
-            "rest-hook" => {
-                if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
-                    return Err("a rest-hook channel needs an http(s) channel.endpoint".into());
-                }
-                let mut headers = Vec::new();
-                for h in ch["header"].as_array().into_iter().flatten() {
-                    let h = h.as_str().unwrap_or("");
-                    let (k, v) = h
-                        .split_once(':')
-                        .ok_or_else(|| format!("channel.header '{h}' is not 'Name: value'"))?;
-                    headers.push((k.trim().to_owned(), v.trim().to_owned()));
-                }
-                Channel::RestHook { endpoint, headers }
-            }
+            "rest-hook" => rest_hook(ch)?,
             "nats" | "nats-jetstream" => {
                 let subject = endpoint
                     .strip_prefix("nats:")
@@ -350,6 +481,8 @@ impl Subscription {
             id,
             status,
             topic: topic.to_owned(),
+            classic: None,
+            problem: None,
             filters,
             channel,
             payload,
@@ -361,6 +494,60 @@ impl Subscription {
                 .unwrap_or(1)
                 .clamp(1, 1000) as usize,
         })
+    }
+
+    /// A query-based R4 subscription: `criteria` is a search, the channel
+    /// a `rest-hook` whose `payload` is empty (a POST without a body) or
+    /// `application/fhir+json` (a PUT of the resource to
+    /// `endpoint/Type/id`). What the node cannot serve is in `problem`.
+    fn classic(res: &Value, id: String, status: String, criteria: &str) -> Subscription {
+        let ch = &res["channel"];
+        let rtype = criteria.split('?').next().unwrap_or("");
+        let query = if crate::resource::is_resource_type(rtype) {
+            search_of(rtype, criteria).map_err(|e| format!("criteria '{criteria}': {e}"))
+        } else {
+            Err(format!(
+                "criteria '{criteria}': '{rtype}' is not a resource type"
+            ))
+        };
+        let channel = match ch["type"].as_str().unwrap_or("") {
+            "rest-hook" => rest_hook(ch),
+            other => Err(format!(
+                "channel type '{other}' is not served for query-based subscriptions (rest-hook)"
+            )),
+        };
+        let payload = match ch["payload"].as_str().unwrap_or("") {
+            "" => Ok(Payload::Empty),
+            p if p.contains("json") => Ok(Payload::Full),
+            p => Err(format!(
+                "channel.payload '{p}': only application/fhir+json is served"
+            )),
+        };
+        let problem = [
+            query.as_ref().err(),
+            channel.as_ref().err(),
+            payload.as_ref().err(),
+        ]
+        .into_iter()
+        .flatten()
+        .next()
+        .cloned();
+        Subscription {
+            id,
+            status,
+            topic: criteria.to_owned(),
+            classic: query.ok(),
+            problem,
+            filters: Vec::new(),
+            channel: channel.unwrap_or(Channel::RestHook {
+                endpoint: String::new(),
+                headers: Vec::new(),
+            }),
+            payload: payload.unwrap_or(Payload::Empty),
+            heartbeat_s: None,
+            timeout_s: 10,
+            max_count: 1,
+        }
     }
 
     /// Refuses filters the topic does not allow.
@@ -385,20 +572,35 @@ impl Subscription {
     /// (a code, a Coding/CodeableConcept's code or `system|code`, an
     /// Identifier, a Reference) match any of the filter's values.
     pub fn filters_match(&self, rtype: &str, res: &Value) -> bool {
-        self.filters.iter().all(|f| {
-            if f.rtype.as_deref().is_some_and(|t| t != rtype) {
-                return true;
-            }
-            let vals = element_values(res, &f.param);
-            f.values.iter().any(|want| vals.iter().any(|v| v == want))
-        })
+        self.filters
+            .iter()
+            .all(|f| f.rtype.as_deref().is_some_and(|t| t != rtype) || f.matches_elements(res))
     }
 }
 
-fn parse_filter(text: &str) -> Result<Vec<Filter>, String> {
-    let (rtype, query) = match text.split_once('?') {
+/// A `rest-hook` channel: an http(s) endpoint and `Name: value` headers.
+fn rest_hook(ch: &Value) -> Result<Channel, String> {
+    let endpoint = ch["endpoint"].as_str().unwrap_or("").to_owned();
+    if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
+        return Err("a rest-hook channel needs an http(s) channel.endpoint".into());
+    }
+    let mut headers = Vec::new();
+    for h in ch["header"].as_array().into_iter().flatten() {
+        let h = h.as_str().unwrap_or("");
+        let (k, v) = h
+            .split_once(':')
+            .ok_or_else(|| format!("channel.header '{h}' is not 'Name: value'"))?;
+        headers.push((k.trim().to_owned(), v.trim().to_owned()));
+    }
+    Ok(Channel::RestHook { endpoint, headers })
+}
+
+fn parse_filter(full: &str) -> Result<Vec<Filter>, String> {
+    // errors quote the start of a long filter
+    let text: String = full.chars().take(80).collect();
+    let (rtype, query) = match full.split_once('?') {
         Some((t, q)) => (Some(t.trim().to_owned()).filter(|t| !t.is_empty()), q),
-        None => (None, text),
+        None => (None, full),
     };
     if let Some(t) = &rtype {
         if !crate::resource::is_resource_type(t) {
@@ -407,16 +609,29 @@ fn parse_filter(text: &str) -> Result<Vec<Filter>, String> {
     }
     let mut out = Vec::new();
     for (k, v) in form_urlencoded::parse(query.as_bytes()) {
-        if k.is_empty() || v.is_empty() || k.contains(':') {
+        let param = k.split(':').next().unwrap_or("");
+        if param.is_empty() || v.is_empty() {
+            return Err(format!("filter '{text}': expected param[:modifier]=value"));
+        }
+        let f = Filter {
+            rtype: rtype.clone(),
+            param: param.to_owned(),
+            key: k.clone().into_owned(),
+            values: v.split(',').map(str::to_owned).collect(),
+        };
+        // a search parameter of the type: its value must be one the search takes
+        if let Some(t) = &rtype {
+            if param.starts_with('_') || crate::index::param(t, param).is_some() {
+                search_of(t, &format!("{}={}", enc(&f.key), enc(&v)))
+                    .map_err(|e| format!("filter '{text}': {e}"))?;
+            }
+        }
+        if f.key != f.param && rtype.is_none() {
             return Err(format!(
-                "filter '{text}': expected param=value (no modifiers)"
+                "filter '{text}': a modifier needs the filter's resource type (Type?param:modifier=value)"
             ));
         }
-        out.push(Filter {
-            rtype: rtype.clone(),
-            param: k.into_owned(),
-            values: v.split(',').map(str::to_owned).collect(),
-        });
+        out.push(f);
     }
     if out.is_empty() {
         return Err(format!("filter '{text}' has no parameter"));
@@ -667,13 +882,72 @@ mod tests {
         bad.filters[0].param = "birthdate".into();
         assert!(bad.check_filters(&topic()).is_err());
         for wrong in [
-            json!({"status": "requested", "criteria": "Patient?name=x", "channel": {"type": "rest-hook", "endpoint": "http://x"}}),
             json!({"status": "requested", "criteria": "http://t", "channel": {"type": "email", "endpoint": "mailto:x"}}),
             json!({"status": "requested", "criteria": "http://t", "channel": {"type": "rest-hook", "endpoint": "ftp://x"}}),
             json!({"status": "requested", "criteria": "http://t", "channel": {"type": "nats", "endpoint": "a.*"}}),
         ] {
             assert!(Subscription::parse(&wrong).is_err(), "{wrong}");
         }
+        // Query-based (R4) subscriptions are read whatever they say; what
+        // cannot be served is their problem.
+        let classic = |criteria: &str, ch: Value| {
+            Subscription::parse(
+                &json!({"status": "requested", "criteria": criteria, "channel": ch}),
+            )
+            .unwrap()
+        };
+        let ok = classic(
+            "Observation?code=http://loinc.org|1975-2",
+            json!({"type": "rest-hook", "endpoint": "http://x/h", "payload": "application/fhir+json"}),
+        );
+        assert_eq!(ok.problem, None);
+        assert_eq!(ok.payload, Payload::Full);
+        assert_eq!(ok.classic.unwrap().rtype.as_deref(), Some("Observation"));
+        for (criteria, ch, why) in [
+            (
+                "Observation?nope=1",
+                json!({"type": "rest-hook", "endpoint": "http://x"}),
+                "'nope' is not a search parameter",
+            ),
+            (
+                "Nothing?a=1",
+                json!({"type": "rest-hook", "endpoint": "http://x"}),
+                "not a resource type",
+            ),
+            (
+                "Observation?date=tomorrow",
+                json!({"type": "rest-hook", "endpoint": "http://x"}),
+                "invalid value",
+            ),
+            (
+                "Observation?code=1",
+                json!({"type": "email", "endpoint": "mailto:a@b"}),
+                "'email' is not served",
+            ),
+            (
+                "Observation?code=1",
+                json!({"type": "rest-hook", "endpoint": "http://x", "payload": "application/fhir+xml"}),
+                "only application/fhir+json",
+            ),
+        ] {
+            let p = classic(criteria, ch).problem.unwrap_or_default();
+            assert!(p.contains(why), "{criteria}: {p}");
+        }
+        // Filters naming search parameters take their modifiers and values.
+        let filtered = |text: &str| {
+            Subscription::parse(&json!({"status": "requested", "criteria": "http://t",
+                "_criteria": {"extension": [{"url": format!("{BACKPORT}/backport-filter-criteria"), "valueString": text}]},
+                "channel": {"type": "rest-hook", "endpoint": "http://127.0.0.1:9/hook"}}))
+        };
+        let f = filtered("Encounter?patient=Patient/1&status:not=finished").unwrap();
+        assert!(f.filters[0].search("Encounter").is_some());
+        assert_eq!(f.filters[1].param, "status");
+        assert!(filtered("Encounter?date=soon")
+            .unwrap_err()
+            .contains("invalid value"));
+        assert!(filtered("status:not=x")
+            .unwrap_err()
+            .contains("resource type"));
         // Filters past their limits.
         let values: Vec<String> = (0..=FILTER_VALUES_MAX).map(|i| format!("v{i}")).collect();
         for text in [
@@ -687,7 +961,8 @@ mod tests {
                 "_criteria": {"extension": [{"url": format!("{BACKPORT}/backport-filter-criteria"), "valueString": text}]},
                 "channel": {"type": "rest-hook", "endpoint": "http://127.0.0.1:9/hook"}});
             let e = Subscription::parse(&sub).unwrap_err();
-            assert!(e.contains("FILTERS_MAX"), "{e}");
+            assert!(e.contains("VALUES_MAX") || e.contains("FILTERS_MAX"), "{e}");
+            assert!(e.len() < 300, "{e}");
         }
     }
 }
