@@ -317,11 +317,13 @@ impl Builder {
             Prefix::Lt | Prefix::Eb => (format!("{col} < ?"), vec![q.value]),
             Prefix::Ge => (format!("{col} >= ?"), vec![q.value]),
             Prefix::Le => (format!("{col} <= ?"), vec![q.value]),
+            // the value's implicit range widened by a tenth of the value
+            // on each side (ap2 takes 2, not 1 or 3)
             Prefix::Ap => {
-                let d = (q.value.abs() * 0.1).max(q.hi - q.lo);
+                let d = q.value.abs() * 0.1;
                 (
-                    format!("{col} >= ? AND {col} <= ?"),
-                    vec![q.value - d, q.value + d],
+                    format!("{col} >= ? AND {col} < ?"),
+                    vec![q.lo - d, q.hi + d],
                 )
             }
         };
