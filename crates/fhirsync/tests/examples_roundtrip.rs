@@ -1,6 +1,8 @@
 //! Every resource of the official FHIR R4 examples survives PUT then GET:
 //! the same JSON apart from `meta.versionId` / `meta.lastUpdated`, numbers
-//! compared by their exact text.
+//! compared by their exact text. The examples then serve as a search
+//! corpus: searches whose answers were checked by reading the example
+//! files.
 
 mod common;
 
@@ -144,5 +146,91 @@ async fn official_r4_examples_round_trip() {
     println!(
         "{ok} of {total} examples round-tripped, {} resource types",
         types.len()
+    );
+    corpus_searches(&s).await;
+}
+
+/// Matches (and includes) of a search on the loaded examples.
+async fn found(s: &InProcess, q: &str) -> (Vec<String>, Vec<String>) {
+    let (code, b) = status_json(get(s, &format!("{q}&_count=1000")).await).await;
+    assert_eq!(code, 200, "{q}: {b}");
+    let (mut m, mut i) = (Vec::new(), Vec::new());
+    for e in b["entry"].as_array().into_iter().flatten() {
+        let key = format!(
+            "{}/{}",
+            e["resource"]["resourceType"].as_str().unwrap(),
+            e["resource"]["id"].as_str().unwrap()
+        );
+        match e["search"]["mode"].as_str() {
+            Some("include") => i.push(key),
+            _ => m.push(key),
+        }
+    }
+    m.sort();
+    i.sort();
+    (m, i)
+}
+
+/// Searches on the official examples whose answers were checked by
+/// reading the example files (e.g. `Observation-blood-pressure*.json`: the
+/// three blood pressures of Patient/example, systolic 107 in two, the
+/// third cancelled without a value).
+async fn corpus_searches(s: &InProcess) {
+    let cases: &[(&str, &[&str], &[&str])] = &[
+        ("Patient?family=chalmers", &["Patient/example"], &[]),
+        ("Patient?family:exact=Chalmers", &["Patient/example"], &[]),
+        ("Patient?birthdate=1974-12-25", &["Patient/ch-example", "Patient/example"], &[]),
+        ("Observation?code=http://loinc.org|29463-7", &["Observation/example"], &[]),
+        (
+            "Observation?code=http://loinc.org|85354-9",
+            &["Observation/blood-pressure", "Observation/blood-pressure-cancel", "Observation/blood-pressure-dar"],
+            &[],
+        ),
+        (
+            "Observation?code=http://loinc.org|85354-9&status:not=cancelled",
+            &["Observation/blood-pressure", "Observation/blood-pressure-dar"],
+            &[],
+        ),
+        (
+            "Observation?component-code-value-quantity=http://loinc.org|8480-6$gt100",
+            &["Observation/blood-pressure", "Observation/blood-pressure-dar"],
+            &[],
+        ),
+        (
+            "Observation?value-quantity=lt5",
+            &["Observation/1minute-apgar-score", "Observation/bmd", "Observation/f004", "Observation/herd1"],
+            &[],
+        ),
+        ("Condition?clinical-status=resolved", &["Condition/f201", "Condition/f202"], &[]),
+        (
+            "Condition?subject=Patient/example&_include=Condition:subject",
+            &["Condition/example", "Condition/example2", "Condition/family-history", "Condition/stroke"],
+            &["Patient/example"],
+        ),
+        ("Encounter?class=IMP", &["Encounter/emerg", "Encounter/example", "Encounter/f203"], &[]),
+        (
+            "Observation?subject:Patient.family=chalmers&code=http://loinc.org|85354-9&status=final",
+            &["Observation/blood-pressure", "Observation/blood-pressure-dar"],
+            &[],
+        ),
+        ("Patient?_has:Condition:subject:clinical-status=resolved", &["Patient/f201"], &[]),
+        ("Patient?family=bor&_revinclude=Condition:subject&_revinclude=Encounter:subject", &["Patient/f201"], &[]),
+    ];
+    for (q, matches, included) in cases {
+        let (m, i) = found(s, q).await;
+        assert_eq!(m, *matches, "{q}");
+        if !included.is_empty() {
+            assert_eq!(i, *included, "{q}");
+        }
+    }
+    // the Roel patient's conditions and encounters come back as includes
+    let (_, i) = found(
+        s,
+        "Patient?family=bor&_revinclude=Condition:subject&_revinclude=Encounter:subject",
+    )
+    .await;
+    assert!(
+        i.contains(&"Condition/f201".to_owned()) && i.contains(&"Encounter/f201".to_owned()),
+        "{i:?}"
     );
 }
