@@ -249,6 +249,31 @@ async fn every_parameter_type_and_modifier() {
         ),
         ("Observation?subject:Group=g1", &["Observation/ob4"]),
         ("Observation?patient=Group/g1", &[]),
+        ("Observation?patient:missing=true", &["Observation/ob4"]),
+        (
+            "Observation?patient.family=otieno",
+            &["Observation/ob1", "Observation/ob3"],
+        ),
+        // parameters stored as others: combo-* as the code and component
+        // parameters, phonetic as name
+        (
+            "Observation?combo-code=8480-6",
+            &["Observation/ob2", "Observation/ob3"],
+        ),
+        (
+            "Observation?combo-code:text=systolic",
+            &["Observation/ob2", "Observation/ob3"],
+        ),
+        (
+            "Observation?combo-code:not=8480-6",
+            &["Observation/ob1", "Observation/ob4"],
+        ),
+        (
+            "Observation?combo-value-quantity=lt100",
+            &["Observation/ob1", "Observation/ob3"],
+        ),
+        ("Observation?combo-code:missing=true", &["Observation/ob4"]), // a text without codes
+        ("Patient?phonetic=otie", &["Patient/p1"]),
         (
             "Observation?based-on=ServiceRequest/sr1",
             &["Observation/ob1"],

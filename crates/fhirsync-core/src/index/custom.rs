@@ -150,6 +150,7 @@ fn compile(base: &str, d: &Definition) -> Result<&'static Param, String> {
         paths: simple_paths(base, expr),
         name: Arc::from(code),
         custom: true,
+        stored: super::Stored::Own,
     })))
 }
 

@@ -84,6 +84,128 @@ pub struct Param {
     name: Arc<str>,
     /// Defined by a `SearchParameter` resource of the node, not by R4.
     pub custom: bool,
+    /// Where its entries are stored.
+    pub stored: Stored,
+}
+
+/// Where a parameter's entries are stored. R4 defines parameters whose
+/// entries are exactly those of others of the type (`Observation`'s
+/// `patient` is `subject` where it points at a Patient; `combo-code` is
+/// `code` and `component-code` together; `phonetic` is `name`): they are
+/// not written twice, and searches read the others' rows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Stored {
+    /// Under its own code.
+    Own,
+    /// Under these parameters' codes (its expression is their union),
+    /// derived entries (`:text`) too.
+    As(Vec<&'static str>),
+    /// Under this reference parameter's code, the entries whose system
+    /// (the reference's type) is this type; its derived entries under its
+    /// own code.
+    Typed(&'static str, &'static str),
+}
+
+/// The rows a search on `name` (a parameter's code, or a derived name as
+/// `code:text`) of `rtype` reads: the codes they are stored under, and the
+/// system they must have.
+pub fn storage(rtype: Option<&str>, name: &str) -> (Vec<String>, Option<&'static str>) {
+    let (base, suffix) = match name.find(':') {
+        Some(i) => name.split_at(i),
+        None => (name, ""),
+    };
+    match rtype.and_then(|t| param(t, base)).map(|p| &p.stored) {
+        Some(Stored::As(codes)) => (codes.iter().map(|c| format!("{c}{suffix}")).collect(), None),
+        Some(Stored::Typed(code, ty)) if suffix.is_empty() => (vec![(*code).to_owned()], Some(ty)),
+        _ => (vec![name.to_owned()], None),
+    }
+}
+
+/// The union members of an expression (`A | B`), or the whole expression
+/// when it is not a plain top-level union.
+fn pieces(expr: &str) -> Vec<&str> {
+    let parts: Vec<&str> = expr.split(" | ").map(str::trim).collect();
+    let balanced = |p: &str| p.matches('(').count() == p.matches(')').count();
+    if parts.iter().all(|p| balanced(p)) {
+        parts
+    } else {
+        vec![expr]
+    }
+}
+
+/// Which parameters of one type are stored as others (see [`Stored`]).
+fn aliases(defs: &[&'static spec::ParamDef]) -> Vec<Stored> {
+    let usable =
+        |d: &spec::ParamDef| d.expr.is_some() && !matches!(d.kind, Kind::Composite | Kind::Special);
+    let mut out = vec![Stored::Own; defs.len()];
+    // the same expression as an earlier parameter, or one of its
+    // references restricted to a type
+    for (i, d) in defs.iter().enumerate() {
+        let Some(e) = d.expr.filter(|_| usable(d)) else {
+            continue;
+        };
+        let mine = pieces(e);
+        if let Some(j) = (0..i).find(|&j| {
+            out[j] == Stored::Own
+                && usable(defs[j])
+                && defs[j].kind == d.kind
+                && defs[j].expr.map(pieces) == Some(mine.clone())
+        }) {
+            out[i] = Stored::As(vec![defs[j].code]);
+            continue;
+        }
+        if d.kind == Kind::Reference && mine.len() == 1 {
+            let typed = mine[0]
+                .strip_suffix(')')
+                .and_then(|x| x.rsplit_once(".where(resolve() is "))
+                .filter(|(_, t)| crate::resource::is_resource_type(t));
+            if let Some((inner, ty)) = typed {
+                if let Some(q) = defs.iter().find(|q| {
+                    q.code != d.code
+                        && q.kind == Kind::Reference
+                        && q.expr.map(pieces) == Some(vec![inner])
+                }) {
+                    let ty: &'static str = crate::resource::RESOURCE_TYPES
+                        .iter()
+                        .find(|t| **t == ty)
+                        .copied()
+                        .unwrap_or("Resource");
+                    out[i] = Stored::Typed(q.code, ty);
+                }
+            }
+        }
+    }
+    // the union of other parameters' expressions (those stored as
+    // themselves, with fewer members)
+    let mut order: Vec<usize> = (0..defs.len()).collect();
+    order.sort_by_key(|&i| defs[i].expr.map(|e| pieces(e).len()).unwrap_or(0));
+    for i in order {
+        let d = defs[i];
+        if out[i] != Stored::Own || !usable(d) {
+            continue;
+        }
+        let mine = pieces(d.expr.unwrap_or_default());
+        if mine.len() < 2 {
+            continue;
+        }
+        let parts: Vec<usize> = (0..defs.len())
+            .filter(|&j| {
+                j != i && out[j] == Stored::Own && usable(defs[j]) && defs[j].kind == d.kind && {
+                    let theirs = pieces(defs[j].expr.unwrap_or_default());
+                    theirs.len() < mine.len() && theirs.iter().all(|p| mine.contains(p))
+                }
+            })
+            .collect();
+        let covered = mine.iter().all(|p| {
+            parts
+                .iter()
+                .any(|&j| pieces(defs[j].expr.unwrap_or_default()).contains(p))
+        });
+        if covered && !parts.is_empty() {
+            out[i] = Stored::As(parts.iter().map(|&j| defs[j].code).collect());
+        }
+    }
+    out
 }
 
 /// The member paths of an expression made only of `Type.a.b` unions.
@@ -150,7 +272,9 @@ fn registry() -> &'static Registry {
         let mut r: Registry = HashMap::new();
         for t in crate::resource::RESOURCE_TYPES {
             let mut v = Vec::new();
-            for d in spec::params_of(t) {
+            let defs: Vec<&'static spec::ParamDef> = spec::params_of(t).collect();
+            let stored = aliases(&defs);
+            for (d, stored) in defs.into_iter().zip(stored) {
                 let compile = |e: &str| match fhirpath::parse(e) {
                     Ok(x) => Some(x),
                     Err(err) => {
@@ -171,6 +295,7 @@ fn registry() -> &'static Registry {
                         .collect(),
                     name: Arc::from(d.code),
                     custom: false,
+                    stored,
                 });
             }
             r.insert(t, v);
@@ -213,6 +338,10 @@ pub fn extract(rtype: &str, root: &Value) -> Vec<IndexEntry> {
     let mut values = Vec::new();
     for p in params(rtype).iter().chain(custom::params(rtype)) {
         let Some(e) = &p.expr else { continue };
+        // searched on the versions table itself, or stored as others
+        if UNINDEXED.contains(&p.code) || matches!(p.stored, Stored::As(_)) {
+            continue;
+        }
         let mut keys = Vec::new();
         match &p.paths {
             Some(paths) if p.kind != Kind::Composite => {
@@ -237,15 +366,98 @@ pub fn extract(rtype: &str, root: &Value) -> Vec<IndexEntry> {
                 }
             }
         }
-        for k in keys {
-            push(&mut out, &p.name, k);
+        if p.stored == Stored::Own {
+            for k in keys {
+                push(&mut out, &p.name, k);
+            }
         }
         if out.len() > ENTRIES_MAX {
             out.truncate(ENTRIES_MAX);
             break;
         }
     }
+    // one row per distinct entry (a CodeableConcept's text and its
+    // coding's display are often the same words)
+    out.sort_by(|a, b| a.param.cmp(&b.param).then_with(|| a.key.order(&b.key)));
+    out.dedup();
     out
+}
+
+/// Parameters every search answers from the versions table (`_id` from
+/// its id, `_lastUpdated` from its time), never from index rows.
+const UNINDEXED: &[&str] = &["_id", "_lastUpdated"];
+
+impl Key {
+    /// The table the key goes to, as a number.
+    pub fn rank(&self) -> u8 {
+        match self {
+            Key::Token { .. } => 0,
+            Key::Text { .. } => 1,
+            Key::Date { .. } => 2,
+            Key::Number { .. } => 3,
+            Key::Composite { .. } => 4,
+        }
+    }
+
+    /// A total order of keys: by table, then by the table's key columns.
+    pub fn order(&self, other: &Key) -> std::cmp::Ordering {
+        use std::cmp::Ordering::Equal;
+        self.rank()
+            .cmp(&other.rank())
+            .then_with(|| match (self, other) {
+                (
+                    Key::Token {
+                        value: a,
+                        system: s,
+                    },
+                    Key::Token {
+                        value: b,
+                        system: t,
+                    },
+                ) => a.cmp(b).then_with(|| s.cmp(t)),
+                (Key::Text { norm: a, raw: r }, Key::Text { norm: b, raw: q }) => {
+                    a.cmp(b).then_with(|| r.cmp(q))
+                }
+                (Key::Date { lo: a, hi: x }, Key::Date { lo: b, hi: y }) => a.cmp(b).then(x.cmp(y)),
+                (
+                    Key::Number {
+                        value: a,
+                        system: s,
+                        code: c,
+                    },
+                    Key::Number {
+                        value: b,
+                        system: t,
+                        code: d,
+                    },
+                ) => a.total_cmp(b).then_with(|| s.cmp(t)).then_with(|| c.cmp(d)),
+                (
+                    Key::Composite {
+                        a_val,
+                        a_sys,
+                        b_val,
+                        b_sys,
+                        b_lo,
+                        b_hi,
+                    },
+                    Key::Composite {
+                        a_val: a2,
+                        a_sys: s2,
+                        b_val: v2,
+                        b_sys: t2,
+                        b_lo: l2,
+                        b_hi: h2,
+                    },
+                ) => a_val
+                    .cmp(a2)
+                    .then_with(|| a_sys.cmp(s2))
+                    .then_with(|| b_val.cmp(v2))
+                    .then_with(|| b_sys.cmp(t2))
+                    .then_with(|| b_lo.total_cmp(l2))
+                    .then_with(|| b_hi.total_cmp(h2)),
+                _ => Equal,
+            })
+    }
 }
 
 /// The keys of one parameter of `root` (its derived entries left out).
@@ -275,8 +487,7 @@ fn eval<'a>(e: &Expr, root: &'a Value, env: &Env<'a>) -> Result<Vec<Item<'a>>, (
     .map_err(|_| ())
 }
 
-/// Adds an entry; repeats are left for the tables' keys to absorb (a
-/// search here would cost quadratic time on a resource with many values).
+/// Adds an entry (repeats are removed once, sorted, at the end).
 fn push(out: &mut Vec<IndexEntry>, param: &Arc<str>, key: Key) {
     out.push(IndexEntry {
         param: param.clone(),
@@ -759,5 +970,71 @@ mod tests {
         let (lo, hi) = parse_range("1970-03").unwrap();
         assert!(has(&e, "birthdate", Key::Date { lo, hi }));
         assert_eq!(fold("ÁbÇ"), "abc");
+    }
+}
+
+#[cfg(test)]
+mod alias_tests {
+    use super::*;
+
+    #[test]
+    fn parameters_stored_as_others() {
+        let s = |t: &str, c: &str| param(t, c).unwrap().stored.clone();
+        assert_eq!(
+            s("Observation", "patient"),
+            Stored::Typed("subject", "Patient")
+        );
+        assert_eq!(
+            s("Observation", "combo-code"),
+            Stored::As(vec!["code", "component-code"])
+        );
+        assert_eq!(s("Patient", "phonetic"), Stored::As(vec!["name"]));
+        assert_eq!(
+            s("Encounter", "practitioner"),
+            Stored::Typed("participant", "Practitioner")
+        );
+        for (t, c) in [
+            ("Observation", "code"),
+            ("Observation", "subject"),
+            ("Patient", "name"),
+            ("AllergyIntolerance", "patient"),
+        ] {
+            assert_eq!(s(t, c), Stored::Own, "{t}.{c}");
+        }
+        assert_eq!(
+            storage(Some("Observation"), "combo-code:text").0,
+            ["code:text", "component-code:text"]
+        );
+        assert_eq!(
+            storage(Some("Observation"), "patient"),
+            (vec!["subject".to_owned()], Some("Patient"))
+        );
+        assert_eq!(
+            storage(Some("Observation"), "patient:identifier"),
+            (vec!["patient:identifier".to_owned()], None)
+        );
+        assert_eq!(storage(None, "patient"), (vec!["patient".to_owned()], None));
+        // no alias of an alias, and every alias names parameters stored as themselves
+        let mut n = 0;
+        for t in crate::resource::RESOURCE_TYPES {
+            for p in params(t) {
+                let targets: Vec<&str> = match &p.stored {
+                    Stored::Own => continue,
+                    Stored::As(v) => v.clone(),
+                    Stored::Typed(c, _) => vec![*c],
+                };
+                n += 1;
+                for c in targets {
+                    assert_eq!(
+                        param(t, c).unwrap().stored,
+                        Stored::Own,
+                        "{t}.{} → {c}",
+                        p.code
+                    );
+                    assert_eq!(param(t, c).unwrap().kind, p.kind, "{t}.{} → {c}", p.code);
+                }
+            }
+        }
+        assert!(n > 50, "{n} aliases");
     }
 }

@@ -113,38 +113,13 @@ impl Pending {
     }
 }
 
-fn rank(k: &Key) -> u8 {
-    match k {
-        Key::Token { .. } => 0,
-        Key::Text { .. } => 1,
-        Key::Date { .. } => 2,
-        Key::Number { .. } => 3,
-        Key::Composite { .. } => 4,
-    }
-}
-
 /// The order of entries in their tables' keys (table first).
 fn order(a: &IndexEntry, b: &IndexEntry) -> std::cmp::Ordering {
-    rank(&a.key)
-        .cmp(&rank(&b.key))
+    a.key
+        .rank()
+        .cmp(&b.key.rank())
         .then_with(|| a.param.cmp(&b.param))
-        .then_with(|| match (&a.key, &b.key) {
-            (
-                Key::Token {
-                    value: x,
-                    system: s,
-                },
-                Key::Token {
-                    value: y,
-                    system: t,
-                },
-            ) => x.cmp(y).then_with(|| s.cmp(t)),
-            (Key::Text { norm: x, .. }, Key::Text { norm: y, .. }) => x.cmp(y),
-            (Key::Date { lo: x, .. }, Key::Date { lo: y, .. }) => x.cmp(y),
-            (Key::Number { value: x, .. }, Key::Number { value: y, .. }) => x.total_cmp(y),
-            (Key::Composite { a_val: x, .. }, Key::Composite { a_val: y, .. }) => x.cmp(y),
-            _ => std::cmp::Ordering::Equal,
-        })
+        .then_with(|| a.key.order(&b.key))
 }
 
 #[cfg(test)]

@@ -37,6 +37,25 @@ fn after_prefix(s: &str) -> String {
     format!("{s}\u{10FFFF}")
 }
 
+/// `param = ?` (or `param IN (…)`, with `system = ?`) for the rows a
+/// parameter of `rtype` is stored as (see `index::Stored`); `pfx`
+/// qualifies the columns.
+fn param_where(rtype: Option<&str>, name: &str, pfx: &str) -> (String, Vec<Sql>) {
+    let (names, system) = index::storage(rtype, name);
+    let marks = vec!["?"; names.len()].join(", ");
+    let mut w = if names.len() == 1 {
+        format!("{pfx}param = ?")
+    } else {
+        format!("{pfx}param IN ({marks})")
+    };
+    let mut args: Vec<Sql> = names.into_iter().map(Sql::Text).collect();
+    if let Some(s) = system {
+        w.push_str(&format!(" AND {pfx}system = ?"));
+        args.push(Sql::Text(s.to_owned()));
+    }
+    (w, args)
+}
+
 struct Builder {
     args: Vec<Sql>,
     n: usize,
@@ -47,6 +66,13 @@ impl Builder {
     fn text(&mut self, s: &str) -> &'static str {
         self.args.push(Sql::Text(s.to_owned()));
         "?"
+    }
+
+    /// The condition on the parameter column (see [`param_where`]).
+    fn param(&mut self, rtype: Option<&str>, name: &str, pfx: &str) -> String {
+        let (w, args) = param_where(rtype, name, pfx);
+        self.args.extend(args);
+        w
     }
 
     fn alias(&mut self, p: &str) -> String {
@@ -63,14 +89,15 @@ impl Builder {
         )
     }
 
-    fn clause(&mut self, c: &Clause, a: &str) -> String {
+    /// A clause on versions under the alias `a`, of type `rt` (`None`: any).
+    fn clause(&mut self, c: &Clause, a: &str, rt: Option<&str>) -> String {
         match c {
             Clause::Any(conds) => {
-                let parts: Vec<String> = conds.iter().map(|x| self.cond(x, a)).collect();
+                let parts: Vec<String> = conds.iter().map(|x| self.cond(x, a, rt)).collect();
                 format!("({})", parts.join(" OR "))
             }
             Clause::Not(conds) => {
-                let parts: Vec<String> = conds.iter().map(|x| self.cond(x, a)).collect();
+                let parts: Vec<String> = conds.iter().map(|x| self.cond(x, a, rt)).collect();
                 format!("NOT ({})", parts.join(" OR "))
             }
             Clause::Missing {
@@ -79,29 +106,29 @@ impl Builder {
                 missing,
             } => {
                 let not = if *missing { "NOT " } else { "" };
-                let p = self.text(param);
+                let p = self.param(rt, param, "");
                 format!(
-                    "{a}.seq {not}IN (SELECT seq FROM {} WHERE param = {p})",
+                    "{a}.seq {not}IN (SELECT seq FROM {} WHERE {p})",
                     table(*kind)
                 )
             }
             Clause::Chain { param, targets } => {
                 // From the targets that satisfy the inner clause to the
                 // references to them: both by the tables' keys.
-                let p = self.text(param);
+                let p = self.param(rt, param, "");
                 let mut alts = Vec::new();
                 for (ty, inner) in targets {
                     let v = self.alias("v");
                     let t = self.text(ty);
                     let t2 = self.text(ty);
                     let cur = self.current(&v);
-                    let inner = self.clause(inner, &v);
+                    let inner = self.clause(inner, &v, Some(ty));
                     alts.push(format!(
                         "(system = {t} AND value IN (SELECT {v}.id FROM versions {v} WHERE {v}.type = {t2} AND {cur} AND {inner}))"
                     ));
                 }
                 format!(
-                    "{a}.seq IN (SELECT seq FROM tokens WHERE param = {p} AND ({}))",
+                    "{a}.seq IN (SELECT seq FROM tokens WHERE {p} AND ({}))",
                     alts.join(" OR ")
                 )
             }
@@ -112,13 +139,13 @@ impl Builder {
             } => {
                 let t = self.alias("t");
                 let v = self.alias("v");
-                let p = self.text(param);
+                let p = self.param(Some(rtype), param, &format!("{t}."));
                 let ty = self.text(rtype);
                 let cur = self.current(&v);
-                let inner = self.clause(inner, &v);
+                let inner = self.clause(inner, &v, Some(rtype));
                 format!(
                     "EXISTS (SELECT 1 FROM tokens {t} JOIN versions {v} ON {v}.seq = {t}.seq \
-                     WHERE {t}.param = {p} AND {t}.value = {a}.id AND {t}.system = {a}.type \
+                     WHERE {p} AND {t}.value = {a}.id AND {t}.system = {a}.type \
                      AND {v}.type = {ty} AND {cur} AND {inner})"
                 )
             }
@@ -134,8 +161,17 @@ impl Builder {
                     alts.push(format!("({a}.type = {t} AND {a}.id = {i})"));
                 }
                 for (ty, params) in members {
+                    // the codes the members' parameters are stored under
+                    // (a parameter restricted to another type links nothing)
+                    let mut codes = Vec::new();
+                    for p in params {
+                        let (names, system) = index::storage(Some(ty), p);
+                        if system.is_none_or(|s| s == target.0) {
+                            codes.extend(names);
+                        }
+                    }
                     let ty = self.text(ty);
-                    let ps: Vec<&str> = params.iter().map(|p| self.text(p)).collect();
+                    let ps: Vec<&str> = codes.iter().map(|p| self.text(p)).collect();
                     let v = self.text(&target.1);
                     let s = self.text(&target.0);
                     alts.push(format!(
@@ -152,7 +188,7 @@ impl Builder {
         }
     }
 
-    fn cond(&mut self, c: &Cond, a: &str) -> String {
+    fn cond(&mut self, c: &Cond, a: &str, rt: Option<&str>) -> String {
         match c {
             Cond::Id(id) => {
                 let x = self.text(id);
@@ -176,13 +212,13 @@ impl Builder {
                 system,
                 value,
             } => {
-                let p = self.text(param);
-                let mut w = format!("param = {p}");
+                let p = self.param(rt, param, "");
+                let mut w = p;
                 self.pair(&mut w, ("value", value), ("system", system));
                 format!("{a}.seq IN (SELECT seq FROM tokens WHERE {w})")
             }
             Cond::Text { param, op, value } => {
-                let p = self.text(param);
+                let p = self.param(rt, param, "");
                 let w = match op {
                     TextOp::Starts => {
                         let lo = self.text(value);
@@ -199,7 +235,7 @@ impl Builder {
                         format!("instr(norm, {x}) > 0")
                     }
                 };
-                format!("{a}.seq IN (SELECT seq FROM strings WHERE param = {p} AND {w})")
+                format!("{a}.seq IN (SELECT seq FROM strings WHERE {p} AND {w})")
             }
             Cond::Date {
                 param,
@@ -207,21 +243,21 @@ impl Builder {
                 lo,
                 hi,
             } => {
-                let p = self.text(param);
+                let p = self.param(rt, param, "");
                 let w = self.range(*prefix, *lo, *hi);
-                format!("{a}.seq IN (SELECT seq FROM dates WHERE param = {p} AND {w})")
+                format!("{a}.seq IN (SELECT seq FROM dates WHERE {p} AND {w})")
             }
             Cond::Number { param, q } => {
-                let p = self.text(param);
+                let p = self.param(rt, param, "");
                 let w = self.number(q, "value", "system", "code");
-                format!("{a}.seq IN (SELECT seq FROM numbers WHERE param = {p} AND {w})")
+                format!("{a}.seq IN (SELECT seq FROM numbers WHERE {p} AND {w})")
             }
             Cond::Uri {
                 param,
                 below,
                 value,
             } => {
-                let p = self.text(param);
+                let p = self.param(rt, param, "");
                 let w = if *below {
                     let lo = self.text(value);
                     let hi = self.text(&after_prefix(value));
@@ -230,9 +266,7 @@ impl Builder {
                     let x = self.text(value);
                     format!("substr({x}, 1, length(value)) = value")
                 };
-                format!(
-                    "{a}.seq IN (SELECT seq FROM tokens WHERE param = {p} AND system = '' AND {w})"
-                )
+                format!("{a}.seq IN (SELECT seq FROM tokens WHERE {p} AND system = '' AND {w})")
             }
             Cond::Composite {
                 param,
@@ -240,8 +274,8 @@ impl Builder {
                 a_val,
                 b,
             } => {
-                let p = self.text(param);
-                let mut w = format!("param = {p}");
+                let p = self.param(rt, param, "");
+                let mut w = p;
                 self.pair(&mut w, ("a_val", a_val), ("a_sys", a_sys));
                 let bw = match b {
                     CompB::Token(s, v) => {
@@ -355,7 +389,7 @@ pub fn search_where(q: &SearchQuery, snapshot: u64) -> (String, Vec<Sql>) {
     }
     for c in &q.clauses {
         w.push_str(" AND ");
-        w.push_str(&b.clause(c, "v"));
+        w.push_str(&b.clause(c, "v", q.rtype.as_deref()));
     }
     (w, b.args)
 }
@@ -379,11 +413,12 @@ fn order_by(q: &SearchQuery) -> (String, String, Vec<Sql>) {
                     Kind::Date => ("lo", "min"),
                     _ => ("value", "min"),
                 };
+                let (w, a) = param_where(q.rtype.as_deref(), p, "");
                 joins.push_str(&format!(
-                    " LEFT JOIN (SELECT seq, {agg}({col}) AS k FROM {} WHERE param = ? GROUP BY seq) s{i} ON s{i}.seq = v.seq",
+                    " LEFT JOIN (SELECT seq, {agg}({col}) AS k FROM {} WHERE {w} GROUP BY seq) s{i} ON s{i}.seq = v.seq",
                     table(kind)
                 ));
-                args.push(Sql::Text(p.to_owned()));
+                args.extend(a);
                 keys.push(format!("s{i}.k IS NULL"));
                 keys.push(format!("s{i}.k {dir}"));
             }
@@ -584,10 +619,17 @@ fn includes(
                 if inc.target.as_ref().is_some_and(|t| *t != v.rtype) {
                     continue;
                 }
+                // the codes the source's parameters are stored under (one
+                // restricted to another type than this target's links nothing)
                 let sources: Vec<String> = if inc.source == "*" {
                     Vec::new()
                 } else {
                     include_params(inc, &inc.source)
+                        .iter()
+                        .map(|p| index::storage(Some(&inc.source), p))
+                        .filter(|(_, system)| system.is_none_or(|s| s == v.rtype))
+                        .flat_map(|(names, _)| names)
+                        .collect()
                 };
                 let sql = format!(
                     "SELECT {} FROM versions v JOIN tokens t ON t.seq = v.seq \
