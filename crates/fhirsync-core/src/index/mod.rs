@@ -909,7 +909,8 @@ mod tests {
         assert!(has(&e, "code:text", text("Heart rate")));
         assert!(has(&e, "code:text", text("HR")));
         assert!(has(&e, "subject", token("Patient", "p1")));
-        assert!(has(&e, "patient", token("Patient", "p1")));
+        // `patient` is read from `subject`'s rows (Stored::Typed)
+        assert!(!e.iter().any(|x| x.0 == "patient"));
         assert!(has(&e, "subject:identifier", token("nid", "42")));
         let (lo, _) = parse_range("2020-01-01").unwrap();
         let (_, hi) = parse_range("2020-01-02").unwrap();

@@ -191,9 +191,14 @@ pub struct Include {
     pub iterate: bool,
 }
 
+/// `_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum TotalMode {
+    /// The default: counted when that is cheap (a selective search, or
+    /// one whose matches fit on the first page), otherwise left out.
     #[default]
+    Estimate,
+    /// Always counted, whatever it costs.
     Accurate,
     None,
 }
@@ -400,7 +405,8 @@ impl SearchQuery {
             }
             "_total" => match v {
                 "none" => self.total = TotalMode::None,
-                "accurate" | "estimate" => self.total = TotalMode::Accurate,
+                "accurate" => self.total = TotalMode::Accurate,
+                "estimate" => self.total = TotalMode::Estimate,
                 _ => return Err(bad(k, v, "expected none, estimate or accurate")),
             },
             "_include" | "_include:iterate" | "_include:recurse" => {

@@ -60,12 +60,92 @@ struct Builder {
     args: Vec<Sql>,
     n: usize,
     snapshot: i64,
+    /// `+` before `seq` in the snapshot's bounds: the plan has a driver,
+    /// and the bound must not steer SQLite to the `(type, seq)` index
+    /// instead (see [`plan`]).
+    plus: &'static str,
+    /// Conditions are written as lookups of the version's own rows (see
+    /// [`Builder::member`]).
+    exists: bool,
+    /// Conditions are written as the bare list of their rows' versions
+    /// (for counting them, see [`plan`]).
+    list: bool,
+}
+
+/// Whether a clause finds few resources whatever its values: ids, a
+/// reference to one resource, an identifier (see [`plan`]).
+fn selective_clause(c: &Clause, rtype: Option<&str>) -> bool {
+    match c {
+        Clause::Any(conds) => conds.iter().all(|x| match x {
+            Cond::Id(_) => true,
+            Cond::Token {
+                param,
+                value: Some(_),
+                ..
+            } => {
+                let base = param.split(':').next().unwrap_or("");
+                base == "identifier"
+                    || param.ends_with(index::IDENTIFIER_SUFFIX)
+                    || rtype
+                        .and_then(|t| index::param(t, base))
+                        .is_some_and(|p| p.kind == Kind::Reference)
+            }
+            _ => false,
+        }),
+        _ => false,
+    }
 }
 
 impl Builder {
+    fn new(snapshot: u64, plus: &'static str) -> Builder {
+        Builder {
+            args: Vec::new(),
+            n: 0,
+            snapshot: snapshot as i64,
+            plus,
+            exists: false,
+            list: false,
+        }
+    }
+
+    /// The versions whose index rows satisfy a clause, as one `SELECT seq`
+    /// (duplicates kept), when the clause is made of index conditions.
+    fn rows_of(&mut self, c: &Clause, rt: Option<&str>) -> Option<String> {
+        match c {
+            Clause::Any(conds) => {
+                let mut parts = Vec::new();
+                for x in conds {
+                    if matches!(x, Cond::Id(_) | Cond::LastUpdated(_)) {
+                        return None;
+                    }
+                    parts.push(self.cond(x, "v", rt));
+                }
+                Some(parts.join(" UNION ALL "))
+            }
+            _ => None,
+        }
+    }
+
     fn text(&mut self, s: &str) -> &'static str {
         self.args.push(Sql::Text(s.to_owned()));
         "?"
+    }
+
+    /// Version `a` has a row of `table` where `w` holds: a list of the
+    /// rows' versions, or, for the clauses after a selective one, a
+    /// lookup of `a`'s own row (so that SQLite starts from the selective
+    /// clause and does not build the list of a broad one).
+    /// Only a `point` condition (a token's system and value, whose rows'
+    /// keys reach `seq` through equalities) is looked up: a range (or a
+    /// value of any system) would be walked for every version.
+    fn member(&self, a: &str, table: &str, w: String, point: bool) -> String {
+        if self.list {
+            format!("SELECT seq FROM {table} WHERE {w}")
+        } else if self.exists && point {
+            format!("EXISTS (SELECT 1 FROM {table} WHERE {w} AND seq = {a}.seq)")
+        } else {
+            format!("{a}.seq IN (SELECT seq FROM {table} WHERE {w})")
+        }
     }
 
     /// The condition on the parameter column (see [`param_where`]).
@@ -84,8 +164,9 @@ impl Builder {
     fn current(&mut self, a: &str) -> String {
         self.args.push(Sql::Integer(self.snapshot));
         self.args.push(Sql::Integer(self.snapshot));
+        let plus = self.plus;
         format!(
-            "{a}.seq <= ? AND ({a}.superseded IS NULL OR {a}.superseded > ?) AND {a}.deleted = 0"
+            "{plus}{a}.seq <= ? AND ({a}.superseded IS NULL OR {a}.superseded > ?) AND {a}.deleted = 0"
         )
     }
 
@@ -127,6 +208,8 @@ impl Builder {
                         "(system = {t} AND value IN (SELECT {v}.id FROM versions {v} WHERE {v}.type = {t2} AND {cur} AND {inner}))"
                     ));
                 }
+                // always a list: the lookup of one version's row would
+                // have to try every target
                 format!(
                     "{a}.seq IN (SELECT seq FROM tokens WHERE {p} AND ({}))",
                     alts.join(" OR ")
@@ -215,7 +298,7 @@ impl Builder {
                 let p = self.param(rt, param, "");
                 let mut w = p;
                 self.pair(&mut w, ("value", value), ("system", system));
-                format!("{a}.seq IN (SELECT seq FROM tokens WHERE {w})")
+                self.member(a, "tokens", w, value.is_some() && system.is_some())
             }
             Cond::Text { param, op, value } => {
                 let p = self.param(rt, param, "");
@@ -235,7 +318,7 @@ impl Builder {
                         format!("instr(norm, {x}) > 0")
                     }
                 };
-                format!("{a}.seq IN (SELECT seq FROM strings WHERE {p} AND {w})")
+                self.member(a, "strings", format!("{p} AND {w}"), false)
             }
             Cond::Date {
                 param,
@@ -245,12 +328,12 @@ impl Builder {
             } => {
                 let p = self.param(rt, param, "");
                 let w = self.range(*prefix, *lo, *hi);
-                format!("{a}.seq IN (SELECT seq FROM dates WHERE {p} AND {w})")
+                self.member(a, "dates", format!("{p} AND {w}"), false)
             }
             Cond::Number { param, q } => {
                 let p = self.param(rt, param, "");
                 let w = self.number(q, "value", "system", "code");
-                format!("{a}.seq IN (SELECT seq FROM numbers WHERE {p} AND {w})")
+                self.member(a, "numbers", format!("{p} AND {w}"), false)
             }
             Cond::Uri {
                 param,
@@ -266,7 +349,7 @@ impl Builder {
                     let x = self.text(value);
                     format!("substr({x}, 1, length(value)) = value")
                 };
-                format!("{a}.seq IN (SELECT seq FROM tokens WHERE {p} AND system = '' AND {w})")
+                self.member(a, "tokens", format!("{p} AND system = '' AND {w}"), false)
             }
             Cond::Composite {
                 param,
@@ -293,7 +376,7 @@ impl Builder {
                         self.range_cols(*prefix, *lo as i64, *hi as i64, "b_lo", "b_hi")
                     }
                 };
-                format!("{a}.seq IN (SELECT seq FROM composites WHERE {w} AND {bw})")
+                self.member(a, "composites", format!("{w} AND {bw}"), false)
             }
         }
     }
@@ -321,7 +404,11 @@ impl Builder {
     /// A stored range `[rl, rh)` against the search range `[lo, hi)`.
     fn range_cols(&mut self, prefix: Prefix, lo: i64, hi: i64, rl: &str, rh: &str) -> String {
         let (w, vals): (String, Vec<i64>) = match prefix {
-            Prefix::Eq => (format!("{rl} >= ? AND {rh} <= ?"), vec![lo, hi]),
+            // `rl < hi` follows from the others and bounds the index range
+            Prefix::Eq => (
+                format!("{rl} >= ? AND {rl} < ? AND {rh} <= ?"),
+                vec![lo, hi, hi],
+            ),
             Prefix::Ne => (format!("NOT ({rl} >= ? AND {rh} <= ?)"), vec![lo, hi]),
             Prefix::Gt => (format!("{rh} > ?"), vec![hi]),
             Prefix::Lt => (format!("{rl} < ?"), vec![lo]),
@@ -375,23 +462,134 @@ impl Builder {
     }
 }
 
-/// The WHERE clause of a search at `snapshot`, without paging.
-pub fn search_where(q: &SearchQuery, snapshot: u64) -> (String, Vec<Sql>) {
-    let mut b = Builder {
-        args: Vec::new(),
-        n: 0,
-        snapshot: snapshot as i64,
+/// A clause whose index rows number at least this many is dense: the
+/// search walks the type in `seq` order and looks each version's row up,
+/// rather than listing them all (see [`plan`]).
+pub const DENSE_ROWS: usize = 2000;
+
+/// How the clauses of a search are written.
+#[derive(Debug, Default, Clone, PartialEq)]
+struct Plan {
+    /// The clause that lists the versions SQLite starts from (a selective
+    /// or sparse one); the bounds on `seq` then must not steer it to the
+    /// `(type, seq)` index.
+    driver: Option<usize>,
+    /// Clauses written as lookups of each version's own rows.
+    exists: Vec<bool>,
+}
+
+/// The plan of a search. Without statistics of values SQLite cannot tell
+/// a clause that finds four versions from one that finds 800,000: a
+/// selective clause (an id, a reference, an identifier) or, with `conn`,
+/// one whose index rows a bounded count finds sparse lists its versions
+/// and drives; clauses counted dense are looked up version by version,
+/// so that a search of dense clauses walks the type in `seq` order and
+/// stops at the page's end instead of listing every match.
+fn plan(conn: Option<&Connection>, q: &SearchQuery, snapshot: u64) -> Result<Plan, StoreError> {
+    let rt = q.rtype.as_deref();
+    let n = q.clauses.len();
+    if let Some(i) = q.clauses.iter().position(|c| selective_clause(c, rt)) {
+        return Ok(Plan {
+            driver: Some(i),
+            exists: (0..n).map(|j| j != i).collect(),
+        });
+    }
+    let Some(conn) = conn else {
+        return Ok(Plan {
+            driver: None,
+            exists: vec![false; n],
+        });
     };
+    // None: not counted (kept as a list, not a driver)
+    let mut dense: Vec<Option<bool>> = Vec::with_capacity(n);
+    for c in &q.clauses {
+        let mut b = Builder::new(snapshot, "");
+        b.list = true;
+        dense.push(match b.rows_of(c, rt) {
+            Some(sql) => {
+                let probe = format!("SELECT count(*) FROM ({sql} LIMIT {DENSE_ROWS})");
+                let k: i64 = conn
+                    .prepare_cached(&probe)?
+                    .query_row(params_from_iter(b.args.iter()), |r| r.get(0))?;
+                Some(k as usize >= DENSE_ROWS)
+            }
+            None => None,
+        });
+    }
+    let driver = dense.iter().position(|d| *d == Some(false));
+    Ok(Plan {
+        driver,
+        exists: dense
+            .iter()
+            .enumerate()
+            .map(|(i, d)| {
+                Some(i) != driver && (*d == Some(true) || (driver.is_some() && d.is_some()))
+            })
+            .collect(),
+    })
+}
+
+/// The search with `system` set to "" in its token conditions that name
+/// a value without a system when no row of that parameter and value has
+/// a system (codes such as `status=final`): the condition then reaches
+/// each version's row by equalities (see [`Builder::member`]). `None`
+/// when nothing changes. Rows written after the reader's view could only
+/// prevent the change, never make it wrong.
+fn narrow_systems(conn: &Connection, q: &SearchQuery) -> Result<Option<SearchQuery>, StoreError> {
+    let rt = q.rtype.as_deref();
+    let mut out = q.clone();
+    let mut changed = false;
+    for c in &mut out.clauses {
+        let Clause::Any(conds) = c else { continue };
+        for x in conds {
+            let Cond::Token {
+                param,
+                system: system @ None,
+                value: Some(value),
+            } = x
+            else {
+                continue;
+            };
+            let (w, mut args) = param_where(rt, param, "");
+            args.push(Sql::Text(value.clone()));
+            let sql =
+                format!("SELECT 1 FROM tokens WHERE {w} AND value = ? AND system > '' LIMIT 1");
+            if !conn.prepare_cached(&sql)?.exists(params_from_iter(args))? {
+                *system = Some(String::new());
+                changed = true;
+            }
+        }
+    }
+    Ok(changed.then_some(out))
+}
+
+/// The WHERE clause of a search at `snapshot`, without paging, written
+/// per `plan`; its driver comes first.
+fn plan_where(q: &SearchQuery, snapshot: u64, plan: &Plan) -> (String, Vec<Sql>) {
+    let mut b = Builder::new(snapshot, if plan.driver.is_some() { "+" } else { "" });
     let mut w = b.current("v");
     if let Some(t) = &q.rtype {
         let x = b.text(t);
         w.push_str(&format!(" AND v.type = {x}"));
     }
-    for c in &q.clauses {
+    let order: Vec<usize> = plan
+        .driver
+        .into_iter()
+        .chain((0..q.clauses.len()).filter(|i| Some(*i) != plan.driver))
+        .collect();
+    for i in order {
+        b.exists = plan.exists.get(i).copied().unwrap_or(false);
         w.push_str(" AND ");
-        w.push_str(&b.clause(c, "v", q.rtype.as_deref()));
+        w.push_str(&b.clause(&q.clauses[i], "v", q.rtype.as_deref()));
     }
     (w, b.args)
+}
+
+/// The WHERE clause of a search at `snapshot`, without paging (planned
+/// without counting).
+pub fn search_where(q: &SearchQuery, snapshot: u64) -> (String, Vec<Sql>) {
+    let p = plan(None, q, snapshot).unwrap_or_default();
+    plan_where(q, snapshot, &p)
 }
 
 /// The joins and `ORDER BY` of a sorted search, with the joins'
@@ -441,15 +639,25 @@ pub fn search(conn: &Connection, q: &SearchQuery) -> Result<SearchPage, StoreErr
         Some(s) => s,
         None => last_seq(conn)?,
     };
-    let (w, args) = search_where(q, snapshot);
+    let narrowed = narrow_systems(conn, q)?;
+    let q = narrowed.as_ref().unwrap_or(q);
+    let plan = plan(Some(conn), q, snapshot)?;
+    let (w, args) = plan_where(q, snapshot, &plan);
     // A snapshot's total does not change: later pages carry the first one's.
     let carried = q
         .snapshot
         .and(q.snapshot_total)
         .filter(|_| !q.summary_count());
-    let total = if let Some(t) = carried.filter(|_| q.total == TotalMode::Accurate) {
+    // counting costs a pass over every match: `_total=accurate` (and
+    // `_summary=count`) always pay it, the default only for a selective
+    // search; otherwise the first page tells the total when it holds
+    // every match
+    let count = q.total == TotalMode::Accurate
+        || q.summary_count()
+        || (q.total == TotalMode::Estimate && plan.driver.is_some());
+    let mut total = if let Some(t) = carried.filter(|_| q.total != TotalMode::None) {
         Some(t)
-    } else if q.total == TotalMode::Accurate || q.summary_count() {
+    } else if count {
         let sql = format!("SELECT count(*) FROM versions v WHERE {w}");
         let n: i64 = conn
             .prepare_cached(&sql)?
@@ -476,12 +684,16 @@ pub fn search(conn: &Connection, q: &SearchQuery) -> Result<SearchPage, StoreErr
         } else {
             (">", "ASC")
         };
+        let plus = if plan.driver.is_some() { "+" } else { "" };
         let mut sql = format!("SELECT {COLS} FROM versions v WHERE {w}");
         if let Some(c) = q.cursor {
-            sql.push_str(&format!(" AND v.seq {cmp} ?"));
+            sql.push_str(&format!(" AND {plus}v.seq {cmp} ?"));
             args.push(Sql::Integer(c as i64));
         }
-        sql.push_str(&format!(" ORDER BY v.seq {order} LIMIT {}", q.count + 1));
+        sql.push_str(&format!(
+            " ORDER BY {plus}v.seq {order} LIMIT {}",
+            q.count + 1
+        ));
         let mut st = conn.prepare_cached(&sql)?;
         items = st
             .query_map(params_from_iter(args), row_to_version)?
@@ -512,6 +724,10 @@ pub fn search(conn: &Connection, q: &SearchQuery) -> Result<SearchPage, StoreErr
             None
         };
     }
+    let first_page = q.cursor.is_none() && q.offset.unwrap_or(0) == 0;
+    if total.is_none() && q.total == TotalMode::Estimate && first_page && next_cursor.is_none() {
+        total = Some(items.len() as u64);
+    }
     let included = includes(conn, q, snapshot, &items)?;
     Ok(SearchPage {
         snapshot,
@@ -541,7 +757,7 @@ fn read_at(
     id: &str,
 ) -> Result<Option<StoredVersion>, StoreError> {
     let sql = format!(
-        "SELECT {COLS} FROM versions v WHERE v.type = ?1 AND v.id = ?2 AND v.seq <= ?3 \
+        "SELECT {COLS} FROM versions v WHERE v.type = ?1 AND v.id = ?2 AND +v.seq <= ?3 \
          AND (v.superseded IS NULL OR v.superseded > ?3) AND v.deleted = 0"
     );
     let mut st = conn.prepare_cached(&sql)?;

@@ -57,6 +57,21 @@ enum Cmd {
         #[arg(long, default_value_t = 1000)]
         ids: u64,
     },
+    /// Runs searches one after another and reports latency percentiles;
+    /// `{n}` in the query is replaced by a random number below `--ids`.
+    SearchLatency {
+        #[arg(long)]
+        base: String,
+        #[arg(long)]
+        query: String,
+        #[arg(long, default_value_t = 500)]
+        count: u64,
+        #[arg(long, default_value_t = 200_000)]
+        ids: u64,
+        /// Sent as `Authorization: Bearer TOKEN`.
+        #[arg(long)]
+        token: Option<String>,
+    },
     /// Initial pull of COUNT resources from a parent process into an empty child process.
     ReplicatePull {
         /// The release `fhirsync` binary.
@@ -211,6 +226,16 @@ fn main() -> anyhow::Result<()> {
         } => {
             let rt = tokio::runtime::Runtime::new()?;
             rt.block_on(read_latency(base, rate, seconds, prefix, ids))
+        }
+        Cmd::SearchLatency {
+            base,
+            query,
+            count,
+            ids,
+            token,
+        } => {
+            let rt = tokio::runtime::Runtime::new()?;
+            rt.block_on(search_latency(base, query, count, ids, token))
         }
         Cmd::ReplicatePull {
             bin,
@@ -380,6 +405,55 @@ async fn read_latency(
         pct(&lat, 50.0),
         pct(&lat, 99.0),
         lat.last().copied().unwrap_or_default()
+    );
+    Ok(())
+}
+
+async fn search_latency(
+    base: String,
+    query: String,
+    count: u64,
+    ids: u64,
+    token: Option<String>,
+) -> anyhow::Result<()> {
+    let client = reqwest::Client::new();
+    let mut rng = Rng::new(11);
+    let mut lat = Vec::with_capacity(count as usize);
+    let (mut matched, mut included) = (0u64, 0u64);
+    for i in 0..=count {
+        let url = format!(
+            "{base}/{}",
+            query.replace("{n}", &rng.below(ids).to_string())
+        );
+        let mut rq = client.get(&url);
+        if let Some(t) = &token {
+            rq = rq.bearer_auth(t);
+        }
+        let t = Instant::now();
+        let r = rq.send().await?;
+        let ok = r.status();
+        let body: serde_json::Value = r.json().await?;
+        let took = t.elapsed();
+        anyhow::ensure!(ok.is_success(), "{url}: {ok} {body}");
+        for e in body["entry"].as_array().into_iter().flatten() {
+            match e["search"]["mode"].as_str() {
+                Some("include") => included += 1,
+                _ => matched += 1,
+            }
+        }
+        // the first search warms the connection
+        if i > 0 {
+            lat.push(took);
+        }
+    }
+    lat.sort();
+    println!(
+        "search-latency: {count} searches of {query}: p50 {:?} p99 {:?} max {:?}; {:.1} matches and {:.1} includes a page",
+        pct(&lat, 50.0),
+        pct(&lat, 99.0),
+        lat.last().copied().unwrap_or_default(),
+        matched as f64 / (count + 1) as f64,
+        included as f64 / (count + 1) as f64,
     );
     Ok(())
 }
