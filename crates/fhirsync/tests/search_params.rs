@@ -574,3 +574,49 @@ async fn what_changes_or_is_bad_is_seen_as_such() {
         assert!(!why.is_empty(), "{q}");
     }
 }
+
+/// A code without its system is narrowed to the one system its rows have
+/// (a planning shortcut); with a second system, both are found again.
+#[tokio::test]
+async fn a_code_without_system_finds_every_system() {
+    let s = InProcess::start().await;
+    let obs = |id: &str, system: &str| {
+        json!({"resourceType": "Observation", "id": id, "status": "final",
+               "code": {"coding": [{"system": system, "code": "x1"}]}})
+    };
+    put(&s, "Observation/a", &obs("a", "urn:a")).await;
+    assert_eq!(
+        ids(&s, "Observation?code=x1").await,
+        set(&["Observation/a"])
+    );
+    assert_eq!(
+        ids(&s, "Observation?code=x1&status=final").await,
+        set(&["Observation/a"])
+    );
+    put(&s, "Observation/b", &obs("b", "urn:b")).await;
+    put(
+        &s,
+        "Observation/c",
+        &json!({"resourceType": "Observation", "id": "c", "status": "final",
+        "code": {"coding": [{"code": "x1"}]}}),
+    )
+    .await;
+    assert_eq!(
+        ids(&s, "Observation?code=x1").await,
+        set(&["Observation/a", "Observation/b", "Observation/c"])
+    );
+    assert_eq!(
+        ids(&s, "Observation?code=x1&status=final&_total=accurate")
+            .await
+            .len(),
+        3
+    );
+    assert_eq!(
+        ids(&s, "Observation?code=urn:b|x1").await,
+        set(&["Observation/b"])
+    );
+    assert_eq!(
+        ids(&s, "Observation?code=|x1").await,
+        set(&["Observation/c"])
+    );
+}

@@ -10,7 +10,7 @@ use fhirsync_core::search::{
 };
 use fhirsync_core::spec::Kind;
 use rusqlite::types::Value as Sql;
-use rusqlite::{params_from_iter, Connection};
+use rusqlite::{params_from_iter, Connection, OptionalExtension};
 
 use super::query::{last_seq, row_to_version, COLS};
 use crate::types::{SearchPage, StoredVersion};
@@ -529,12 +529,13 @@ fn plan(conn: Option<&Connection>, q: &SearchQuery, snapshot: u64) -> Result<Pla
     })
 }
 
-/// The search with `system` set to "" in its token conditions that name
-/// a value without a system when no row of that parameter and value has
-/// a system (codes such as `status=final`): the condition then reaches
-/// each version's row by equalities (see [`Builder::member`]). `None`
-/// when nothing changes. Rows written after the reader's view could only
-/// prevent the change, never make it wrong.
+/// The search with `system` set in its token conditions that name a
+/// value without a system when every row of that parameter and value has
+/// the same system (codes such as `status=final` have none; most LOINC
+/// codes come with one): the condition then reaches each version's row by
+/// equalities (see [`Builder::member`]). Two index probes a condition;
+/// `None` when nothing changes. Rows written after the reader's view could
+/// only prevent the change, never make it wrong.
 fn narrow_systems(conn: &Connection, q: &SearchQuery) -> Result<Option<SearchQuery>, StoreError> {
     let rt = q.rtype.as_deref();
     let mut out = q.clone();
@@ -552,10 +553,18 @@ fn narrow_systems(conn: &Connection, q: &SearchQuery) -> Result<Option<SearchQue
             };
             let (w, mut args) = param_where(rt, param, "");
             args.push(Sql::Text(value.clone()));
+            let first: Option<String> = conn
+                .prepare_cached(&format!(
+                    "SELECT system FROM tokens WHERE {w} AND value = ? ORDER BY system LIMIT 1"
+                ))?
+                .query_row(params_from_iter(args.iter()), |r| r.get(0))
+                .optional()?;
+            let Some(first) = first else { continue };
+            args.push(Sql::Text(first.clone()));
             let sql =
-                format!("SELECT 1 FROM tokens WHERE {w} AND value = ? AND system > '' LIMIT 1");
+                format!("SELECT 1 FROM tokens WHERE {w} AND value = ? AND system > ? LIMIT 1");
             if !conn.prepare_cached(&sql)?.exists(params_from_iter(args))? {
-                *system = Some(String::new());
+                *system = Some(first);
                 changed = true;
             }
         }
