@@ -11,7 +11,8 @@ bin="$root/target/release/fhirsync"
 bench="$root/target/release/fhirsync-bench"
 pids=()
 trap 'kill "${pids[@]}" 2>/dev/null || true' EXIT
-serve() { "$bin" serve --data-dir "$1" --listen "127.0.0.1:$2" >/dev/null 2>&1 & pids+=($!); sleep 1; }
+# benchmark nodes: no tokens, no console (two nodes run at once)
+serve() { "$bin" serve --data-dir "$1" --listen "127.0.0.1:$2" --anonymous --console-listen off >/dev/null 2>&1 & pids+=($!); sleep 1; }
 port=18300
 for n in 100000 1000000; do
   echo "== $n resources"

@@ -180,12 +180,7 @@ async fn batch_entries_succeed_or_fail_alone() {
     let (st, r) = status_json(post(&s, "", &b).await).await;
     assert_eq!(st, 200, "{r}");
     assert_eq!(r["type"], "batch-response");
-    let status: Vec<&str> = r["entry"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["response"]["status"].as_str().unwrap())
-        .collect();
+    let status: Vec<&str> = entry_statuses(&r);
     assert_eq!(
         status,
         [

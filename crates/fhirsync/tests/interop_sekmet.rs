@@ -103,6 +103,24 @@ async fn sync(args: &[&str]) -> Value {
     serde_json::from_str(&std::fs::read_to_string(rep).unwrap()).unwrap()
 }
 
+/// A node loaded (`fhirsync sync -m SYNTHEA`) with `patients` PySynthea
+/// patients generated from `seed`.
+async fn synthea_node(venv: &std::path::Path, patients: u32, seed: u32) -> InProcess {
+    let data = tempfile::tempdir().unwrap();
+    let st = Command::new(venv.join("bin/synthea"))
+        .args(["-p", &patients.to_string(), "-s", &seed.to_string(), "-o"])
+        .arg(data.path())
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(st.success(), "synthea failed");
+    let node = InProcess::start().await;
+    let from = format!("file:{}", data.path().join("fhir").display());
+    let r = sync(&["-s", &from, "-t", &node.base, "-m", "SYNTHEA"]).await;
+    assert_eq!(total(&r, "failed"), 0);
+    node
+}
+
 fn writes(r: &Value) -> u64 {
     total(r, "created") + total(r, "updated") + total(r, "deleted") + total(r, "failed")
 }
@@ -110,27 +128,8 @@ fn writes(r: &Value) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn node_to_sekmet_to_node_with_synthea_patients() {
     let venv = venv();
-    let data = tempfile::tempdir().unwrap();
-    let st = Command::new(venv.join("bin/synthea"))
-        .args(["-p", "3", "-s", "7", "-o"])
-        .arg(data.path())
-        .stdout(Stdio::null())
-        .status()
-        .unwrap();
-    assert!(st.success(), "synthea failed");
     let sekmet = start_sekmet(&venv).await;
-    let (a, c) = (InProcess::start().await, InProcess::start().await);
-
-    let r = sync(&[
-        "-s",
-        &format!("file:{}", data.path().join("fhir").display()),
-        "-t",
-        &a.base,
-        "-m",
-        "SYNTHEA",
-    ])
-    .await;
-    assert_eq!(total(&r, "failed"), 0);
+    let (a, c) = (synthea_node(&venv, 3, 7).await, InProcess::start().await);
     let loaded = fhirsync_store::Store::last_seq(&*a.store);
     assert!(loaded > 500, "only {loaded} resources from synthea");
 
@@ -401,26 +400,8 @@ const KNOWN_DIFFERENCES: &[(&str, &str)] = &[
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn searches_agree_with_an_independent_server_on_synthea_patients() {
     let venv = venv();
-    let data = tempfile::tempdir().unwrap();
-    let st = Command::new(venv.join("bin/synthea"))
-        .args(["-p", "6", "-s", "11", "-o"])
-        .arg(data.path())
-        .stdout(Stdio::null())
-        .status()
-        .unwrap();
-    assert!(st.success(), "synthea failed");
     let sekmet = start_sekmet(&venv).await;
-    let a = InProcess::start().await;
-    let r = sync(&[
-        "-s",
-        &format!("file:{}", data.path().join("fhir").display()),
-        "-t",
-        &a.base,
-        "-m",
-        "SYNTHEA",
-    ])
-    .await;
-    assert_eq!(total(&r, "failed"), 0);
+    let a = synthea_node(&venv, 6, 11).await;
     let r = sync(&["-s", &a.base, "-t", &sekmet.base, "-m", "COPY"]).await;
     assert_eq!(total(&r, "failed"), 0, "{r}");
 

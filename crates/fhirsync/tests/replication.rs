@@ -951,15 +951,6 @@ async fn push_lag_counts_waiting_records_before_the_parent_was_ever_reached() {
     assert_eq!(p["cursor"], 0, "{p}");
 }
 
-/// A node whose `[validation] mode` is lenient, so it can hold a version
-/// that a strict peer refuses.
-fn lenient() -> fhirsync_api::ApiConfig {
-    fhirsync_api::ApiConfig {
-        validation: fhirsync_api::validation::Mode::Lenient,
-        ..Default::default()
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn versions_that_fail_validation_follow_on_error_in_both_directions() {
     let bad = |id: &str| json!({"resourceType": "Patient", "id": id, "notAnElement": true});
@@ -973,7 +964,7 @@ async fn versions_that_fail_validation_follow_on_error_in_both_directions() {
     let child = InProcess::start_with(Options {
         node_id: Some("c1".into()),
         parent: Some(e),
-        api: lenient(),
+        api: lenient_api(),
         ..Options::default()
     })
     .await;
@@ -1009,7 +1000,7 @@ async fn versions_that_fail_validation_follow_on_error_in_both_directions() {
     let parent = InProcess::start_with(Options {
         node_id: Some("p2".into()),
         children: vec![child_cfg("c2")],
-        api: lenient(),
+        api: lenient_api(),
         ..Options::default()
     })
     .await;

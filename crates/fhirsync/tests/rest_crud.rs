@@ -80,14 +80,7 @@ async fn create_on_update_with_client_ids() {
 async fn exact_json_is_kept() {
     // Lenient validation stores what strict would refuse (an unknown
     // element, components without a code).
-    let s = InProcess::start_with(fhirsync_testkit::server::Options {
-        api: fhirsync_api::ApiConfig {
-            validation: fhirsync_api::validation::Mode::Lenient,
-            ..Default::default()
-        },
-        ..Default::default()
-    })
-    .await;
+    let s = lenient_node().await;
     let text = r##"{"resourceType":"Observation","id":"o1","meta":{"versionId":"99","lastUpdated":"2000-01-01T00:00:00Z","source":"#abc","profile":["http://x/p"]},"status":"final","code":{"text":"t"},"valueQuantity":{"value":1.50,"unit":"mg"},"component":[{"valueDecimal":0.000100},{"valueDecimal":1e2}],"unknownElement":{"nested":[1,2.0,"x"]},"_status":{"extension":[{"url":"http://x/e","valueString":"y"}]}}"##;
     let r = s
         .client

@@ -620,3 +620,25 @@ async fn a_code_without_system_finds_every_system() {
         set(&["Observation/c"])
     );
 }
+
+/// Past `NARROW_CONDS_MAX` token values without a system the plan stops
+/// probing; the search still finds every match.
+#[tokio::test]
+async fn many_codes_without_system_still_find_every_match() {
+    let s = InProcess::start().await;
+    for (id, sys) in [("a", "urn:a"), ("b", "urn:b")] {
+        put(
+            &s,
+            &format!("Observation/{id}"),
+            &json!({"resourceType": "Observation", "id": id,
+            "status": "final", "code": {"coding": [{"system": sys, "code": format!("c-{id}")}]}}),
+        )
+        .await;
+    }
+    let n = fhirsync_store::sqlite::NARROW_CONDS_MAX + 10;
+    let mut codes: Vec<String> = (0..n).map(|i| format!("none{i}")).collect();
+    codes.push("c-a".into());
+    codes.push("c-b".into());
+    let q = format!("Observation?code={}&status=final", codes.join(","));
+    assert_eq!(ids(&s, &q).await, set(&["Observation/a", "Observation/b"]));
+}

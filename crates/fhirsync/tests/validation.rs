@@ -131,12 +131,7 @@ async fn a_batch_refuses_only_its_invalid_entries() {
         {"resource": {"resourceType": "Patient", "id": "b4", "active": "no"}, "request": {"method": "PUT", "url": "Patient/b4"}}]});
     let (st, out) = status_json(post(&s, "", &b).await).await;
     assert_eq!(st, 200, "{out}");
-    let statuses: Vec<&str> = out["entry"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["response"]["status"].as_str().unwrap())
-        .collect();
+    let statuses: Vec<&str> = entry_statuses(&out);
     assert_eq!(
         statuses,
         [
@@ -173,14 +168,7 @@ async fn a_batch_refuses_only_its_invalid_entries() {
 
 #[tokio::test]
 async fn lenient_mode_stores_and_answers_with_the_problems() {
-    let s = InProcess::start_with(fhirsync_testkit::server::Options {
-        api: fhirsync_api::ApiConfig {
-            validation: fhirsync_api::validation::Mode::Lenient,
-            ..Default::default()
-        },
-        ..Default::default()
-    })
-    .await;
+    let s = lenient_node().await;
     let bad = json!({"resourceType": "Patient", "id": "l1", "notAnElement": true, "active": "yes"});
     let r = put(&s, "Patient/l1", &bad).await;
     assert_eq!(r.status(), 201);

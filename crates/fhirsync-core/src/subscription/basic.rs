@@ -10,7 +10,7 @@ pub const TOPIC_EXT: &str =
     "http://hl7.org/fhir/5.0/StructureDefinition/extension-SubscriptionTopic";
 
 /// Deepest nesting of extensions read (a trigger's `queryCriteria` is 2).
-const DEPTH_MAX: usize = 4;
+pub const DEPTH_MAX: usize = 4;
 
 /// Elements of `SubscriptionTopic` (and its backbone elements) that repeat.
 const REPEATING: &[&str] = &[
@@ -155,5 +155,27 @@ mod tests {
         let topic = super::super::Topic::parse(&t).unwrap();
         assert_eq!(topic.triggers[0].rtype, "Encounter");
         assert!(topic.triggers[0].query.is_some());
+    }
+
+    /// Extensions nested past `DEPTH_MAX` are not read (100 levels here;
+    /// the JSON parser refuses much deeper input before).
+    #[test]
+    fn deep_nesting_stops_at_the_limit() {
+        let mut inner = json!({"url": "leaf", "valueString": "x"});
+        for i in 0..100 {
+            inner = json!({"url": format!("n{i}"), "extension": [inner]});
+        }
+        let basic = json!({"resourceType": "Basic",
+            "extension": [{"url": format!("{TOPIC_EXT}.resourceTrigger"), "extension": [inner]}]});
+        assert!(is_topic(&basic));
+        let t = topic_json(&basic);
+        let mut depth = 0;
+        let mut v = &t["resourceTrigger"][0];
+        while let Some((_, next)) = v.as_object().and_then(|o| o.iter().next()) {
+            depth += 1;
+            v = next;
+        }
+        assert!(depth <= DEPTH_MAX, "{depth}");
+        assert!(super::super::Topic::parse(&t).is_err());
     }
 }

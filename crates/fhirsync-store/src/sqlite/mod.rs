@@ -23,6 +23,7 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension};
 use tokio::sync::{mpsc, oneshot, watch};
 
 pub use schema::SyncMode;
+pub use search_sql::{DENSE_ROWS, NARROW_CONDS_MAX};
 pub use writer::{LoadDone, LoadSummary, StreamMsg};
 
 use crate::sync::*;

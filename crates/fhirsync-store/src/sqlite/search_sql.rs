@@ -529,6 +529,11 @@ fn plan(conn: Option<&Connection>, q: &SearchQuery, snapshot: u64) -> Result<Pla
     })
 }
 
+/// Most token conditions of one search [`narrow_systems`] probes (two
+/// index probes each); a client may send 100 parameters of 1,000 values,
+/// and the ones past this keep their plan (correct, maybe slower).
+pub const NARROW_CONDS_MAX: usize = 64;
+
 /// The search with `system` set in its token conditions that name a
 /// value without a system when every row of that parameter and value has
 /// the same system (codes such as `status=final` have none; most LOINC
@@ -540,9 +545,13 @@ fn narrow_systems(conn: &Connection, q: &SearchQuery) -> Result<Option<SearchQue
     let rt = q.rtype.as_deref();
     let mut out = q.clone();
     let mut changed = false;
+    let mut probed = 0;
     for c in &mut out.clauses {
         let Clause::Any(conds) = c else { continue };
         for x in conds {
+            if probed >= NARROW_CONDS_MAX {
+                return Ok(changed.then_some(out));
+            }
             let Cond::Token {
                 param,
                 system: system @ None,
@@ -551,6 +560,7 @@ fn narrow_systems(conn: &Connection, q: &SearchQuery) -> Result<Option<SearchQue
             else {
                 continue;
             };
+            probed += 1;
             let (w, mut args) = param_where(rt, param, "");
             args.push(Sql::Text(value.clone()));
             let first: Option<String> = conn

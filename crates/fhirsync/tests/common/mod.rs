@@ -95,6 +95,34 @@ pub fn next_link(b: &Value) -> Option<String> {
         .map(str::to_owned)
 }
 
+/// The `response.status` of each entry of a batch or transaction response.
+pub fn entry_statuses(b: &Value) -> Vec<&str> {
+    b["entry"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|e| e["response"]["status"].as_str().unwrap_or(""))
+        .collect()
+}
+
+/// API settings of a node whose `[validation] mode` is lenient: it stores
+/// what strict validation refuses.
+pub fn lenient_api() -> fhirsync_api::ApiConfig {
+    fhirsync_api::ApiConfig {
+        validation: fhirsync_api::validation::Mode::Lenient,
+        ..Default::default()
+    }
+}
+
+/// A node with [`lenient_api`].
+pub async fn lenient_node() -> InProcess {
+    InProcess::start_with(fhirsync_testkit::server::Options {
+        api: lenient_api(),
+        ..Default::default()
+    })
+    .await
+}
+
 pub fn pat(id: &str) -> Value {
     serde_json::json!({"resourceType": "Patient", "id": id, "active": true})
 }
