@@ -49,7 +49,27 @@ pub(super) fn number(k: &str, v: &str) -> Result<(f64, f64, f64), SearchError> {
     };
     let decimals = mantissa.split_once('.').map_or(0, |(_, f)| f.len() as i32);
     let half = 0.5 * 10f64.powi(exp - decimals);
-    Ok((x, x - half, x + half))
+    // a precision finer than a double's (16.992228104112467) must still
+    // take the value itself: [x, next above x) at least
+    Ok((x, (x - half).min(x), (x + half).max(x.next_up())))
+}
+
+#[cfg(test)]
+mod number_tests {
+    /// The range of a value always holds the value, however many digits.
+    #[test]
+    fn a_range_holds_its_value() {
+        for v in [
+            "15.992228104112467",
+            "1e-300",
+            "91",
+            "0.000100",
+            "123456789012345678901",
+        ] {
+            let (x, lo, hi) = super::number("n", v).unwrap();
+            assert!(lo <= x && x < hi, "{v}: [{lo}, {hi}) {x}");
+        }
+    }
 }
 
 fn token(param: &str, v: &str) -> Cond {
