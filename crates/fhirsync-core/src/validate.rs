@@ -80,36 +80,57 @@ pub fn summary(issues: &[Issue]) -> String {
 
 /// The problems of `v` as a resource; empty when it is valid.
 pub fn validate(v: &Value) -> Vec<Issue> {
-    let mut cx = Cx { issues: Vec::new() };
-    cx.resource(v, "");
+    let mut cx = Cx {
+        issues: Vec::new(),
+        path: String::new(),
+    };
+    cx.resource(v);
     cx.issues
 }
 
 struct Cx {
     issues: Vec<Issue>,
+    /// The path of the value being checked (`Observation.code.coding[0]`),
+    /// grown and cut back as the walk goes, copied only into an issue.
+    path: String,
 }
 
 impl Cx {
-    fn issue(&mut self, expression: String, message: String) {
+    /// A problem at the current path.
+    fn issue(&mut self, message: String) {
+        self.issue_at("", message);
+    }
+
+    /// A problem at the current path followed by `tail` (`.name`).
+    fn issue_at(&mut self, tail: &str, message: String) {
         if self.issues.len() < ISSUES_MAX {
             self.issues.push(Issue {
-                expression,
+                expression: format!("{}{tail}", self.path),
                 message,
             });
         }
     }
 
-    fn resource(&mut self, v: &Value, at: &str) {
+    /// Runs `f` with `.name` (or `[i]`) added to the path.
+    fn within(&mut self, seg: std::fmt::Arguments, f: impl FnOnce(&mut Cx)) {
+        use std::fmt::Write;
+        let len = self.path.len();
+        let _ = self.path.write_fmt(seg);
+        f(self);
+        self.path.truncate(len);
+    }
+
+    fn resource(&mut self, v: &Value) {
         let Some(o) = v.as_object() else {
-            self.issue(at.to_owned(), "a resource must be a JSON object".into());
+            self.issue("a resource must be a JSON object".into());
             return;
         };
         let Some(t) = o.get("resourceType").and_then(Value::as_str) else {
-            self.issue(at.to_owned(), "resourceType is missing".into());
+            self.issue("resourceType is missing".into());
             return;
         };
         if !is_resource_type(t) {
-            self.issue(at.to_owned(), format!("unknown resourceType '{t}'"));
+            self.issue(format!("unknown resourceType '{t}'"));
             return;
         }
         // A type this node serves beyond R4 (SubscriptionTopic, from R5)
@@ -117,13 +138,16 @@ impl Cx {
         if spec::children(t).next().is_none() {
             return;
         }
-        let expr = if at.is_empty() { t } else { at };
-        self.object(o, t, expr, true);
+        if self.path.is_empty() {
+            self.within(format_args!("{t}"), |cx| cx.object(o, t, true));
+        } else {
+            self.object(o, t, true);
+        }
     }
 
     /// The members of `o` against the children of `def` (a type or a
     /// backbone element's path).
-    fn object(&mut self, o: &Map<String, Value>, def: &str, expr: &str, is_resource: bool) {
+    fn object(&mut self, o: &Map<String, Value>, def: &str, is_resource: bool) {
         for (name, value) in o {
             if is_resource && name == "resourceType" {
                 continue;
@@ -131,73 +155,65 @@ impl Cx {
             let base = name.strip_prefix('_');
             let lookup = base.unwrap_or(name);
             let Some((el, ty)) = find(def, lookup) else {
-                self.issue(
-                    format!("{expr}.{name}"),
-                    format!("unknown element '{name}'"),
-                );
+                self.issue_at(&format!(".{name}"), format!("unknown element '{name}'"));
                 continue;
             };
             if base.is_some() {
                 // The id and extensions of a primitive.
                 if !is_primitive(ty) {
-                    self.issue(
-                        format!("{expr}.{name}"),
+                    self.issue_at(
+                        &format!(".{name}"),
                         format!("'{name}' is for primitives; '{lookup}' is a {ty}"),
                     );
                 }
                 continue;
             }
-            let here = format!("{expr}.{name}");
-            match value {
+            self.within(format_args!(".{name}"), |cx| match value {
                 Value::Array(items) => {
                     if el.max <= 1 {
-                        self.issue(
-                            here.clone(),
-                            format!("'{name}' has at most one value: not an array"),
-                        );
-                        continue;
+                        cx.issue(format!("'{name}' has at most one value: not an array"));
+                        return;
                     }
-                    let ext = o.get(&format!("_{name}"));
+                    let ext = items
+                        .iter()
+                        .any(Value::is_null)
+                        .then(|| o.get(&format!("_{name}")))
+                        .flatten();
                     for (i, item) in items.iter().enumerate() {
-                        let at = format!("{here}[{i}]");
-                        if item.is_null() {
-                            let has_ext = ext
-                                .and_then(Value::as_array)
-                                .and_then(|a| a.get(i))
-                                .is_some_and(|x| !x.is_null());
-                            if !has_ext {
-                                self.issue(at, "null without an extension in '_' form".into());
+                        cx.within(format_args!("[{i}]"), |cx| {
+                            if item.is_null() {
+                                let has_ext = ext
+                                    .and_then(Value::as_array)
+                                    .and_then(|a| a.get(i))
+                                    .is_some_and(|x| !x.is_null());
+                                if !has_ext {
+                                    cx.issue("null without an extension in '_' form".into());
+                                }
+                                return;
                             }
-                            continue;
-                        }
-                        self.value(item, el, ty, &at);
+                            cx.value(item, el, ty);
+                        });
                     }
                 }
                 other => {
                     if el.max > 1 {
-                        self.issue(
-                            here.clone(),
-                            format!("'{name}' repeats: it must be an array"),
-                        );
-                        continue;
+                        cx.issue(format!("'{name}' repeats: it must be an array"));
+                        return;
                     }
-                    self.value(other, el, ty, &here);
+                    cx.value(other, el, ty);
                 }
-            }
+            });
         }
         // Required elements.
-        for el in spec::children(def) {
-            if el.min == 0 {
-                continue;
-            }
+        for el in spec::required_children(def) {
             let name = &el.path[def.len() + 1..];
             let present = match name.strip_suffix("[x]") {
                 Some(stem) => o.keys().any(|k| choice_suffix(k, stem).is_some()),
-                None => o.contains_key(name) || o.contains_key(&format!("_{name}")),
+                None => o.contains_key(name) || o.keys().any(|k| k.strip_prefix('_') == Some(name)),
             };
             if !present {
-                self.issue(
-                    format!("{expr}.{name}"),
+                self.issue_at(
+                    &format!(".{name}"),
                     format!("'{name}' is required (at least {})", el.min),
                 );
             }
@@ -205,35 +221,35 @@ impl Cx {
     }
 
     /// One value of element `el`, of type `ty`.
-    fn value(&mut self, v: &Value, el: &Element, ty: &str, at: &str) {
+    fn value(&mut self, v: &Value, el: &Element, ty: &str) {
         if is_primitive(ty) {
             if let Some(why) = primitive(ty, v) {
-                self.issue(at.to_owned(), why);
+                self.issue(why);
             }
             return;
         }
         let Some(o) = v.as_object() else {
-            self.issue(at.to_owned(), format!("a {ty} must be a JSON object"));
+            self.issue(format!("a {ty} must be a JSON object"));
             return;
         };
         match ty {
-            "Resource" => self.resource(v, at),
+            "Resource" => self.resource(v),
             "BackboneElement" | "Element" if spec::children(el.path).next().is_some() => {
-                self.object(o, el.path, at, false)
+                self.object(o, el.path, false)
             }
             "" => match el.content_ref {
                 "" => {}
-                r => self.object(o, r, at, false),
+                r => self.object(o, r, false),
             },
             t => {
                 if t == "Reference" {
                     if let Some(r) = o.get("reference").and_then(Value::as_str) {
                         if let Some(why) = reference_format(r) {
-                            self.issue(format!("{at}.reference"), why);
+                            self.issue_at(".reference", why);
                         }
                     }
                 }
-                self.object(o, t, at, false)
+                self.object(o, t, false)
             }
         }
     }
@@ -242,7 +258,7 @@ impl Cx {
 /// The element `name` of `def` and the type its value has: a choice
 /// element (`value[x]`) gives the type its suffix names.
 fn find(def: &str, name: &str) -> Option<(&'static Element, &'static str)> {
-    if let Some(el) = spec::element(&format!("{def}.{name}")) {
+    if let Some(el) = spec::child(def, name) {
         let ty = match (el.types, el.content_ref) {
             ([t], _) => t,
             ([], _) => "",

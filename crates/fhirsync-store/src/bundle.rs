@@ -67,7 +67,7 @@ struct Planned {
 
 pub fn execute(
     tx: &mut dyn WriteTx,
-    bundle: Map<String, Value>,
+    mut bundle: Map<String, Value>,
 ) -> Result<BundleOutcome, StoreError> {
     if bundle.get("resourceType").and_then(Value::as_str) != Some("Bundle") {
         return Err(StoreError::BadRequest(
@@ -84,7 +84,7 @@ pub fn execute(
             )))
         }
     };
-    let entries = match bundle.get("entry") {
+    let entries = match bundle.remove("entry") {
         None => Vec::new(),
         Some(Value::Array(a)) if a.len() > BUNDLE_ENTRIES_MAX => {
             return Err(StoreError::Unprocessable(format!(
@@ -92,7 +92,7 @@ pub fn execute(
                 a.len()
             )))
         }
-        Some(Value::Array(a)) => a.clone(),
+        Some(Value::Array(a)) => a,
         Some(_) => {
             return Err(StoreError::BadRequest(
                 "Bundle.entry must be an array".into(),
@@ -301,7 +301,8 @@ pub fn parse_etag(s: &str) -> Option<u64> {
 fn run_alone(tx: &mut dyn WriteTx, p: Planned) -> Result<EntryResult, StoreError> {
     let mut op = p.op;
     if let Op::Create { res, .. } | Op::Update { res, .. } | Op::CondUpdate { res, .. } = &mut op {
-        resolve_references(tx, res, &HashMap::new())?;
+        let wanted = rewrite_local(res, &HashMap::new())?;
+        resolve_conditional(tx, res, wanted)?;
     }
     match op {
         Op::Create {
@@ -401,11 +402,12 @@ fn write_result(out: WriteOutcome) -> EntryResult {
 
 /// Rewrites references through `ids` (full URL → `Type/id`) and resolves
 /// conditional references; an unresolvable `urn:` reference is an error.
-fn resolve_references(
-    tx: &mut dyn WriteTx,
+/// Rewrites the references of `res` to entries of the bundle (`ids`) and
+/// returns the conditional references (`Type?query`) left to resolve.
+fn rewrite_local(
     res: &mut Map<String, Value>,
     ids: &HashMap<String, String>,
-) -> Result<(), StoreError> {
+) -> Result<Vec<String>, StoreError> {
     let mut wanted: Vec<String> = Vec::new();
     let mut v = Value::Object(std::mem::take(res));
     rewrite_references(&mut v, &mut |r| {
@@ -417,15 +419,28 @@ fn resolve_references(
         }
         None
     });
+    if let Value::Object(m) = v {
+        *res = m;
+    }
+    if let Some(r) = wanted.iter().find(|r| r.starts_with("urn:")) {
+        return Err(StoreError::BadRequest(format!(
+            "reference '{r}' points to no entry of this bundle"
+        )));
+    }
+    Ok(wanted)
+}
+
+/// Resolves the conditional references of `res` (from [`rewrite_local`])
+/// by searching, inside the transaction.
+fn resolve_conditional(
+    tx: &mut dyn WriteTx,
+    res: &mut Map<String, Value>,
+    wanted: Vec<String>,
+) -> Result<(), StoreError> {
     let mut resolved: HashMap<String, String> = HashMap::new();
     for r in wanted {
         if resolved.contains_key(&r) {
             continue;
-        }
-        if r.starts_with("urn:") {
-            return Err(StoreError::BadRequest(format!(
-                "reference '{r}' points to no entry of this bundle"
-            )));
         }
         let (t, q) = r.split_once('?').unwrap_or((&r, ""));
         if !is_resource_type(t) {
@@ -446,12 +461,69 @@ fn resolve_references(
         }
     }
     if !resolved.is_empty() {
+        let mut v = Value::Object(std::mem::take(res));
         rewrite_references(&mut v, &mut |r| resolved.get(r).cloned());
-    }
-    if let Value::Object(m) = v {
-        *res = m;
+        if let Value::Object(m) = v {
+            *res = m;
+        }
     }
     Ok(())
+}
+
+/// Resources of a transaction's writes, ready to store, in entry order.
+/// Without conditional references (the usual bulk bundle) they are
+/// prepared (serialized, hashed, indexed) in parallel before the writes;
+/// a conditional reference's search must see the entries written before
+/// it, so with one they are prepared one by one as the writes go.
+struct Writes {
+    items: Vec<Write>,
+}
+
+/// One entry's write: its index, type, resource and the conditional
+/// references left to resolve in it.
+type Write = (usize, String, Map<String, Value>, Vec<String>);
+
+impl Writes {
+    fn new(
+        items: Vec<(usize, String, Map<String, Value>)>,
+        ids: &HashMap<String, String>,
+    ) -> Result<Writes, StoreError> {
+        let mut out = Vec::with_capacity(items.len());
+        for (i, rtype, mut res) in items {
+            let wanted = rewrite_local(&mut res, ids).map_err(|e| entry_err(i, e))?;
+            out.push((i, rtype, res, wanted));
+        }
+        Ok(Writes { items: out })
+    }
+
+    fn conditional(&self) -> bool {
+        self.items.iter().any(|(.., w)| !w.is_empty())
+    }
+
+    /// Runs `write` on each entry's prepared resource, in entry order.
+    fn run(
+        self,
+        tx: &mut dyn WriteTx,
+        mut write: impl FnMut(&mut dyn WriteTx, usize, Prepared) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        use rayon::prelude::*;
+        if self.conditional() {
+            for (i, rtype, mut res, wanted) in self.items {
+                resolve_conditional(tx, &mut res, wanted).map_err(|e| entry_err(i, e))?;
+                write(tx, i, Prepared::new(rtype, res))?;
+            }
+            return Ok(());
+        }
+        let prepared: Vec<(usize, Prepared)> = self
+            .items
+            .into_par_iter()
+            .map(|(i, rtype, res, _)| (i, Prepared::new(rtype, res)))
+            .collect();
+        for (i, p) in prepared {
+            write(tx, i, p)?;
+        }
+        Ok(())
+    }
 }
 
 fn transaction(
@@ -582,17 +654,23 @@ fn transaction(
         put_targets.push(id);
     }
 
+    let mut creates = Vec::new();
+    let mut create_ids = HashMap::new();
     for ((i, p), new_id) in posts.into_iter().zip(post_targets) {
         let Some(id) = new_id else { continue };
-        let Op::Create { mut res, rtype, .. } = p.op else {
+        let Op::Create { res, rtype, .. } = p.op else {
             continue;
         };
-        resolve_references(tx, &mut res, &ids).map_err(|e| entry_err(i, e))?;
+        create_ids.insert(i, id);
+        creates.push((i, rtype, res));
+    }
+    Writes::new(creates, &ids)?.run(tx, |tx, i, res| {
+        let rtype = res.rtype.clone();
         let version = tx
             .insert(NewVersion {
                 rtype: &rtype,
-                id: &id,
-                res: Some(Prepared::new(rtype.clone(), res)),
+                id: &create_ids[&i],
+                res: Some(res),
                 method: Method::Post,
                 prev: None,
                 stamp: Stamp::Local,
@@ -602,9 +680,12 @@ fn transaction(
             status: 201,
             version: Some(version),
         });
-    }
+        Ok(())
+    })?;
+    let mut updates = Vec::new();
+    let mut update_ids = HashMap::new();
     for ((i, p), id) in puts.into_iter().zip(put_targets) {
-        let (rtype, mut res, if_match) = match p.op {
+        let (rtype, res, if_match) = match p.op {
             Op::Update {
                 rtype,
                 res,
@@ -619,11 +700,15 @@ fn transaction(
             } => (rtype, res, if_match),
             _ => continue,
         };
-        resolve_references(tx, &mut res, &ids).map_err(|e| entry_err(i, e))?;
-        let out = engine::update(tx, &id, Prepared::new(rtype, res), if_match)
-            .map_err(|e| entry_err(i, e))?;
-        results[i] = Some(write_result(out));
+        update_ids.insert(i, (id, if_match));
+        updates.push((i, rtype, res));
     }
+    Writes::new(updates, &ids)?.run(tx, |tx, i, res| {
+        let (id, if_match) = &update_ids[&i];
+        let out = engine::update(tx, id, res, *if_match).map_err(|e| entry_err(i, e))?;
+        results[i] = Some(write_result(out));
+        Ok(())
+    })?;
     for (i, p) in gets {
         results[i] = Some(read_op(tx, p.op).map_err(|e| entry_err(i, e))?);
     }

@@ -100,6 +100,11 @@ pub trait WriteTx {
     fn add_audit_event(&mut self, r: &fhirsync_core::audit::AuditRecord) -> Result<(), StoreError>;
     /// `false` when `key` is already marked used.
     fn claim_once(&mut self, key: &str, until_ms: u64) -> Result<bool, StoreError>;
+    /// Writes what the store holds back (index rows written sorted), so
+    /// that it is part of the savepoint about to be released.
+    fn settle(&mut self) -> Result<(), StoreError> {
+        Ok(())
+    }
 }
 
 /// Runs `f` inside a savepoint: its writes stay only if it succeeds.

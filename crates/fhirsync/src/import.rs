@@ -14,7 +14,7 @@ use std::time::Instant;
 use anyhow::{bail, Context};
 use fhirsync_core::resource::{body_id, check_resource, parse_resource};
 use fhirsync_core::validate::{summary, Mode};
-use fhirsync_store::sqlite::{SqliteStore, StreamMsg};
+use fhirsync_store::sqlite::{Presorted, SqliteStore, StreamMsg};
 use fhirsync_store::{Prepared, StoreError, WriteRequest};
 use fhirsync_sync::files::{split_file, FilePart};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -125,10 +125,11 @@ pub fn run(cfg: Config, batch_size: usize, paths: &[PathBuf]) -> anyhow::Result<
         batches: VecDeque::new(),
     };
     let mut send =
-        |reqs: Vec<WriteRequest>, origins: Vec<Origin>, sent: &mut u64| -> anyhow::Result<()> {
+        |mut reqs: Vec<WriteRequest>, origins: Vec<Origin>, sent: &mut u64| -> anyhow::Result<()> {
             recent.push(*sent, origins);
             *sent += reqs.len() as u64;
-            tx.blocking_send(StreamMsg::Batch(reqs))
+            let index = Presorted::take(&mut reqs);
+            tx.blocking_send(StreamMsg::Batch(reqs, index))
                 .map_err(|_| anyhow::Error::new(WriterStopped))
         };
 

@@ -11,7 +11,7 @@ use common::*;
 use fhirsync_core::clock::ManualClock;
 use fhirsync_store::Store;
 use fhirsync_testkit::server::Options;
-use serde_json::{json, Value};
+use serde_json::json;
 
 /// A server whose clock never moves: every version has the same lastUpdated.
 async fn frozen() -> (InProcess, Arc<ManualClock>) {
@@ -22,25 +22,6 @@ async fn frozen() -> (InProcess, Arc<ManualClock>) {
     })
     .await;
     (s, clock)
-}
-
-/// Follows `next` links from `first`, collecting every page's entries.
-async fn all_pages(s: &InProcess, first: &str) -> (Vec<Value>, usize) {
-    let mut url = s.url(first);
-    let mut entries = Vec::new();
-    let mut pages = 0;
-    loop {
-        let (st, b) = status_json(s.client.get(&url).send().await.unwrap()).await;
-        assert_eq!(st, 200, "{b}");
-        pages += 1;
-        entries.extend(b["entry"].as_array().cloned().unwrap_or_default());
-        match next_link(&b) {
-            Some(n) => url = n,
-            None => break,
-        }
-        assert!(pages < 1000, "paging does not end");
-    }
-    (entries, pages)
 }
 
 #[tokio::test]

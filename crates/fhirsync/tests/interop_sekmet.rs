@@ -393,6 +393,11 @@ const KNOWN_DIFFERENCES: &[(&str, &str)] = &[
         "&value-quantity=eq",
         "as for ne: eq91 takes [90.5, 91.5) on the node, exactly 91 on the other server",
     ),
+    (
+        "Observation?value-quantity=",
+        "a value without a prefix is eq (this query is the only one that starts with it): \
+         it differs when the sample value has few digits (84 takes [83.5, 84.5))",
+    ),
 ];
 
 /// The same searches on the same PySynthea patients against the node and
@@ -528,7 +533,7 @@ async fn searches_agree_with_an_independent_server_on_synthea_patients() {
         format!("Observation?code={ocode}&value-quantity=ap{oval}"),
         format!("Observation?code={ocode}&value-quantity=ne{oval}"),
         format!("Observation?code={ocode}&value-quantity=eq{oval}"),
-        format!("Observation?code={ocode}&value-quantity={oval}"),
+        format!("Observation?value-quantity={oval}&code={ocode}"),
         "Observation?date=ap2020-01-01".into(),
         "Observation?code:text=body".into(),
         "Observation?component-code=8480-6".into(),

@@ -149,6 +149,7 @@ fn compile(base: &str, d: &Definition) -> Result<&'static Param, String> {
         components: Vec::new(),
         paths: simple_paths(base, expr),
         name: Arc::from(code),
+        derived: super::Derived::of(code),
         custom: true,
         stored: super::Stored::Own,
     })))

@@ -82,10 +82,32 @@ pub struct Param {
     /// which gives what the engine gives several times faster.
     paths: Option<Vec<Vec<&'static str>>>,
     name: Arc<str>,
+    /// The names of its derived entries, made once.
+    derived: Derived,
     /// Defined by a `SearchParameter` resource of the node, not by R4.
     pub custom: bool,
     /// Where its entries are stored.
     pub stored: Stored,
+}
+
+/// The names a parameter's derived entries are stored under
+/// (`code:text`, `identifier:of-type`, `subject:identifier`).
+#[derive(Debug)]
+pub struct Derived {
+    text: Arc<str>,
+    of_type: Arc<str>,
+    identifier: Arc<str>,
+}
+
+impl Derived {
+    pub fn of(code: &str) -> Derived {
+        let name = |suffix: &str| Arc::from(format!("{code}{suffix}"));
+        Derived {
+            text: name(TEXT_SUFFIX),
+            of_type: name(OF_TYPE_SUFFIX),
+            identifier: name(IDENTIFIER_SUFFIX),
+        }
+    }
 }
 
 /// Where a parameter's entries are stored. R4 defines parameters whose
@@ -135,8 +157,11 @@ fn pieces(expr: &str) -> Vec<&str> {
 
 /// Which parameters of one type are stored as others (see [`Stored`]).
 fn aliases(defs: &[&'static spec::ParamDef]) -> Vec<Stored> {
-    let usable =
-        |d: &spec::ParamDef| d.expr.is_some() && !matches!(d.kind, Kind::Composite | Kind::Special);
+    let usable = |d: &spec::ParamDef| d.expr.is_some() && d.kind != Kind::Special;
+    // composites also pair the same components the same way
+    let parts_of = |d: &spec::ParamDef| -> Vec<(Kind, &'static str)> {
+        d.components.iter().map(|(_, k, e)| (*k, *e)).collect()
+    };
     let mut out = vec![Stored::Own; defs.len()];
     // the same expression as an earlier parameter, or one of its
     // references restricted to a type
@@ -149,6 +174,7 @@ fn aliases(defs: &[&'static spec::ParamDef]) -> Vec<Stored> {
             out[j] == Stored::Own
                 && usable(defs[j])
                 && defs[j].kind == d.kind
+                && parts_of(defs[j]) == parts_of(d)
                 && defs[j].expr.map(pieces) == Some(mine.clone())
         }) {
             out[i] = Stored::As(vec![defs[j].code]);
@@ -190,10 +216,15 @@ fn aliases(defs: &[&'static spec::ParamDef]) -> Vec<Stored> {
         }
         let parts: Vec<usize> = (0..defs.len())
             .filter(|&j| {
-                j != i && out[j] == Stored::Own && usable(defs[j]) && defs[j].kind == d.kind && {
-                    let theirs = pieces(defs[j].expr.unwrap_or_default());
-                    theirs.len() < mine.len() && theirs.iter().all(|p| mine.contains(p))
-                }
+                j != i
+                    && out[j] == Stored::Own
+                    && usable(defs[j])
+                    && defs[j].kind == d.kind
+                    && parts_of(defs[j]) == parts_of(d)
+                    && {
+                        let theirs = pieces(defs[j].expr.unwrap_or_default());
+                        theirs.len() < mine.len() && theirs.iter().all(|p| mine.contains(p))
+                    }
             })
             .collect();
         let covered = mine.iter().all(|p| {
@@ -294,6 +325,7 @@ fn registry() -> &'static Registry {
                         .filter_map(|(_, k, e)| Some((*k, compile(e)?)))
                         .collect(),
                     name: Arc::from(d.code),
+                    derived: Derived::of(d.code),
                     custom: false,
                     stored,
                 });
@@ -324,6 +356,11 @@ pub fn all_params(rtype: &str) -> Vec<&'static Param> {
 
 /// Case- and accent-folded text, at most [`TEXT_CHARS_MAX`] characters.
 pub fn fold(s: &str) -> String {
+    if s.is_ascii() {
+        let mut out = s[..s.len().min(TEXT_CHARS_MAX)].to_owned();
+        out.make_ascii_lowercase();
+        return out;
+    }
     s.nfd()
         .filter(|c| !is_combining_mark(*c))
         .flat_map(char::to_lowercase)
@@ -350,7 +387,7 @@ pub fn extract(rtype: &str, root: &Value) -> Vec<IndexEntry> {
                     walk(root, path, &mut values);
                 }
                 for v in &values {
-                    value_keys(p.kind, v, &p.name, &mut keys, &mut out);
+                    value_keys(p.kind, v, Some(&p.derived), &mut keys, &mut out);
                 }
             }
             _ => {
@@ -362,7 +399,7 @@ pub fn extract(rtype: &str, root: &Value) -> Vec<IndexEntry> {
                     continue;
                 }
                 for it in &items {
-                    item_keys(p.kind, it, &p.name, &mut keys, &mut out);
+                    item_keys(p.kind, it, Some(&p.derived), &mut keys, &mut out);
                 }
             }
         }
@@ -473,7 +510,7 @@ pub fn extract_param(rtype: &str, code: &str, root: &Value) -> Vec<Key> {
     let mut derived = Vec::new();
     if let Ok(items) = eval(e, root, &env) {
         for it in &items {
-            item_keys(p.kind, it, &p.name, &mut keys, &mut derived);
+            item_keys(p.kind, it, None, &mut keys, &mut derived);
         }
     }
     keys
@@ -495,9 +532,12 @@ fn push(out: &mut Vec<IndexEntry>, param: &Arc<str>, key: Key) {
     });
 }
 
-fn derived(out: &mut Vec<IndexEntry>, param: &str, suffix: &str, key: Key) {
-    let name: Arc<str> = Arc::from(format!("{param}{suffix}"));
-    push(out, &name, key);
+/// A derived entry, when its names are wanted (`None`: the caller only
+/// wants the parameter's own keys).
+fn derived(out: &mut Vec<IndexEntry>, name: Option<&Arc<str>>, key: impl FnOnce() -> Key) {
+    if let Some(name) = name {
+        push(out, name, key());
+    }
 }
 
 fn text(s: &str) -> Key {
@@ -549,7 +589,13 @@ fn json_of(it: &Item) -> Option<Value> {
 
 /// The keys of one item for a parameter of `kind`; derived entries
 /// (`:text`, `:of-type`, `:identifier`) go straight to `out`.
-fn item_keys(kind: Kind, it: &Item, param: &str, keys: &mut Vec<Key>, out: &mut Vec<IndexEntry>) {
+fn item_keys(
+    kind: Kind,
+    it: &Item,
+    names: Option<&Derived>,
+    keys: &mut Vec<Key>,
+    out: &mut Vec<IndexEntry>,
+) {
     let v = match it {
         Item::Node(n) => std::borrow::Cow::Borrowed(n.v),
         other => match json_of(other) {
@@ -557,26 +603,33 @@ fn item_keys(kind: Kind, it: &Item, param: &str, keys: &mut Vec<Key>, out: &mut 
             None => return,
         },
     };
-    value_keys(kind, v.as_ref(), param, keys, out);
+    value_keys(kind, v.as_ref(), names, keys, out);
 }
 
-fn value_keys(kind: Kind, v: &Value, param: &str, keys: &mut Vec<Key>, out: &mut Vec<IndexEntry>) {
+fn value_keys(
+    kind: Kind,
+    v: &Value,
+    names: Option<&Derived>,
+    keys: &mut Vec<Key>,
+    out: &mut Vec<IndexEntry>,
+) {
     match kind {
-        Kind::Token => token_keys(v, param, keys, out),
+        Kind::Token => token_keys(v, names, keys, out),
         Kind::Uri => {
             if let Some(s) = v.as_str() {
                 keys.push(token("", s));
             }
         }
         Kind::String => string_keys(v, keys),
-        Kind::Reference => reference_keys(v, param, keys, out),
+        Kind::Reference => reference_keys(v, names, keys, out),
         Kind::Date => date_keys(v, keys),
         Kind::Number | Kind::Quantity => number_keys(v, keys),
         Kind::Composite | Kind::Special => {}
     }
 }
 
-fn token_keys(v: &Value, param: &str, keys: &mut Vec<Key>, out: &mut Vec<IndexEntry>) {
+fn token_keys(v: &Value, names: Option<&Derived>, keys: &mut Vec<Key>, out: &mut Vec<IndexEntry>) {
+    let text_name = names.map(|n| &n.text);
     match v {
         Value::String(s) => keys.push(token("", s)),
         Value::Bool(b) => keys.push(token("", if *b { "true" } else { "false" })),
@@ -588,7 +641,7 @@ fn token_keys(v: &Value, param: &str, keys: &mut Vec<Key>, out: &mut Vec<IndexEn
                         keys.push(token(str_of(c, "system").unwrap_or(""), code));
                     }
                     if let Some(d) = str_of(c, "display") {
-                        derived(out, param, TEXT_SUFFIX, text(d));
+                        derived(out, text_name, || text(d));
                     }
                 };
             if o.contains_key("coding") || (o.contains_key("text") && !o.contains_key("value")) {
@@ -597,7 +650,7 @@ fn token_keys(v: &Value, param: &str, keys: &mut Vec<Key>, out: &mut Vec<IndexEn
                     coding(c, keys, out);
                 }
                 if let Some(t) = str_of(o, "text") {
-                    derived(out, param, TEXT_SUFFIX, text(t));
+                    derived(out, text_name, || text(t));
                 }
             } else if let Some(value) = str_of(o, "value") {
                 // Identifier or ContactPoint
@@ -606,16 +659,13 @@ fn token_keys(v: &Value, param: &str, keys: &mut Vec<Key>, out: &mut Vec<IndexEn
                     for c in objects(ty, "coding") {
                         if let Some(code) = str_of(c, "code") {
                             let sys = str_of(c, "system").unwrap_or("");
-                            derived(
-                                out,
-                                param,
-                                OF_TYPE_SUFFIX,
-                                token(sys, &format!("{code}|{value}")),
-                            );
+                            derived(out, names.map(|n| &n.of_type), || {
+                                token(sys, &format!("{code}|{value}"))
+                            });
                         }
                     }
                     if let Some(t) = str_of(ty, "text") {
-                        derived(out, param, TEXT_SUFFIX, text(t));
+                        derived(out, text_name, || text(t));
                     }
                 }
             } else if o.contains_key("code") || o.contains_key("system") {
@@ -651,7 +701,12 @@ fn string_keys(v: &Value, keys: &mut Vec<Key>) {
     }
 }
 
-fn reference_keys(v: &Value, param: &str, keys: &mut Vec<Key>, out: &mut Vec<IndexEntry>) {
+fn reference_keys(
+    v: &Value,
+    names: Option<&Derived>,
+    keys: &mut Vec<Key>,
+    out: &mut Vec<IndexEntry>,
+) {
     match v {
         Value::String(s) => canonical_keys(s, keys),
         Value::Object(o) => {
@@ -667,7 +722,7 @@ fn reference_keys(v: &Value, param: &str, keys: &mut Vec<Key>, out: &mut Vec<Ind
             if let Some(i) = o.get("identifier").and_then(Value::as_object) {
                 if let Some(value) = str_of(i, "value") {
                     let sys = str_of(i, "system").unwrap_or("");
-                    derived(out, param, IDENTIFIER_SUFFIX, token(sys, value));
+                    derived(out, names.map(|n| &n.identifier), || token(sys, value));
                 }
             }
         }
@@ -780,7 +835,7 @@ fn composite(p: &Param, items: &[Item], env: &Env, out: &mut Vec<IndexEntry>) {
             let mut ignored = Vec::new();
             if let Ok(vals) = eval(e, el, env) {
                 for v in &vals {
-                    item_keys(k, v, "", &mut keys, &mut ignored);
+                    item_keys(k, v, None, &mut keys, &mut ignored);
                 }
             }
             keys
@@ -990,6 +1045,21 @@ mod alias_tests {
             Stored::As(vec!["code", "component-code"])
         );
         assert_eq!(s("Patient", "phonetic"), Stored::As(vec!["name"]));
+        // composites: only those pairing the same components
+        assert_eq!(
+            s("Observation", "combo-code-value-quantity"),
+            Stored::As(vec!["code-value-quantity", "component-code-value-quantity"])
+        );
+        assert_eq!(
+            s("Observation", "combo-code-value-concept"),
+            Stored::As(vec!["code-value-concept", "component-code-value-concept"])
+        );
+        for c in [
+            "component-code-value-quantity",
+            "component-code-value-concept",
+        ] {
+            assert_eq!(s("Observation", c), Stored::Own, "{c}");
+        }
         assert_eq!(
             s("Encounter", "practitioner"),
             Stored::Typed("participant", "Practitioner")

@@ -93,6 +93,48 @@ pub fn element(path: &str) -> Option<&'static Element> {
         .map(|i| &ELEMENTS[i])
 }
 
+/// The element `name` of the type or element `def` (`def.name`), found
+/// without building the path.
+pub fn child(def: &str, name: &str) -> Option<&'static Element> {
+    let key = [def.as_bytes(), b".", name.as_bytes()];
+    ELEMENTS
+        .binary_search_by(|e| {
+            let mut p = e.path.as_bytes();
+            for part in key {
+                let n = part.len().min(p.len());
+                match p[..n].cmp(&part[..n]) {
+                    std::cmp::Ordering::Equal if n == part.len() => p = &p[n..],
+                    std::cmp::Ordering::Equal => return std::cmp::Ordering::Less,
+                    other => return other,
+                }
+            }
+            if p.is_empty() {
+                std::cmp::Ordering::Equal
+            } else {
+                std::cmp::Ordering::Greater
+            }
+        })
+        .ok()
+        .map(|i| &ELEMENTS[i])
+}
+
+/// The direct children of `def` with `min` ≥ 1, found once per `def`.
+pub fn required_children(def: &str) -> &'static [&'static Element] {
+    static R: std::sync::OnceLock<std::collections::HashMap<&'static str, Vec<&'static Element>>> =
+        std::sync::OnceLock::new();
+    let map = R.get_or_init(|| {
+        let mut m: std::collections::HashMap<&'static str, Vec<&'static Element>> =
+            std::collections::HashMap::new();
+        for e in ELEMENTS.iter().filter(|e| e.min > 0) {
+            if let Some((parent, _)) = e.path.rsplit_once('.') {
+                m.entry(parent).or_default().push(e);
+            }
+        }
+        m
+    });
+    map.get(def).map(Vec::as_slice).unwrap_or(&[])
+}
+
 /// The direct children of the element or type at `path`.
 pub fn children(path: &str) -> impl Iterator<Item = &'static Element> + '_ {
     let start = ELEMENTS.partition_point(|e| e.path <= path);
@@ -178,5 +220,35 @@ mod tests {
         );
         assert!(compartment_members("Patient").any(|t| t == "Encounter"));
         assert!(summary_elements("Patient").contains(&"name"));
+    }
+
+    /// `child` finds what `element` finds on the joined path, and nothing
+    /// for names that only share a prefix with an element's.
+    #[test]
+    fn child_is_element_of_the_joined_path() {
+        for e in ELEMENTS {
+            let Some((def, name)) = e.path.rsplit_once('.') else {
+                continue;
+            };
+            assert!(std::ptr::eq(child(def, name).unwrap(), e), "{}", e.path);
+        }
+        for (def, name) in [
+            ("Observation", "cod"),
+            ("Observation", "codes"),
+            ("Observatio", "n.code"),
+            ("Observation.code", ""),
+            ("", "Observation"),
+        ] {
+            assert_eq!(
+                child(def, name).map(|e| e.path),
+                element(&format!("{def}.{name}")).map(|e| e.path),
+                "{def} {name}"
+            );
+        }
+        let req: Vec<_> = required_children("Observation")
+            .iter()
+            .map(|e| e.path)
+            .collect();
+        assert_eq!(req, ["Observation.code", "Observation.status"]);
     }
 }

@@ -4,7 +4,7 @@
 use fhirsync_core::index::{IndexEntry, Key};
 use rusqlite::{params, CachedStatement, Connection};
 
-use crate::StoreError;
+use crate::{StoreError, WriteRequest};
 
 /// The index tables, each with a `seq` column.
 pub const TABLES: &[&str] = &["tokens", "strings", "dates", "numbers", "composites"];
@@ -14,8 +14,16 @@ pub fn insert(conn: &Connection, seq: u64, entries: &[IndexEntry]) -> Result<(),
     if entries.is_empty() {
         return Ok(());
     }
+    write_rows(conn, entries.iter().map(|e| (seq, e)))
+}
+
+/// Writes rows, fastest in key order (each B-tree page touched once).
+fn write_rows<'e>(
+    conn: &Connection,
+    rows: impl Iterator<Item = (u64, &'e IndexEntry)>,
+) -> Result<(), StoreError> {
     let mut ins = Inserter::new(conn)?;
-    for e in entries {
+    for (seq, e) in rows {
         ins.put(seq, e)?;
     }
     Ok(())
@@ -104,12 +112,65 @@ impl Pending {
             return Ok(());
         }
         let mut rows = std::mem::take(&mut self.0);
-        rows.sort_by(|(sa, a), (sb, b)| order(a, b).then(sa.cmp(sb)));
-        let mut ins = Inserter::new(conn)?;
-        for (seq, e) in &rows {
-            ins.put(*seq, e)?;
+        rows.sort_unstable_by(|(sa, a), (sb, b)| order(a, b).then(sa.cmp(sb)));
+        write_rows(conn, rows.iter().map(|(seq, e)| (*seq, e)))
+    }
+}
+
+/// The index entries of a streamed batch's requests, taken out of them and
+/// sorted in key order before the batch reaches the writer (sorting is a
+/// sixth of the writer's time otherwise). Each row names its request by
+/// position; the writer gives it the `seq` of the version that request
+/// wrote, so the rows stay in (key, seq) order.
+#[derive(Default)]
+pub struct Presorted(Vec<(u32, IndexEntry)>);
+
+impl Presorted {
+    /// Takes the entries of the resources in `reqs` (leaving theirs empty)
+    /// and sorts them, in parallel. A batch with a request that searches
+    /// (a conditional one, a Bundle) keeps its entries: that search must
+    /// find the rows of the requests before it, which the writer then
+    /// writes as it goes.
+    pub fn take(reqs: &mut [WriteRequest]) -> Presorted {
+        use rayon::slice::ParallelSliceMut;
+        let plain = |r: &WriteRequest| {
+            matches!(
+                r,
+                WriteRequest::Create {
+                    if_none_exist: None,
+                    ..
+                } | WriteRequest::Update { .. }
+                    | WriteRequest::Delete { .. }
+            )
+        };
+        if !reqs.iter().all(plain) {
+            return Presorted::default();
         }
-        Ok(())
+        let mut rows = Vec::new();
+        for (i, r) in reqs.iter_mut().enumerate() {
+            let (WriteRequest::Create { res, .. } | WriteRequest::Update { res, .. }) = r else {
+                continue;
+            };
+            rows.extend(
+                std::mem::take(&mut res.index)
+                    .into_iter()
+                    .map(|e| (i as u32, e)),
+            );
+        }
+        rows.par_sort_unstable_by(|(ia, a), (ib, b)| order(a, b).then(ia.cmp(ib)));
+        Presorted(rows)
+    }
+
+    /// Writes the rows of the requests that wrote a version (`seqs[i]`).
+    pub fn write(self, conn: &Connection, seqs: &[Option<u64>]) -> Result<(), StoreError> {
+        let rows = self
+            .0
+            .iter()
+            .filter_map(|(i, e)| match seqs.get(*i as usize) {
+                Some(Some(seq)) => Some((*seq, e)),
+                _ => None,
+            });
+        write_rows(conn, rows)
     }
 }
 
@@ -203,5 +264,65 @@ mod tests {
         let (da, db) = (dump(&a), dump(&b));
         assert_eq!(da.len(), 203 * 5);
         assert_eq!(da, db);
+    }
+
+    /// Rows sorted off the writer land as the writer's own inserts would,
+    /// without those of requests that wrote no version; a batch with a
+    /// searching request keeps its entries.
+    #[test]
+    fn presorted_rows_write_what_single_inserts_write() {
+        use crate::Prepared;
+        let resource = |i: u64| {
+            let v = serde_json::json!({
+                "resourceType": "Observation", "id": format!("o{i}"), "status": "final",
+                "code": {"coding": [{"system": "http://loinc.org", "code": format!("{}", i % 5)}], "text": "T"},
+                "subject": {"reference": format!("Patient/p{}", i % 3)},
+                "valueQuantity": {"value": i, "unit": "mg", "system": "http://unitsofmeasure.org", "code": "mg"}
+            });
+            let serde_json::Value::Object(m) = v else {
+                unreachable!()
+            };
+            Prepared::new("Observation".into(), m)
+        };
+        let a = Connection::open_in_memory().unwrap();
+        let b = Connection::open_in_memory().unwrap();
+        for c in [&a, &b] {
+            c.execute_batch(crate::sqlite::schema::SCHEMA).unwrap();
+        }
+        let mut reqs: Vec<WriteRequest> = (0..50)
+            .map(|i| WriteRequest::Update {
+                id: format!("o{i}"),
+                res: resource(i),
+                if_match: None,
+            })
+            .collect();
+        // every third request "wrote nothing" (unchanged)
+        let seqs: Vec<Option<u64>> = (0..50u64)
+            .map(|i| (i % 3 != 0).then_some(100 + i))
+            .collect();
+        for (i, seq) in seqs.iter().enumerate() {
+            if let Some(seq) = seq {
+                insert(&b, *seq, &resource(i as u64).index).unwrap();
+            }
+        }
+        let sorted = Presorted::take(&mut reqs);
+        assert!(reqs
+            .iter()
+            .all(|r| matches!(r, WriteRequest::Update { res, .. } if res.index.is_empty())));
+        sorted.write(&a, &seqs).unwrap();
+        let (da, db) = (dump(&a), dump(&b));
+        assert!(da.len() > 150, "{}", da.len());
+        assert_eq!(da, db);
+
+        let mut mixed = vec![
+            WriteRequest::Update {
+                id: "o1".into(),
+                res: resource(1),
+                if_match: None,
+            },
+            WriteRequest::Bundle(serde_json::Map::new()),
+        ];
+        assert!(Presorted::take(&mut mixed).0.is_empty());
+        assert!(matches!(&mixed[0], WriteRequest::Update { res, .. } if !res.index.is_empty()));
     }
 }

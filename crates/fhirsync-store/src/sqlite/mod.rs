@@ -22,6 +22,7 @@ use fhirsync_core::Hlc;
 use rusqlite::{Connection, OpenFlags, OptionalExtension};
 use tokio::sync::{mpsc, oneshot, watch};
 
+pub use index_rows::Presorted;
 pub use schema::SyncMode;
 pub use search_sql::{DENSE_ROWS, NARROW_CONDS_MAX};
 pub use writer::{LoadDone, LoadSummary, StreamMsg};

@@ -19,7 +19,10 @@ pub const MIGRATE_1_TO_2: &str = "ALTER TABLE versions ADD COLUMN via TEXT;";
 /// any snapshot `seq`. `tokens`, `strings`, `dates`, `numbers` and
 /// `composites` hold the search index per version (see
 /// `fhirsync_core::index`); their keys start with the parameter, and every
-/// query reaches them by it.
+/// query reaches them by it. `dates` and `numbers` are also indexed by
+/// `seq`, so that a dense range is checked version by version (an append
+/// at every write: `seq` only grows); `dates` also by `(param, hi)`, for
+/// `gt`/`ge` (`hi > x`), which its key (`lo` first) cannot bound.
 pub const SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS node_info (
     key   TEXT PRIMARY KEY,
@@ -65,6 +68,8 @@ CREATE TABLE IF NOT EXISTS dates (
     seq   INTEGER NOT NULL,
     PRIMARY KEY (param, lo, hi, seq)
 ) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS dates_seq ON dates(seq);
+CREATE INDEX IF NOT EXISTS dates_hi ON dates(param, hi);
 CREATE TABLE IF NOT EXISTS numbers (
     param  TEXT    NOT NULL,
     value  REAL    NOT NULL,
@@ -73,6 +78,7 @@ CREATE TABLE IF NOT EXISTS numbers (
     seq    INTEGER NOT NULL,
     PRIMARY KEY (param, value, system, code, seq)
 ) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS numbers_seq ON numbers(seq);
 CREATE TABLE IF NOT EXISTS composites (
     param TEXT    NOT NULL,
     a_val TEXT    NOT NULL,

@@ -136,11 +136,17 @@ impl Builder {
     /// lookup of `a`'s own row (so that SQLite starts from the selective
     /// clause and does not build the list of a broad one).
     /// Only a `point` condition (a token's system and value, whose rows'
-    /// keys reach `seq` through equalities) is looked up: a range (or a
-    /// value of any system) would be walked for every version.
+    /// keys reach `seq` through equalities) and a date or number (whose
+    /// tables are also indexed by `seq`, see [`SEQ_INDEXED`]) are looked
+    /// up: another range (or a value of any system) would be walked for
+    /// every version.
     fn member(&self, a: &str, table: &str, w: String, point: bool) -> String {
         if self.list {
             format!("SELECT seq FROM {table} WHERE {w}")
+        } else if self.exists && SEQ_INDEXED.contains(&table) {
+            format!(
+                "EXISTS (SELECT 1 FROM {table} INDEXED BY {table}_seq WHERE seq = {a}.seq AND {w})"
+            )
         } else if self.exists && point {
             format!("EXISTS (SELECT 1 FROM {table} WHERE {w} AND seq = {a}.seq)")
         } else {
@@ -461,6 +467,10 @@ impl Builder {
         w
     }
 }
+
+/// The index tables with an index on `seq` (`{table}_seq`): their
+/// conditions are ranges, which their keys cannot look up per version.
+pub const SEQ_INDEXED: &[&str] = &["dates", "numbers"];
 
 /// A clause whose index rows number at least this many is dense: the
 /// search walks the type in `seq` order and looks each version's row up,

@@ -31,7 +31,9 @@ pub type LoadDone = oneshot::Receiver<Result<LoadSummary, StoreError>>;
 
 /// A message of a streamed, all-or-nothing load.
 pub enum StreamMsg {
-    Batch(Vec<WriteRequest>),
+    /// Requests, with their resources' index entries sorted already
+    /// ([`index_rows::Presorted::take`]) or left in them.
+    Batch(Vec<WriteRequest>, index_rows::Presorted),
     /// Commit everything sent so far and end the stream.
     Commit,
 }
@@ -220,7 +222,8 @@ impl Writer {
         let r = (|| {
             loop {
                 match rx.blocking_recv() {
-                    Some(StreamMsg::Batch(reqs)) => {
+                    Some(StreamMsg::Batch(reqs, presorted)) => {
+                        let mut seqs = Vec::with_capacity(reqs.len());
                         for req in reqs {
                             let index = sum.requests as usize;
                             sum.requests += 1;
@@ -245,7 +248,12 @@ impl Writer {
                                 }
                             }
                             count(&mut sum, &out);
+                            seqs.push(match &out {
+                                WriteOutcome::Written { version, .. } => Some(version.seq),
+                                _ => None,
+                            });
                         }
+                        presorted.write(&self.conn, &seqs)?;
                         self.flush_index()?;
                     }
                     Some(StreamMsg::Commit) => return self.flush_index(),
@@ -270,10 +278,27 @@ impl Writer {
 
     /// Runs one request in its savepoint. A panic in it (a bug) rolls that
     /// request back and becomes an error; the writer, and the node, go on.
+    ///
+    /// A transaction Bundle's index rows are held back and written sorted
+    /// at its end (or before a search in it): all or nothing, none of its
+    /// versions outlives a failure, so none of the rows held may either.
     fn execute_guarded(&mut self, req: WriteRequest) -> Result<WriteOutcome, StoreError> {
+        let hold = self.pending.is_none()
+            && matches!(&req, WriteRequest::Bundle(b)
+                if b.get("type").and_then(serde_json::Value::as_str) == Some("transaction"));
+        if hold {
+            self.pending = Some(index_rows::Pending::default());
+        }
         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            engine::atomically(self, |tx| engine::execute(tx, req))
+            engine::atomically(self, |tx| {
+                let out = engine::execute(tx, req)?;
+                tx.settle()?;
+                Ok(out)
+            })
         }));
+        if hold {
+            self.pending = None;
+        }
         r.unwrap_or_else(|_| {
             tracing::error!("a write request panicked; it was rolled back");
             self.next_seq = None;
@@ -353,6 +378,10 @@ fn count(sum: &mut LoadSummary, out: &WriteOutcome) {
 }
 
 impl WriteTx for Writer {
+    fn settle(&mut self) -> Result<(), StoreError> {
+        self.flush_index()
+    }
+
     fn node_id(&self) -> &str {
         &self.node_id
     }

@@ -95,6 +95,25 @@ pub fn next_link(b: &Value) -> Option<String> {
         .map(str::to_owned)
 }
 
+/// Follows `next` links from `first`, collecting every page's entries.
+pub async fn all_pages(s: &InProcess, first: &str) -> (Vec<Value>, usize) {
+    let mut url = s.url(first);
+    let mut entries = Vec::new();
+    let mut pages = 0;
+    loop {
+        let (st, b) = status_json(s.client.get(&url).send().await.unwrap()).await;
+        assert_eq!(st, 200, "{b}");
+        pages += 1;
+        entries.extend(b["entry"].as_array().cloned().unwrap_or_default());
+        match next_link(&b) {
+            Some(n) => url = n,
+            None => break,
+        }
+        assert!(pages < 1000, "paging does not end");
+    }
+    (entries, pages)
+}
+
 /// The `response.status` of each entry of a batch or transaction response.
 pub fn entry_statuses(b: &Value) -> Vec<&str> {
     b["entry"]
