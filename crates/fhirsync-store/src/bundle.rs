@@ -475,23 +475,24 @@ fn resolve_conditional(
 /// prepared (serialized, hashed, indexed) in parallel before the writes;
 /// a conditional reference's search must see the entries written before
 /// it, so with one they are prepared one by one as the writes go.
-struct Writes {
-    items: Vec<Write>,
+struct Writes<T> {
+    items: Vec<Write<T>>,
 }
 
-/// One entry's write: its index, type, resource and the conditional
+/// One entry's write: its index, what it writes to (`T`: the id, and the
+/// version an update expects), type, resource and the conditional
 /// references left to resolve in it.
-type Write = (usize, String, Map<String, Value>, Vec<String>);
+type Write<T> = (usize, T, String, Map<String, Value>, Vec<String>);
 
-impl Writes {
+impl<T: Send> Writes<T> {
     fn new(
-        items: Vec<(usize, String, Map<String, Value>)>,
+        items: Vec<(usize, T, String, Map<String, Value>)>,
         ids: &HashMap<String, String>,
-    ) -> Result<Writes, StoreError> {
+    ) -> Result<Writes<T>, StoreError> {
         let mut out = Vec::with_capacity(items.len());
-        for (i, rtype, mut res) in items {
+        for (i, target, rtype, mut res) in items {
             let wanted = rewrite_local(&mut res, ids).map_err(|e| entry_err(i, e))?;
-            out.push((i, rtype, res, wanted));
+            out.push((i, target, rtype, res, wanted));
         }
         Ok(Writes { items: out })
     }
@@ -504,23 +505,23 @@ impl Writes {
     fn run(
         self,
         tx: &mut dyn WriteTx,
-        mut write: impl FnMut(&mut dyn WriteTx, usize, Prepared) -> Result<(), StoreError>,
+        mut write: impl FnMut(&mut dyn WriteTx, usize, T, Prepared) -> Result<(), StoreError>,
     ) -> Result<(), StoreError> {
         use rayon::prelude::*;
         if self.conditional() {
-            for (i, rtype, mut res, wanted) in self.items {
+            for (i, target, rtype, mut res, wanted) in self.items {
                 resolve_conditional(tx, &mut res, wanted).map_err(|e| entry_err(i, e))?;
-                write(tx, i, Prepared::new(rtype, res))?;
+                write(tx, i, target, Prepared::new(rtype, res))?;
             }
             return Ok(());
         }
-        let prepared: Vec<(usize, Prepared)> = self
+        let prepared: Vec<(usize, T, Prepared)> = self
             .items
             .into_par_iter()
-            .map(|(i, rtype, res, _)| (i, Prepared::new(rtype, res)))
+            .map(|(i, target, rtype, res, _)| (i, target, Prepared::new(rtype, res)))
             .collect();
-        for (i, p) in prepared {
-            write(tx, i, p)?;
+        for (i, target, p) in prepared {
+            write(tx, i, target, p)?;
         }
         Ok(())
     }
@@ -655,21 +656,19 @@ fn transaction(
     }
 
     let mut creates = Vec::new();
-    let mut create_ids = HashMap::new();
     for ((i, p), new_id) in posts.into_iter().zip(post_targets) {
         let Some(id) = new_id else { continue };
         let Op::Create { res, rtype, .. } = p.op else {
             continue;
         };
-        create_ids.insert(i, id);
-        creates.push((i, rtype, res));
+        creates.push((i, id, rtype, res));
     }
-    Writes::new(creates, &ids)?.run(tx, |tx, i, res| {
+    Writes::new(creates, &ids)?.run(tx, |tx, i, id, res| {
         let rtype = res.rtype.clone();
         let version = tx
             .insert(NewVersion {
                 rtype: &rtype,
-                id: &create_ids[&i],
+                id: &id,
                 res: Some(res),
                 method: Method::Post,
                 prev: None,
@@ -683,7 +682,6 @@ fn transaction(
         Ok(())
     })?;
     let mut updates = Vec::new();
-    let mut update_ids = HashMap::new();
     for ((i, p), id) in puts.into_iter().zip(put_targets) {
         let (rtype, res, if_match) = match p.op {
             Op::Update {
@@ -700,12 +698,10 @@ fn transaction(
             } => (rtype, res, if_match),
             _ => continue,
         };
-        update_ids.insert(i, (id, if_match));
-        updates.push((i, rtype, res));
+        updates.push((i, (id, if_match), rtype, res));
     }
-    Writes::new(updates, &ids)?.run(tx, |tx, i, res| {
-        let (id, if_match) = &update_ids[&i];
-        let out = engine::update(tx, id, res, *if_match).map_err(|e| entry_err(i, e))?;
+    Writes::new(updates, &ids)?.run(tx, |tx, i, (id, if_match), res| {
+        let out = engine::update(tx, &id, res, if_match).map_err(|e| entry_err(i, e))?;
         results[i] = Some(write_result(out));
         Ok(())
     })?;
