@@ -689,18 +689,113 @@ async fn dense_ranges_find_every_match_on_every_page() {
         ("date=lt2002-01-01", Box::new(move |i| at(i).0 < 2002)),
     ];
     for (q, pred) in cases {
-        let want: Vec<String> = (0..n)
-            .filter(|i| pred(*i))
-            .map(|i| format!("o{i}"))
-            .collect();
-        let (entries, _) = all_pages(&s, &format!("Observation?{q}&_count=400")).await;
-        let got: Vec<String> = entries
-            .iter()
-            .map(|e| e["resource"]["id"].as_str().unwrap().to_owned())
-            .collect();
-        assert_eq!(got.len(), want.len(), "{q}");
-        assert_eq!(got, want, "{q}");
-        let (_, b) = status_json(get(&s, &format!("Observation?{q}&_total=accurate")).await).await;
-        assert_eq!(b["total"], want.len(), "{q}");
+        assert_every_page(&s, q, (0..n).filter(|k| pred(*k))).await;
     }
+}
+
+/// A chain whose targets number more than `DENSE_ROWS` looks up each
+/// version's reference instead of listing every reference to its targets:
+/// every page holds exactly the expected matches, in order, alone and
+/// with another clause; a target that no longer matches (updated) or is
+/// gone (deleted) brings nothing, and a sparse chain still lists.
+#[tokio::test]
+async fn dense_chains_find_every_match_on_every_page() {
+    let s = InProcess::start().await;
+    let n = fhirsync_store::sqlite::DENSE_ROWS + 500;
+    let family = |i: usize| {
+        if i.is_multiple_of(7) {
+            "Kamau"
+        } else {
+            "Otieno"
+        }
+    };
+    let status = |j: usize| {
+        if j.is_multiple_of(3) {
+            "preliminary"
+        } else {
+            "final"
+        }
+    };
+    let mut entries: Vec<Value> = (0..n)
+        .map(|i| {
+            json!({"resource": {"resourceType": "Patient", "id": format!("p{i}"),
+                "name": [{"family": family(i)}]},
+                "request": {"method": "PUT", "url": format!("Patient/p{i}")}})
+        })
+        .collect();
+    // observation j is about patient (j * 13) % n: not in the patients' order
+    let subject = move |j: usize| (j * 13) % n;
+    entries.extend((0..n).map(|j| {
+        json!({"resource": {"resourceType": "Observation", "id": format!("o{j}"), "status": status(j),
+            "code": {"coding": [{"system": LOINC, "code": "8310-5"}]},
+            "subject": {"reference": format!("Patient/p{}", subject(j))}},
+            "request": {"method": "PUT", "url": format!("Observation/o{j}")}})
+    }));
+    // a group with an Otieno-like name is no Patient
+    entries.push(
+        json!({"resource": {"resourceType": "Observation", "id": "g", "status": "final",
+        "code": {"coding": [{"system": LOINC, "code": "8310-5"}]},
+        "subject": {"reference": "Group/p1"}},
+        "request": {"method": "PUT", "url": "Observation/g"}}),
+    );
+    commit(&s, entries).await;
+    // p1 no longer matches, p2 is gone
+    put(
+        &s,
+        "Patient/p1",
+        &json!({"resourceType": "Patient", "id": "p1", "name": [{"family": "Kamau"}]}),
+    )
+    .await;
+    assert_eq!(delete(&s, "Patient/p2").await.status(), 204);
+    let otieno = move |i: usize| family(i) == "Otieno" && i != 1 && i != 2;
+    assert!((0..n).filter(|i| otieno(*i)).count() >= fhirsync_store::sqlite::DENSE_ROWS);
+    type Pred = Box<dyn Fn(usize) -> bool>;
+    let cases: Vec<(&str, Pred)> = vec![
+        (
+            "subject:Patient.family=otieno",
+            Box::new(move |j| otieno(subject(j))),
+        ),
+        (
+            "subject:Patient.family=otieno&status=final",
+            Box::new(move |j| otieno(subject(j)) && status(j) == "final"),
+        ),
+        (
+            "subject:Patient.family=otieno&_id=o7,o8,o9,o10",
+            Box::new(move |j| otieno(subject(j)) && (7..=10).contains(&j)),
+        ),
+        // sparse: its references listed
+        (
+            "subject:Patient.family=kamau",
+            Box::new(move |j| {
+                subject(j) != 2 && (family(subject(j)) == "Kamau" || subject(j) == 1)
+            }),
+        ),
+    ];
+    for (q, pred) in cases {
+        assert_every_page(&s, q, (0..n).filter(|k| pred(*k))).await;
+    }
+    // the included subjects are the matches' own
+    let inc = included(
+        &s,
+        "Observation?subject:Patient.family=otieno&_id=o7,o8&_include=Observation:subject",
+    )
+    .await;
+    assert!(!otieno(subject(7)) && otieno(subject(8)));
+    assert_eq!(inc, vec![format!("Patient/p{}", subject(8))]);
+}
+
+/// Every page of `Observation?{q}` (400 a page) holds exactly the
+/// observations `o{k}` for `want`, in order, and `_total=accurate` counts
+/// them.
+async fn assert_every_page(s: &InProcess, q: &str, want: impl Iterator<Item = usize>) {
+    let want: Vec<String> = want.map(|k| format!("o{k}")).collect();
+    let (entries, _) = all_pages(s, &format!("Observation?{q}&_count=400")).await;
+    let got: Vec<String> = entries
+        .iter()
+        .map(|e| e["resource"]["id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(got.len(), want.len(), "{q}");
+    assert_eq!(got, want, "{q}");
+    let (_, b) = status_json(get(s, &format!("Observation?{q}&_total=accurate")).await).await;
+    assert_eq!(b["total"], want.len(), "{q}");
 }

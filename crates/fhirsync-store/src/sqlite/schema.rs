@@ -23,6 +23,12 @@ pub const MIGRATE_1_TO_2: &str = "ALTER TABLE versions ADD COLUMN via TEXT;";
 /// `seq`, so that a dense range is checked version by version (an append
 /// at every write: `seq` only grows); `dates` also by `(param, hi)`, for
 /// `gt`/`ge` (`hi > x`), which its key (`lo` first) cannot bound.
+/// References (the `tokens` rows whose system is a resource type) are
+/// indexed by `seq` too (`tokens_ref_seq`, partial), so that a dense chain
+/// looks up each version's reference. `versions_type_cur` covers what a
+/// search asks of a version besides its conditions (type, snapshot,
+/// deleted, id), so that walking a type or listing a chain's targets
+/// reads no bodies.
 pub const SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS node_info (
     key   TEXT PRIMARY KEY,
@@ -46,7 +52,8 @@ CREATE TABLE IF NOT EXISTS versions (
 );
 CREATE UNIQUE INDEX IF NOT EXISTS versions_key ON versions(type, id, vid);
 CREATE UNIQUE INDEX IF NOT EXISTS versions_current ON versions(type, id) WHERE superseded IS NULL;
-CREATE INDEX IF NOT EXISTS versions_type_seq ON versions(type, seq);
+DROP INDEX IF EXISTS versions_type_seq;
+CREATE INDEX IF NOT EXISTS versions_type_cur ON versions(type, seq, deleted, superseded, id);
 CREATE TABLE IF NOT EXISTS tokens (
     param  TEXT    NOT NULL,
     value  TEXT    NOT NULL,
@@ -54,6 +61,7 @@ CREATE TABLE IF NOT EXISTS tokens (
     seq    INTEGER NOT NULL,
     PRIMARY KEY (param, value, system, seq)
 ) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS tokens_ref_seq ON tokens(seq) WHERE system >= 'A' AND system < '[';
 CREATE TABLE IF NOT EXISTS strings (
     param TEXT    NOT NULL,
     norm  TEXT    NOT NULL,

@@ -154,6 +154,42 @@ impl Builder {
         }
     }
 
+    /// The versions whose parameter `param` refers to a current resource
+    /// of type `ty` that satisfies `inner`, as one `SELECT seq`: from the
+    /// targets (their clauses listed, the snapshot's bound written `+seq`
+    /// so that SQLite starts from them) to the references to each, by the
+    /// key of `tokens`.
+    fn refs(&mut self, rt: Option<&str>, param: &str, ty: &str, inner: &Clause) -> String {
+        let saved = (self.exists, self.list, self.plus);
+        (self.exists, self.list, self.plus) = (false, false, "+");
+        let v = self.alias("v");
+        let r = self.alias("r");
+        let t = self.text(ty);
+        let cur = self.current(&v);
+        let inner = self.clause(inner, &v, Some(ty));
+        let p = self.param(rt, param, &format!("{r}."));
+        let s = self.text(ty);
+        (self.exists, self.list, self.plus) = saved;
+        format!(
+            "SELECT {r}.seq FROM versions {v} JOIN tokens {r} ON {r}.value = {v}.id \
+             WHERE {v}.type = {t} AND {cur} AND {inner} AND {p} AND {r}.system = {s}"
+        )
+    }
+
+    /// [`Builder::refs`] of each of a chain's target types.
+    fn chain_refs(
+        &mut self,
+        rt: Option<&str>,
+        param: &str,
+        targets: &[(String, Clause)],
+    ) -> String {
+        let refs: Vec<String> = targets
+            .iter()
+            .map(|(ty, inner)| self.refs(rt, param, ty, inner))
+            .collect();
+        refs.join(" UNION ALL ")
+    }
+
     /// The condition on the parameter column (see [`param_where`]).
     fn param(&mut self, rtype: Option<&str>, name: &str, pfx: &str) -> String {
         let (w, args) = param_where(rtype, name, pfx);
@@ -200,24 +236,33 @@ impl Builder {
                 )
             }
             Clause::Chain { param, targets } => {
-                // From the targets that satisfy the inner clause to the
-                // references to them: both by the tables' keys.
-                let p = self.param(rt, param, "");
+                if !self.exists {
+                    return format!("{a}.seq IN ({})", self.chain_refs(rt, param, targets));
+                }
+                // Dense (see [`plan`]): the version's own reference, by
+                // `tokens_ref_seq` (whose condition on `system` must be
+                // written out for SQLite to use it), then its target by
+                // `versions_key` (by the list of the inner clause's
+                // versions, SQLite would try each for every reference).
+                let r = self.alias("r");
+                let p = self.param(rt, param, &format!("{r}."));
                 let mut alts = Vec::new();
                 for (ty, inner) in targets {
-                    let v = self.alias("v");
                     let t = self.text(ty);
+                    let v = self.alias("v");
                     let t2 = self.text(ty);
+                    let plus = std::mem::replace(&mut self.plus, "+");
                     let cur = self.current(&v);
+                    self.plus = plus;
                     let inner = self.clause(inner, &v, Some(ty));
                     alts.push(format!(
-                        "(system = {t} AND value IN (SELECT {v}.id FROM versions {v} WHERE {v}.type = {t2} AND {cur} AND {inner}))"
+                        "({r}.system = {t} AND EXISTS (SELECT 1 FROM versions {v} INDEXED BY versions_key \
+                         WHERE {v}.type = {t2} AND {v}.id = {r}.value AND {cur} AND {inner}))"
                     ));
                 }
-                // always a list: the lookup of one version's row would
-                // have to try every target
                 format!(
-                    "{a}.seq IN (SELECT seq FROM tokens WHERE {p} AND ({}))",
+                    "EXISTS (SELECT 1 FROM tokens {r} INDEXED BY tokens_ref_seq WHERE {r}.seq = {a}.seq \
+                     AND {r}.system >= 'A' AND {r}.system < '[' AND {p} AND ({}))",
                     alts.join(" OR ")
                 )
             }
@@ -515,7 +560,12 @@ fn plan(conn: Option<&Connection>, q: &SearchQuery, snapshot: u64) -> Result<Pla
     for c in &q.clauses {
         let mut b = Builder::new(snapshot, "");
         b.list = true;
-        dense.push(match b.rows_of(c, rt) {
+        let rows = match c {
+            // a chain's rows are its references to the targets
+            Clause::Chain { param, targets } => Some(b.chain_refs(rt, param, targets)),
+            _ => b.rows_of(c, rt),
+        };
+        dense.push(match rows {
             Some(sql) => {
                 let probe = format!("SELECT count(*) FROM ({sql} LIMIT {DENSE_ROWS})");
                 let k: i64 = conn
@@ -913,9 +963,14 @@ fn includes(
 }
 
 /// Whether the version at `seq` matches `q` at the snapshot `seq` (for
-/// subscriptions, which judge each version as it was written).
+/// subscriptions, which judge each version as it was written): every
+/// clause a lookup of that version's own rows where it can be.
 pub fn version_matches(conn: &Connection, q: &SearchQuery, seq: u64) -> Result<bool, StoreError> {
-    let (w, mut args) = search_where(q, seq);
+    let plan = Plan {
+        driver: None,
+        exists: vec![true; q.clauses.len()],
+    };
+    let (w, mut args) = plan_where(q, seq, &plan);
     args.push(Sql::Integer(seq as i64));
     let sql = format!("SELECT 1 FROM versions v WHERE {w} AND v.seq = ?");
     let mut st = conn.prepare_cached(&sql)?;
