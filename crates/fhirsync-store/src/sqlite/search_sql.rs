@@ -109,7 +109,8 @@ impl Builder {
     }
 
     /// The versions whose index rows satisfy a clause, as one `SELECT seq`
-    /// (duplicates kept), when the clause is made of index conditions.
+    /// (duplicates kept), when the clause is made of index conditions or
+    /// is a chain.
     fn rows_of(&mut self, c: &Clause, rt: Option<&str>) -> Option<String> {
         match c {
             Clause::Any(conds) => {
@@ -122,6 +123,8 @@ impl Builder {
                 }
                 Some(parts.join(" UNION ALL "))
             }
+            // a chain's rows are its references to matching targets
+            Clause::Chain { param, targets } => Some(self.chain_refs(rt, param, targets)),
             _ => None,
         }
     }
@@ -560,12 +563,7 @@ fn plan(conn: Option<&Connection>, q: &SearchQuery, snapshot: u64) -> Result<Pla
     for c in &q.clauses {
         let mut b = Builder::new(snapshot, "");
         b.list = true;
-        let rows = match c {
-            // a chain's rows are its references to the targets
-            Clause::Chain { param, targets } => Some(b.chain_refs(rt, param, targets)),
-            _ => b.rows_of(c, rt),
-        };
-        dense.push(match rows {
+        dense.push(match b.rows_of(c, rt) {
             Some(sql) => {
                 let probe = format!("SELECT count(*) FROM ({sql} LIMIT {DENSE_ROWS})");
                 let k: i64 = conn
