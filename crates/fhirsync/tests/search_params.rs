@@ -693,8 +693,8 @@ async fn dense_ranges_find_every_match_on_every_page() {
     }
 }
 
-/// A chain whose targets number more than `DENSE_ROWS` looks up each
-/// version's reference instead of listing every reference to its targets:
+/// A chain with more than `DENSE_ROWS` references to matching targets
+/// looks up each version's reference instead of listing all of them:
 /// every page holds exactly the expected matches, in order, alone and
 /// with another clause; a target that no longer matches (updated) or is
 /// gone (deleted) brings nothing, and a sparse chain still lists.
@@ -731,11 +731,11 @@ async fn dense_chains_find_every_match_on_every_page() {
             "subject": {"reference": format!("Patient/p{}", subject(j))}},
             "request": {"method": "PUT", "url": format!("Observation/o{j}")}})
     }));
-    // a group with an Otieno-like name is no Patient
+    // a reference to a Group with a matching patient's id is no Patient
     entries.push(
         json!({"resource": {"resourceType": "Observation", "id": "g", "status": "final",
         "code": {"coding": [{"system": LOINC, "code": "8310-5"}]},
-        "subject": {"reference": "Group/p1"}},
+        "subject": {"reference": "Group/p3"}},
         "request": {"method": "PUT", "url": "Observation/g"}}),
     );
     commit(&s, entries).await;
