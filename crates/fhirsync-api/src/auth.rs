@@ -740,17 +740,20 @@ async fn grant(
 
 /// `GET /fhir/.well-known/smart-configuration`.
 pub async fn smart_configuration(State(state): State<AppState>, headers: HeaderMap) -> Response {
-    json_no_store(
-        200,
-        json!({
+    let mut conf = json!({
             "token_endpoint": token_url(&state, &headers),
             "grant_types_supported": ["client_credentials"],
             "token_endpoint_auth_methods_supported": ["private_key_jwt"],
             "token_endpoint_auth_signing_alg_values_supported": ["RS384", "ES384"],
             "scopes_supported": ["system/*.cruds", "system/*.rs", "system/*.read", "system/*.write"],
             "capabilities": ["client-confidential-asymmetric", "permission-v1", "permission-v2"],
-        }),
-    )
+    });
+    if state.bulk.is_some() {
+        conf["associated_endpoints"] = json!([]);
+        conf["operations"] = json!(["export", "patient-export", "group-export", "import"]);
+        conf["instantiates"] = json!([crate::capability::BULK_DATA_IG]);
+    }
+    json_no_store(200, conf)
 }
 
 #[cfg(test)]

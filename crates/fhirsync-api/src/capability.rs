@@ -112,6 +112,9 @@ fn with_custom_params(r: &'static Value) -> std::borrow::Cow<'static, Value> {
     std::borrow::Cow::Owned(r)
 }
 
+/// The CapabilityStatement of a server implementing bulk data export.
+pub const BULK_DATA_IG: &str = "http://hl7.org/fhir/uv/bulkdata/CapabilityStatement/bulk-data";
+
 pub async fn metadata(
     State(state): State<AppState>,
     RawQuery(q): RawQuery,
@@ -119,7 +122,7 @@ pub async fn metadata(
 ) -> Result<Response, ApiError> {
     check_accept(&headers, &query_pairs(q.as_deref()))?;
     let base = base_url(&state, &headers);
-    let body = json!({
+    let mut body = json!({
         "resourceType": "CapabilityStatement",
         "status": "active",
         "date": "2026-11-22",
@@ -176,5 +179,26 @@ pub async fn metadata(
             ]
         }]
     });
+    if state.bulk.is_some() {
+        body["instantiates"] = json!([BULK_DATA_IG]);
+        if let Some(Value::Array(ops)) = body.pointer_mut("/rest/0/operation") {
+            for (name, doc) in [
+                ("export", "[base]/$export: every type, as NDJSON files (Bulk Data IG 2.0)"),
+                ("patient-export", "Patient/$export: the Patient compartments"),
+                ("group-export", "Group/[id]/$export: the compartments of a Group's members"),
+            ] {
+                ops.push(json!({
+                    "name": name,
+                    "definition": format!("http://hl7.org/fhir/uv/bulkdata/OperationDefinition/{name}"),
+                    "documentation": doc
+                }));
+            }
+            ops.push(json!({
+                "name": "import",
+                "definition": format!("{CANONICAL_BASE}/OperationDefinition/import"),
+                "documentation": "[base]/$import: NDJSON files fetched over https, loaded all or nothing (Bulk Data Import proposal)"
+            }));
+        }
+    }
     Ok(fhir_json(body.to_string()))
 }

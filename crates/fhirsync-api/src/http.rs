@@ -49,12 +49,15 @@ pub struct Prefer {
     pub ret: Return,
     /// `handling=strict`: unknown search parameters are errors.
     pub strict: bool,
+    /// `respond-async`: the client takes a status URL (bulk data).
+    pub respond_async: bool,
 }
 
 pub fn prefer(headers: &HeaderMap) -> Prefer {
     let mut p = Prefer {
         ret: Return::Representation,
         strict: false,
+        respond_async: false,
     };
     for v in headers.get_all("prefer") {
         let Ok(v) = v.to_str() else { continue };
@@ -65,6 +68,7 @@ pub fn prefer(headers: &HeaderMap) -> Prefer {
                 "return=OperationOutcome" => p.ret = Return::OperationOutcome,
                 "handling=strict" => p.strict = true,
                 "handling=lenient" => p.strict = false,
+                "respond-async" => p.respond_async = true,
                 _ => {}
             }
         }

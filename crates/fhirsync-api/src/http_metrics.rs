@@ -28,6 +28,7 @@ pub const INTERACTIONS: &[&str] = &[
     "changes",
     "apply",
     "operation",
+    "bulk",
     "admin",
     "metrics",
     "health",
@@ -88,6 +89,9 @@ pub fn classify(method: &Method, path: &str) -> &'static str {
         (["metadata"], _) => "capabilities",
         (["$changes"], _) => "changes",
         (["$apply"], _) => "apply",
+        (["$export" | "$import" | "$bulk-status" | "$bulk-file", ..], _)
+        | ([_, "$export"], _)
+        | ([_, _, "$export"], _) => "bulk",
         (["_history"], _) => "history-system",
         ([_], "GET") | ([_, "_search"], _) => "search-type",
         ([_], "POST") => "create",

@@ -8,6 +8,7 @@ mod apply;
 mod audit;
 pub mod auditor;
 pub mod auth;
+pub mod bulk;
 mod bundle;
 mod capability;
 mod changes;
@@ -92,6 +93,8 @@ pub struct AppState {
     pub http_metrics: Arc<http_metrics::HttpMetrics>,
     /// Commits the audit trail's records in batches.
     pub auditor: auditor::Auditor,
+    /// Bulk data jobs (`$export`, `$import`); `None`: bulk data is off.
+    pub bulk: Option<Arc<bulk::Jobs>>,
 }
 
 impl AppState {
@@ -106,7 +109,15 @@ impl AppState {
             children: Arc::new(Children::default()),
             agents: Vec::new(),
             http_metrics: Arc::default(),
+            bulk: None,
         }
+    }
+
+    /// Turns bulk data on, its jobs kept under `cfg.dir` (jobs that were
+    /// running when the node last stopped fail now).
+    pub fn with_bulk(mut self, cfg: bulk::BulkConfig) -> std::io::Result<Self> {
+        self.bulk = Some(bulk::Jobs::open(cfg, self.store.clone())?);
+        Ok(self)
     }
 }
 
@@ -143,6 +154,21 @@ pub fn app(state: AppState) -> Router {
         .route("/metadata", get(capability::metadata))
         .route("/$changes", get(changes::changes))
         .route("/$apply", post(apply::apply))
+        .route("/$export", get(bulk::export::system).post(bulk::export::system))
+        .route("/$import", post(bulk::import::kick_off))
+        .route(
+            "/$bulk-status/{id}",
+            get(bulk::status).delete(bulk::cancel),
+        )
+        .route("/$bulk-file/{id}/{name}", get(bulk::file))
+        .route(
+            "/Patient/$export",
+            get(bulk::export::patients).post(bulk::export::patients),
+        )
+        .route(
+            "/Group/{id}/$export",
+            get(bulk::export::group).post(bulk::export::group),
+        )
         .route("/_history", get(history::system))
         .route(
             "/{rtype}",

@@ -173,7 +173,7 @@ pub async fn compartment(
     let mut q =
         SearchQuery::parse_at(single.as_deref(), &pairs, Some(&base)).map_err(StoreError::from)?;
     q.clauses.push(Clause::Compartment {
-        target: (ctype.clone(), id.clone()),
+        target: (ctype.clone(), vec![id.clone()]),
         members: members
             .iter()
             .map(|t| {

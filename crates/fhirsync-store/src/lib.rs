@@ -8,12 +8,14 @@
 pub mod bundle;
 pub mod engine;
 pub mod error;
+pub mod load;
 pub mod replica;
 pub mod sqlite;
 pub mod sync;
 pub mod types;
 
 pub use error::StoreError;
+pub use sqlite::{LoadDone, LoadSummary, StreamMsg};
 pub use sync::*;
 pub use types::*;
 
@@ -101,4 +103,19 @@ pub trait Store: Send + Sync + 'static {
 
     /// Progress of the reindex under way or of the last one.
     fn reindex_status(&self) -> ReindexStatus;
+
+    /// A cut of the change log between two writes (see [`LogMark`]).
+    async fn mark(&self) -> Result<LogMark, StoreError>;
+
+    /// Resources deleted as of a snapshot (see [`DeletedQuery`]).
+    async fn deleted(&self, q: DeletedQuery) -> Result<Vec<(String, String, u64)>, StoreError>;
+
+    /// Loads everything sent on the returned channel in one transaction,
+    /// which commits only when [`StreamMsg::Commit`] is sent (all or
+    /// nothing, as `fhirsync import`). Call outside the async runtime's
+    /// threads: it waits for the writer to take the load.
+    fn load_stream(
+        &self,
+        depth: usize,
+    ) -> Result<(tokio::sync::mpsc::Sender<StreamMsg>, LoadDone), StoreError>;
 }

@@ -224,3 +224,27 @@ pub struct ReindexStatus {
     pub done: u64,
     pub total: u64,
 }
+
+/// A cut of the change log (a bulk export's `transactionTime`): every
+/// version up to `seq` has a `lastUpdated` before `at_ms`, every later one
+/// at or after it, so `_since = at_ms` picks up exactly what follows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogMark {
+    pub seq: u64,
+    pub at_ms: u64,
+}
+
+/// Resources deleted as of `snapshot` (their current version at that
+/// `seq` is a tombstone) whose deletion is at or after `since_ms`, in
+/// change-log order after `after`.
+#[derive(Debug, Clone, Default)]
+pub struct DeletedQuery {
+    pub rtype: String,
+    pub snapshot: u64,
+    pub since_ms: u64,
+    pub after: u64,
+    pub count: usize,
+    /// Only those whose last live version satisfied this clause (the
+    /// compartment a bulk export of patients searches with).
+    pub compartment: Option<fhirsync_core::search::Clause>,
+}

@@ -42,6 +42,8 @@ pub struct Options {
     pub subs: Option<fhirsync_subs::SubsConfig>,
     /// Serve the web console on its own port (`InProcess::console`).
     pub console: Option<fhirsync_api::console::ConsoleConfig>,
+    /// Bulk data; an empty `dir` is `bulk` in the server's temp directory.
+    pub bulk: Option<fhirsync_api::bulk::BulkConfig>,
 }
 
 impl Default for Options {
@@ -55,6 +57,7 @@ impl Default for Options {
             nats: None,
             subs: None,
             console: None,
+            bulk: Some(fhirsync_api::bulk::BulkConfig::new("")),
         }
     }
 }
@@ -73,6 +76,12 @@ impl InProcess {
         let (shutdown, rx) = watch::channel(false);
         let mut state = AppState::new(store.clone(), opts.api.clone(), rx);
         state.children = Arc::new(fhirsync_api::Children::new(opts.children.clone()));
+        if let Some(mut b) = opts.bulk.clone() {
+            if b.dir.as_os_str().is_empty() {
+                b.dir = dir.path().join("bulk");
+            }
+            state = state.with_bulk(b).expect("bulk jobs directory");
+        }
         let replicator = match &opts.parent {
             Some(p) => {
                 let p = fhirsync_replica::EdgeConfig {

@@ -47,6 +47,63 @@ pub struct Config {
     pub console: crate::console_cfg::ConsoleSection,
     /// Structural validation of what clients write.
     pub validation: ValidationSection,
+    /// Bulk data (`$export`, `$import`).
+    pub bulk: BulkSection,
+}
+
+/// `[bulk]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BulkSection {
+    /// Serve `$export` and `$import`.
+    pub enabled: bool,
+    /// Where jobs keep their files; default `<data_dir>/bulk`.
+    pub dir: Option<PathBuf>,
+    /// An export's files are split at about this size, in bytes.
+    pub file_bytes_max: u64,
+    /// Finished jobs and their files are removed this long after, in seconds.
+    pub retention_s: u64,
+    /// Jobs that run at once (the others wait).
+    pub jobs_max: usize,
+    /// Largest input file an `$import` fetches, in bytes.
+    pub import_bytes_max: u64,
+    /// Bearer token sent with an `$import`'s fetches.
+    pub import_token: Option<String>,
+}
+
+impl Default for BulkSection {
+    fn default() -> Self {
+        let d = fhirsync_api::bulk::BulkConfig::new("");
+        BulkSection {
+            enabled: true,
+            dir: None,
+            file_bytes_max: d.file_bytes_max,
+            retention_s: d.retention_s,
+            jobs_max: d.jobs_max,
+            import_bytes_max: d.import_bytes_max,
+            import_token: None,
+        }
+    }
+}
+
+impl BulkSection {
+    /// The settings of a node whose data lives in `data_dir`; `None`: off.
+    pub fn config(&self, data_dir: &std::path::Path) -> anyhow::Result<Option<fhirsync_api::bulk::BulkConfig>> {
+        if !self.enabled {
+            return Ok(None);
+        }
+        if self.file_bytes_max < 1024 || self.jobs_max == 0 || self.jobs_max > 64 {
+            anyhow::bail!("[bulk] file_bytes_max must be at least 1024 and jobs_max 1 to 64");
+        }
+        Ok(Some(fhirsync_api::bulk::BulkConfig {
+            dir: self.dir.clone().unwrap_or_else(|| data_dir.join("bulk")),
+            file_bytes_max: self.file_bytes_max,
+            retention_s: self.retention_s,
+            jobs_max: self.jobs_max,
+            import_bytes_max: self.import_bytes_max,
+            import_token: self.import_token.clone(),
+        }))
+    }
 }
 
 /// `[validation]`.
@@ -134,6 +191,7 @@ impl Default for Config {
             auth: Default::default(),
             console: Default::default(),
             validation: Default::default(),
+            bulk: Default::default(),
         }
     }
 }
@@ -210,6 +268,7 @@ impl Config {
         self.listen_addr()?;
         self.sync_mode()?;
         self.validation_mode()?;
+        self.bulk.config(&self.data_dir)?;
         if let Some(n) = &self.node_id {
             anyhow::ensure!(
                 fhirsync_store::sqlite::is_valid_node_id(n),

@@ -8,18 +8,16 @@ use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use anyhow::{bail, Context};
-use fhirsync_core::resource::{body_id, check_resource, parse_resource};
-use fhirsync_core::validate::{summary, Mode};
+use fhirsync_core::resource::parse_resource;
+use fhirsync_store::load::{line_request, resource_request, Checker};
 use fhirsync_store::sqlite::{Presorted, SqliteStore, StreamMsg};
-use fhirsync_store::{Prepared, StoreError, WriteRequest};
+use fhirsync_store::{Store, StoreError, WriteRequest};
 use fhirsync_sync::files::{split_file, FilePart};
 use indicatif::{ProgressBar, ProgressStyle};
 use rayon::prelude::*;
-use serde_json::Value;
 
 use crate::config::Config;
 use crate::lock::lock_data_dir;
@@ -66,44 +64,9 @@ impl Recent {
     }
 }
 
-/// Validation of what an import loads, as the node's `[validation] mode`
-/// says; counts what lenient mode lets through.
-struct Checker {
-    mode: Mode,
-    lenient: AtomicU64,
-}
-
-impl Checker {
-    /// `Err` with the problems in one line when the mode refuses them.
-    fn check(&self, res: Value) -> Result<Value, String> {
-        let issues = self
-            .mode
-            .check(&res)
-            .map_err(|i| format!("fails validation: {}", summary(&i)))?;
-        if !issues.is_empty() {
-            self.lenient.fetch_add(1, Ordering::Relaxed);
-        }
-        Ok(res)
-    }
-
-    /// [`Checker::check`] of a resource as a JSON object, without copying it.
-    fn check_map(
-        &self,
-        res: serde_json::Map<String, Value>,
-    ) -> Result<serde_json::Map<String, Value>, String> {
-        match self.check(Value::Object(res))? {
-            Value::Object(m) => Ok(m),
-            _ => Err("not a JSON object".into()),
-        }
-    }
-}
-
 pub fn run(cfg: Config, batch_size: usize, paths: &[PathBuf]) -> anyhow::Result<()> {
     crate::serve::init_logging("warn");
-    let checker = Checker {
-        mode: cfg.validation_mode()?,
-        lenient: AtomicU64::new(0),
-    };
+    let checker = Checker::new(cfg.validation_mode()?);
     let files = collect_files(paths)?;
     let total_bytes: u64 = files
         .iter()
@@ -163,7 +126,7 @@ pub fn run(cfg: Config, batch_size: usize, paths: &[PathBuf]) -> anyhow::Result<
                     }
                     let parsed: Vec<Result<WriteRequest, String>> = lines
                         .par_iter()
-                        .map(|(_, l)| to_request(l.as_bytes(), &checker))
+                        .map(|(_, l)| line_request(l.as_bytes(), &checker))
                         .collect();
                     let mut reqs = Vec::with_capacity(parsed.len());
                     let mut origins = Vec::with_capacity(parsed.len());
@@ -229,7 +192,7 @@ pub fn run(cfg: Config, batch_size: usize, paths: &[PathBuf]) -> anyhow::Result<
     };
     bar.finish_and_clear();
     drop(store);
-    let lenient = checker.lenient.load(Ordering::Relaxed);
+    let lenient = checker.lenient();
     if lenient > 0 {
         eprintln!("{lenient} resources fail validation and were stored anyway ([validation] mode = \"lenient\")");
     }
@@ -256,34 +219,6 @@ fn collect_files(paths: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
         bail!("no .json or .ndjson files found");
     }
     Ok(out)
-}
-
-/// One resource: with an id it is an update (create-or-update), without one
-/// a create. In NDJSON every line is a resource, Bundles included.
-fn to_request(bytes: &[u8], checker: &Checker) -> Result<WriteRequest, String> {
-    let res = parse_resource(bytes).map_err(|e| e.to_string())?;
-    resource_request(res, checker)
-}
-
-fn resource_request(
-    res: serde_json::Map<String, Value>,
-    checker: &Checker,
-) -> Result<WriteRequest, String> {
-    let rtype = check_resource(&res, None).map_err(|e| e.to_string())?;
-    let res = checker.check_map(res)?;
-    let id = body_id(&res).map(str::to_owned);
-    let res = Prepared::new(rtype, res);
-    Ok(match id {
-        Some(id) => WriteRequest::Update {
-            id,
-            res,
-            if_match: None,
-        },
-        None => WriteRequest::Create {
-            res,
-            if_none_exist: None,
-        },
-    })
 }
 
 /// A `.json` file as write requests (see `fhirsync_sync::files::split_file`).

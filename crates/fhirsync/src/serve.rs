@@ -52,6 +52,12 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         None => None,
     };
     let mut state = AppState::new(store.clone(), cfg.api()?, shutdown_rx);
+    if let Some(b) = cfg.bulk.config(&cfg.data_dir)? {
+        let dir = b.dir.clone();
+        state = state
+            .with_bulk(b)
+            .with_context(|| format!("bulk data: cannot use {}", dir.display()))?;
+    }
     state.children = Arc::new(cfg.children());
     if let Some(r) = &replicator {
         state.agents.push(r.clone());

@@ -163,9 +163,11 @@ pub enum Clause {
         inner: Box<Clause>,
     },
     /// Membership of a compartment: a resource of one of the member types
-    /// linked to `target` (type, id) by one of its type's parameters.
+    /// linked to `target` (type, ids) by one of its type's parameters; no
+    /// ids: linked to any resource of that type (a bulk export's
+    /// `Patient/$export`), several: to any of them (a Group's members).
     Compartment {
-        target: (String, String),
+        target: (String, Vec<String>),
         members: Vec<(String, Vec<String>)>,
         /// Whether the compartment's own resource counts (`$everything`).
         include_self: bool,

@@ -231,20 +231,6 @@ impl SqliteStore {
             .ok_or(StoreError::ShuttingDown)
     }
 
-    /// Loads everything sent on the returned channel in one transaction;
-    /// it commits only when [`StreamMsg::Commit`] is sent.
-    pub fn load_stream(
-        &self,
-        depth: usize,
-    ) -> Result<(mpsc::Sender<StreamMsg>, writer::LoadDone), StoreError> {
-        let (tx, rx) = mpsc::channel(depth.max(1));
-        let (done_tx, done_rx) = oneshot::channel();
-        self.sender()?
-            .blocking_send(writer::Job::Stream(rx, done_tx))
-            .map_err(|_| StoreError::ShuttingDown)?;
-        Ok((tx, done_rx))
-    }
-
     /// Stops the writer after the queued writes and waits for it.
     pub fn shutdown(&self) {
         if let Ok(mut j) = self.jobs.lock() {
@@ -469,5 +455,30 @@ impl Store for SqliteStore {
 
     fn reindex_status(&self) -> ReindexStatus {
         *self.reindex_rx.borrow()
+    }
+
+    async fn mark(&self) -> Result<LogMark, StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.sender()?
+            .send(writer::Job::Mark(tx))
+            .await
+            .map_err(|_| StoreError::ShuttingDown)?;
+        rx.await.map_err(|_| StoreError::ShuttingDown)?
+    }
+
+    async fn deleted(&self, q: DeletedQuery) -> Result<Vec<(String, String, u64)>, StoreError> {
+        self.read_with(move |c| search_sql::deleted(c, &q)).await
+    }
+
+    fn load_stream(
+        &self,
+        depth: usize,
+    ) -> Result<(mpsc::Sender<StreamMsg>, writer::LoadDone), StoreError> {
+        let (tx, rx) = mpsc::channel(depth.max(1));
+        let (done_tx, done_rx) = oneshot::channel();
+        self.sender()?
+            .blocking_send(writer::Job::Stream(rx, done_tx))
+            .map_err(|_| StoreError::ShuttingDown)?;
+        Ok((tx, done_rx))
     }
 }

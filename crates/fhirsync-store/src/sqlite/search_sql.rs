@@ -13,7 +13,7 @@ use rusqlite::types::Value as Sql;
 use rusqlite::{params_from_iter, Connection, OptionalExtension};
 
 use super::query::{last_seq, row_to_version, COLS};
-use crate::types::{SearchPage, StoredVersion};
+use crate::types::{DeletedQuery, SearchPage, StoredVersion};
 use crate::StoreError;
 
 /// Most resources `_include` and `_revinclude` add to one page.
@@ -292,10 +292,23 @@ impl Builder {
                 include_self,
             } => {
                 let mut alts = Vec::new();
+                // which ids: one, a list (read by `json_each`, however
+                // long), or any
+                let ids = |b: &mut Self, col: &str| match target.1.as_slice() {
+                    [] => String::new(),
+                    [one] => format!(" AND {col} = {}", b.text(one)),
+                    many => {
+                        let list = serde_json::to_string(many).unwrap_or_default();
+                        format!(
+                            " AND {col} IN (SELECT value FROM json_each({}))",
+                            b.text(&list)
+                        )
+                    }
+                };
                 if *include_self {
                     let t = self.text(&target.0);
-                    let i = self.text(&target.1);
-                    alts.push(format!("({a}.type = {t} AND {a}.id = {i})"));
+                    let i = ids(self, &format!("{a}.id"));
+                    alts.push(format!("({a}.type = {t}{i})"));
                 }
                 for (ty, params) in members {
                     // the codes the members' parameters are stored under
@@ -307,12 +320,15 @@ impl Builder {
                             codes.extend(names);
                         }
                     }
+                    if codes.is_empty() {
+                        continue;
+                    }
                     let ty = self.text(ty);
                     let ps: Vec<&str> = codes.iter().map(|p| self.text(p)).collect();
-                    let v = self.text(&target.1);
+                    let v = ids(self, "value");
                     let s = self.text(&target.0);
                     alts.push(format!(
-                        "({a}.type = {ty} AND {a}.seq IN (SELECT seq FROM tokens WHERE param IN ({}) AND value = {v} AND system = {s}))",
+                        "({a}.type = {ty} AND {a}.seq IN (SELECT seq FROM tokens WHERE param IN ({}){v} AND system = {s}))",
                         ps.join(",")
                     ));
                 }
@@ -990,6 +1006,40 @@ pub fn matches(
             r.get::<_, String>(0)?,
             r.get::<_, String>(1)?,
         ))
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// Resources deleted as of a snapshot, oldest deletion first: (type, id,
+/// `seq` of the tombstone).
+pub fn deleted(
+    conn: &Connection,
+    q: &DeletedQuery,
+) -> Result<Vec<(String, String, u64)>, StoreError> {
+    let mut b = Builder::new(q.snapshot, "");
+    let mut sql = String::from(
+        "SELECT v.type, v.id, v.seq FROM versions v WHERE v.type = ? AND v.seq > ? AND v.seq <= ? \
+         AND (v.superseded IS NULL OR v.superseded > ?) AND v.deleted = 1 AND v.lu_ms >= ?",
+    );
+    let mut args = vec![
+        Sql::Text(q.rtype.clone()),
+        Sql::Integer(q.after as i64),
+        Sql::Integer(q.snapshot as i64),
+        Sql::Integer(q.snapshot as i64),
+        Sql::Integer(q.since_ms as i64),
+    ];
+    if let Some(c) = &q.compartment {
+        // the tombstone has no index rows: its predecessor's say where it was
+        let w = b.clause(c, "p", Some(&q.rtype));
+        sql.push_str(&format!(
+            " AND EXISTS (SELECT 1 FROM versions p WHERE p.type = v.type AND p.id = v.id AND p.superseded = v.seq AND {w})"
+        ));
+        args.extend(b.args);
+    }
+    sql.push_str(&format!(" ORDER BY v.seq LIMIT {}", q.count));
+    let mut st = conn.prepare_cached(&sql)?;
+    let rows = st.query_map(params_from_iter(args), |r| {
+        Ok((r.get(0)?, r.get(1)?, r.get::<_, i64>(2)? as u64))
     })?;
     Ok(rows.collect::<Result<_, _>>()?)
 }

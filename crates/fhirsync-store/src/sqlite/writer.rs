@@ -60,6 +60,8 @@ pub enum Job {
     ),
     /// Start an additive reindex of every version (unless one runs).
     Reindex(oneshot::Sender<Result<ReindexStatus, StoreError>>),
+    /// A cut of the log: see [`crate::Store::mark`].
+    Mark(oneshot::Sender<Result<crate::types::LogMark, StoreError>>),
 }
 
 pub struct Writer {
@@ -128,6 +130,9 @@ impl Writer {
                     }
                     let _ = reply.send(r);
                 }
+                Job::Mark(reply) => {
+                    let _ = reply.send(self.mark());
+                }
                 Job::Stream(srx, done) => {
                     let r = self.run_stream(srx);
                     self.publish_seq();
@@ -154,6 +159,19 @@ impl Writer {
             tracing::warn!(error = %e, "checkpoint at shutdown failed");
         }
         tracing::debug!("writer stopped");
+    }
+
+    /// The last committed `seq` and an instant after every committed
+    /// version's `lastUpdated` and at or before every later one's: the HLC
+    /// moves to that instant, so whatever is written next is stamped with
+    /// it or later, even when the wall clock lags.
+    fn mark(&mut self) -> Result<crate::types::LogMark, StoreError> {
+        let seq = query::last_seq(&self.conn)?;
+        let at_ms = self.hlc.wall_ms() + 1;
+        if self.hlc < Hlc::new(at_ms, 0) {
+            self.hlc = Hlc::new(at_ms, 0);
+        }
+        Ok(crate::types::LogMark { seq, at_ms })
     }
 
     /// Writes the index entries held back, if any.
