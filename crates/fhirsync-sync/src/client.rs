@@ -59,6 +59,9 @@ pub struct Reply {
     pub body: Value,
     /// The `ETag` header, if any.
     pub etag: Option<String>,
+    /// All the answer's headers (bulk data reads `Content-Location`,
+    /// `Retry-After` and `X-Progress`).
+    pub headers: reqwest::header::HeaderMap,
 }
 
 /// Whether a request may be repeated after an ambiguous failure (the
@@ -142,26 +145,55 @@ impl FhirClient {
         path: &str,
         body: Option<&str>,
     ) -> Result<Reply, SyncError> {
+        self.send_with(method, path, body, &[]).await
+    }
+
+    /// A request to `url` with this server's credentials and request id.
+    pub fn request(&self, method: Method, url: &str) -> reqwest::RequestBuilder {
+        let mut rb = self.http.request(method, url);
+        if let Some(id) = &self.request_id {
+            rb = rb.header("x-request-id", id);
+        }
+        match &self.auth {
+            Auth::None => rb,
+            Auth::Basic { user, password } => rb.basic_auth(user, Some(password)),
+            Auth::Bearer(t) => rb.bearer_auth(t),
+        }
+    }
+
+    /// How long to wait before the next try of a request (`Retry-After`
+    /// when the server gave one, else backoff with jitter).
+    pub fn retry_wait(&self, attempt: u32, retry_after: Option<&str>) -> Duration {
+        self.wait_for(attempt, retry_after)
+    }
+
+    /// Retries of a failed request this client makes.
+    pub fn retries(&self) -> u32 {
+        self.retries
+    }
+
+    /// [`FhirClient::send`] with more request headers.
+    pub async fn send_with(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&str>,
+        extra: &[(&str, &str)],
+    ) -> Result<Reply, SyncError> {
         let url = self.url(path);
         let mut attempt = 0u32;
         loop {
             let mut rb = self
-                .http
                 .request(method.clone(), &url)
                 .header("accept", "application/fhir+json");
+            for (k, v) in extra {
+                rb = rb.header(*k, *v);
+            }
             if let Some(b) = body {
                 rb = rb
                     .header("content-type", "application/fhir+json")
                     .body(b.to_owned());
             }
-            if let Some(id) = &self.request_id {
-                rb = rb.header("x-request-id", id);
-            }
-            rb = match &self.auth {
-                Auth::None => rb,
-                Auth::Basic { user, password } => rb.basic_auth(user, Some(password)),
-                Auth::Bearer(t) => rb.bearer_auth(t),
-            };
             match rb.send().await {
                 Ok(resp) => {
                     let status = resp.status().as_u16();
@@ -181,8 +213,8 @@ impl FhirClient {
                         attempt += 1;
                         continue;
                     }
-                    let etag = resp
-                        .headers()
+                    let headers = resp.headers().clone();
+                    let etag = headers
                         .get("etag")
                         .and_then(|v| v.to_str().ok())
                         .map(str::to_owned);
@@ -195,7 +227,12 @@ impl FhirClient {
                     } else {
                         serde_json::from_str(&text).unwrap_or(Value::String(text))
                     };
-                    return Ok(Reply { status, body, etag });
+                    return Ok(Reply {
+                        status,
+                        body,
+                        etag,
+                        headers,
+                    });
                 }
                 Err(e) => {
                     let refused = e.is_connect();

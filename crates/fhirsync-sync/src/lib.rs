@@ -5,6 +5,7 @@
 //! Pure decisions (retry timing, id prefixing, canonical hashing) are plain
 //! functions; [`client`] and [`source`] do the I/O; [`run`] drives a mode.
 
+pub mod bulk;
 pub mod canonical;
 pub mod client;
 pub mod compare;

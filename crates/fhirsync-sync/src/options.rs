@@ -107,6 +107,20 @@ pub struct SyncOptions {
     pub dry_run: bool,
     pub state: Option<PathBuf>,
     pub follow: bool,
+    /// COPY and COMPARE read a server source through bulk export.
+    pub bulk: BulkRead,
+}
+
+/// Whether COPY and COMPARE read a server source through bulk export.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum BulkRead {
+    /// When the source's CapabilityStatement offers `$export`.
+    #[default]
+    Auto,
+    /// Always try it (`--bulk`); page through searches if it is refused.
+    Always,
+    /// Never (`--no-bulk`): page through searches.
+    Never,
 }
 
 /// Retries of a failed read on the source.

@@ -10,9 +10,12 @@ use tokio::sync::{mpsc, watch};
 
 use crate::client::FhirClient;
 use crate::ids::Prefixer;
-use crate::options::{Mode, SourceSpec, SyncOptions, SOURCE_RETRY_COUNT};
+use crate::options::{BulkRead, Mode, SourceSpec, SyncOptions, SOURCE_RETRY_COUNT};
 use crate::report::{Count, Failure, Report};
-use crate::source::{read_directory, read_search, server_types, type_url, Item, Searched};
+use crate::source::{
+    is_infrastructure, read_directory, read_search, server_types, type_url, Item, Searched, FIRST,
+    INFRASTRUCTURE,
+};
 use crate::upload::{Shared, Uploader};
 use crate::SyncError;
 
@@ -140,6 +143,7 @@ pub fn spawn_reader(
     let spec = opts.source.clone();
     let types = opts.resource_types.clone();
     let ids = opts.resource_ids.clone();
+    let bulk = opts.bulk;
     tokio::spawn(async move {
         let count = |i: &Item| shared.count(i.rtype(), Count::Read);
         match spec {
@@ -233,6 +237,19 @@ pub fn spawn_reader(
                     t.dedup();
                     return Ok(t);
                 }
+                let why = if bulk == BulkRead::Never {
+                    "--no-bulk"
+                } else if bulk == BulkRead::Always
+                    || crate::bulk::advertises_export(&c.get_json("metadata").await?)
+                {
+                    if let Some(read) = read_bulk(&c, &types, &tx, bundles_as_tx, &shared).await? {
+                        return Ok(read);
+                    }
+                    "the source refused $export"
+                } else {
+                    "the source does not offer $export"
+                };
+                shared.note(format!("read the source page by page through searches ({why})"));
                 let types = server_types(&c, &types).await?;
                 let mut read = Vec::with_capacity(types.len());
                 for t in types {
@@ -247,6 +264,89 @@ pub fn spawn_reader(
             }
         }
     })
+}
+
+/// Reads a server through bulk export: the files are read as they
+/// download, in the order reference targets first; `None` when the server
+/// refuses the export. Infrastructure types are left out unless named.
+async fn read_bulk(
+    c: &FhirClient,
+    types: &[String],
+    tx: &mpsc::Sender<Item>,
+    bundles_as_tx: bool,
+    shared: &Arc<Shared>,
+) -> Result<Option<Vec<String>>, SyncError> {
+    let req = crate::bulk::ExportRequest {
+        types: types.to_vec(),
+        ..Default::default()
+    };
+    let Some(status_url) = crate::bulk::kick_off(c, &req).await? else {
+        return Ok(None);
+    };
+    let m = crate::bulk::wait(c, &status_url, &|p| tracing::debug!(progress = %p, "export")).await?;
+    if let Ok(mut r) = shared.report.lock() {
+        r.expected = m.output.iter().map(|f| f.count).sum();
+    }
+    let mut files = m.output.clone();
+    let rank = |t: &str| FIRST.iter().position(|f| *f == t).unwrap_or(FIRST.len());
+    files.sort_by_key(|f| rank(&f.rtype));
+    let mut read: Vec<String> = Vec::new();
+    let mut n: u64 = 0;
+    for f in &files {
+        let named = types.iter().any(|t| *t == f.rtype);
+        if !named && INFRASTRUCTURE.contains(&f.rtype.as_str()) {
+            continue;
+        }
+        if !read.contains(&f.rtype) {
+            read.push(f.rtype.clone());
+        }
+        let mut lines = crate::bulk::Lines::new(c, &f.url);
+        while let Some(batch) = lines.next_batch().await? {
+            let first = lines.delivered() - batch.len() as u64;
+            // parsed off the runtime's threads
+            let url = f.url.clone();
+            let items = tokio::task::spawn_blocking(move || {
+                batch
+                    .iter()
+                    .enumerate()
+                    .map(|(i, l)| {
+                        let at = format!("{url}:{}", first + i as u64 + 1);
+                        match serde_json::from_slice::<Value>(l) {
+                            Ok(Value::Object(res)) => Item::from_resource(res, at.clone(), bundles_as_tx)
+                                .map_err(|e| SyncError::File { path: at, reason: e }),
+                            _ => Err(SyncError::File {
+                                path: at,
+                                reason: "not a JSON object".into(),
+                            }),
+                        }
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .await
+            .map_err(|e| SyncError::Index(e.to_string()))?;
+            for item in items {
+                let item = item?;
+                if let Item::Resource { res, .. } = &item {
+                    if !named && is_infrastructure(res) {
+                        continue;
+                    }
+                }
+                shared.count(item.rtype(), Count::Read);
+                n += 1;
+                if tx.send(item).await.is_err() {
+                    return Ok(Some(read));
+                }
+            }
+        }
+    }
+    // the server may drop the files now
+    let _ = c.send(reqwest::Method::DELETE, &status_url, None).await;
+    shared.note(format!(
+        "read the source through bulk export: {} files, {n} resources at {}",
+        files.len(),
+        m.transaction_time
+    ));
+    Ok(Some(read))
 }
 
 async fn copy(

@@ -24,6 +24,12 @@ pub struct ProxyOptions {
     /// Track concurrent writes per value of this JSON member of entry
     /// resources (`"id"` of Patients in transaction Bundles).
     pub track_patient_concurrency: bool,
+    /// Pass the client's `Host` on, so that the URLs the node makes
+    /// (status and file URLs) lead back through the proxy.
+    pub forward_host: bool,
+    /// Every n-th download of a bulk file (`$bulk-file`) breaks off
+    /// after half of its body.
+    pub cut_files_every: Option<u64>,
 }
 
 #[derive(Debug, Default)]
@@ -37,6 +43,9 @@ pub struct ProxyStats {
     pub max_same_patient: AtomicU64,
     /// Writes refused because a reference target was missing.
     pub dangling: AtomicU64,
+    /// Bulk file downloads seen, and those broken off on purpose.
+    pub files: AtomicU64,
+    pub files_cut: AtomicU64,
     in_flight: Mutex<(u64, std::collections::HashMap<String, u64>)>,
 }
 
@@ -174,7 +183,7 @@ async fn handle(State(ctx): State<Arc<Ctx>>, req: Request) -> Response {
         .request(parts.method.clone(), format!("{}{rest}", ctx.target))
         .body(bytes);
     for (k, v) in &parts.headers {
-        if k != "host" && k != "content-length" {
+        if (k != "host" || ctx.opts.forward_host) && k != "content-length" {
             rb = rb.header(k, v);
         }
     }
@@ -193,7 +202,21 @@ async fn handle(State(ctx): State<Arc<Ctx>>, req: Request) -> Response {
             let code = r.status().as_u16();
             let headers = r.headers().clone();
             let body = r.bytes().await.unwrap_or_default();
-            let mut out = Response::new(Body::from(body));
+            let cut = path.contains("$bulk-file")
+                && ctx.opts.cut_files_every.is_some_and(|k| {
+                    ctx.stats.files.fetch_add(1, Ordering::SeqCst) % k == 0
+                });
+            let mut out = if cut && body.len() > 1 {
+                ctx.stats.files_cut.fetch_add(1, Ordering::SeqCst);
+                let half = body.slice(..body.len() / 2);
+                let parts: Vec<Result<axum::body::Bytes, std::io::Error>> = vec![
+                    Ok(half),
+                    Err(std::io::Error::other("connection dropped on purpose")),
+                ];
+                Response::new(Body::from_stream(futures::stream::iter(parts)))
+            } else {
+                Response::new(Body::from(body))
+            };
             *out.status_mut() = StatusCode::from_u16(code).unwrap_or(StatusCode::BAD_GATEWAY);
             for (k, v) in &headers {
                 if k != "content-length" && k != "transfer-encoding" {

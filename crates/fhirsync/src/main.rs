@@ -1,5 +1,6 @@
 //! The `fhirsync` command: `serve` runs a node, `import` loads files into a
-//! node's store without HTTP, `sync` copies between servers, `demo` shows
+//! node's store without HTTP, `sync` copies between servers, `export`
+//! takes a bulk export from a server, `demo` shows
 //! replication, `status`/`conflicts`/`deadletters` call a node's admin API,
 //! and `db-sender`/`db-receiver` sync MySQL/MariaDB databases from the binlog.
 
@@ -9,6 +10,7 @@ mod config;
 mod console_cfg;
 mod db_cmd;
 mod demo;
+mod export_cmd;
 mod import;
 mod lock;
 mod nats_cmd;
@@ -64,6 +66,8 @@ enum Command {
     },
     /// Copy, compare or follow FHIR data between two servers or from a directory.
     Sync(Box<sync_cmd::SyncArgs>),
+    /// Bulk Data export from a FHIR server into NDJSON files and a manifest.
+    Export(Box<export_cmd::ExportArgs>),
     /// Start a parent and two children on 127.0.0.1 and show data flowing.
     Demo(demo::DemoArgs),
     /// A running node's edges, children, conflicts and dead letters.
@@ -146,6 +150,7 @@ fn main() -> ExitCode {
             config::Config::load(&node, listen.as_deref()).and_then(serve::run)
         }
         Command::Sync(a) => sync_cmd::run(*a),
+        Command::Export(a) => export_cmd::run(*a),
         Command::Demo(a) => demo::run(a),
         Command::Nats { cmd } => nats_cmd::run(cmd),
         Command::Status { target } => admin_cmd::status(target),

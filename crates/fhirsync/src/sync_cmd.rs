@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use fhirsync_sync::client::Auth;
-use fhirsync_sync::options::SourceSpec;
+use fhirsync_sync::options::{BulkRead, SourceSpec};
 use fhirsync_sync::tls::TlsAuth;
 use fhirsync_sync::{Mode, Report, SyncOptions};
 use tokio::sync::watch;
@@ -79,6 +79,13 @@ pub struct SyncArgs {
     /// INCREMENTAL: keep polling for new changes until interrupted.
     #[arg(long)]
     pub follow: bool,
+    /// COPY/COMPARE: read the source through bulk export even when its
+    /// CapabilityStatement does not offer it (paging if it is refused).
+    #[arg(long, conflicts_with = "no_bulk")]
+    pub bulk: bool,
+    /// COPY/COMPARE: never use bulk export; page through searches.
+    #[arg(long)]
+    pub no_bulk: bool,
 }
 
 fn options(a: &SyncArgs) -> anyhow::Result<SyncOptions> {
@@ -135,6 +142,13 @@ fn options(a: &SyncArgs) -> anyhow::Result<SyncOptions> {
         dry_run: a.dry_run,
         state: a.state.clone(),
         follow: a.follow,
+        bulk: if a.bulk {
+            BulkRead::Always
+        } else if a.no_bulk {
+            BulkRead::Never
+        } else {
+            BulkRead::Auto
+        },
     })
 }
 

@@ -566,3 +566,124 @@ async fn a_node_killed_during_an_export_fails_the_job_cleanly() {
     let n: u64 = m["output"].as_array().unwrap().iter().map(|o| o["count"].as_u64().unwrap()).sum();
     assert_eq!(n, 40_000);
 }
+
+async fn cli(args: &[&str]) -> (bool, String, String) {
+    let o = tokio::process::Command::new(BIN)
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .await
+        .unwrap();
+    (
+        o.status.success(),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn export_command_survives_429_and_broken_downloads() {
+    use fhirsync_testkit::{Proxy, ProxyOptions};
+    let mut o = Options::default();
+    let mut b = fhirsync_api::bulk::BulkConfig::new("");
+    b.file_bytes_max = 2048;
+    o.bulk = Some(b);
+    let s = InProcess::start_with(o).await;
+    seed(&s, 12, 3).await;
+    let proxy = Proxy::start(
+        &s.base,
+        ProxyOptions {
+            fail_every: Some(4),
+            fail_status: 429,
+            retry_after: Some("1".into()),
+            forward_host: true,
+            cut_files_every: Some(2),
+            ..Default::default()
+        },
+    )
+    .await;
+    let out = tempfile::tempdir().unwrap();
+    let dir = out.path().join("x");
+    let (ok, stdout, stderr) = cli(&[
+        "export",
+        "-s",
+        &proxy.base,
+        "-o",
+        dir.to_str().unwrap(),
+        "-r",
+        "Patient,Observation",
+    ])
+    .await;
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("exported 48 resources"), "{stdout}");
+    let stats = &proxy.stats;
+    assert!(stats.injected.load(std::sync::atomic::Ordering::SeqCst) > 0);
+    assert!(stats.files_cut.load(std::sync::atomic::Ordering::SeqCst) > 0);
+    let m: Value = serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap();
+    let mut seen = BTreeSet::new();
+    for f in m["output"].as_array().unwrap() {
+        let text = std::fs::read_to_string(dir.join(f["file"].as_str().unwrap())).unwrap();
+        let lines: Vec<Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        assert_eq!(lines.len() as u64, f["count"].as_u64().unwrap());
+        for r in lines {
+            assert!(seen.insert(format!("{}/{}", r["resourceType"].as_str().unwrap(), r["id"].as_str().unwrap())), "once");
+        }
+    }
+    assert_eq!(seen.len(), 48);
+    assert!(std::fs::read_dir(&dir).unwrap().all(|e| !e.unwrap().file_name().to_string_lossy().ends_with(".part")));
+    // again into the same directory: refused, one line
+    let (ok, _, stderr) = cli(&["export", "-s", &s.base, "-o", dir.to_str().unwrap()]).await;
+    assert!(!ok && stderr.contains("holds an export already"), "{stderr}");
+    // the CLI checks what it is given
+    for bad in [
+        vec!["export", "-s", "ftp://x", "-o", "/tmp/y"],
+        vec!["export", "-s", &s.base, "-o", "/tmp/y", "-r", "Nope"],
+        vec!["export", "-s", &s.base, "-o", "/tmp/y", "--type-filter", "status=final"],
+        vec!["export", "-s", &s.base, "-o", "/tmp/y", "--parallel", "0"],
+    ] {
+        let (ok, _, stderr) = cli(&bad).await;
+        assert!(!ok && stderr.starts_with("fhirsync: error:") && stderr.lines().count() == 1, "{stderr}");
+    }
+    // Group and type filter through the CLI
+    put(&s, "Group/g", &json!({"resourceType": "Group", "id": "g", "type": "person", "actual": true,
+        "member": [{"entity": {"reference": "Patient/p2"}}]})).await;
+    let gdir = out.path().join("g");
+    let (ok, stdout, stderr) = cli(&["export", "-s", &s.base, "-o", gdir.to_str().unwrap(), "--group", "g",
+        "-r", "Patient,Observation", "--type-filter", "Observation?status=final"]).await;
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("exported 3 resources"), "{stdout}");
+}
+
+#[tokio::test]
+async fn sync_copy_and_compare_read_through_bulk_export() {
+    let src = InProcess::start().await;
+    seed(&src, 6, 2).await;
+    let dst = InProcess::start().await;
+    let report = tempfile::NamedTempFile::new().unwrap();
+    let rp = report.path().to_str().unwrap().to_owned();
+    let (ok, _, stderr) = cli(&["sync", "-s", &src.base, "-t", &dst.base, "-m", "COPY", "--report", &rp]).await;
+    assert!(ok, "{stderr}");
+    assert!(stderr.contains("read the source through bulk export"), "{stderr}");
+    let (_, b) = status_json(get(&dst, "Observation?_summary=count").await).await;
+    assert_eq!(b["total"], 12);
+    let (_, b) = status_json(get(&dst, "Patient?_summary=count").await).await;
+    assert_eq!(b["total"], 6);
+    // COMPARE: a change on the source is found and written
+    put(&src, "Patient/p1", &json!({"resourceType": "Patient", "id": "p1", "gender": "male"})).await;
+    let (ok, _, stderr) = cli(&["sync", "-s", &src.base, "-t", &dst.base, "-m", "COMPARE", "--report", &rp]).await;
+    assert!(ok, "{stderr}");
+    assert!(stderr.contains("bulk export"), "{stderr}");
+    let rep: Value = serde_json::from_slice(&std::fs::read(report.path()).unwrap()).unwrap();
+    assert_eq!(rep["types"]["Patient"]["updated"], 1, "{rep}");
+    assert_eq!(rep["types"]["Observation"]["unchanged"], 12, "{rep}");
+    // --no-bulk pages, and says so
+    let (ok, _, stderr) = cli(&["sync", "-s", &src.base, "-t", &dst.base, "-m", "COMPARE", "--no-bulk"]).await;
+    assert!(ok, "{stderr}");
+    assert!(stderr.contains("page by page through searches (--no-bulk)"), "{stderr}");
+    // a source without bulk data: paging, and a note why
+    let plain = InProcess::start_with(Options { bulk: None, ..Default::default() }).await;
+    seed(&plain, 1, 1).await;
+    let (ok, _, stderr) = cli(&["sync", "-s", &plain.base, "-t", &dst.base, "-m", "COPY", "--bulk"]).await;
+    assert!(ok, "{stderr}");
+    assert!(stderr.contains("the source refused $export"), "{stderr}");
+}
