@@ -183,9 +183,18 @@ pub async fn metadata(
         body["instantiates"] = json!([BULK_DATA_IG]);
         if let Some(Value::Array(ops)) = body.pointer_mut("/rest/0/operation") {
             for (name, doc) in [
-                ("export", "[base]/$export: every type, as NDJSON files (Bulk Data IG 2.0)"),
-                ("patient-export", "Patient/$export: the Patient compartments"),
-                ("group-export", "Group/[id]/$export: the compartments of a Group's members"),
+                (
+                    "export",
+                    "[base]/$export: every type, as NDJSON files (Bulk Data IG 2.0)",
+                ),
+                (
+                    "patient-export",
+                    "Patient/$export: the Patient compartments",
+                ),
+                (
+                    "group-export",
+                    "Group/[id]/$export: the compartments of a Group's members",
+                ),
             ] {
                 ops.push(json!({
                     "name": name,

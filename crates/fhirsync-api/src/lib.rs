@@ -154,12 +154,12 @@ pub fn app(state: AppState) -> Router {
         .route("/metadata", get(capability::metadata))
         .route("/$changes", get(changes::changes))
         .route("/$apply", post(apply::apply))
-        .route("/$export", get(bulk::export::system).post(bulk::export::system))
-        .route("/$import", post(bulk::import::kick_off))
         .route(
-            "/$bulk-status/{id}",
-            get(bulk::status).delete(bulk::cancel),
+            "/$export",
+            get(bulk::export::system).post(bulk::export::system),
         )
+        .route("/$import", post(bulk::import::kick_off))
+        .route("/$bulk-status/{id}", get(bulk::status).delete(bulk::cancel))
         .route("/$bulk-file/{id}/{name}", get(bulk::file))
         .route(
             "/Patient/$export",

@@ -30,6 +30,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("search", search),
     ("change_record", change_record),
     ("db_batch", db_batch),
+    ("bulk_params", bulk_params),
 ];
 
 /// The resource FHIRPath expressions are evaluated on.
@@ -213,4 +214,25 @@ pub fn db_batch(data: &[u8]) {
             }
         }
     }
+}
+
+/// The parameters of bulk data: an `$export` kick-off's query at each
+/// level (with a caller that may not read Observations), and a
+/// `Parameters` body as `$export` (POST) and `$import` read it.
+pub fn bulk_params(data: &[u8]) {
+    use fhirsync_api::bulk::{export, import};
+    if let Ok(qs) = std::str::from_utf8(data) {
+        let pairs: Vec<(String, String)> = form_urlencoded::parse(qs.as_bytes())
+            .map(|(k, v)| (k.into_owned(), v.into_owned()))
+            .collect();
+        for level in [
+            export::Level::System,
+            export::Level::Patients(None),
+            export::Level::Patients(Some(vec!["p1".into()])),
+        ] {
+            let _ = export::check(&pairs, level, &|t| t != "Observation");
+        }
+    }
+    let _ = export::parameters(data);
+    let _ = import::parse(data);
 }

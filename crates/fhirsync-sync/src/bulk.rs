@@ -106,7 +106,10 @@ impl Manifest {
         Ok(Manifest {
             output: files("output")?,
             deleted: files("deleted")?,
-            transaction_time: raw["transactionTime"].as_str().unwrap_or_default().to_owned(),
+            transaction_time: raw["transactionTime"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned(),
             raw,
             status_url,
         })
@@ -115,9 +118,12 @@ impl Manifest {
 
 /// Whether a CapabilityStatement says the server serves `$export`.
 pub fn advertises_export(cap: &Value) -> bool {
-    let instantiates = cap["instantiates"]
-        .as_array()
-        .is_some_and(|a| a.iter().any(|u| u.as_str().is_some_and(|u| u.contains("bulkdata") || u.contains("bulk-data"))));
+    let instantiates = cap["instantiates"].as_array().is_some_and(|a| {
+        a.iter().any(|u| {
+            u.as_str()
+                .is_some_and(|u| u.contains("bulkdata") || u.contains("bulk-data"))
+        })
+    });
     let op = cap["rest"][0]["operation"]
         .as_array()
         .is_some_and(|a| a.iter().any(|o| o["name"] == "export"));
@@ -126,7 +132,10 @@ pub fn advertises_export(cap: &Value) -> bool {
 
 /// Kicks off an export; the status URL, or `None` when the server does
 /// not serve this export (400, 404, 405 or 501 to the kick-off).
-pub async fn kick_off(client: &FhirClient, req: &ExportRequest) -> Result<Option<String>, SyncError> {
+pub async fn kick_off(
+    client: &FhirClient,
+    req: &ExportRequest,
+) -> Result<Option<String>, SyncError> {
     let path = req.path();
     let r = client
         .send_with(Method::GET, &path, None, &[("prefer", "respond-async")])
@@ -137,7 +146,13 @@ pub async fn kick_off(client: &FhirClient, req: &ExportRequest) -> Result<Option
             tracing::debug!(status = r.status, reason = %outcome_text(&r.body), "no bulk export");
             return Ok(None);
         }
-        s => return Err(status_error(&format!("$export at {}", client.base()), s, &r.body)),
+        s => {
+            return Err(status_error(
+                &format!("$export at {}", client.base()),
+                s,
+                &r.body,
+            ))
+        }
     }
     r.headers
         .get("content-location")
@@ -314,7 +329,10 @@ impl<'a> Lines<'a> {
                     self.buf.clear();
                     self.done = true;
                 }
-                Err(e) => self.retry(format!("the download broke off: {e}"), None).await?,
+                Err(e) => {
+                    self.retry(format!("the download broke off: {e}"), None)
+                        .await?
+                }
             }
             if !out.is_empty() {
                 self.delivered += out.len() as u64;
@@ -349,11 +367,14 @@ pub async fn download(
         path: part.display().to_string(),
         reason: e.to_string(),
     };
-    let mut w = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(&part).map_err(io)?);
+    let mut w =
+        std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(&part).map_err(io)?);
     let mut lines = Lines::new(client, &f.url);
     while let Some(batch) = lines.next_batch().await? {
         for l in batch {
-            w.write_all(&l).and_then(|_| w.write_all(b"\n")).map_err(io)?;
+            w.write_all(&l)
+                .and_then(|_| w.write_all(b"\n"))
+                .map_err(io)?;
         }
     }
     let n = lines.delivered();

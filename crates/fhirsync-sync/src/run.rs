@@ -249,7 +249,9 @@ pub fn spawn_reader(
                 } else {
                     "the source does not offer $export"
                 };
-                shared.note(format!("read the source page by page through searches ({why})"));
+                shared.note(format!(
+                    "read the source page by page through searches ({why})"
+                ));
                 let types = server_types(&c, &types).await?;
                 let mut read = Vec::with_capacity(types.len());
                 for t in types {
@@ -268,7 +270,8 @@ pub fn spawn_reader(
 
 /// Reads a server through bulk export: the files are read as they
 /// download, in the order reference targets first; `None` when the server
-/// refuses the export. Infrastructure types are left out unless named.
+/// refuses the export. What describes the server (see
+/// [`is_infrastructure`]) is left out, as when paging.
 async fn read_bulk(
     c: &FhirClient,
     types: &[String],
@@ -283,7 +286,12 @@ async fn read_bulk(
     let Some(status_url) = crate::bulk::kick_off(c, &req).await? else {
         return Ok(None);
     };
-    let m = crate::bulk::wait(c, &status_url, &|p| tracing::debug!(progress = %p, "export")).await?;
+    let m = crate::bulk::wait(
+        c,
+        &status_url,
+        &|p| tracing::debug!(progress = %p, "export"),
+    )
+    .await?;
     if let Ok(mut r) = shared.report.lock() {
         r.expected = m.output.iter().map(|f| f.count).sum();
     }
@@ -291,12 +299,12 @@ async fn read_bulk(
     let rank = |t: &str| FIRST.iter().position(|f| *f == t).unwrap_or(FIRST.len());
     files.sort_by_key(|f| rank(&f.rtype));
     let mut read: Vec<String> = Vec::new();
-    let mut n: u64 = 0;
+    let (mut n, mut files_read) = (0u64, 0usize);
     for f in &files {
-        let named = types.iter().any(|t| *t == f.rtype);
-        if !named && INFRASTRUCTURE.contains(&f.rtype.as_str()) {
+        if INFRASTRUCTURE.contains(&f.rtype.as_str()) {
             continue;
         }
+        files_read += 1;
         if !read.contains(&f.rtype) {
             read.push(f.rtype.clone());
         }
@@ -312,8 +320,14 @@ async fn read_bulk(
                     .map(|(i, l)| {
                         let at = format!("{url}:{}", first + i as u64 + 1);
                         match serde_json::from_slice::<Value>(l) {
-                            Ok(Value::Object(res)) => Item::from_resource(res, at.clone(), bundles_as_tx)
-                                .map_err(|e| SyncError::File { path: at, reason: e }),
+                            Ok(Value::Object(res)) => {
+                                Item::from_resource(res, at.clone(), bundles_as_tx).map_err(|e| {
+                                    SyncError::File {
+                                        path: at,
+                                        reason: e,
+                                    }
+                                })
+                            }
                             _ => Err(SyncError::File {
                                 path: at,
                                 reason: "not a JSON object".into(),
@@ -327,7 +341,7 @@ async fn read_bulk(
             for item in items {
                 let item = item?;
                 if let Item::Resource { res, .. } = &item {
-                    if !named && is_infrastructure(res) {
+                    if is_infrastructure(res) {
                         continue;
                     }
                 }
@@ -342,8 +356,7 @@ async fn read_bulk(
     // the server may drop the files now
     let _ = c.send(reqwest::Method::DELETE, &status_url, None).await;
     shared.note(format!(
-        "read the source through bulk export: {} files, {n} resources at {}",
-        files.len(),
+        "read the source through bulk export: {files_read} files, {n} resources at {}",
         m.transaction_time
     ));
     Ok(Some(read))

@@ -203,9 +203,10 @@ async fn handle(State(ctx): State<Arc<Ctx>>, req: Request) -> Response {
             let headers = r.headers().clone();
             let body = r.bytes().await.unwrap_or_default();
             let cut = path.contains("$bulk-file")
-                && ctx.opts.cut_files_every.is_some_and(|k| {
-                    ctx.stats.files.fetch_add(1, Ordering::SeqCst) % k == 0
-                });
+                && ctx
+                    .opts
+                    .cut_files_every
+                    .is_some_and(|k| ctx.stats.files.fetch_add(1, Ordering::SeqCst) % k == 0);
             let mut out = if cut && body.len() > 1 {
                 ctx.stats.files_cut.fetch_add(1, Ordering::SeqCst);
                 let half = body.slice(..body.len() / 2);

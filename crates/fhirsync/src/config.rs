@@ -88,7 +88,10 @@ impl Default for BulkSection {
 
 impl BulkSection {
     /// The settings of a node whose data lives in `data_dir`; `None`: off.
-    pub fn config(&self, data_dir: &std::path::Path) -> anyhow::Result<Option<fhirsync_api::bulk::BulkConfig>> {
+    pub fn config(
+        &self,
+        data_dir: &std::path::Path,
+    ) -> anyhow::Result<Option<fhirsync_api::bulk::BulkConfig>> {
         if !self.enabled {
             return Ok(None);
         }

@@ -98,7 +98,11 @@ pub fn run(a: ExportArgs) -> anyhow::Result<()> {
         since: a.since.clone(),
         type_filters: a.type_filters.clone(),
     };
-    let tls = a.source_tls_auth.as_deref().map(TlsAuth::load).transpose()?;
+    let tls = a
+        .source_tls_auth
+        .as_deref()
+        .map(TlsAuth::load)
+        .transpose()?;
     let client = Arc::new(FhirClient::new(
         &a.source,
         Auth::from_options(
@@ -128,8 +132,10 @@ async fn export(
     bar.enable_steady_tick(std::time::Duration::from_millis(200));
     bar.set_message("export requested");
     let b2 = bar.clone();
-    let m = bulk::export(&client, &req, &move |p| b2.set_message(format!("server: {p}")))
-        .await?;
+    let m = bulk::export(&client, &req, &move |p| {
+        b2.set_message(format!("server: {p}"))
+    })
+    .await?;
     let exported = started.elapsed().as_secs_f64();
     // local names: Type-N.ndjson, deleted-N.ndjson
     let mut jobs: Vec<(ManifestFile, String)> = Vec::new();
@@ -185,7 +191,9 @@ async fn export(
     )
     .context("cannot write manifest.json")?;
     // the server may drop the files now
-    let _ = client.send(reqwest::Method::DELETE, &m.status_url, None).await;
+    let _ = client
+        .send(reqwest::Method::DELETE, &m.status_url, None)
+        .await;
     let secs = started.elapsed().as_secs_f64();
     println!(
         "exported {resources} resources in {total_files} files to {} in {secs:.2} s ({:.0}/s; the server took {exported:.2} s); transactionTime {}",

@@ -8,8 +8,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use common::*;
-use fhirsync_testkit::server::Options;
 use fhirsync_store::Store;
+use fhirsync_testkit::server::Options;
 use fhirsync_testkit::NodeProcess;
 use serde_json::{json, Value};
 
@@ -86,7 +86,11 @@ async fn download(
 async fn export(
     s: &InProcess,
     path: &str,
-) -> (Value, BTreeMap<String, Vec<Value>>, BTreeMap<String, Vec<Value>>) {
+) -> (
+    Value,
+    BTreeMap<String, Vec<Value>>,
+    BTreeMap<String, Vec<Value>>,
+) {
     let st = kick_off(&s.client, &s.url(path), None).await;
     let (code, m) = wait(&s.client, &st, None).await;
     assert_eq!(code, 200, "{m}");
@@ -206,7 +210,7 @@ async fn system_export_since_types_filters_and_deletes() {
         BTreeSet::from(["p0".to_owned(), "p9".to_owned()])
     );
     assert_eq!(out2.get("Patient").unwrap()[0]["gender"], "male");
-    assert!(out2.get("Observation").is_none());
+    assert!(!out2.contains_key("Observation"));
     let d = &del2["Bundle"];
     assert_eq!(d.len(), 1);
     assert_eq!(d[0]["entry"][0]["request"]["method"], "DELETE");
@@ -224,7 +228,12 @@ async fn system_export_since_types_filters_and_deletes() {
     .await;
     assert_eq!(out4["Patient"].len(), 6);
     assert!(out4["Observation"].iter().all(|o| o["status"] == "final"));
-    assert_eq!(out4["Observation"].len(), 10 - 0, "{:?}", ids(out4.get("Observation")));
+    assert_eq!(
+        out4["Observation"].len(),
+        10,
+        "{:?}",
+        ids(out4.get("Observation"))
+    );
     // two filters of one type are OR'ed, each resource once
     let f2 = urlencode("Observation?subject=Patient/p1");
     let (_, out5, _) = export(
@@ -272,14 +281,14 @@ async fn patient_and_group_exports_are_the_compartments() {
             .map(|x| x.to_string())
             .collect()
     );
-    assert!(out.get("Organization").is_none());
+    assert!(!out.contains_key("Organization"));
     // the Group is in its members' compartments (Group.member)
     assert_eq!(ids(out.get("Group")), BTreeSet::from(["g1".to_owned()]));
 
     let (_, all, _) = export(&s, "Patient/$export").await;
     assert_eq!(ids(all.get("Patient")).len(), 4);
     assert_eq!(ids(all.get("Observation")).len(), 8);
-    assert!(all.get("Organization").is_none());
+    assert!(!all.contains_key("Organization"));
 
     // a deleted member's observation shows among a Group export's deletions
     assert!(delete(&s, "Observation/o3-1").await.status().is_success());
@@ -354,7 +363,13 @@ async fn a_token_with_fewer_scopes_gets_fewer_types() {
     let out = download(&s.client, &m["output"], Some("pat-secret")).await;
     assert_eq!(out.keys().collect::<Vec<_>>(), vec!["Patient"]);
     // another caller sees neither the job nor its files
-    let r = s.client.get(&st).bearer_auth("all-secret").send().await.unwrap();
+    let r = s
+        .client
+        .get(&st)
+        .bearer_auth("all-secret")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 404);
     let f = m["output"][0]["url"].as_str().unwrap();
     assert_eq!(s.client.get(f).send().await.unwrap().status(), 401);
@@ -399,12 +414,24 @@ async fn writes_during_an_export_are_in_the_next_since_export_only() {
     let first = download(&s.client, &m["output"], None).await;
     let t = urlencode(m["transactionTime"].as_str().unwrap());
     let (_, second, _) = export(&s, &format!("$export?_since={t}")).await;
-    let a: Vec<String> = first.values().flatten().map(|r| r["id"].as_str().unwrap().to_owned()).collect();
-    let b: Vec<String> = second.values().flatten().map(|r| r["id"].as_str().unwrap().to_owned()).collect();
+    let a: Vec<String> = first
+        .values()
+        .flatten()
+        .map(|r| r["id"].as_str().unwrap().to_owned())
+        .collect();
+    let b: Vec<String> = second
+        .values()
+        .flatten()
+        .map(|r| r["id"].as_str().unwrap().to_owned())
+        .collect();
     let sa: BTreeSet<_> = a.iter().cloned().collect();
     let sb: BTreeSet<_> = b.iter().cloned().collect();
     assert_eq!(sa.len(), a.len(), "no resource twice in one export");
-    assert!(sa.is_disjoint(&sb), "nothing in both: {:?}", sa.intersection(&sb).collect::<Vec<_>>());
+    assert!(
+        sa.is_disjoint(&sb),
+        "nothing in both: {:?}",
+        sa.intersection(&sb).collect::<Vec<_>>()
+    );
     assert_eq!(sa.len() + sb.len(), 3000 + written, "nothing lost");
     assert!((0..3000).all(|i| {
         let r: Value = serde_json::from_str(&fhirsync_testkit::gen::ndjson_line(7, i)).unwrap();
@@ -464,7 +491,8 @@ async fn import_loads_all_or_nothing() {
     let obs: String = (0..20)
         .map(|i| format!("{{\"resourceType\":\"Observation\",\"id\":\"io{i}\",\"status\":\"final\",\"code\":{{\"text\":\"x\"}},\"subject\":{{\"reference\":\"Patient/i{i}\"}}}}\n"))
         .collect();
-    let bad = format!("{pats}{{\"resourceType\":\"Patient\",\"id\":\"bad\",\"gender\":7}}\nnot json\n");
+    let bad =
+        format!("{pats}{{\"resourceType\":\"Patient\",\"id\":\"bad\",\"gender\":7}}\nnot json\n");
     let files = file_server(vec![
         ("p.ndjson", pats.clone()),
         ("o.ndjson", obs),
@@ -473,29 +501,48 @@ async fn import_loads_all_or_nothing() {
     .await;
     let before = s.store.last_seq();
     // a bad line: nothing changes, and each bad line is named
-    let (code, oo) = import(&s, &import_params(&[
-        ("Patient", format!("{files}/p.ndjson")),
-        ("Patient", format!("{files}/bad.ndjson")),
-    ]))
+    let (code, oo) = import(
+        &s,
+        &import_params(&[
+            ("Patient", format!("{files}/p.ndjson")),
+            ("Patient", format!("{files}/bad.ndjson")),
+        ]),
+    )
     .await;
     assert_eq!(code, 422, "{oo}");
-    let issues: Vec<&str> = oo["issue"].as_array().unwrap().iter().map(|i| i["diagnostics"].as_str().unwrap()).collect();
+    let issues: Vec<&str> = oo["issue"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["diagnostics"].as_str().unwrap())
+        .collect();
     assert_eq!(issues.len(), 2, "{issues:?}");
     assert!(issues[0].contains("bad.ndjson:51:"), "{issues:?}");
     assert!(issues[1].contains("bad.ndjson:52:"), "{issues:?}");
     assert_eq!(s.store.last_seq(), before, "nothing was stored");
     // a type that is not the input's
-    let (code, oo) = import(&s, &import_params(&[("Observation", format!("{files}/p.ndjson"))])).await;
+    let (code, oo) = import(
+        &s,
+        &import_params(&[("Observation", format!("{files}/p.ndjson"))]),
+    )
+    .await;
     assert_eq!(code, 422, "{oo}");
     // a missing file
-    let (code, _) = import(&s, &import_params(&[("Patient", format!("{files}/none.ndjson"))])).await;
+    let (code, _) = import(
+        &s,
+        &import_params(&[("Patient", format!("{files}/none.ndjson"))]),
+    )
+    .await;
     assert_eq!(code, 400);
     assert_eq!(s.store.last_seq(), before);
     // good inputs: everything, with counts per input
-    let (code, m) = import(&s, &import_params(&[
-        ("Patient", format!("{files}/p.ndjson")),
-        ("Observation", format!("{files}/o.ndjson")),
-    ]))
+    let (code, m) = import(
+        &s,
+        &import_params(&[
+            ("Patient", format!("{files}/p.ndjson")),
+            ("Observation", format!("{files}/o.ndjson")),
+        ]),
+    )
     .await;
     assert_eq!(code, 200, "{m}");
     assert_eq!(m["output"][0]["count"], 50);
@@ -534,7 +581,11 @@ async fn a_node_killed_during_an_export_fails_the_job_cleanly() {
         .arg(data.path())
         .output()
         .unwrap();
-    assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
     let c = reqwest::Client::new();
     let mut node = NodeProcess::spawn(BIN.as_ref(), dir.path(), &[]).unwrap();
     let status_url = kick_off(&c, &node.url("$export"), None).await;
@@ -542,7 +593,11 @@ async fn a_node_killed_during_an_export_fails_the_job_cleanly() {
     loop {
         let r = c.get(&status_url).send().await.unwrap();
         assert_eq!(r.status(), 202, "the export ended before the kill");
-        if r.headers()["x-progress"].to_str().unwrap().contains("Observation") {
+        if r.headers()["x-progress"]
+            .to_str()
+            .unwrap()
+            .contains("Observation")
+        {
             break;
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
@@ -563,7 +618,12 @@ async fn a_node_killed_during_an_export_fails_the_job_cleanly() {
     let st = kick_off(&c, &node.url("$export"), None).await;
     let (code, m) = wait(&c, &st, None).await;
     assert_eq!(code, 200);
-    let n: u64 = m["output"].as_array().unwrap().iter().map(|o| o["count"].as_u64().unwrap()).sum();
+    let n: u64 = m["output"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["count"].as_u64().unwrap())
+        .sum();
     assert_eq!(n, 40_000);
 }
 
@@ -619,37 +679,83 @@ async fn export_command_survives_429_and_broken_downloads() {
     let stats = &proxy.stats;
     assert!(stats.injected.load(std::sync::atomic::Ordering::SeqCst) > 0);
     assert!(stats.files_cut.load(std::sync::atomic::Ordering::SeqCst) > 0);
-    let m: Value = serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap();
+    let m: Value =
+        serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap();
     let mut seen = BTreeSet::new();
     for f in m["output"].as_array().unwrap() {
         let text = std::fs::read_to_string(dir.join(f["file"].as_str().unwrap())).unwrap();
-        let lines: Vec<Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        let lines: Vec<Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
         assert_eq!(lines.len() as u64, f["count"].as_u64().unwrap());
         for r in lines {
-            assert!(seen.insert(format!("{}/{}", r["resourceType"].as_str().unwrap(), r["id"].as_str().unwrap())), "once");
+            assert!(
+                seen.insert(format!(
+                    "{}/{}",
+                    r["resourceType"].as_str().unwrap(),
+                    r["id"].as_str().unwrap()
+                )),
+                "once"
+            );
         }
     }
     assert_eq!(seen.len(), 48);
-    assert!(std::fs::read_dir(&dir).unwrap().all(|e| !e.unwrap().file_name().to_string_lossy().ends_with(".part")));
+    assert!(std::fs::read_dir(&dir).unwrap().all(|e| !e
+        .unwrap()
+        .file_name()
+        .to_string_lossy()
+        .ends_with(".part")));
     // again into the same directory: refused, one line
     let (ok, _, stderr) = cli(&["export", "-s", &s.base, "-o", dir.to_str().unwrap()]).await;
-    assert!(!ok && stderr.contains("holds an export already"), "{stderr}");
+    assert!(
+        !ok && stderr.contains("holds an export already"),
+        "{stderr}"
+    );
     // the CLI checks what it is given
     for bad in [
         vec!["export", "-s", "ftp://x", "-o", "/tmp/y"],
         vec!["export", "-s", &s.base, "-o", "/tmp/y", "-r", "Nope"],
-        vec!["export", "-s", &s.base, "-o", "/tmp/y", "--type-filter", "status=final"],
+        vec![
+            "export",
+            "-s",
+            &s.base,
+            "-o",
+            "/tmp/y",
+            "--type-filter",
+            "status=final",
+        ],
         vec!["export", "-s", &s.base, "-o", "/tmp/y", "--parallel", "0"],
     ] {
         let (ok, _, stderr) = cli(&bad).await;
-        assert!(!ok && stderr.starts_with("fhirsync: error:") && stderr.lines().count() == 1, "{stderr}");
+        assert!(
+            !ok && stderr.starts_with("fhirsync: error:") && stderr.lines().count() == 1,
+            "{stderr}"
+        );
     }
     // Group and type filter through the CLI
-    put(&s, "Group/g", &json!({"resourceType": "Group", "id": "g", "type": "person", "actual": true,
-        "member": [{"entity": {"reference": "Patient/p2"}}]})).await;
+    put(
+        &s,
+        "Group/g",
+        &json!({"resourceType": "Group", "id": "g", "type": "person", "actual": true,
+        "member": [{"entity": {"reference": "Patient/p2"}}]}),
+    )
+    .await;
     let gdir = out.path().join("g");
-    let (ok, stdout, stderr) = cli(&["export", "-s", &s.base, "-o", gdir.to_str().unwrap(), "--group", "g",
-        "-r", "Patient,Observation", "--type-filter", "Observation?status=final"]).await;
+    let (ok, stdout, stderr) = cli(&[
+        "export",
+        "-s",
+        &s.base,
+        "-o",
+        gdir.to_str().unwrap(),
+        "--group",
+        "g",
+        "-r",
+        "Patient,Observation",
+        "--type-filter",
+        "Observation?status=final",
+    ])
+    .await;
     assert!(ok, "{stderr}");
     assert!(stdout.contains("exported 3 resources"), "{stdout}");
 }
@@ -661,29 +767,70 @@ async fn sync_copy_and_compare_read_through_bulk_export() {
     let dst = InProcess::start().await;
     let report = tempfile::NamedTempFile::new().unwrap();
     let rp = report.path().to_str().unwrap().to_owned();
-    let (ok, _, stderr) = cli(&["sync", "-s", &src.base, "-t", &dst.base, "-m", "COPY", "--report", &rp]).await;
+    let (ok, _, stderr) = cli(&[
+        "sync", "-s", &src.base, "-t", &dst.base, "-m", "COPY", "--report", &rp,
+    ])
+    .await;
     assert!(ok, "{stderr}");
-    assert!(stderr.contains("read the source through bulk export"), "{stderr}");
+    assert!(
+        stderr.contains("read the source through bulk export"),
+        "{stderr}"
+    );
     let (_, b) = status_json(get(&dst, "Observation?_summary=count").await).await;
     assert_eq!(b["total"], 12);
     let (_, b) = status_json(get(&dst, "Patient?_summary=count").await).await;
     assert_eq!(b["total"], 6);
     // COMPARE: a change on the source is found and written
-    put(&src, "Patient/p1", &json!({"resourceType": "Patient", "id": "p1", "gender": "male"})).await;
-    let (ok, _, stderr) = cli(&["sync", "-s", &src.base, "-t", &dst.base, "-m", "COMPARE", "--report", &rp]).await;
+    put(
+        &src,
+        "Patient/p1",
+        &json!({"resourceType": "Patient", "id": "p1", "gender": "male"}),
+    )
+    .await;
+    let (ok, _, stderr) = cli(&[
+        "sync", "-s", &src.base, "-t", &dst.base, "-m", "COMPARE", "--report", &rp,
+    ])
+    .await;
     assert!(ok, "{stderr}");
     assert!(stderr.contains("bulk export"), "{stderr}");
     let rep: Value = serde_json::from_slice(&std::fs::read(report.path()).unwrap()).unwrap();
     assert_eq!(rep["types"]["Patient"]["updated"], 1, "{rep}");
     assert_eq!(rep["types"]["Observation"]["unchanged"], 12, "{rep}");
     // --no-bulk pages, and says so
-    let (ok, _, stderr) = cli(&["sync", "-s", &src.base, "-t", &dst.base, "-m", "COMPARE", "--no-bulk"]).await;
+    let (ok, _, stderr) = cli(&[
+        "sync",
+        "-s",
+        &src.base,
+        "-t",
+        &dst.base,
+        "-m",
+        "COMPARE",
+        "--no-bulk",
+    ])
+    .await;
     assert!(ok, "{stderr}");
-    assert!(stderr.contains("page by page through searches (--no-bulk)"), "{stderr}");
+    assert!(
+        stderr.contains("page by page through searches (--no-bulk)"),
+        "{stderr}"
+    );
     // a source without bulk data: paging, and a note why
-    let plain = InProcess::start_with(Options { bulk: None, ..Default::default() }).await;
+    let plain = InProcess::start_with(Options {
+        bulk: None,
+        ..Default::default()
+    })
+    .await;
     seed(&plain, 1, 1).await;
-    let (ok, _, stderr) = cli(&["sync", "-s", &plain.base, "-t", &dst.base, "-m", "COPY", "--bulk"]).await;
+    let (ok, _, stderr) = cli(&[
+        "sync",
+        "-s",
+        &plain.base,
+        "-t",
+        &dst.base,
+        "-m",
+        "COPY",
+        "--bulk",
+    ])
+    .await;
     assert!(ok, "{stderr}");
     assert!(stderr.contains("the source refused $export"), "{stderr}");
 }

@@ -138,16 +138,29 @@ pub fn parameters(bytes: &[u8]) -> Result<Vec<(String, String)>, ApiError> {
     let v: Value = serde_json::from_slice(bytes)
         .map_err(|e| ApiError::bad_request(format!("the body is not JSON: {e}")))?;
     if v.get("resourceType").and_then(Value::as_str) != Some("Parameters") {
-        return Err(ApiError::bad_request("the body must be a Parameters resource"));
+        return Err(ApiError::bad_request(
+            "the body must be a Parameters resource",
+        ));
     }
     let mut out = Vec::new();
     for p in v["parameter"].as_array().into_iter().flatten() {
         let name = p["name"].as_str().unwrap_or_default().to_owned();
-        let value = ["valueString", "valueInstant", "valueDateTime", "valueCode", "valueUri", "valueUrl"]
-            .iter()
-            .find_map(|k| p.get(*k).and_then(Value::as_str))
-            .map(str::to_owned)
-            .or_else(|| p.pointer("/valueReference/reference").and_then(Value::as_str).map(str::to_owned));
+        let value = [
+            "valueString",
+            "valueInstant",
+            "valueDateTime",
+            "valueCode",
+            "valueUri",
+            "valueUrl",
+        ]
+        .iter()
+        .find_map(|k| p.get(*k).and_then(Value::as_str))
+        .map(str::to_owned)
+        .or_else(|| {
+            p.pointer("/valueReference/reference")
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+        });
         match value {
             Some(v) => out.push((name, v)),
             None => {
@@ -186,7 +199,11 @@ async fn kick_off(
     };
     if let Some(Some(gid)) = &patients {
         if !readable("Group") {
-            return Err(ApiError::new(403, "forbidden", "exporting a Group needs scope system/Group.r"));
+            return Err(ApiError::new(
+                403,
+                "forbidden",
+                "exporting a Group needs scope system/Group.r",
+            ));
         }
         let g = state
             .store
@@ -219,7 +236,10 @@ fn group_members(body: &str) -> Result<Vec<String>, ApiError> {
         return Err(ApiError::new(
             400,
             "too-costly",
-            format!("the Group has {} members, more than PATIENTS_MAX ({PATIENTS_MAX})", ids.len()),
+            format!(
+                "the Group has {} members, more than PATIENTS_MAX ({PATIENTS_MAX})",
+                ids.len()
+            ),
         ));
     }
     Ok(ids)
@@ -250,15 +270,17 @@ pub fn check(
                 }
             }
             "_since" => {
-                let (lo, _) = parse_range(v)
-                    .filter(|(lo, _)| *lo >= 0)
-                    .ok_or_else(|| ApiError::bad_request(format!("_since '{v}' is not an instant")))?;
+                let (lo, _) = parse_range(v).filter(|(lo, _)| *lo >= 0).ok_or_else(|| {
+                    ApiError::bad_request(format!("_since '{v}' is not an instant"))
+                })?;
                 since_ms = Some(lo as u64);
             }
             "_type" => {
                 for t in v.split(',').map(str::trim).filter(|t| !t.is_empty()) {
                     if !is_resource_type(t) {
-                        return Err(ApiError::bad_request(format!("_type '{t}' is not a resource type")));
+                        return Err(ApiError::bad_request(format!(
+                            "_type '{t}' is not a resource type"
+                        )));
                     }
                     asked.get_or_insert_with(Vec::new).push(t.to_owned());
                 }
@@ -275,9 +297,14 @@ pub fn check(
                         "'patient' is a parameter of Patient/$export and Group/[id]/$export",
                     ));
                 }
-                let id = v.strip_prefix("Patient/").filter(|i| is_valid_id(i)).ok_or_else(|| {
-                    ApiError::bad_request(format!("patient '{v}' is not a reference Patient/[id]"))
-                })?;
+                let id = v
+                    .strip_prefix("Patient/")
+                    .filter(|i| is_valid_id(i))
+                    .ok_or_else(|| {
+                        ApiError::bad_request(format!(
+                            "patient '{v}' is not a reference Patient/[id]"
+                        ))
+                    })?;
                 named_patients.push(id.to_owned());
             }
             _ => {
@@ -291,12 +318,19 @@ pub fn check(
     }
     if !named_patients.is_empty() {
         if named_patients.len() > PATIENTS_MAX {
-            return Err(ApiError::new(400, "too-costly", format!("more than PATIENTS_MAX ({PATIENTS_MAX}) patients")));
+            return Err(ApiError::new(
+                400,
+                "too-costly",
+                format!("more than PATIENTS_MAX ({PATIENTS_MAX}) patients"),
+            ));
         }
         level = match level {
             // within a Group: the named members only
             Level::Patients(Some(members)) => Level::Patients(Some(
-                members.into_iter().filter(|m| named_patients.contains(m)).collect(),
+                members
+                    .into_iter()
+                    .filter(|m| named_patients.contains(m))
+                    .collect(),
             )),
             _ => Level::Patients(Some(named_patients)),
         };
@@ -325,10 +359,18 @@ pub fn check(
             }
             list
         }
-        None => scope.into_iter().filter(|t| readable(t)).map(str::to_owned).collect(),
+        None => scope
+            .into_iter()
+            .filter(|t| readable(t))
+            .map(str::to_owned)
+            .collect(),
     };
     if types.is_empty() {
-        return Err(ApiError::new(403, "forbidden", "the caller may read no type to export"));
+        return Err(ApiError::new(
+            403,
+            "forbidden",
+            "the caller may read no type to export",
+        ));
     }
     if raw_filters.len() > TYPE_FILTERS_MAX {
         return Err(ApiError::new(
@@ -339,9 +381,9 @@ pub fn check(
     }
     let mut filters = Vec::new();
     for f in raw_filters {
-        let (t, query) = f.split_once('?').ok_or_else(|| {
-            ApiError::bad_request(format!("_typeFilter '{f}' is not Type?query"))
-        })?;
+        let (t, query) = f
+            .split_once('?')
+            .ok_or_else(|| ApiError::bad_request(format!("_typeFilter '{f}' is not Type?query")))?;
         if !types.iter().any(|x| x == t) {
             return Err(ApiError::bad_request(format!(
                 "_typeFilter '{f}' names {t}, which this export does not include"
@@ -378,7 +420,10 @@ fn compartment(level: &Level, rtype: &str) -> Option<Clause> {
     let params = spec::compartment_params("Patient", rtype).unwrap_or(&[]);
     Some(Clause::Compartment {
         target: ("Patient".into(), ids.clone().unwrap_or_default()),
-        members: vec![(rtype.to_owned(), params.iter().map(|p| (*p).to_owned()).collect())],
+        members: vec![(
+            rtype.to_owned(),
+            params.iter().map(|p| (*p).to_owned()).collect(),
+        )],
         include_self: rtype == "Patient",
     })
 }
@@ -399,7 +444,12 @@ impl Files<'_> {
         if self.open.is_none() {
             let name = format!("{}{}-{}.ndjson", self.rtype, self.kind, self.done.len() + 1);
             let f = File::create(self.dir.join(format!("{name}.part")))?;
-            self.open = Some((BufWriter::with_capacity(1 << 20, f), PathBuf::from(name), 0, 0));
+            self.open = Some((
+                BufWriter::with_capacity(1 << 20, f),
+                PathBuf::from(name),
+                0,
+                0,
+            ));
         }
         let Some((w, _, bytes, count)) = self.open.as_mut() else {
             return Ok(());
@@ -422,7 +472,11 @@ impl Files<'_> {
             let name = name.to_string_lossy().into_owned();
             std::fs::rename(self.dir.join(format!("{name}.part")), self.dir.join(&name))?;
             self.done.push(Output {
-                rtype: if self.kind.is_empty() { self.rtype.clone() } else { "Bundle".into() },
+                rtype: if self.kind.is_empty() {
+                    self.rtype.clone()
+                } else {
+                    "Bundle".into()
+                },
                 file: Some(name),
                 count,
                 input_url: None,
@@ -450,7 +504,11 @@ pub fn run(jobs: &Jobs, live: &Live, dir: &Path, spec: &Spec) -> Result<(), Fail
     for (n, rtype) in spec.types.iter().enumerate() {
         cancelled(live)?;
         live.update(|j| {
-            j.progress = format!("{rtype} ({} of {} types), {exported} resources so far", n + 1, spec.types.len())
+            j.progress = format!(
+                "{rtype} ({} of {} types), {exported} resources so far",
+                n + 1,
+                spec.types.len()
+            )
         });
         let mut files = Files {
             dir,
@@ -469,7 +527,10 @@ pub fn run(jobs: &Jobs, live: &Live, dir: &Path, spec: &Spec) -> Result<(), Fail
         let queries: Vec<SearchQuery> = if filters.is_empty() {
             vec![base_query(rtype, spec, mark, None)]
         } else {
-            filters.iter().map(|f| base_query(rtype, spec, mark, Some(f))).collect()
+            filters
+                .iter()
+                .map(|f| base_query(rtype, spec, mark, Some(f)))
+                .collect()
         };
         for (k, mut q) in queries.into_iter().enumerate() {
             loop {
@@ -479,7 +540,9 @@ pub fn run(jobs: &Jobs, live: &Live, dir: &Path, spec: &Spec) -> Result<(), Fail
                     // a resource several filters match is written once: by the first
                     let mut earlier = false;
                     for f in &filters[..k] {
-                        if rt.block_on(store.version_matches(base_query(rtype, spec, mark, Some(f)), v.seq))? {
+                        if rt.block_on(
+                            store.version_matches(base_query(rtype, spec, mark, Some(f)), v.seq),
+                        )? {
                             earlier = true;
                             break;
                         }
@@ -560,14 +623,21 @@ fn deleted(
 }
 
 /// The search of one type's resources at the cut, in change-log order.
-fn base_query(rtype: &str, spec: &Spec, mark: LogMark, filter: Option<&SearchQuery>) -> SearchQuery {
+fn base_query(
+    rtype: &str,
+    spec: &Spec,
+    mark: LogMark,
+    filter: Option<&SearchQuery>,
+) -> SearchQuery {
     let mut pairs = Vec::new();
     if let Some(s) = spec.since_ms {
-        pairs.push(("_lastUpdated".to_owned(), format!("ge{}", format_instant(s))));
+        pairs.push((
+            "_lastUpdated".to_owned(),
+            format!("ge{}", format_instant(s)),
+        ));
     }
-    let mut q = SearchQuery::parse(Some(rtype), &pairs).unwrap_or_else(|_| {
-        SearchQuery::parse(Some(rtype), &[]).expect("an empty search parses")
-    });
+    let mut q = SearchQuery::parse(Some(rtype), &pairs)
+        .unwrap_or_else(|_| SearchQuery::parse(Some(rtype), &[]).expect("an empty search parses"));
     if let Some(f) = filter {
         q.clauses.extend(f.clauses.iter().cloned());
     }
@@ -577,4 +647,3 @@ fn base_query(rtype: &str, spec: &Spec, mark: LogMark, filter: Option<&SearchQue
     q.total = TotalMode::None;
     q
 }
-

@@ -71,9 +71,13 @@ pub async fn kick_off(
     let base = base_url(&state, &headers);
     let request = format!("{base}{uri}");
     let mode = state.cfg.validation;
-    jobs.submit("import", &owner_of(p.as_deref()), request, &base, move |jobs, live, dir| {
-        run(jobs, live, dir, &inputs, mode)
-    })
+    jobs.submit(
+        "import",
+        &owner_of(p.as_deref()),
+        request,
+        &base,
+        move |jobs, live, dir| run(jobs, live, dir, &inputs, mode),
+    )
 }
 
 /// The inputs of an `$import`'s `Parameters`.
@@ -81,7 +85,9 @@ pub fn parse(bytes: &[u8]) -> Result<Vec<Input>, ApiError> {
     let v: Value = serde_json::from_slice(bytes)
         .map_err(|e| ApiError::bad_request(format!("the body is not JSON: {e}")))?;
     if v.get("resourceType").and_then(Value::as_str) != Some("Parameters") {
-        return Err(ApiError::bad_request("the body must be a Parameters resource"));
+        return Err(ApiError::bad_request(
+            "the body must be a Parameters resource",
+        ));
     }
     let value = |p: &Value| -> Option<String> {
         ["valueCode", "valueString", "valueUri", "valueUrl"]
@@ -102,7 +108,10 @@ pub fn parse(bytes: &[u8]) -> Result<Vec<Input>, ApiError> {
         match name {
             "inputFormat" => {
                 let f = value(p).unwrap_or_default();
-                if !matches!(f.as_str(), "application/fhir+ndjson" | "application/ndjson" | "ndjson") {
+                if !matches!(
+                    f.as_str(),
+                    "application/fhir+ndjson" | "application/ndjson" | "ndjson"
+                ) {
                     return Err(ApiError::bad_request(format!(
                         "inputFormat '{f}' is not read: use application/fhir+ndjson"
                     )));
@@ -269,9 +278,14 @@ pub fn run(
     let mut writer_stopped = false;
     'inputs: for (i, input) in inputs.iter().enumerate() {
         live.update(|j| {
-            j.progress = format!("loading input {} of {}, {sent} resources so far", i + 1, inputs.len())
+            j.progress = format!(
+                "loading input {} of {}, {sent} resources so far",
+                i + 1,
+                inputs.len()
+            )
         });
-        let mut reader = BufReader::with_capacity(1 << 20, File::open(dir.join(format!("input-{i}.ndjson")))?);
+        let mut reader =
+            BufReader::with_capacity(1 << 20, File::open(dir.join(format!("input-{i}.ndjson")))?);
         let mut line_no = 0usize;
         loop {
             if live.cancelled() {
@@ -352,7 +366,9 @@ pub fn run(
         live.update(|j| j.line_errors = errors);
         return Err(Failure(
             422,
-            format!("{n} lines refused (the first {LINE_ERRORS_MAX} are listed); nothing was imported"),
+            format!(
+                "{n} lines refused (the first {LINE_ERRORS_MAX} are listed); nothing was imported"
+            ),
         ));
     }
     if !writer_stopped {
@@ -371,7 +387,12 @@ pub fn run(
             return Err(Failure(422, format!("{why}; nothing was imported")));
         }
         Ok(Err(e)) => return Err(Failure(500, format!("{e}; nothing was imported"))),
-        Err(_) => return Err(Failure(500, "the store writer stopped; nothing was imported".into())),
+        Err(_) => {
+            return Err(Failure(
+                500,
+                "the store writer stopped; nothing was imported".into(),
+            ))
+        }
     };
     for i in 0..inputs.len() {
         let _ = std::fs::remove_file(dir.join(format!("input-{i}.ndjson")));
@@ -393,6 +414,10 @@ pub fn run(
             summary.requests, summary.created, summary.updated, summary.unchanged
         );
     });
-    tracing::info!(resources = summary.requests, last_seq = summary.last_seq, "import loaded");
+    tracing::info!(
+        resources = summary.requests,
+        last_seq = summary.last_seq,
+        "import loaded"
+    );
     Ok(())
 }

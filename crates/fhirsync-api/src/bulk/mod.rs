@@ -407,7 +407,10 @@ impl Jobs {
 /// Writes a job's state whole (temporary file, then rename).
 pub fn write_job(dir: &Path, job: &Job) -> std::io::Result<()> {
     let tmp = dir.join("job.json.tmp");
-    std::fs::write(&tmp, serde_json::to_vec(job).map_err(std::io::Error::other)?)?;
+    std::fs::write(
+        &tmp,
+        serde_json::to_vec(job).map_err(std::io::Error::other)?,
+    )?;
     std::fs::rename(tmp, dir.join("job.json"))
 }
 
@@ -435,7 +438,8 @@ pub fn jobs(state: &AppState) -> Result<&Arc<Jobs>, ApiError> {
 
 /// Who a job belongs to.
 pub fn owner_of(p: Option<&Principal>) -> String {
-    p.map(|p| p.who.name()).unwrap_or_else(|| "anonymous".into())
+    p.map(|p| p.who.name())
+        .unwrap_or_else(|| "anonymous".into())
 }
 
 /// `GET [base]/$bulk-status/{id}`: 202 with `X-Progress` while the job
@@ -505,7 +509,9 @@ pub async fn status(
             );
             if let Some(f) = job.finished_ms {
                 let expires = f + jobs.cfg.retention_s * 1000;
-                if let Ok(v) = HeaderValue::from_str(&fhirsync_core::instant::format_http_date(expires)) {
+                if let Ok(v) =
+                    HeaderValue::from_str(&fhirsync_core::instant::format_http_date(expires))
+                {
                     r.headers_mut().insert(header::EXPIRES, v);
                 }
             }
@@ -530,8 +536,12 @@ pub async fn cancel(
         let _ = std::fs::remove_dir_all(jobs.job_dir(&id));
     }
     let mut r = Response::new(Body::from(
-        crate::error::outcome("information", "informational", &format!("bulk job {id} cancelled"))
-            .to_string(),
+        crate::error::outcome(
+            "information",
+            "informational",
+            &format!("bulk job {id} cancelled"),
+        )
+        .to_string(),
     ));
     *r.status_mut() = StatusCode::ACCEPTED;
     r.headers_mut().insert(
@@ -558,16 +568,17 @@ pub async fn file(
         .chain(&job.error)
         .any(|o| o.file.as_deref() == Some(name.as_str()));
     if job.state != JobState::Done || !listed {
-        return Err(ApiError::not_found(format!("bulk job {id} has no file {name}")));
+        return Err(ApiError::not_found(format!(
+            "bulk job {id} has no file {name}"
+        )));
     }
     let f = tokio::fs::File::open(jobs.job_dir(&id).join(&name))
         .await
         .map_err(|_| ApiError::not_found(format!("bulk job {id} has no file {name}")))?;
     let len = f.metadata().await.map(|m| m.len()).ok();
-    let mut r = Response::new(Body::from_stream(tokio_util::io::ReaderStream::with_capacity(
-        f,
-        256 * 1024,
-    )));
+    let mut r = Response::new(Body::from_stream(
+        tokio_util::io::ReaderStream::with_capacity(f, 256 * 1024),
+    ));
     r.headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static(NDJSON));
     if let Some(n) = len {
