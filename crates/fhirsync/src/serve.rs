@@ -98,9 +98,13 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     state.agents.push(subs.clone());
     let console = start_console(&cfg, &state).await?;
     let auditor = state.auditor.clone();
+    let bulk = state.bulk.clone();
     let stop = async move {
         wait_for_signal().await;
         tracing::info!("shutting down");
+        if let Some(b) = bulk {
+            b.halt();
+        }
         let _ = shutdown_tx.send(true);
     };
     match &cfg.tls {

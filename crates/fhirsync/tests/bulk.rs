@@ -625,6 +625,28 @@ async fn a_node_killed_during_an_export_fails_the_job_cleanly() {
         .map(|o| o["count"].as_u64().unwrap())
         .sum();
     assert_eq!(n, 40_000);
+    // a node stopped cleanly (SIGTERM) while an export runs: promptly, and
+    // the job fails the same way at the next start
+    let mut node = node;
+    let st = kick_off(&c, &node.url("$export"), None).await;
+    let job = st.rsplit('/').next().unwrap().to_owned();
+    let r = c.get(&st).send().await.unwrap();
+    assert_eq!(r.status(), 202);
+    let t = std::time::Instant::now();
+    assert!(node.terminate(Duration::from_secs(20)).unwrap().success());
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "stopping took {:?}",
+        t.elapsed()
+    );
+    let node = NodeProcess::spawn(BIN.as_ref(), dir.path(), &[]).unwrap();
+    let r = c
+        .get(node.url(&format!("$bulk-status/{job}")))
+        .send()
+        .await
+        .unwrap();
+    let d = expect_outcome(r, 500).await;
+    assert!(d.contains("node stopped"), "{d}");
 }
 
 async fn cli(args: &[&str]) -> (bool, String, String) {

@@ -102,6 +102,9 @@ pub struct Job {
     /// The kick-off request's URL.
     pub request: String,
     pub created_ms: u64,
+    /// When it left the queue and when it ended (ms).
+    #[serde(default)]
+    pub started_ms: Option<u64>,
     pub state: JobState,
     #[serde(default)]
     pub finished_ms: Option<u64>,
@@ -128,6 +131,9 @@ pub struct Job {
 pub struct Live {
     pub job: Mutex<Job>,
     pub cancel: AtomicBool,
+    /// The node is stopping: the job stops where it is and stays
+    /// `running` on disk, so the next start fails it.
+    pub halt: AtomicBool,
 }
 
 impl Live {
@@ -138,8 +144,9 @@ impl Live {
     pub fn update(&self, f: impl FnOnce(&mut Job)) {
         f(&mut self.job.lock().expect("bulk job"));
     }
+    /// Whether the job should stop (cancelled, or the node stops).
     pub fn cancelled(&self) -> bool {
-        self.cancel.load(Ordering::Relaxed)
+        self.cancel.load(Ordering::Relaxed) || self.halt.load(Ordering::Relaxed)
     }
 }
 
@@ -207,6 +214,7 @@ impl Jobs {
                 Arc::new(Live {
                     job: Mutex::new(job),
                     cancel: AtomicBool::new(false),
+                    halt: AtomicBool::new(false),
                 }),
             );
         }
@@ -295,6 +303,7 @@ impl Jobs {
             owner: owner.to_owned(),
             request,
             created_ms: self.clock.now_ms(),
+            started_ms: None,
             state: JobState::Queued,
             finished_ms: None,
             transaction_ms: None,
@@ -312,6 +321,7 @@ impl Jobs {
         let live = Arc::new(Live {
             job: Mutex::new(job),
             cancel: AtomicBool::new(false),
+            halt: AtomicBool::new(false),
         });
         self.live
             .lock()
@@ -324,12 +334,17 @@ impl Jobs {
             let Ok(_permit) = slots.acquire_owned().await else {
                 return;
             };
+            if live.halt.load(Ordering::Relaxed) {
+                return;
+            }
             if live.cancelled() {
                 let _ = std::fs::remove_dir_all(&dir);
                 return;
             }
+            let now = jobs.clock.now_ms();
             live.update(|j| {
                 j.state = JobState::Running;
+                j.started_ms = Some(now);
                 j.progress = "started".into();
             });
             let _ = write_job(&dir, &live.snapshot());
@@ -338,6 +353,10 @@ impl Jobs {
             let r = tokio::task::spawn_blocking(move || run(&j2, &l2, &d2))
                 .await
                 .unwrap_or_else(|e| Err(Failure(500, format!("the job stopped: {e}"))));
+            if live.halt.load(Ordering::Relaxed) {
+                tracing::info!(job = %live.snapshot().id, "bulk job stopped with the node; it fails at the next start");
+                return;
+            }
             if live.cancelled() {
                 let _ = std::fs::remove_dir_all(&dir);
                 tracing::info!(job = %live.snapshot().id, "bulk job cancelled; its files are removed");
@@ -390,6 +409,14 @@ impl Jobs {
             HeaderValue::from_static(crate::http::FHIR_JSON),
         );
         Ok(r)
+    }
+
+    /// Stops every job where it is (the node shuts down); they stay
+    /// `running` on disk and fail at the next start.
+    pub fn halt(&self) {
+        for l in self.live.lock().expect("bulk jobs").values() {
+            l.halt.store(true, Ordering::Relaxed);
+        }
     }
 
     /// The job of this id, when `owner` asked for it.
@@ -501,6 +528,13 @@ pub async fn status(
                 "output": files(&job.output),
                 "deleted": files(&job.deleted),
                 "error": files(&job.error),
+                // how long the job ran, for operators and benchmarks
+                "extension": {
+                    "https://fhirsync.dev/bulk/seconds": job
+                        .started_ms
+                        .zip(job.finished_ms)
+                        .map(|(a, b)| b.saturating_sub(a) as f64 / 1000.0)
+                },
             });
             let mut r = Response::new(Body::from(manifest.to_string()));
             r.headers_mut().insert(
@@ -531,10 +565,8 @@ pub async fn cancel(
     let live = jobs.get(&id, &owner_of(p.as_deref()))?;
     live.cancel.store(true, Ordering::Relaxed);
     jobs.live.lock().expect("bulk jobs").remove(&id);
-    if !matches!(live.snapshot().state, JobState::Running) {
-        // a running job removes its directory when it stops
-        let _ = std::fs::remove_dir_all(jobs.job_dir(&id));
-    }
+    // a running job also removes its directory when it notices
+    let _ = std::fs::remove_dir_all(jobs.job_dir(&id));
     let mut r = Response::new(Body::from(
         crate::error::outcome(
             "information",

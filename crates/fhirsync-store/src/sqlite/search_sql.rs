@@ -325,12 +325,27 @@ impl Builder {
                     }
                     let ty = self.text(ty);
                     let ps: Vec<&str> = codes.iter().map(|p| self.text(p)).collect();
-                    let v = ids(self, "value");
-                    let s = self.text(&target.0);
-                    alts.push(format!(
-                        "({a}.type = {ty} AND {a}.seq IN (SELECT seq FROM tokens WHERE param IN ({}){v} AND system = {s}))",
-                        ps.join(",")
-                    ));
+                    if target.1.len() == 1 {
+                        // one compartment: its references are few, list them
+                        let v = ids(self, "value");
+                        let s = self.text(&target.0);
+                        alts.push(format!(
+                            "({a}.type = {ty} AND {a}.seq IN (SELECT seq FROM tokens WHERE param IN ({}){v} AND system = {s}))",
+                            ps.join(",")
+                        ));
+                    } else {
+                        // any or many (a bulk export): each version's own
+                        // references, looked up by `seq`
+                        let r = self.alias("r");
+                        let v = ids(self, &format!("{r}.value"));
+                        let s = self.text(&target.0);
+                        alts.push(format!(
+                            "({a}.type = {ty} AND EXISTS (SELECT 1 FROM tokens {r} INDEXED BY tokens_ref_seq \
+                             WHERE {r}.seq = {a}.seq AND {r}.system >= 'A' AND {r}.system < '[' \
+                             AND {r}.param IN ({}){v} AND {r}.system = {s}))",
+                            ps.join(",")
+                        ));
+                    }
                 }
                 if alts.is_empty() {
                     "0".into()
