@@ -4,15 +4,14 @@
 //! nothing does and the error names the file and line. What is loaded is
 //! validated as the node's `[validation] mode` says.
 
-use std::collections::VecDeque;
 use std::fs::File;
-use std::io::{BufRead, BufReader};
+use std::io::BufReader;
 use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, Context};
 use fhirsync_core::resource::parse_resource;
-use fhirsync_store::load::{line_request, resource_request, Checker};
+use fhirsync_store::load::{line_request, read_lines, resource_request, Checker, Recent};
 use fhirsync_store::sqlite::{Presorted, SqliteStore, StreamMsg};
 use fhirsync_store::{Store, StoreError, WriteRequest};
 use fhirsync_sync::files::{split_file, FilePart};
@@ -44,26 +43,6 @@ struct Origin {
     line: usize,
 }
 
-/// Origins of the batches that may still be in the writer's hands.
-struct Recent {
-    batches: VecDeque<(u64, Vec<Origin>)>,
-}
-
-impl Recent {
-    fn push(&mut self, first: u64, origins: Vec<Origin>) {
-        self.batches.push_back((first, origins));
-        while self.batches.len() > PIPELINE_DEPTH + 2 {
-            self.batches.pop_front();
-        }
-    }
-    fn find(&self, index: u64) -> Option<&Origin> {
-        self.batches
-            .iter()
-            .find(|(first, o)| index >= *first && index < first + o.len() as u64)
-            .map(|(first, o)| &o[(index - first) as usize])
-    }
-}
-
 pub fn run(cfg: Config, batch_size: usize, paths: &[PathBuf]) -> anyhow::Result<()> {
     crate::serve::init_logging("warn");
     let checker = Checker::new(cfg.validation_mode()?);
@@ -84,9 +63,7 @@ pub fn run(cfg: Config, batch_size: usize, paths: &[PathBuf]) -> anyhow::Result<
     );
     let started = Instant::now();
     let mut sent: u64 = 0;
-    let mut recent = Recent {
-        batches: VecDeque::new(),
-    };
+    let mut recent = Recent::new(PIPELINE_DEPTH);
     let mut send =
         |mut reqs: Vec<WriteRequest>, origins: Vec<Origin>, sent: &mut u64| -> anyhow::Result<()> {
             recent.push(*sent, origins);
@@ -105,22 +82,11 @@ pub fn run(cfg: Config, batch_size: usize, paths: &[PathBuf]) -> anyhow::Result<
                 let mut reader = BufReader::with_capacity(1 << 20, f);
                 let mut line_no = 0usize;
                 loop {
-                    let mut lines: Vec<(usize, String)> = Vec::with_capacity(batch_size);
-                    let mut buf = String::new();
-                    while lines.len() < batch_size {
-                        buf.clear();
-                        let n = reader.read_line(&mut buf).with_context(|| {
-                            format!("{}:{}: cannot read", file.display(), line_no + 1)
-                        })?;
-                        if n == 0 {
-                            break;
-                        }
-                        line_no += 1;
-                        bar.inc(n as u64);
-                        if !buf.trim().is_empty() {
-                            lines.push((line_no, std::mem::take(&mut buf)));
-                        }
-                    }
+                    let lines =
+                        read_lines(&mut reader, batch_size, &mut line_no, |n| bar.inc(n as u64))
+                            .with_context(|| {
+                                format!("{}:{}: cannot read", file.display(), line_no + 1)
+                            })?;
                     if lines.is_empty() {
                         break;
                     }
@@ -183,7 +149,7 @@ pub fn run(cfg: Config, batch_size: usize, paths: &[PathBuf]) -> anyhow::Result<
             bar.abandon();
             let at = recent
                 .find(index as u64)
-                .map(|o| format!("{}:{}", o.file.display(), o.line))
+                .map(|o: Origin| format!("{}:{}", o.file.display(), o.line))
                 .unwrap_or_else(|| format!("request {index}"));
             bail!("{at}: {source}; nothing was imported");
         }

@@ -285,6 +285,22 @@ async fn patient_and_group_exports_are_the_compartments() {
     // the Group is in its members' compartments (Group.member)
     assert_eq!(ids(out.get("Group")), BTreeSet::from(["g1".to_owned()]));
 
+    // POST with a Parameters body: `patient` narrows to those patients
+    let params = json!({"resourceType": "Parameters", "parameter": [
+        {"name": "_type", "valueString": "Patient,Observation"},
+        {"name": "patient", "valueReference": {"reference": "Patient/p2"}}]});
+    let r = with_body(s.client.post(s.url("Patient/$export")), &params)
+        .header("prefer", "respond-async")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let st = r.headers()["content-location"].to_str().unwrap().to_owned();
+    let (_, m) = wait(&s.client, &st, None).await;
+    let out = download(&s.client, &m["output"], None).await;
+    assert_eq!(ids(out.get("Patient")), BTreeSet::from(["p2".to_owned()]));
+    assert_eq!(ids(out.get("Observation")).len(), 2);
+
     let (_, all, _) = export(&s, "Patient/$export").await;
     assert_eq!(ids(all.get("Patient")).len(), 4);
     assert_eq!(ids(all.get("Observation")).len(), 8);

@@ -4,9 +4,8 @@
 //! import` (parsed, validated as the node's mode says, indexed). A bad
 //! line loads nothing; the job's outcome names each one, `url:line: why`.
 
-use std::collections::VecDeque;
 use std::fs::File;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufReader, Write};
 use std::path::Path;
 use std::time::Duration;
 
@@ -16,7 +15,7 @@ use axum::http::HeaderMap;
 use axum::response::Response;
 use axum::Extension;
 use fhirsync_core::resource::is_resource_type;
-use fhirsync_store::load::{line_request, Checker};
+use fhirsync_store::load::{line_request, read_lines, Checker, Recent};
 use fhirsync_store::sqlite::Presorted;
 use fhirsync_store::{StoreError, StreamMsg, WriteRequest};
 use rayon::prelude::*;
@@ -223,25 +222,6 @@ async fn fetch(
     Err(Failure(502, last))
 }
 
-/// Where each request of the batches the writer may still hold came from.
-#[derive(Default)]
-struct Recent(VecDeque<(u64, Vec<(usize, usize)>)>);
-
-impl Recent {
-    fn push(&mut self, first: u64, origins: Vec<(usize, usize)>) {
-        self.0.push_back((first, origins));
-        while self.0.len() > PIPELINE_DEPTH + 2 {
-            self.0.pop_front();
-        }
-    }
-    fn find(&self, index: u64) -> Option<(usize, usize)> {
-        self.0
-            .iter()
-            .find(|(first, o)| index >= *first && index < first + o.len() as u64)
-            .map(|(first, o)| o[(index - first) as usize])
-    }
-}
-
 /// The job: fetch every input, then load them all in one transaction.
 pub fn run(
     jobs: &Jobs,
@@ -273,7 +253,7 @@ pub fn run(
     let (tx, done) = jobs.store.load_stream(PIPELINE_DEPTH)?;
     let mut counts = vec![0u64; inputs.len()];
     let mut errors: Vec<String> = Vec::new();
-    let mut recent = Recent::default();
+    let mut recent = Recent::new(PIPELINE_DEPTH);
     let mut sent: u64 = 0;
     let mut writer_stopped = false;
     'inputs: for (i, input) in inputs.iter().enumerate() {
@@ -291,25 +271,13 @@ pub fn run(
             if live.cancelled() {
                 return Err(Failure(499, "cancelled".into()));
             }
-            let mut lines: Vec<(usize, String)> = Vec::with_capacity(BATCH);
-            let mut buf = String::new();
-            while lines.len() < BATCH {
-                buf.clear();
-                let n = match reader.read_line(&mut buf) {
-                    Ok(n) => n,
-                    Err(e) => {
-                        errors.push(format!("{}:{}: cannot read: {e}", input.url, line_no + 1));
-                        break 'inputs;
-                    }
-                };
-                if n == 0 {
-                    break;
+            let lines = match read_lines(&mut reader, BATCH, &mut line_no, |_| {}) {
+                Ok(l) => l,
+                Err(e) => {
+                    errors.push(format!("{}:{}: cannot read: {e}", input.url, line_no + 1));
+                    break 'inputs;
                 }
-                line_no += 1;
-                if !buf.trim().is_empty() {
-                    lines.push((line_no, std::mem::take(&mut buf)));
-                }
-            }
+            };
             if lines.is_empty() {
                 break;
             }
