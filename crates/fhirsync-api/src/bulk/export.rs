@@ -647,3 +647,51 @@ fn base_query(
     q.total = TotalMode::None;
     q
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pairs(list: &[(&str, &str)]) -> Vec<(String, String)> {
+        list.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn limits_of_a_kick_off_are_refused_by_name() {
+        let all = |_: &str| true;
+        let many: Vec<(String, String)> = (0..=TYPE_FILTERS_MAX)
+            .map(|_| ("_typeFilter".to_owned(), "Patient?gender=female".to_owned()))
+            .collect();
+        let e = check(&many, Level::System, &all).unwrap_err();
+        assert_eq!(e.status.as_u16(), 400);
+        assert!(
+            e.diagnostics.contains("TYPE_FILTERS_MAX"),
+            "{}",
+            e.diagnostics
+        );
+        let patients: Vec<(String, String)> = (0..=PATIENTS_MAX)
+            .map(|i| ("patient".to_owned(), format!("Patient/p{i}")))
+            .collect();
+        let e = check(&patients, Level::Patients(None), &all).unwrap_err();
+        assert!(e.diagnostics.contains("PATIENTS_MAX"), "{}", e.diagnostics);
+        let body = json!({"resourceType": "Group", "member": (0..=PATIENTS_MAX)
+            .map(|i| json!({"entity": {"reference": format!("Patient/p{i}")}})).collect::<Vec<_>>()});
+        let e = group_members(&body.to_string()).unwrap_err();
+        assert!(e.diagnostics.contains("PATIENTS_MAX"), "{}", e.diagnostics);
+        // within limits: the filters parse, the types follow the scopes
+        let ok = check(
+            &pairs(&[
+                ("_typeFilter", "Observation?status=final"),
+                ("_since", "2026-01-01"),
+            ]),
+            Level::System,
+            &|t| t != "Condition",
+        )
+        .unwrap();
+        assert_eq!(ok.filters.len(), 1);
+        assert!(!ok.types.iter().any(|t| t == "Condition"));
+        assert!(ok.since_ms.is_some());
+    }
+}

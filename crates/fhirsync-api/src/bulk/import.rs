@@ -389,3 +389,24 @@ pub fn run(
     );
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn more_inputs_than_inputs_max_are_refused() {
+        let input = json!({"name": "input", "part": [
+            {"name": "type", "valueCode": "Patient"}, {"name": "url", "valueUri": "https://x/p.ndjson"}]});
+        let body = |n: usize| {
+            json!({"resourceType": "Parameters", "parameter": vec![input.clone(); n]}).to_string()
+        };
+        assert_eq!(
+            parse(body(INPUTS_MAX).as_bytes()).unwrap().len(),
+            INPUTS_MAX
+        );
+        let e = parse(body(INPUTS_MAX + 1).as_bytes()).unwrap_err();
+        assert!(e.diagnostics.contains("INPUTS_MAX"), "{}", e.diagnostics);
+    }
+}

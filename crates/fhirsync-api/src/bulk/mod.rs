@@ -619,3 +619,38 @@ pub async fn file(
     }
     Ok(r)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fhirsync_store::sqlite::{SqliteConfig, SqliteStore};
+
+    #[tokio::test]
+    async fn kick_offs_past_jobs_pending_max_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(
+            SqliteStore::open(SqliteConfig::new(SqliteStore::db_path(dir.path()))).unwrap(),
+        );
+        let mut cfg = BulkConfig::new(dir.path().join("bulk"));
+        cfg.jobs_max = 1;
+        let jobs = Jobs::open(cfg, store).unwrap();
+        let slow = |_: &Jobs, live: &Live, _: &Path| {
+            while !live.cancelled() {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Ok(())
+        };
+        for _ in 0..JOBS_PENDING_MAX {
+            let r = jobs
+                .submit("export", "me", "x".into(), "http://h/fhir", slow)
+                .unwrap();
+            assert_eq!(r.status(), 202);
+        }
+        let r = jobs
+            .submit("export", "me", "x".into(), "http://h/fhir", slow)
+            .unwrap();
+        assert_eq!(r.status(), 429);
+        assert!(r.headers().contains_key(header::RETRY_AFTER));
+        jobs.halt();
+    }
+}
