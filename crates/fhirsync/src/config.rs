@@ -69,6 +69,8 @@ pub struct BulkSection {
     pub import_bytes_max: u64,
     /// Bearer token sent with an `$import`'s fetches.
     pub import_token: Option<String>,
+    /// Hosts (`host` or `host:port`) an `$import` may fetch from; empty: any.
+    pub import_hosts: Vec<String>,
 }
 
 impl Default for BulkSection {
@@ -82,6 +84,7 @@ impl Default for BulkSection {
             jobs_max: d.jobs_max,
             import_bytes_max: d.import_bytes_max,
             import_token: None,
+            import_hosts: Vec::new(),
         }
     }
 }
@@ -105,6 +108,7 @@ impl BulkSection {
             jobs_max: self.jobs_max,
             import_bytes_max: self.import_bytes_max,
             import_token: self.import_token.clone(),
+            import_hosts: self.import_hosts.clone(),
         }))
     }
 }

@@ -584,6 +584,25 @@ async fn import_loads_all_or_nothing() {
 }
 
 #[tokio::test]
+async fn import_fetches_only_from_the_allowed_hosts() {
+    let mut b = fhirsync_api::bulk::BulkConfig::new("");
+    b.import_hosts = vec!["files.example.org".into()];
+    let s = InProcess::start_with(Options {
+        bulk: Some(b),
+        ..Default::default()
+    })
+    .await;
+    let p = import_params(&[("Patient", "http://127.0.0.1:9/p.ndjson".to_owned())]);
+    let r = with_body(s.client.post(s.url("$import")), &p)
+        .header("prefer", "respond-async")
+        .send()
+        .await
+        .unwrap();
+    let d = expect_outcome(r, 403).await;
+    assert!(d.contains("import_hosts"), "{d}");
+}
+
+#[tokio::test]
 async fn a_node_killed_during_an_export_fails_the_job_cleanly() {
     let dir = tempfile::tempdir().unwrap();
     let data = tempfile::NamedTempFile::with_suffix(".ndjson").unwrap();

@@ -62,6 +62,18 @@ pub async fn kick_off(
         .await
         .map_err(|_| ApiError::new(413, "too-costly", "the request body is too large"))?;
     let inputs = parse(&bytes)?;
+    for i in &inputs {
+        if !host_allowed(&i.url, &jobs.cfg.import_hosts) {
+            return Err(ApiError::new(
+                403,
+                "forbidden",
+                format!(
+                    "input {} is on a host this node does not fetch from ([bulk] import_hosts)",
+                    i.url
+                ),
+            ));
+        }
+    }
     if let Some(p) = p.as_deref() {
         for i in &inputs {
             p.require(&i.rtype, C | U, "import")?;
@@ -162,6 +174,24 @@ pub fn parse(bytes: &[u8]) -> Result<Vec<Input>, ApiError> {
         ));
     }
     Ok(inputs)
+}
+
+/// Whether `url`'s host (alone, or with its port) is in `allowed`; an
+/// empty list allows every host.
+pub fn host_allowed(url: &str, allowed: &[String]) -> bool {
+    if allowed.is_empty() {
+        return true;
+    }
+    let Ok(u) = reqwest::Url::parse(url) else {
+        return false;
+    };
+    let Some(host) = u.host_str() else {
+        return false;
+    };
+    let with_port = u.port_or_known_default().map(|p| format!("{host}:{p}"));
+    allowed
+        .iter()
+        .any(|a| a.eq_ignore_ascii_case(host) || Some(a.to_ascii_lowercase()) == with_port)
 }
 
 /// Fetches one input into `path`, with retries; at most `bytes_max`.
@@ -394,6 +424,19 @@ pub fn run(
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn inputs_are_fetched_from_the_allowed_hosts_only() {
+        let list = vec!["files.example.org".to_owned(), "10.0.0.5:8443".to_owned()];
+        assert!(host_allowed("https://files.example.org/a.ndjson", &list));
+        assert!(host_allowed("https://FILES.example.org:9000/a", &list));
+        assert!(host_allowed("https://10.0.0.5:8443/a", &list));
+        assert!(!host_allowed("https://10.0.0.5/a", &list));
+        assert!(!host_allowed("http://169.254.169.254/latest", &list));
+        assert!(!host_allowed("http://files.example.org.evil.test/a", &list));
+        assert!(!host_allowed("not a url", &list));
+        assert!(host_allowed("http://anything/a", &[]));
+    }
 
     #[test]
     fn more_inputs_than_inputs_max_are_refused() {

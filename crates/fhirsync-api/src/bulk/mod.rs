@@ -53,6 +53,9 @@ pub struct BulkConfig {
     pub import_bytes_max: u64,
     /// Bearer token sent with an `$import`'s fetches, when its inputs need one.
     pub import_token: Option<String>,
+    /// The hosts (`host` or `host:port`) an `$import` may fetch from;
+    /// empty: any.
+    pub import_hosts: Vec<String>,
 }
 
 impl BulkConfig {
@@ -64,6 +67,7 @@ impl BulkConfig {
             jobs_max: 2,
             import_bytes_max: 16 * 1024 * 1024 * 1024,
             import_token: None,
+            import_hosts: Vec::new(),
         }
     }
 }
