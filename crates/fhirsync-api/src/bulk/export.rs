@@ -532,17 +532,16 @@ pub fn run(jobs: &Jobs, live: &Live, dir: &Path, spec: &Spec) -> Result<(), Fail
                 .map(|f| base_query(rtype, spec, mark, Some(f)))
                 .collect()
         };
-        for (k, mut q) in queries.into_iter().enumerate() {
+        for k in 0..queries.len() {
+            let mut q = queries[k].clone();
             loop {
                 cancelled(live)?;
                 let page = rt.block_on(store.search(q.clone()))?;
                 for v in &page.items {
                     // a resource several filters match is written once: by the first
                     let mut earlier = false;
-                    for f in &filters[..k] {
-                        if rt.block_on(
-                            store.version_matches(base_query(rtype, spec, mark, Some(f)), v.seq),
-                        )? {
+                    for e in &queries[..k] {
+                        if rt.block_on(store.version_matches(e.clone(), v.seq))? {
                             earlier = true;
                             break;
                         }
