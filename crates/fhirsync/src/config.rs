@@ -51,6 +51,9 @@ pub struct Config {
     pub bulk: BulkSection,
 }
 
+/// Longest `[bulk] retention_s`: a year.
+pub const RETENTION_S_MAX: u64 = 365 * 24 * 3600;
+
 /// `[bulk]`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -100,6 +103,9 @@ impl BulkSection {
         }
         if self.file_bytes_max < 1024 || self.jobs_max == 0 || self.jobs_max > 64 {
             anyhow::bail!("[bulk] file_bytes_max must be at least 1024 and jobs_max 1 to 64");
+        }
+        if self.retention_s > RETENTION_S_MAX {
+            anyhow::bail!("[bulk] retention_s must be at most {RETENTION_S_MAX} (a year)");
         }
         Ok(Some(fhirsync_api::bulk::BulkConfig {
             dir: self.dir.clone().unwrap_or_else(|| data_dir.join("bulk")),
@@ -421,5 +427,25 @@ mod tests {
         assert_eq!(c.sync_mode().unwrap(), SyncMode::Normal);
         assert_eq!(c.listen, "127.0.0.1:8080");
         assert_eq!(c.storage.group_commit_max, 256);
+    }
+
+    #[test]
+    fn bulk_settings_out_of_range_are_refused() {
+        let dir = std::path::Path::new("/d");
+        for bad in [
+            "[bulk]\nfile_bytes_max = 10",
+            "[bulk]\njobs_max = 0",
+            "[bulk]\njobs_max = 65",
+            "[bulk]\nretention_s = 18446744073709551615",
+        ] {
+            let c: Config = toml::from_str(bad).unwrap();
+            assert!(c.bulk.config(dir).is_err(), "{bad}");
+        }
+        let c: Config = toml::from_str("[bulk]\nimport_hosts = [\"a.example\"]").unwrap();
+        let b = c.bulk.config(dir).unwrap().unwrap();
+        assert_eq!(b.dir, dir.join("bulk"));
+        assert_eq!(b.import_hosts, vec!["a.example".to_owned()]);
+        let off: Config = toml::from_str("[bulk]\nenabled = false").unwrap();
+        assert!(off.bulk.config(dir).unwrap().is_none());
     }
 }

@@ -258,9 +258,9 @@ impl Jobs {
             .expect("bulk jobs")
             .iter()
             .filter(|(_, l)| {
-                l.snapshot()
-                    .finished_ms
-                    .is_some_and(|f| now >= f + self.cfg.retention_s * 1000)
+                l.snapshot().finished_ms.is_some_and(|f| {
+                    now >= f.saturating_add(self.cfg.retention_s.saturating_mul(1000))
+                })
             })
             .map(|(k, _)| k.clone())
             .collect();
@@ -546,7 +546,7 @@ pub async fn status(
                 HeaderValue::from_static("application/json"),
             );
             if let Some(f) = job.finished_ms {
-                let expires = f + jobs.cfg.retention_s * 1000;
+                let expires = f.saturating_add(jobs.cfg.retention_s.saturating_mul(1000));
                 if let Ok(v) =
                     HeaderValue::from_str(&fhirsync_core::instant::format_http_date(expires))
                 {
