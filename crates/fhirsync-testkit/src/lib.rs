@@ -9,13 +9,14 @@ pub mod hook;
 pub mod mariadb;
 pub mod nats;
 pub mod nats_jwt;
+pub mod postgres;
 pub mod proxy;
 pub mod server;
 pub mod smart;
 pub mod tcp;
 pub mod tls;
 
-pub use nats::NatsServer;
+pub use nats::{NatsCluster, NatsServer};
 pub use proxy::{Proxy, ProxyOptions};
 pub use server::{InProcess, NodeProcess};
 pub use tcp::{Link, TcpProxy};

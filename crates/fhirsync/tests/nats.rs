@@ -599,3 +599,116 @@ async fn the_outbox_shows_a_dead_server_within_a_second() {
     server.restart().unwrap();
     published(101).await;
 }
+
+/// Puts `n` resources made by `make(i)` through `base` as transaction
+/// Bundles of `per` entries.
+async fn put_many(
+    client: reqwest::Client,
+    base: String,
+    n: usize,
+    per: usize,
+    make: impl Fn(usize) -> Value,
+) {
+    for start in (0..n).step_by(per) {
+        let entries: Vec<Value> = (start..(start + per).min(n))
+            .map(|i| {
+                let r = make(i);
+                let url = format!(
+                    "{}/{}",
+                    r["resourceType"].as_str().unwrap(),
+                    r["id"].as_str().unwrap()
+                );
+                json!({"resource": r, "request": {"method": "PUT", "url": url}})
+            })
+            .collect();
+        let bundle = json!({"resourceType":"Bundle","type":"transaction","entry":entries});
+        let r = with_body(client.post(&base), &bundle).send().await.unwrap();
+        assert_eq!(r.status(), 200, "{}", r.text().await.unwrap_or_default());
+    }
+}
+
+/// The cluster of `docs/nats.md`: three servers, stream replicas 3 and,
+/// where the server has it, `sync_interval: always`. The stream's leader
+/// is killed while two nodes stream 20k resources to each other: every
+/// resource arrives at both, none is stored twice, and the stream holds
+/// each change record once (a batch republished after a lost PubAck is
+/// dropped by its message ids on the new leader).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_three_server_cluster_loses_a_server_mid_stream() {
+    const EACH: usize = 10_000;
+    let mut cluster = fhirsync_testkit::NatsCluster::start(3).await.unwrap();
+    let cfg = |follow: &str| {
+        let mut c = NatsConfig::new(cluster.urls());
+        c.replicas = 3;
+        c.follow = vec![Follow {
+            node: follow.into(),
+            types: Vec::new(),
+        }];
+        c
+    };
+    let a = node("site-a", cfg("site-b")).await;
+    let b = node("site-b", cfg("site-a")).await;
+    let write = |s: &InProcess, rtype: &'static str| {
+        tokio::spawn(put_many(
+            s.client.clone(),
+            s.base.clone(),
+            EACH,
+            200,
+            move |i| {
+                if rtype == "Patient" {
+                    pat(&format!("p{i}"))
+                } else {
+                    obs(&format!("o{i}"), i as u64)
+                }
+            },
+        ))
+    };
+    let wa = write(&a, "Observation");
+    let wb = write(&b, "Patient");
+    // Kill the stream's leader once a fifth of the records are written.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while a.store.last_seq() + b.store.last_seq() < (EACH * 2 / 5) as u64 {
+        assert!(Instant::now() < deadline, "writes do not progress");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let leader = cluster.stream_leader("FHIRSYNC").await.unwrap();
+    cluster.servers[leader].kill();
+    wa.await.unwrap();
+    wb.await.unwrap();
+    let total = (2 * EACH) as u64;
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while a.store.last_seq() < total || b.store.last_seq() < total {
+        assert!(
+            Instant::now() < deadline,
+            "not converged: site-a at seq {}, site-b at {}",
+            a.store.last_seq(),
+            b.store.last_seq()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (da, ca) = digest(&a).await;
+    let (db, cb) = digest(&b).await;
+    assert_eq!(da.len(), 2 * EACH);
+    assert_eq!(da, db);
+    assert!(
+        ca.values().chain(cb.values()).all(|c| *c == 1),
+        "a version stored twice"
+    );
+    assert_eq!((a.store.last_seq(), b.store.last_seq()), (total, total));
+    // The stream, read through a surviving member, holds each record once.
+    let alive = (leader + 1) % 3;
+    let client = async_nats::connect(cluster.servers[alive].url())
+        .await
+        .unwrap();
+    let js = async_nats::jetstream::new(client);
+    let info = js
+        .get_stream("FHIRSYNC")
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .clone();
+    assert_eq!(info.state.messages, total, "{:?}", info.state);
+    assert_eq!(info.config.num_replicas, 3);
+}
