@@ -9,6 +9,7 @@ pub mod bundle;
 pub mod engine;
 pub mod error;
 pub mod load;
+pub mod postgres;
 pub mod replica;
 pub mod sqlite;
 pub mod sync;

@@ -1,0 +1,120 @@
+//! The PostgreSQL backend, for nodes that outgrow one SQLite file: one
+//! database that several node processes share. What is here so far: the
+//! connection settings, the schema and its migrations ([`schema`]), and
+//! the change log made gapless across processes ([`log`]).
+
+pub mod log;
+pub mod schema;
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use crate::StoreError;
+
+/// Longest time a new connection may take.
+pub const CONNECT_TIMEOUT_S: u64 = 10;
+
+/// Settings of the PostgreSQL backend; every limit has a default.
+#[derive(Debug, Clone)]
+pub struct PgConfig {
+    /// `postgres://user:password@host:port/database?…` (libpq's URL form).
+    pub url: String,
+    /// Most connections this process opens for reads.
+    pub pool_max: usize,
+    /// Longest a statement may run before the database cancels it (0: no limit).
+    pub statement_timeout_ms: u64,
+}
+
+impl PgConfig {
+    pub fn new(url: impl Into<String>) -> PgConfig {
+        PgConfig {
+            url: url.into(),
+            pool_max: 16,
+            statement_timeout_ms: 30_000,
+        }
+    }
+
+    /// The URL with any password replaced by `***`, for logs and errors.
+    pub fn redacted_url(&self) -> String {
+        redact(&self.url)
+    }
+}
+
+/// `postgres://user:secret@host/db` → `postgres://user:***@host/db`.
+pub fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let Some((auth, host)) = rest.split_once('@') else {
+        return url.to_owned();
+    };
+    match auth.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+        None => url.to_owned(),
+    }
+}
+
+/// A new connection with the configured settings.
+pub fn connect(cfg: &PgConfig) -> Result<postgres::Client, StoreError> {
+    let mut c = postgres::Config::from_str(&cfg.url).map_err(|e| {
+        StoreError::Backend(format!("bad database URL {}: {e}", cfg.redacted_url()))
+    })?;
+    c.application_name("fhirsync");
+    if c.get_connect_timeout().is_none() {
+        c.connect_timeout(Duration::from_secs(CONNECT_TIMEOUT_S));
+    }
+    if cfg.statement_timeout_ms > 0 {
+        c.options(&format!(
+            "-c statement_timeout={}",
+            cfg.statement_timeout_ms
+        ));
+    }
+    c.connect(postgres::NoTls).map_err(|e| {
+        StoreError::Backend(format!(
+            "cannot connect to {}: {}",
+            cfg.redacted_url(),
+            describe(&e)
+        ))
+    })
+}
+
+/// A PostgreSQL error with the server's message when there is one.
+pub fn describe(e: &postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{}: {} ({})", db.severity(), db.message(), db.code().code()),
+        None => {
+            let mut s = e.to_string();
+            let mut src = std::error::Error::source(e);
+            while let Some(x) = src {
+                s.push_str(&format!(": {x}"));
+                src = x.source();
+            }
+            s
+        }
+    }
+}
+
+impl From<postgres::Error> for StoreError {
+    fn from(e: postgres::Error) -> Self {
+        StoreError::Backend(describe(&e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_never_show() {
+        assert_eq!(
+            redact("postgres://fhir:s3cret@db.example.org:5432/node"),
+            "postgres://fhir:***@db.example.org:5432/node"
+        );
+        assert_eq!(redact("postgres://fhir@db/node"), "postgres://fhir@db/node");
+        assert_eq!(redact("host=db user=fhir"), "host=db user=fhir");
+        let e = connect(&PgConfig::new("postgres://u:pw@127.0.0.1:notaport/x"))
+            .err()
+            .expect("a bad URL");
+        assert!(!e.to_string().contains("pw"), "{e}");
+    }
+}
