@@ -11,7 +11,9 @@ pub mod error;
 pub mod load;
 pub mod postgres;
 pub mod replica;
+pub mod sql;
 pub mod sqlite;
+pub mod stamp;
 pub mod sync;
 pub mod types;
 

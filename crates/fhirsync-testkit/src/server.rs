@@ -10,13 +10,14 @@ use std::time::Duration;
 use fhirsync_api::{ApiConfig, AppState};
 use fhirsync_core::clock::{Clock, SystemClock};
 use fhirsync_store::sqlite::{SqliteConfig, SqliteStore};
+use fhirsync_store::Store;
 use tokio::sync::watch;
 
 /// The API served from this process over real HTTP on 127.0.0.1.
 pub struct InProcess {
     pub base: String,
     pub client: reqwest::Client,
-    pub store: Arc<SqliteStore>,
+    pub store: Arc<dyn Store>,
     pub dir: tempfile::TempDir,
     /// The parent edge's agent, when `Options::parent` was given.
     pub replicator: Option<Arc<fhirsync_replica::Replicator>>,
@@ -44,6 +45,8 @@ pub struct Options {
     pub console: Option<fhirsync_api::console::ConsoleConfig>,
     /// Bulk data; an empty `dir` is `bulk` in the server's temp directory.
     pub bulk: Option<fhirsync_api::bulk::BulkConfig>,
+    /// Store on this PostgreSQL database (a URL) instead of SQLite.
+    pub postgres: Option<String>,
 }
 
 impl Default for Options {
@@ -58,6 +61,7 @@ impl Default for Options {
             subs: None,
             console: None,
             bulk: Some(fhirsync_api::bulk::BulkConfig::new("")),
+            postgres: None,
         }
     }
 }
@@ -69,10 +73,28 @@ impl InProcess {
 
     pub async fn start_with(opts: Options) -> InProcess {
         let dir = tempfile::tempdir().expect("temp dir");
-        let mut cfg = SqliteConfig::new(SqliteStore::db_path(dir.path()));
-        cfg.node_id = opts.node_id.clone();
-        let store =
-            Arc::new(SqliteStore::open_with_clock(cfg, opts.clock.clone()).expect("open store"));
+        let store: Arc<dyn Store> = match &opts.postgres {
+            Some(url) => {
+                let node = fhirsync_store::postgres::PgNode {
+                    node_id: opts.node_id.clone(),
+                    ..Default::default()
+                };
+                let cfg = fhirsync_store::postgres::PgConfig::new(url.clone());
+                let s = tokio::task::block_in_place(|| {
+                    fhirsync_store::postgres::PgStore::open_with_clock(
+                        cfg,
+                        node,
+                        opts.clock.clone(),
+                    )
+                });
+                Arc::new(s.expect("open the PostgreSQL store"))
+            }
+            None => {
+                let mut cfg = SqliteConfig::new(SqliteStore::db_path(dir.path()));
+                cfg.node_id = opts.node_id.clone();
+                Arc::new(SqliteStore::open_with_clock(cfg, opts.clock.clone()).expect("open store"))
+            }
+        };
         let (shutdown, rx) = watch::channel(false);
         let mut state = AppState::new(store.clone(), opts.api.clone(), rx);
         state.children = Arc::new(fhirsync_api::Children::new(opts.children.clone()));

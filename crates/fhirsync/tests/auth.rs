@@ -11,7 +11,6 @@ use common::*;
 use fhirsync_api::auth::{token_hash, Auth, ClientEntry, Scopes, TokenEntry};
 use fhirsync_api::{ApiConfig, ChildConfig};
 use fhirsync_core::clock::{Clock, ManualClock};
-use fhirsync_store::Store;
 use fhirsync_testkit::server::Options;
 use fhirsync_testkit::smart::Client;
 use serde_json::{json, Value};

@@ -8,7 +8,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use common::*;
-use fhirsync_store::Store;
 use fhirsync_testkit::server::Options;
 use fhirsync_testkit::NodeProcess;
 use serde_json::{json, Value};

@@ -4,7 +4,6 @@
 mod common;
 
 use common::*;
-use fhirsync_store::Store;
 use fhirsync_testkit::gen::{synthea_like_bundle, Rng};
 use serde_json::{json, Value};
 

@@ -12,7 +12,7 @@ use common::*;
 use fhirsync_api::console::{users, ConsoleConfig, Role};
 use fhirsync_api::ChildConfig;
 use fhirsync_replica::EdgeConfig;
-use fhirsync_store::{AuditQuery, ListQuery, Store};
+use fhirsync_store::{AuditQuery, ListQuery};
 use fhirsync_testkit::server::Options;
 use fhirsync_testkit::{Link, TcpProxy};
 use serde_json::json;

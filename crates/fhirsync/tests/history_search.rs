@@ -9,7 +9,6 @@ use std::sync::Arc;
 
 use common::*;
 use fhirsync_core::clock::ManualClock;
-use fhirsync_store::Store;
 use fhirsync_testkit::server::Options;
 use serde_json::json;
 

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use fhirsync_nats::{Follow, NatsConfig};
-use fhirsync_store::{ChangesQuery, Store};
+use fhirsync_store::ChangesQuery;
 use fhirsync_testkit::server::Options;
 use fhirsync_testkit::NatsServer;
 use serde_json::{json, Value};

@@ -12,7 +12,7 @@ use fhirsync_api::ChildConfig;
 use fhirsync_core::clock::{Clock, SystemClock};
 use fhirsync_core::replicate::Policy;
 use fhirsync_replica::{EdgeConfig, OnError};
-use fhirsync_store::{ChangesQuery, Store};
+use fhirsync_store::ChangesQuery;
 use fhirsync_testkit::server::Options;
 use serde_json::{json, Value};
 

@@ -4,7 +4,6 @@
 mod common;
 
 use common::*;
-use fhirsync_store::Store;
 use serde_json::{json, Value};
 
 #[tokio::test]

@@ -1,10 +1,17 @@
 //! The PostgreSQL backend, for nodes that outgrow one SQLite file: one
-//! database that several node processes share. What is here so far: the
-//! connection settings, the schema and its migrations ([`schema`]), and
-//! the change log made gapless across processes ([`log`]).
+//! database that several node processes share. The connection settings;
+//! the schema and its migrations ([`schema`]); the change log made
+//! gapless across processes ([`log`]); the shared SQL on PostgreSQL
+//! ([`conn`]); index rows in bulk ([`index`]); the writer and the store.
 
+pub mod conn;
+pub mod index;
 pub mod log;
 pub mod schema;
+pub mod store;
+pub mod writer;
+
+pub use store::{PgNode, PgStore};
 
 use std::str::FromStr;
 use std::time::Duration;

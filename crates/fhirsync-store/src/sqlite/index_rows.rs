@@ -163,14 +163,21 @@ impl Presorted {
 
     /// Writes the rows of the requests that wrote a version (`seqs[i]`).
     pub fn write(self, conn: &Connection, seqs: &[Option<u64>]) -> Result<(), StoreError> {
-        let rows = self
-            .0
+        write_rows(conn, self.rows(seqs))
+    }
+
+    /// The rows of the requests that wrote a version (`seqs[i]`), with
+    /// that version's `seq`, in key order.
+    pub fn rows<'a>(
+        &'a self,
+        seqs: &'a [Option<u64>],
+    ) -> impl Iterator<Item = (u64, &'a IndexEntry)> + 'a {
+        self.0
             .iter()
             .filter_map(|(i, e)| match seqs.get(*i as usize) {
                 Some(Some(seq)) => Some((*seq, e)),
                 _ => None,
-            });
-        write_rows(conn, rows)
+            })
     }
 }
 

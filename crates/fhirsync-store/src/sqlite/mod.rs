@@ -1,15 +1,10 @@
 //! The embedded SQLite backend: one writer thread with group commit, a pool
 //! of read connections, WAL mode.
 
-mod audit_rows;
-mod custom_params;
 mod index_rows;
-mod query;
 pub mod reindex;
 mod schema;
-mod search_sql;
-mod sync_rows;
-mod writer;
+pub(crate) mod writer;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -22,11 +17,12 @@ use fhirsync_core::Hlc;
 use rusqlite::{Connection, OpenFlags, OptionalExtension};
 use tokio::sync::{mpsc, oneshot, watch};
 
+pub use crate::sql::search::{DENSE_ROWS, NARROW_CONDS_MAX};
 pub use index_rows::Presorted;
 pub use schema::SyncMode;
-pub use search_sql::{DENSE_ROWS, NARROW_CONDS_MAX};
 pub use writer::{LoadDone, LoadSummary, StreamMsg};
 
+use crate::sql::{audit_rows, custom_params, query, search as search_sql, sync_rows};
 use crate::sync::*;
 use crate::types::*;
 use crate::{Store, StoreError};
@@ -187,11 +183,10 @@ impl SqliteStore {
             conn,
             node_id: node_id.clone(),
             clock,
-            hlc: Hlc::from_packed(hlc as u64),
+            stamper: crate::stamp::Stamper::new(Hlc::from_packed(hlc as u64)),
             group_max: cfg.group_commit_max.max(1),
             seq_tx,
             next_seq: None,
-            lu_text: (0, String::new()),
             reindex,
             pending: None,
             custom_source: custom_source.clone(),
@@ -388,7 +383,7 @@ impl Store for SqliteStore {
     }
 
     async fn open_counts(&self) -> Result<(u64, u64), StoreError> {
-        self.read_with(sync_rows::open_counts).await
+        self.read_with(|c| sync_rows::open_counts(c)).await
     }
 
     async fn audit(&self, q: ListQuery) -> Result<Vec<AuditEntry>, StoreError> {
@@ -417,11 +412,11 @@ impl Store for SqliteStore {
     }
 
     async fn cursors(&self) -> Result<Vec<(String, u64, u64)>, StoreError> {
-        self.read_with(sync_rows::cursors).await
+        self.read_with(|c| sync_rows::cursors(c)).await
     }
 
     async fn peers(&self) -> Result<Vec<PeerInfo>, StoreError> {
-        self.read_with(sync_rows::peers).await
+        self.read_with(|c| sync_rows::peers(c)).await
     }
 
     async fn sub_events(

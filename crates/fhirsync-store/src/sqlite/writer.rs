@@ -7,24 +7,20 @@
 use std::sync::Arc;
 
 use fhirsync_core::clock::Clock;
-use fhirsync_core::instant::format_instant;
 use fhirsync_core::search::SearchQuery;
 use fhirsync_core::{Hlc, ResourceKey, VersionVector};
 use rusqlite::{params, Connection, OptionalExtension};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::{index_rows, query, search_sql, sync_rows};
-use crate::engine::{self, CurrentVersion, NewVersion, Stamp, WriteTx};
+use super::index_rows;
+use crate::engine::{self, CurrentVersion, NewVersion, WriteTx};
+use crate::sql::{audit_rows, custom_params, query, search as search_sql, sync_rows};
+use crate::stamp::Stamper;
 use crate::sync::{AuditEntry, Conflict, NewDeadLetter};
 use crate::types::*;
 use crate::StoreError;
 
 pub type Reply = oneshot::Sender<Result<WriteOutcome, StoreError>>;
-
-/// How far ahead of the wall clock a received HLC may pull this node's
-/// clock (a peer with a clock off by more is not followed; its versions
-/// keep their HLC).
-pub const HLC_DRIFT_MS_MAX: u64 = 60 * 60 * 1000;
 
 /// The end of a streamed load: its summary, or why nothing was loaded.
 pub type LoadDone = oneshot::Receiver<Result<LoadSummary, StoreError>>;
@@ -68,14 +64,12 @@ pub struct Writer {
     pub conn: Connection,
     pub node_id: String,
     pub clock: Arc<dyn Clock>,
-    pub hlc: Hlc,
+    pub stamper: Stamper,
     pub group_max: usize,
     pub seq_tx: watch::Sender<u64>,
     /// The `seq` the next insert gets; `None` after any rollback, when it
     /// is read again from the database.
     pub next_seq: Option<u64>,
-    /// The last formatted `lastUpdated`: many versions share a millisecond.
-    pub lu_text: (u64, String),
     /// A reindex under way, one batch between jobs.
     pub reindex: Option<super::reindex::Reindex>,
     /// During a streamed load: index entries held back to be written
@@ -167,10 +161,8 @@ impl Writer {
     /// it or later, even when the wall clock lags.
     fn mark(&mut self) -> Result<crate::types::LogMark, StoreError> {
         let seq = query::last_seq(&self.conn)?;
-        let at_ms = self.hlc.wall_ms() + 1;
-        if self.hlc < Hlc::new(at_ms, 0) {
-            self.hlc = Hlc::new(at_ms, 0);
-        }
+        let at_ms = self.stamper.hlc.wall_ms() + 1;
+        self.stamper.observe(Hlc::new(at_ms, 0));
         Ok(crate::types::LogMark { seq, at_ms })
     }
 
@@ -330,7 +322,7 @@ impl Writer {
     /// parameter finds it in force at its next request).
     fn reload_custom(&mut self) {
         if std::mem::take(&mut self.custom_dirty) {
-            super::custom_params::load(&self.conn, &self.custom_source);
+            custom_params::load(&self.conn, &self.custom_source);
         }
     }
 
@@ -344,7 +336,7 @@ impl Writer {
     }
 }
 
-fn count(sum: &mut LoadSummary, out: &WriteOutcome) {
+pub(crate) fn count(sum: &mut LoadSummary, out: &WriteOutcome) {
     let mut note = |v: &StoredVersion| {
         sum.first_seq.get_or_insert(v.seq);
     };
@@ -457,66 +449,24 @@ impl WriteTx for Writer {
             Some(s) => s,
             None => query::last_seq(&self.conn)? + 1,
         };
-        let now = self.clock.now_ms();
-        let (vv, origin, hlc, via) = match v.stamp {
-            Stamp::Local => {
-                self.hlc = self.hlc.tick(now);
-                let vv = v
-                    .prev
-                    .as_ref()
-                    .map_or_else(VersionVector::new, |p| p.vv.clone())
-                    .bumped(&self.node_id);
-                (vv, self.node_id.clone(), self.hlc, None)
-            }
-            Stamp::Given {
-                vv,
-                origin,
-                hlc,
-                via,
-            } => {
-                self.hlc = match hlc {
-                    Some(h) => {
-                        let next = self.hlc.receive_bounded(h, now, HLC_DRIFT_MS_MAX);
-                        if next < h {
-                            tracing::warn!(origin = %origin, hlc = %h, "a received HLC is more than {HLC_DRIFT_MS_MAX} ms ahead of this clock; not following it");
-                        }
-                        next
-                    }
-                    None => self.hlc.tick(now),
-                };
-                (vv, origin, hlc.unwrap_or(self.hlc), via)
-            }
-        };
-        let lu_ms = self.hlc.wall_ms();
         if v.rtype == "SearchParameter" {
             self.custom_dirty = true;
         }
-        let vid = v.prev.as_ref().map_or(1, |p| p.vid + 1);
-        let (body, hash, index) = match v.res {
-            Some(p) => {
-                if self.lu_text.0 != lu_ms || self.lu_text.1.is_empty() {
-                    self.lu_text = (lu_ms, format_instant(lu_ms));
-                }
-                let body = p.body(v.id, vid, &self.lu_text.1);
-                (Some(body), Some(p.hash.to_be_bytes().to_vec()), p.index)
-            }
-            None => (None, None, Vec::new()),
-        };
-        if let Some(p) = &v.prev {
+        let (rtype, id, prev) = (v.rtype, v.id, v.prev.as_ref().map(|p| (p.seq, p.vid)));
+        let mut s = self.stamper.stamp(&self.node_id, self.clock.now_ms(), v);
+        if let Some((prev_seq, prev_vid)) = prev {
             let n = self
                 .conn
                 .prepare_cached(
                     "UPDATE versions SET superseded = ?1 WHERE seq = ?2 AND superseded IS NULL",
                 )?
-                .execute(params![seq as i64, p.seq as i64])?;
+                .execute(params![seq as i64, prev_seq as i64])?;
             if n != 1 {
                 return Err(StoreError::Backend(format!(
-                    "{}/{} version {} is not current any more",
-                    v.rtype, v.id, p.vid
+                    "{rtype}/{id} version {prev_vid} is not current any more"
                 )));
             }
         }
-        let vv_json = vv.to_json();
         self.conn
             .prepare_cached(
                 "INSERT INTO versions (seq, type, id, vid, lu_ms, deleted, method, origin, vv, hlc, hash, body, via)
@@ -524,37 +474,26 @@ impl WriteTx for Writer {
             )?
             .execute(params![
                 seq as i64,
-                v.rtype,
-                v.id,
-                vid as i64,
-                lu_ms as i64,
-                body.is_none() as i64,
-                v.method.as_str(),
-                origin,
-                vv_json,
-                hlc.packed() as i64,
-                hash,
-                body,
-                via,
+                rtype,
+                id,
+                s.vid as i64,
+                s.lu_ms as i64,
+                s.body.is_none() as i64,
+                s.method.as_str(),
+                s.origin,
+                s.vv.to_json(),
+                s.hlc.packed() as i64,
+                s.hash,
+                s.body,
+                s.via,
             ])?;
+        let index = std::mem::take(&mut s.index);
         match self.pending.as_mut() {
             Some(p) => p.add(seq, index),
             None => index_rows::insert(&self.conn, seq, &index)?,
         }
         self.next_seq = Some(seq + 1);
-        Ok(StoredVersion {
-            seq,
-            rtype: v.rtype.to_owned(),
-            id: v.id.to_owned(),
-            vid,
-            last_updated_ms: lu_ms,
-            deleted: body.is_none(),
-            method: v.method,
-            origin,
-            vv,
-            hlc,
-            body: body.map(Arc::from),
-        })
+        Ok(s.stored(seq, rtype, id))
     }
 
     fn new_id(&mut self) -> String {
@@ -623,7 +562,7 @@ impl WriteTx for Writer {
     fn add_audit(&mut self, a: &AuditEntry) -> Result<(), StoreError> {
         let now = self.clock.now_ms();
         sync_rows::add_audit(&self.conn, a, now)?;
-        super::audit_rows::add_audit_event(&self.conn, &a.to_record(now, &self.node_id))
+        audit_rows::add_audit_event(&self.conn, &a.to_record(now, &self.node_id))
     }
 
     fn add_sub_event(&mut self, e: &crate::sync::SubEvent) -> Result<(), StoreError> {
@@ -631,10 +570,10 @@ impl WriteTx for Writer {
     }
 
     fn add_audit_event(&mut self, r: &fhirsync_core::audit::AuditRecord) -> Result<(), StoreError> {
-        super::audit_rows::add_audit_event(&self.conn, r)
+        audit_rows::add_audit_event(&self.conn, r)
     }
 
     fn claim_once(&mut self, key: &str, until_ms: u64) -> Result<bool, StoreError> {
-        super::audit_rows::claim_once(&self.conn, key, until_ms, self.clock.now_ms())
+        audit_rows::claim_once(&self.conn, key, until_ms, self.clock.now_ms())
     }
 }

@@ -3,68 +3,58 @@
 
 use std::sync::Arc;
 
+use super::{all, first, int, n, t, Db, Row, Sql};
 use fhirsync_core::{Hlc, VersionVector};
-use rusqlite::types::Value as Sql;
-use rusqlite::{params, params_from_iter, Connection, OptionalExtension, Row};
 
 use crate::types::*;
 use crate::StoreError;
 
 pub const COLS: &str = "seq, type, id, vid, lu_ms, deleted, method, origin, vv, hlc, body";
 
-pub fn row_to_version(row: &Row<'_>) -> rusqlite::Result<StoredVersion> {
-    let vv: String = row.get(8)?;
-    let method: String = row.get(6)?;
-    let body: Option<String> = row.get(10)?;
+pub fn row_to_version(row: &dyn Row) -> Result<StoredVersion, StoreError> {
+    let vv = row.text(8)?;
+    let method = row.text(6)?;
+    let body = row.opt_text(10)?;
     Ok(StoredVersion {
-        seq: row.get::<_, i64>(0)? as u64,
-        rtype: row.get(1)?,
-        id: row.get(2)?,
-        vid: row.get::<_, i64>(3)? as u64,
-        last_updated_ms: row.get::<_, i64>(4)? as u64,
-        deleted: row.get::<_, i64>(5)? != 0,
+        seq: row.i64(0)? as u64,
+        rtype: row.text(1)?,
+        id: row.text(2)?,
+        vid: row.i64(3)? as u64,
+        last_updated_ms: row.i64(4)? as u64,
+        deleted: row.bool(5)?,
         method: Method::parse(&method).unwrap_or(Method::Put),
-        origin: row.get(7)?,
+        origin: row.text(7)?,
         vv: VersionVector::from_json(&vv).unwrap_or_default(),
-        hlc: Hlc::from_packed(row.get::<_, i64>(9)? as u64),
+        hlc: Hlc::from_packed(row.i64(9)? as u64),
         body: body.map(Arc::from),
     })
 }
 
-pub fn last_seq(conn: &Connection) -> Result<u64, StoreError> {
-    let s: i64 = conn
-        .prepare_cached("SELECT coalesce(max(seq), 0) FROM versions")?
-        .query_row([], |r| r.get(0))?;
-    Ok(s as u64)
+pub fn last_seq(db: &dyn Db) -> Result<u64, StoreError> {
+    Ok(int(db, "SELECT coalesce(max(seq), 0) FROM versions", &[])? as u64)
 }
 
 pub fn read_current(
-    conn: &Connection,
+    db: &dyn Db,
     rtype: &str,
     id: &str,
 ) -> Result<Option<StoredVersion>, StoreError> {
     let sql =
         format!("SELECT {COLS} FROM versions WHERE type = ?1 AND id = ?2 AND superseded IS NULL");
-    Ok(conn
-        .prepare_cached(&sql)?
-        .query_row(params![rtype, id], row_to_version)
-        .optional()?)
+    first(db, &sql, &[t(rtype), t(id)], row_to_version)
 }
 
 pub fn vread(
-    conn: &Connection,
+    db: &dyn Db,
     rtype: &str,
     id: &str,
     vid: u64,
 ) -> Result<Option<StoredVersion>, StoreError> {
     let sql = format!("SELECT {COLS} FROM versions WHERE type = ?1 AND id = ?2 AND vid = ?3");
-    Ok(conn
-        .prepare_cached(&sql)?
-        .query_row(params![rtype, id, vid as i64], row_to_version)
-        .optional()?)
+    first(db, &sql, &[t(rtype), t(id), n(vid)], row_to_version)
 }
 
-pub fn history(conn: &Connection, q: &HistoryQuery) -> Result<Vec<StoredVersion>, StoreError> {
+pub fn history(db: &dyn Db, q: &HistoryQuery) -> Result<Vec<StoredVersion>, StoreError> {
     let mut sql = format!("SELECT {COLS} FROM versions WHERE seq < ?1 AND lu_ms >= ?2");
     let mut args: Vec<Sql> = vec![
         Sql::Integer(q.before.map(|b| b as i64).unwrap_or(i64::MAX)),
@@ -83,13 +73,11 @@ pub fn history(conn: &Connection, q: &HistoryQuery) -> Result<Vec<StoredVersion>
         }
     }
     sql.push_str(&format!(" ORDER BY seq DESC LIMIT {}", q.count));
-    let mut st = conn.prepare_cached(&sql)?;
-    let rows = st.query_map(params_from_iter(args), row_to_version)?;
-    Ok(rows.collect::<Result<_, _>>()?)
+    all(db, &sql, &args, row_to_version)
 }
 
 pub fn lineage(
-    conn: &Connection,
+    db: &dyn Db,
     rtype: &str,
     id: &str,
     limit: usize,
@@ -97,12 +85,10 @@ pub fn lineage(
     let sql = format!(
         "SELECT {COLS} FROM versions WHERE type = ?1 AND id = ?2 ORDER BY vid DESC LIMIT {limit}"
     );
-    let mut st = conn.prepare_cached(&sql)?;
-    let rows = st.query_map(params![rtype, id], row_to_version)?;
-    Ok(rows.collect::<Result<_, _>>()?)
+    all(db, &sql, &[t(rtype), t(id)], row_to_version)
 }
 
-pub fn changes(conn: &Connection, q: &ChangesQuery) -> Result<Vec<StoredVersion>, StoreError> {
+pub fn changes(db: &dyn Db, q: &ChangesQuery) -> Result<Vec<StoredVersion>, StoreError> {
     let mut sql = format!("SELECT {COLS} FROM versions WHERE seq > ?1");
     let mut args: Vec<Sql> = vec![Sql::Integer(q.since as i64)];
     if !q.types.is_empty() {
@@ -118,7 +104,5 @@ pub fn changes(conn: &Connection, q: &ChangesQuery) -> Result<Vec<StoredVersion>
         args.push(Sql::Text(v.clone()));
     }
     sql.push_str(&format!(" ORDER BY seq LIMIT {}", q.count));
-    let mut st = conn.prepare_cached(&sql)?;
-    let rows = st.query_map(params_from_iter(args), row_to_version)?;
-    Ok(rows.collect::<Result<_, _>>()?)
+    all(db, &sql, &args, row_to_version)
 }

@@ -4,13 +4,12 @@
 
 use std::collections::HashSet;
 
+use super::{all, exists, first, int, n, t, Db, Sql};
 use fhirsync_core::index;
 use fhirsync_core::search::{
     Clause, CompB, Cond, Include, NumberCond, Prefix, SearchQuery, TextOp, TotalMode,
 };
 use fhirsync_core::spec::Kind;
-use rusqlite::types::Value as Sql;
-use rusqlite::{params_from_iter, Connection, OptionalExtension};
 
 use super::query::{last_seq, row_to_version, COLS};
 use crate::types::{DeletedQuery, SearchPage, StoredVersion};
@@ -348,7 +347,7 @@ impl Builder {
                     }
                 }
                 if alts.is_empty() {
-                    "0".into()
+                    "FALSE".into()
                 } else {
                     format!("({})", alts.join(" OR "))
                 }
@@ -447,7 +446,7 @@ impl Builder {
                 self.pair(&mut w, ("a_val", a_val), ("a_sys", a_sys));
                 let bw = match b {
                     CompB::Token(s, v) => {
-                        let mut bw = String::from("1");
+                        let mut bw = String::from("TRUE");
                         self.pair(&mut bw, ("b_val", v), ("b_sys", s));
                         bw
                     }
@@ -574,7 +573,7 @@ struct Plan {
 /// and drives; clauses counted dense are looked up version by version,
 /// so that a search of dense clauses walks the type in `seq` order and
 /// stops at the page's end instead of listing every match.
-fn plan(conn: Option<&Connection>, q: &SearchQuery, snapshot: u64) -> Result<Plan, StoreError> {
+fn plan(conn: Option<&dyn Db>, q: &SearchQuery, snapshot: u64) -> Result<Plan, StoreError> {
     let rt = q.rtype.as_deref();
     let n = q.clauses.len();
     if let Some(i) = q.clauses.iter().position(|c| selective_clause(c, rt)) {
@@ -596,10 +595,8 @@ fn plan(conn: Option<&Connection>, q: &SearchQuery, snapshot: u64) -> Result<Pla
         b.list = true;
         dense.push(match b.rows_of(c, rt) {
             Some(sql) => {
-                let probe = format!("SELECT count(*) FROM ({sql} LIMIT {DENSE_ROWS})");
-                let k: i64 = conn
-                    .prepare_cached(&probe)?
-                    .query_row(params_from_iter(b.args.iter()), |r| r.get(0))?;
+                let probe = format!("SELECT count(*) FROM ({sql} LIMIT {DENSE_ROWS}) AS probe");
+                let k = int(conn, &probe, &b.args)?;
                 Some(k as usize >= DENSE_ROWS)
             }
             None => None,
@@ -630,7 +627,7 @@ pub const NARROW_CONDS_MAX: usize = 64;
 /// equalities (see [`Builder::member`]). Two index probes a condition;
 /// `None` when nothing changes. Rows written after the reader's view could
 /// only prevent the change, never make it wrong.
-fn narrow_systems(conn: &Connection, q: &SearchQuery) -> Result<Option<SearchQuery>, StoreError> {
+fn narrow_systems(conn: &dyn Db, q: &SearchQuery) -> Result<Option<SearchQuery>, StoreError> {
     let rt = q.rtype.as_deref();
     let mut out = q.clone();
     let mut changed = false;
@@ -652,17 +649,19 @@ fn narrow_systems(conn: &Connection, q: &SearchQuery) -> Result<Option<SearchQue
             probed += 1;
             let (w, mut args) = param_where(rt, param, "");
             args.push(Sql::Text(value.clone()));
-            let first: Option<String> = conn
-                .prepare_cached(&format!(
+            let found = first(
+                conn,
+                &format!(
                     "SELECT system FROM tokens WHERE {w} AND value = ? ORDER BY system LIMIT 1"
-                ))?
-                .query_row(params_from_iter(args.iter()), |r| r.get(0))
-                .optional()?;
-            let Some(first) = first else { continue };
+                ),
+                &args,
+                |r| r.text(0),
+            )?;
+            let Some(first) = found else { continue };
             args.push(Sql::Text(first.clone()));
             let sql =
                 format!("SELECT 1 FROM tokens WHERE {w} AND value = ? AND system > ? LIMIT 1");
-            if !conn.prepare_cached(&sql)?.exists(params_from_iter(args))? {
+            if !exists(conn, &sql, &args)? {
                 *system = Some(first);
                 changed = true;
             }
@@ -742,7 +741,7 @@ fn v_cols() -> String {
         .join(", ")
 }
 
-pub fn search(conn: &Connection, q: &SearchQuery) -> Result<SearchPage, StoreError> {
+pub fn search(conn: &dyn Db, q: &SearchQuery) -> Result<SearchPage, StoreError> {
     let snapshot = match q.snapshot {
         Some(s) => s,
         None => last_seq(conn)?,
@@ -767,10 +766,7 @@ pub fn search(conn: &Connection, q: &SearchQuery) -> Result<SearchPage, StoreErr
         Some(t)
     } else if count {
         let sql = format!("SELECT count(*) FROM versions v WHERE {w}");
-        let n: i64 = conn
-            .prepare_cached(&sql)?
-            .query_row(params_from_iter(args.iter()), |r| r.get(0))?;
-        Some(n as u64)
+        Some(int(conn, &sql, &args)? as u64)
     } else {
         None
     };
@@ -802,10 +798,7 @@ pub fn search(conn: &Connection, q: &SearchQuery) -> Result<SearchPage, StoreErr
             " ORDER BY {plus}v.seq {order} LIMIT {}",
             q.count + 1
         ));
-        let mut st = conn.prepare_cached(&sql)?;
-        items = st
-            .query_map(params_from_iter(args), row_to_version)?
-            .collect::<Result<_, _>>()?;
+        items = all(conn, &sql, &args, row_to_version)?;
         next_cursor = if items.len() > q.count {
             items.truncate(q.count);
             items.last().map(|v| v.seq)
@@ -814,17 +807,14 @@ pub fn search(conn: &Connection, q: &SearchQuery) -> Result<SearchPage, StoreErr
         };
     } else {
         let offset = q.offset.unwrap_or(0);
-        let (joins, order, mut all) = order_by(q);
+        let (joins, order, mut every) = order_by(q);
         let sql = format!(
             "SELECT {} FROM versions v{joins} WHERE {w} ORDER BY {order} LIMIT {} OFFSET {offset}",
             v_cols(),
             q.count + 1
         );
-        all.extend(args);
-        let mut st = conn.prepare_cached(&sql)?;
-        items = st
-            .query_map(params_from_iter(all), row_to_version)?
-            .collect::<Result<_, _>>()?;
+        every.extend(args);
+        items = all(conn, &sql, &every, row_to_version)?;
         next_cursor = if items.len() > q.count {
             items.truncate(q.count);
             Some(offset + q.count as u64)
@@ -859,7 +849,7 @@ fn include_params(inc: &Include, rtype: &str) -> Vec<String> {
 }
 
 fn read_at(
-    conn: &Connection,
+    conn: &dyn Db,
     snapshot: u64,
     rtype: &str,
     id: &str,
@@ -868,18 +858,13 @@ fn read_at(
         "SELECT {COLS} FROM versions v WHERE v.type = ?1 AND v.id = ?2 AND +v.seq <= ?3 \
          AND (v.superseded IS NULL OR v.superseded > ?3) AND v.deleted = 0"
     );
-    let mut st = conn.prepare_cached(&sql)?;
-    let mut rows = st.query_map(
-        rusqlite::params![rtype, id, snapshot as i64],
-        row_to_version,
-    )?;
-    Ok(rows.next().transpose()?)
+    first(conn, &sql, &[t(rtype), t(id), n(snapshot)], row_to_version)
 }
 
 /// `_include` and `_revinclude` of a page, at the page's snapshot; with
 /// `:iterate` also of what they added, up to [`INCLUDED_MAX`] resources.
 fn includes(
-    conn: &Connection,
+    conn: &dyn Db,
     q: &SearchQuery,
     snapshot: u64,
     items: &[StoredVersion],
@@ -961,14 +946,9 @@ fn includes(
                      AND v.seq <= ?5 AND (v.superseded IS NULL OR v.superseded > ?5) AND v.deleted = 0",
                     v_cols()
                 );
-                let mut st = conn.prepare_cached(&sql)?;
                 for p in &sources {
-                    let rows: Vec<StoredVersion> = st
-                        .query_map(
-                            rusqlite::params![v.rtype, v.id, p, inc.source, snapshot as i64],
-                            row_to_version,
-                        )?
-                        .collect::<Result<_, _>>()?;
+                    let args = [t(&v.rtype), t(&v.id), t(p), t(&inc.source), n(snapshot)];
+                    let rows = all(conn, &sql, &args, row_to_version)?;
                     for r in rows {
                         if seen.insert((r.rtype.clone(), r.id.clone())) {
                             added.push(r);
@@ -994,7 +974,7 @@ fn includes(
 /// Whether the version at `seq` matches `q` at the snapshot `seq` (for
 /// subscriptions, which judge each version as it was written): every
 /// clause a lookup of that version's own rows where it can be.
-pub fn version_matches(conn: &Connection, q: &SearchQuery, seq: u64) -> Result<bool, StoreError> {
+pub fn version_matches(conn: &dyn Db, q: &SearchQuery, seq: u64) -> Result<bool, StoreError> {
     let plan = Plan {
         driver: None,
         exists: vec![true; q.clauses.len()],
@@ -1002,35 +982,26 @@ pub fn version_matches(conn: &Connection, q: &SearchQuery, seq: u64) -> Result<b
     let (w, mut args) = plan_where(q, seq, &plan);
     args.push(Sql::Integer(seq as i64));
     let sql = format!("SELECT 1 FROM versions v WHERE {w} AND v.seq = ?");
-    let mut st = conn.prepare_cached(&sql)?;
-    Ok(st.exists(params_from_iter(args))?)
+    exists(conn, &sql, &args)
 }
 
 /// Keys of current resources matching `q` (for conditional operations).
 pub fn matches(
-    conn: &Connection,
+    conn: &dyn Db,
     q: &SearchQuery,
     limit: usize,
 ) -> Result<Vec<fhirsync_core::ResourceKey>, StoreError> {
     let snapshot = last_seq(conn)?;
     let (w, args) = search_where(q, snapshot);
     let sql = format!("SELECT v.type, v.id FROM versions v WHERE {w} LIMIT {limit}");
-    let mut st = conn.prepare_cached(&sql)?;
-    let rows = st.query_map(params_from_iter(args), |r| {
-        Ok(fhirsync_core::ResourceKey::new(
-            r.get::<_, String>(0)?,
-            r.get::<_, String>(1)?,
-        ))
-    })?;
-    Ok(rows.collect::<Result<_, _>>()?)
+    all(conn, &sql, &args, |r| {
+        Ok(fhirsync_core::ResourceKey::new(r.text(0)?, r.text(1)?))
+    })
 }
 
 /// Resources deleted as of a snapshot, oldest deletion first: (type, id,
 /// `seq` of the tombstone).
-pub fn deleted(
-    conn: &Connection,
-    q: &DeletedQuery,
-) -> Result<Vec<(String, String, u64)>, StoreError> {
+pub fn deleted(conn: &dyn Db, q: &DeletedQuery) -> Result<Vec<(String, String, u64)>, StoreError> {
     let mut b = Builder::new(q.snapshot, "");
     let mut sql = String::from(
         "SELECT v.type, v.id, v.seq FROM versions v WHERE v.type = ? AND v.seq > ? AND v.seq <= ? \
@@ -1052,9 +1023,7 @@ pub fn deleted(
         args.extend(b.args);
     }
     sql.push_str(&format!(" ORDER BY v.seq LIMIT {}", q.count));
-    let mut st = conn.prepare_cached(&sql)?;
-    let rows = st.query_map(params_from_iter(args), |r| {
-        Ok((r.get(0)?, r.get(1)?, r.get::<_, i64>(2)? as u64))
-    })?;
-    Ok(rows.collect::<Result<_, _>>()?)
+    all(conn, &sql, &args, |r| {
+        Ok((r.text(0)?, r.text(1)?, r.i64(2)? as u64))
+    })
 }

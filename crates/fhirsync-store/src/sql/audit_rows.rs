@@ -2,44 +2,46 @@
 //! and entity searches) and for keys that may be used once (`jti`s).
 
 use fhirsync_core::audit::{AuditKind, AuditRecord, Who};
-use rusqlite::types::Value as Sql;
-use rusqlite::{params, params_from_iter, Connection};
 use serde_json::Value;
+
+use super::{all, int, n, ot, t, Db, Sql};
 
 use crate::sync::AuditQuery;
 use crate::StoreError;
 
 /// Stores the record's fields; the AuditEvent JSON is made when read, so
 /// the writer spends no time on it.
-pub fn add_audit_event(conn: &Connection, r: &AuditRecord) -> Result<(), StoreError> {
-    conn.prepare_cached(
+pub fn add_audit_event(db: &dyn Db, r: &AuditRecord) -> Result<(), StoreError> {
+    let aid = int(
+        db,
         "INSERT INTO audit_events (at_ms, kind, subtype, action, outcome, who, address,
                                    observer, entities, patients, query, detail)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
-    )?
-    .execute(params![
-        r.at_ms as i64,
-        r.kind.as_str(),
-        r.subtype,
-        r.action.to_string(),
-        r.outcome as i64,
-        r.who.name(),
-        r.address,
-        r.observer,
-        r.entities.join("\n"),
-        r.patients.join("\n"),
-        r.query,
-        r.outcome_desc
-    ])?;
-    let aid = conn.last_insert_rowid();
-    let mut ins =
-        conn.prepare_cached("INSERT OR IGNORE INTO audit_event_refs (ref, aid) VALUES (?1, ?2)")?;
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12) RETURNING aid",
+        &[
+            n(r.at_ms),
+            t(r.kind.as_str()),
+            t(&r.subtype),
+            Sql::Text(r.action.to_string()),
+            n(r.outcome as u64),
+            Sql::Text(r.who.name()),
+            ot(r.address.as_deref()),
+            t(&r.observer),
+            Sql::Text(r.entities.join("\n")),
+            Sql::Text(r.patients.join("\n")),
+            ot(r.query.as_deref()),
+            ot(r.outcome_desc.as_deref()),
+        ],
+    )?;
+    let ins = "INSERT INTO audit_event_refs (ref, aid) VALUES (?1, ?2) ON CONFLICT DO NOTHING";
     for p in &r.patients {
-        ins.execute(params![format!("patient|{p}"), aid])?;
+        db.exec(ins, &[Sql::Text(format!("patient|{p}")), Sql::Integer(aid)])?;
     }
     for e in &r.entities {
         let plain = e.split("/_history/").next().unwrap_or(e);
-        ins.execute(params![format!("entity|{plain}"), aid])?;
+        db.exec(
+            ins,
+            &[Sql::Text(format!("entity|{plain}")), Sql::Integer(aid)],
+        )?;
     }
     Ok(())
 }
@@ -79,7 +81,7 @@ fn where_sql(q: &AuditQuery) -> (String, Vec<Sql>) {
 }
 
 /// Matching events newest first, one page (`before`: ids below it).
-pub fn audit_events(conn: &Connection, q: &AuditQuery) -> Result<Vec<Value>, StoreError> {
+pub fn audit_events(db: &dyn Db, q: &AuditQuery) -> Result<Vec<Value>, StoreError> {
     let (mut w, mut args) = where_sql(q);
     if let Some(b) = q.before {
         w.push_str(" AND aid < ?");
@@ -91,57 +93,45 @@ pub fn audit_events(conn: &Connection, q: &AuditQuery) -> Result<Vec<Value>, Sto
          FROM audit_events{w} ORDER BY aid DESC LIMIT {}",
         q.count.max(1)
     );
-    let mut st = conn.prepare(&sql)?;
     let lines = |s: String| -> Vec<String> {
         s.split('\n')
             .filter(|x| !x.is_empty())
             .map(str::to_owned)
             .collect()
     };
-    let rows = st.query_map(params_from_iter(args), |r| {
-        let aid = r.get::<_, i64>(0)? as u64;
+    all(db, &sql, &args, |r| {
+        let aid = r.i64(0)? as u64;
         let rec = AuditRecord {
-            at_ms: r.get::<_, i64>(1)? as u64,
-            kind: AuditKind::parse(&r.get::<_, String>(2)?),
-            subtype: r.get(3)?,
-            action: r.get::<_, String>(4)?.chars().next().unwrap_or('E'),
-            outcome: r.get::<_, i64>(5)? as u8,
-            who: Who::parse(&r.get::<_, String>(6)?),
-            address: r.get(7)?,
-            observer: r.get(8)?,
-            entities: lines(r.get(9)?),
-            patients: lines(r.get(10)?),
-            query: r.get(11)?,
-            outcome_desc: r.get(12)?,
+            at_ms: r.i64(1)? as u64,
+            kind: AuditKind::parse(&r.text(2)?),
+            subtype: r.text(3)?,
+            action: r.text(4)?.chars().next().unwrap_or('E'),
+            outcome: r.i64(5)? as u8,
+            who: Who::parse(&r.text(6)?),
+            address: r.opt_text(7)?,
+            observer: r.text(8)?,
+            entities: lines(r.text(9)?),
+            patients: lines(r.text(10)?),
+            query: r.opt_text(11)?,
+            outcome_desc: r.opt_text(12)?,
         };
         Ok(rec.to_fhir(aid))
-    })?;
-    Ok(rows.collect::<Result<_, _>>()?)
+    })
 }
 
 /// How many events match (paging ignored).
-pub fn audit_event_count(conn: &Connection, q: &AuditQuery) -> Result<u64, StoreError> {
+pub fn audit_event_count(db: &dyn Db, q: &AuditQuery) -> Result<u64, StoreError> {
     let (w, args) = where_sql(q);
-    let n: i64 = conn.query_row(
-        &format!("SELECT count(*) FROM audit_events{w}"),
-        params_from_iter(args),
-        |r| r.get(0),
-    )?;
-    Ok(n as u64)
+    Ok(int(db, &format!("SELECT count(*) FROM audit_events{w}"), &args)? as u64)
 }
 
 /// Records `key` as used until `until_ms`; `false` when it already is.
 /// Keys whose time has passed are forgotten.
-pub fn claim_once(
-    conn: &Connection,
-    key: &str,
-    until_ms: u64,
-    now_ms: u64,
-) -> Result<bool, StoreError> {
-    conn.prepare_cached("DELETE FROM used_once WHERE until_ms < ?1")?
-        .execute([now_ms as i64])?;
-    let n = conn
-        .prepare_cached("INSERT OR IGNORE INTO used_once (key, until_ms) VALUES (?1, ?2)")?
-        .execute(params![key, until_ms as i64])?;
-    Ok(n == 1)
+pub fn claim_once(db: &dyn Db, key: &str, until_ms: u64, now_ms: u64) -> Result<bool, StoreError> {
+    db.exec("DELETE FROM used_once WHERE until_ms < ?1", &[n(now_ms)])?;
+    let added = db.exec(
+        "INSERT INTO used_once (key, until_ms) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
+        &[t(key), n(until_ms)],
+    )?;
+    Ok(added == 1)
 }

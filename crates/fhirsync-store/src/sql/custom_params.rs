@@ -2,14 +2,16 @@
 //! force as custom search parameters (at open and after one is written).
 
 use fhirsync_core::index::custom::{self, Definition};
-use rusqlite::Connection;
 use serde_json::Value;
+
+use super::{all, Db};
+use crate::StoreError;
 
 /// Reads the current `SearchParameter`s of the store and sets them as the
 /// custom parameters of `source`. A definition that cannot be served is
 /// logged and left out; it never stops the store.
-pub fn load(conn: &Connection, source: &str) {
-    let defs = match read(conn) {
+pub fn load(db: &dyn Db, source: &str) {
+    let defs = match read(db) {
         Ok(d) => d,
         Err(e) => {
             tracing::error!(error = %e, "cannot read the stored SearchParameters");
@@ -30,15 +32,16 @@ pub fn forget(source: &str) {
     custom::set(source, Vec::new());
 }
 
-fn read(conn: &Connection) -> Result<Vec<Definition>, rusqlite::Error> {
-    let mut st = conn.prepare_cached(
+fn read(db: &dyn Db) -> Result<Vec<Definition>, StoreError> {
+    let rows = all(
+        db,
         "SELECT id, body FROM versions
          WHERE type = 'SearchParameter' AND superseded IS NULL AND body IS NOT NULL",
+        &[],
+        |r| Ok((r.text(0)?, r.text(1)?)),
     )?;
-    let rows = st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
     let mut defs = Vec::new();
-    for row in rows {
-        let (id, body) = row?;
+    for (id, body) in rows {
         let Ok(v) = serde_json::from_str::<Value>(&body) else {
             continue;
         };

@@ -1,0 +1,512 @@
+//! The writer of one process on PostgreSQL: like SQLite's, a thread that
+//! takes requests from a bounded queue and commits them in groups (each
+//! request in its own savepoint), but every group first takes the log's
+//! lock ([`super::log::lock_head`]), so the processes sharing the
+//! database append one group at a time and the log stays gapless.
+//! Index rows are held until the request's savepoint settles, then
+//! written one statement per table.
+
+use std::sync::Arc;
+
+use fhirsync_core::clock::Clock;
+use fhirsync_core::index::IndexEntry;
+use fhirsync_core::search::SearchQuery;
+use fhirsync_core::{Hlc, ResourceKey, VersionVector};
+use tokio::sync::{mpsc, watch};
+
+use super::conn::PgConn;
+use super::log::{advance_head, lock_head, Head};
+use crate::engine::{self, CurrentVersion, NewVersion, WriteTx};
+use crate::sql::{audit_rows, custom_params, first, n, query, search, sync_rows, t, Db, Sql};
+use crate::sqlite::writer::{count, Job, LoadSummary, Reply, StreamMsg};
+use crate::stamp::Stamper;
+use crate::sync::{AuditEntry, Conflict, NewDeadLetter};
+use crate::types::*;
+use crate::StoreError;
+
+pub struct PgWriter {
+    pub conn: PgConn,
+    pub node_id: String,
+    pub clock: Arc<dyn Clock>,
+    pub stamper: Stamper,
+    pub group_max: usize,
+    pub seq_tx: watch::Sender<u64>,
+    /// The head as this transaction found it (the lock is held).
+    pub head: Head,
+    /// The `seq` the next insert gets; `None` after a rollback, when it is
+    /// read again inside the transaction.
+    pub next_seq: Option<u64>,
+    /// Index rows of versions written but not yet settled.
+    pub index: Vec<(u64, IndexEntry)>,
+    /// `index.len()` at each open savepoint, innermost last.
+    pub marks: Vec<usize>,
+    pub custom_source: String,
+    pub custom_dirty: bool,
+}
+
+impl PgWriter {
+    pub fn run(mut self, mut rx: mpsc::Receiver<Job>) {
+        let mut pending: Option<Job> = None;
+        loop {
+            let job = match pending.take() {
+                Some(j) => j,
+                None => match rx.blocking_recv() {
+                    Some(j) => j,
+                    None => break,
+                },
+            };
+            if self.conn.is_closed() {
+                self.reconnect_note();
+            }
+            match job {
+                Job::Reindex(reply) => {
+                    let _ = reply.send(self.reindex());
+                }
+                Job::Mark(reply) => {
+                    let _ = reply.send(self.mark());
+                }
+                Job::Stream(srx, done) => {
+                    let r = self.run_stream(srx);
+                    self.reload_custom();
+                    let _ = done.send(r);
+                }
+                Job::Write(req, reply) => {
+                    let mut group = vec![(*req, reply)];
+                    while group.len() < self.group_max {
+                        match rx.try_recv() {
+                            Ok(Job::Write(r, s)) => group.push((*r, s)),
+                            Ok(other) => {
+                                pending = Some(other);
+                                break;
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    self.run_group(group);
+                }
+            }
+        }
+        tracing::debug!("writer stopped");
+    }
+
+    fn reconnect_note(&self) {
+        tracing::error!("the writer's database connection is closed; writes fail until restart");
+    }
+
+    /// Opens a transaction that holds the log's lock.
+    fn begin(&mut self) -> Result<(), StoreError> {
+        self.conn.batch("BEGIN")?;
+        match lock_head(&mut *self.conn.client()) {
+            Ok(h) => {
+                self.head = h;
+                self.next_seq = Some(h.seq + 1);
+                self.stamper.observe(Hlc::from_packed(h.hlc));
+                self.index.clear();
+                self.marks.clear();
+                Ok(())
+            }
+            Err(e) => {
+                let _ = self.conn.batch("ROLLBACK");
+                Err(e)
+            }
+        }
+    }
+
+    /// Moves the head past what this transaction appended and commits.
+    fn commit(&mut self) -> Result<(), StoreError> {
+        self.flush_index()?;
+        let last = query::last_seq(&self.conn)?;
+        let head = Head {
+            seq: last.max(self.head.seq),
+            hlc: self.stamper.hlc.packed().max(self.head.hlc),
+        };
+        if head != self.head {
+            advance_head(&mut *self.conn.client(), head)?;
+        }
+        self.conn.batch("COMMIT")?;
+        self.head = head;
+        self.seq_tx.send_if_modified(|v| {
+            let up = head.seq > *v;
+            if up {
+                *v = head.seq;
+            }
+            up
+        });
+        Ok(())
+    }
+
+    fn abort(&mut self) {
+        self.next_seq = None;
+        self.index.clear();
+        self.marks.clear();
+        if let Err(e) = self.conn.batch("ROLLBACK") {
+            tracing::error!(error = %e, "rollback failed");
+        }
+    }
+
+    /// The last `seq` and an instant after every version stamped so far by
+    /// any process; the head's HLC moves there, so every later version, in
+    /// any process, is stamped at or after it.
+    fn mark(&mut self) -> Result<LogMark, StoreError> {
+        self.begin()?;
+        let at_ms = self.stamper.hlc.wall_ms() + 1;
+        self.stamper.observe(Hlc::new(at_ms, 0));
+        let seq = self.head.seq;
+        match self.commit() {
+            Ok(()) => Ok(LogMark { seq, at_ms }),
+            Err(e) => {
+                self.abort();
+                Err(e)
+            }
+        }
+    }
+
+    /// Indexes every stored version again (adding what is missing), in
+    /// batches of their own transactions.
+    fn reindex(&mut self) -> Result<ReindexStatus, StoreError> {
+        const BATCH: i64 = 1_000;
+        let total = crate::sql::int(&self.conn, "SELECT count(*) FROM versions", &[])? as u64;
+        let mut after = 0i64;
+        let mut done = 0u64;
+        loop {
+            let rows = crate::sql::all(
+                &self.conn,
+                "SELECT seq, type, body FROM versions WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+                &[Sql::Integer(after), Sql::Integer(BATCH)],
+                |r| Ok((r.i64(0)?, r.text(1)?, r.opt_text(2)?)),
+            )?;
+            let Some(last) = rows.last().map(|r| r.0) else {
+                break;
+            };
+            let mut entries = Vec::new();
+            for (seq, rtype, body) in rows {
+                let Some(body) = body else { continue };
+                let Ok(v) = serde_json::from_str::<serde_json::Value>(&body) else {
+                    continue;
+                };
+                let keys = fhirsync_core::index::extract(&rtype, &v);
+                entries.extend(keys.into_iter().map(|e| (seq as u64, e)));
+                done += 1;
+            }
+            super::index::write(
+                &mut self.conn.client(),
+                entries.iter().map(|(s, e)| (*s, e)),
+            )?;
+            after = last;
+        }
+        Ok(ReindexStatus {
+            running: false,
+            done,
+            total,
+        })
+    }
+
+    fn run_group(&mut self, group: Vec<(WriteRequest, Reply)>) {
+        if let Err(e) = self.begin() {
+            for (_, reply) in group {
+                let _ = reply.send(Err(StoreError::Backend(e.to_string())));
+            }
+            return;
+        }
+        let mut results = Vec::with_capacity(group.len());
+        for (req, reply) in group {
+            let r = self.execute_guarded(req);
+            results.push((reply, r));
+        }
+        match self.commit() {
+            Ok(()) => {
+                self.reload_custom();
+                for (reply, r) in results {
+                    let _ = reply.send(r);
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "group commit failed");
+                self.abort();
+                for (reply, _) in results {
+                    let _ = reply.send(Err(StoreError::Backend(format!("commit failed: {e}"))));
+                }
+            }
+        }
+    }
+
+    fn run_stream(&mut self, mut rx: mpsc::Receiver<StreamMsg>) -> Result<LoadSummary, StoreError> {
+        self.begin()?;
+        let mut sum = LoadSummary::default();
+        let r = (|| loop {
+            match rx.blocking_recv() {
+                Some(StreamMsg::Batch(reqs, presorted)) => {
+                    let mut seqs = Vec::with_capacity(reqs.len());
+                    for req in reqs {
+                        let index = sum.requests as usize;
+                        sum.requests += 1;
+                        let entry = |e| StoreError::Entry {
+                            index,
+                            source: Box::new(e),
+                        };
+                        let mut out = engine::execute(self, req).map_err(entry)?;
+                        if let WriteOutcome::Bundle(b) = &mut out {
+                            if let Some(pos) = b
+                                .entries
+                                .iter()
+                                .position(|e| matches!(e, EntryResult::Failed(_)))
+                            {
+                                if let EntryResult::Failed(e) = b.entries.swap_remove(pos) {
+                                    return Err(entry(StoreError::Entry {
+                                        index: pos,
+                                        source: Box::new(e),
+                                    }));
+                                }
+                            }
+                        }
+                        count(&mut sum, &out);
+                        seqs.push(match &out {
+                            WriteOutcome::Written { version, .. } => Some(version.seq),
+                            _ => None,
+                        });
+                    }
+                    self.flush_index()?;
+                    super::index::write(&mut self.conn.client(), presorted.rows(&seqs))?;
+                }
+                Some(StreamMsg::Commit) => return Ok(()),
+                None => return Err(StoreError::BadRequest("load ended without commit".into())),
+            }
+        })();
+        match r.and_then(|()| self.commit()) {
+            Ok(()) => {
+                sum.last_seq = self.head.seq;
+                Ok(sum)
+            }
+            Err(e) => {
+                self.abort();
+                Err(e)
+            }
+        }
+    }
+
+    /// Runs one request in its savepoint; a panic in it (a bug) rolls it
+    /// back and becomes an error.
+    fn execute_guarded(&mut self, req: WriteRequest) -> Result<WriteOutcome, StoreError> {
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            engine::atomically(self, |tx| {
+                let out = engine::execute(tx, req)?;
+                tx.settle()?;
+                Ok(out)
+            })
+        }));
+        r.unwrap_or_else(|_| {
+            tracing::error!("a write request panicked; it was rolled back");
+            let _ = self.rollback();
+            Err(StoreError::Backend("internal error while writing".into()))
+        })
+    }
+
+    fn flush_index(&mut self) -> Result<(), StoreError> {
+        if self.index.is_empty() {
+            return Ok(());
+        }
+        let rows = std::mem::take(&mut self.index);
+        super::index::write(&mut self.conn.client(), rows.iter().map(|(s, e)| (*s, e)))?;
+        // what is written belongs to the savepoints open now
+        for m in &mut self.marks {
+            *m = 0;
+        }
+        Ok(())
+    }
+
+    fn reload_custom(&mut self) {
+        if std::mem::take(&mut self.custom_dirty) {
+            custom_params::load(&self.conn, &self.custom_source);
+        }
+    }
+}
+
+impl WriteTx for PgWriter {
+    fn settle(&mut self) -> Result<(), StoreError> {
+        self.flush_index()
+    }
+
+    fn node_id(&self) -> &str {
+        &self.node_id
+    }
+
+    fn current(&mut self, rtype: &str, id: &str) -> Result<Option<CurrentVersion>, StoreError> {
+        first(
+            &self.conn,
+            "SELECT seq, vid, deleted, vv, hash, hlc, origin FROM versions
+             WHERE type = ?1 AND id = ?2 AND superseded IS NULL",
+            &[t(rtype), t(id)],
+            |r| {
+                Ok(CurrentVersion {
+                    seq: r.i64(0)? as u64,
+                    vid: r.i64(1)? as u64,
+                    deleted: r.bool(2)?,
+                    vv: VersionVector::from_json(&r.text(3)?).unwrap_or_default(),
+                    hash: r
+                        .opt_blob(4)?
+                        .and_then(|h| <[u8; 16]>::try_from(h.as_slice()).ok())
+                        .map(u128::from_be_bytes)
+                        .unwrap_or(0),
+                    hlc: Hlc::from_packed(r.i64(5)? as u64),
+                    origin: r.text(6)?,
+                })
+            },
+        )
+    }
+
+    fn read(&mut self, rtype: &str, id: &str) -> Result<Option<StoredVersion>, StoreError> {
+        query::read_current(&self.conn, rtype, id)
+    }
+
+    fn vread(
+        &mut self,
+        rtype: &str,
+        id: &str,
+        vid: u64,
+    ) -> Result<Option<StoredVersion>, StoreError> {
+        query::vread(&self.conn, rtype, id, vid)
+    }
+
+    fn search(&mut self, q: &SearchQuery) -> Result<SearchPage, StoreError> {
+        self.flush_index()?;
+        search::search(&self.conn, q)
+    }
+
+    fn matches(&mut self, q: &SearchQuery, limit: usize) -> Result<Vec<ResourceKey>, StoreError> {
+        self.flush_index()?;
+        search::matches(&self.conn, q, limit)
+    }
+
+    fn insert(&mut self, v: NewVersion<'_>) -> Result<StoredVersion, StoreError> {
+        let seq = match self.next_seq.take() {
+            Some(s) => s,
+            None => query::last_seq(&self.conn)?.max(self.head.seq) + 1,
+        };
+        if v.rtype == "SearchParameter" {
+            self.custom_dirty = true;
+        }
+        let (rtype, id, prev) = (v.rtype, v.id, v.prev.as_ref().map(|p| (p.seq, p.vid)));
+        let mut s = self.stamper.stamp(&self.node_id, self.clock.now_ms(), v);
+        if let Some((prev_seq, prev_vid)) = prev {
+            let changed = self.conn.exec(
+                "UPDATE versions SET superseded = ?1 WHERE seq = ?2 AND superseded IS NULL",
+                &[n(seq), n(prev_seq)],
+            )?;
+            if changed != 1 {
+                return Err(StoreError::Backend(format!(
+                    "{rtype}/{id} version {prev_vid} is not current any more"
+                )));
+            }
+        }
+        self.conn.exec(
+            "INSERT INTO versions (seq, type, id, vid, lu_ms, deleted, method, origin, vv, hlc, hash, body, via)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+            &[
+                n(seq),
+                t(rtype),
+                t(id),
+                n(s.vid),
+                n(s.lu_ms),
+                n(s.body.is_none() as u64),
+                t(s.method.as_str()),
+                t(&s.origin),
+                Sql::Text(s.vv.to_json()),
+                n(s.hlc.packed()),
+                s.hash.clone().map_or(Sql::Null, Sql::Blob),
+                s.body.clone().map_or(Sql::Null, Sql::Text),
+                s.via.clone().map_or(Sql::Null, Sql::Text),
+            ],
+        )?;
+        let index = std::mem::take(&mut s.index);
+        self.index.extend(index.into_iter().map(|e| (seq, e)));
+        self.next_seq = Some(seq + 1);
+        Ok(s.stored(seq, rtype, id))
+    }
+
+    fn new_id(&mut self) -> String {
+        uuid::Uuid::new_v4().to_string()
+    }
+
+    fn savepoint(&mut self) -> Result<(), StoreError> {
+        self.conn.batch("SAVEPOINT sp")?;
+        self.marks.push(self.index.len());
+        Ok(())
+    }
+
+    fn release(&mut self) -> Result<(), StoreError> {
+        self.marks.pop();
+        self.conn.batch("RELEASE SAVEPOINT sp")
+    }
+
+    fn rollback(&mut self) -> Result<(), StoreError> {
+        self.next_seq = None;
+        let keep = self.marks.pop().unwrap_or(0);
+        self.index.truncate(keep);
+        self.conn
+            .batch("ROLLBACK TO SAVEPOINT sp; RELEASE SAVEPOINT sp")
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.clock.now_ms()
+    }
+
+    fn lineage(
+        &mut self,
+        rtype: &str,
+        id: &str,
+        limit: usize,
+    ) -> Result<Vec<StoredVersion>, StoreError> {
+        query::lineage(&self.conn, rtype, id, limit)
+    }
+
+    fn open_conflict(&mut self, rtype: &str, id: &str) -> Result<Option<Conflict>, StoreError> {
+        sync_rows::open_conflict(&self.conn, rtype, id)
+    }
+
+    fn conflict(&mut self, id: u64) -> Result<Option<Conflict>, StoreError> {
+        sync_rows::conflict(&self.conn, id)
+    }
+
+    fn put_conflict(&mut self, c: &Conflict) -> Result<u64, StoreError> {
+        sync_rows::put_conflict(&self.conn, c)
+    }
+
+    fn put_cursor(&mut self, key: &str, seq: u64) -> Result<(), StoreError> {
+        sync_rows::put_cursor(&self.conn, key, seq, self.clock.now_ms())
+    }
+
+    fn put_peer(
+        &mut self,
+        node_id: &str,
+        received: Option<u64>,
+        sent: Option<u64>,
+    ) -> Result<(), StoreError> {
+        sync_rows::put_peer(&self.conn, node_id, received, sent, self.clock.now_ms())
+    }
+
+    fn add_dead_letter(&mut self, l: &NewDeadLetter) -> Result<u64, StoreError> {
+        sync_rows::add_dead_letter(&self.conn, l, self.clock.now_ms())
+    }
+
+    fn drop_dead_letter(&mut self, id: u64) -> Result<bool, StoreError> {
+        sync_rows::drop_dead_letter(&self.conn, id)
+    }
+
+    fn add_audit(&mut self, a: &AuditEntry) -> Result<(), StoreError> {
+        let now = self.clock.now_ms();
+        sync_rows::add_audit(&self.conn, a, now)?;
+        audit_rows::add_audit_event(&self.conn, &a.to_record(now, &self.node_id))
+    }
+
+    fn add_sub_event(&mut self, e: &crate::sync::SubEvent) -> Result<(), StoreError> {
+        sync_rows::add_sub_event(&self.conn, e)
+    }
+
+    fn add_audit_event(&mut self, r: &fhirsync_core::audit::AuditRecord) -> Result<(), StoreError> {
+        audit_rows::add_audit_event(&self.conn, r)
+    }
+
+    fn claim_once(&mut self, key: &str, until_ms: u64) -> Result<bool, StoreError> {
+        audit_rows::claim_once(&self.conn, key, until_ms, self.clock.now_ms())
+    }
+}

@@ -1,0 +1,462 @@
+//! The store contract, run on both backends: every test here runs once on
+//! SQLite and once on PostgreSQL (a server the harness starts, a database
+//! per node), through the node's REST API and the `Store` trait. What the
+//! node does must not depend on where it stores.
+
+mod common;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use fhirsync_api::ChildConfig;
+use fhirsync_replica::EdgeConfig;
+use fhirsync_store::{ChangesQuery, HistoryQuery, HistoryScope, ListQuery};
+use fhirsync_testkit::postgres::Postgres;
+use fhirsync_testkit::server::Options;
+use serde_json::{json, Value};
+
+/// Where a test's nodes store.
+enum Backend {
+    Sqlite,
+    Postgres(Arc<Postgres>, AtomicUsize),
+}
+
+impl Backend {
+    fn postgres() -> Backend {
+        Backend::Postgres(
+            Arc::new(Postgres::start().expect("a PostgreSQL server")),
+            AtomicUsize::new(0),
+        )
+    }
+
+    /// A node on this backend (a database of its own on PostgreSQL).
+    async fn node(&self, opts: Options) -> InProcess {
+        // the node's errors in the test's output (shown when it fails)
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter("warn")
+            .with_test_writer()
+            .try_init();
+        let postgres = match self {
+            Backend::Sqlite => None,
+            Backend::Postgres(pg, n) => {
+                let i = n.fetch_add(1, Ordering::Relaxed);
+                Some(pg.create_db(&format!("node{i}")))
+            }
+        };
+        InProcess::start_with(Options { postgres, ..opts }).await
+    }
+}
+
+/// Each named test on both backends: `name::sqlite` and `name::postgres`.
+macro_rules! contract {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn sqlite() {
+                super::$name(super::Backend::Sqlite).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn postgres() {
+                super::$name(super::Backend::postgres()).await
+            }
+        }
+    )*};
+}
+
+contract!(
+    crud_history_and_the_change_log,
+    transactions_are_all_or_nothing,
+    search_reads_every_kind_of_index,
+    replication_both_ways_with_a_conflict,
+    custom_search_parameters_and_export,
+);
+
+async fn eventually<F, Fut>(what: &str, secs: u64, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while Instant::now() < deadline {
+        if f().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("timed out waiting for: {what}");
+}
+
+fn obs(id: &str, patient: &str, code: &str, value: f64, when: &str) -> Value {
+    json!({"resourceType": "Observation", "id": id, "status": "final",
+           "code": {"coding": [{"system": "http://loinc.org", "code": code}], "text": "vital"},
+           "subject": {"reference": format!("Patient/{patient}")},
+           "effectiveDateTime": when,
+           "valueQuantity": {"value": value, "unit": "kg", "system": "http://unitsofmeasure.org", "code": "kg"}})
+}
+
+async fn crud_history_and_the_change_log(b: Backend) {
+    let s = b.node(Options::default()).await;
+    assert_eq!(put(&s, "Patient/a", &pat("a")).await.status(), 201);
+    let r = put(
+        &s,
+        "Patient/a",
+        &json!({"resourceType":"Patient","id":"a","active":false}),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    // The same content again makes no version.
+    let r = put(
+        &s,
+        "Patient/a",
+        &json!({"resourceType":"Patient","id":"a","active":false}),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    let (st, v) = status_json(get(&s, "Patient/a").await).await;
+    assert_eq!((st, v["meta"]["versionId"].as_str()), (200, Some("2")));
+    let (st, v1) = status_json(get(&s, "Patient/a/_history/1").await).await;
+    assert_eq!((st, v1["active"].as_bool()), (200, Some(true)));
+    // If-Match on a stale version is refused and changes nothing.
+    let r = with_body(s.client.put(s.url("Patient/a")), &pat("a"))
+        .header("if-match", "W/\"1\"")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 412);
+    // Conditional create finds the existing one.
+    let r = with_body(s.client.post(s.url("Patient")), &pat("x"))
+        .header("if-none-exist", "_id=a")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = post(
+        &s,
+        "Patient",
+        &json!({"resourceType":"Patient","gender":"female"}),
+    )
+    .await;
+    assert_eq!(r.status(), 201);
+    assert_eq!(delete(&s, "Patient/a").await.status(), 204);
+    assert_eq!(get(&s, "Patient/a").await.status(), 410);
+    let h = s
+        .store
+        .history(HistoryQuery {
+            scope: HistoryScope::Instance("Patient".into(), "a".into()),
+            before: None,
+            since_ms: None,
+            count: 10,
+        })
+        .await
+        .unwrap();
+    assert_eq!(h.iter().map(|v| v.vid).collect::<Vec<_>>(), vec![3, 2, 1]);
+    assert!(h[0].deleted);
+    // The change log: every version once, in order, gapless.
+    let log = s
+        .store
+        .changes(ChangesQuery {
+            since: 0,
+            count: 100,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let seqs: Vec<u64> = log.iter().map(|v| v.seq).collect();
+    assert_eq!(seqs, vec![1, 2, 3, 4]);
+    assert_eq!(s.store.last_seq(), 4);
+    assert!(log.windows(2).all(|w| w[0].hlc < w[1].hlc));
+    let (st, feed) = status_json(get(&s, "$changes?since=2").await).await;
+    assert_eq!(st, 200);
+    assert_eq!(feed["entry"].as_array().unwrap().len(), 2, "{feed}");
+}
+
+async fn transactions_are_all_or_nothing(b: Backend) {
+    let s = b.node(Options::default()).await;
+    let tx = json!({"resourceType":"Bundle","type":"transaction","entry":[
+        {"fullUrl":"urn:uuid:p","resource":{"resourceType":"Patient","name":[{"family":"Otieno"}]},
+         "request":{"method":"POST","url":"Patient"}},
+        {"resource":{"resourceType":"Observation","status":"final","code":{"text":"t"},
+                     "subject":{"reference":"urn:uuid:p"}},
+         "request":{"method":"POST","url":"Observation"}}]});
+    let (st, out) = status_json(post(&s, "", &tx).await).await;
+    assert_eq!(st, 200, "{out}");
+    let before = s.store.last_seq();
+    assert_eq!(before, 2);
+    let (_, obs_list) = status_json(
+        get(
+            &s,
+            "Observation?subject:Patient.family=Otieno&_total=accurate",
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(obs_list["total"], 1, "{obs_list}");
+    // One bad entry: nothing of the transaction stays.
+    let bad = json!({"resourceType":"Bundle","type":"transaction","entry":[
+        {"resource":{"resourceType":"Patient","id":"t1"},"request":{"method":"PUT","url":"Patient/t1"}},
+        {"request":{"method":"DELETE","url":"Patient/t1"}},
+        {"resource":{"resourceType":"Patient","id":"t2"},"request":{"method":"PUT","url":"Patient/t2"},
+         "_bad": true},
+        {"request":{"method":"PUT","url":"Patient/t3"},
+         "resource":{"resourceType":"Observation","id":"t3"}}]});
+    let r = post(&s, "", &bad).await;
+    assert!(r.status().is_client_error(), "{}", r.status());
+    assert_eq!(s.store.last_seq(), before);
+    assert_eq!(get(&s, "Patient/t1").await.status(), 404);
+    // A batch keeps what succeeded.
+    let batch = json!({"resourceType":"Bundle","type":"batch","entry":[
+        {"resource":{"resourceType":"Patient","id":"b1"},"request":{"method":"PUT","url":"Patient/b1"}},
+        {"resource":{"resourceType":"Observation","id":"b2"},"request":{"method":"PUT","url":"Observation/b2"}},
+        {"resource":{"resourceType":"Patient","id":"b3"},"request":{"method":"PUT","url":"Patient/b3"}}]});
+    let (st, out) = status_json(post(&s, "", &batch).await).await;
+    assert_eq!(st, 200);
+    let statuses: Vec<&str> = entry_statuses(&out);
+    assert!(
+        statuses[0].starts_with("201") && statuses[2].starts_with("201"),
+        "{statuses:?}"
+    );
+    assert!(!statuses[1].starts_with('2'), "{statuses:?}");
+    assert_eq!(s.store.last_seq(), before + 2);
+    let log = s
+        .store
+        .changes(ChangesQuery {
+            since: 0,
+            count: 100,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(log.len() as u64, before + 2, "a rolled-back seq left a gap");
+}
+
+async fn search_reads_every_kind_of_index(b: Backend) {
+    let s = b.node(Options::default()).await;
+    let mut entries = Vec::new();
+    for (id, family, birth) in [
+        ("p1", "Otieno", "1980-05-01"),
+        ("p2", "Wanjiru", "1992-11-30"),
+    ] {
+        entries.push(
+            json!({"resource":{"resourceType":"Patient","id":id,"gender":"female",
+            "name":[{"family":family,"given":["Amani"]}],"birthDate":birth},
+            "request":{"method":"PUT","url":format!("Patient/{id}")}}),
+        );
+    }
+    for i in 0..12 {
+        let (p, code) = if i % 3 == 0 {
+            ("p2", "29463-7")
+        } else {
+            ("p1", "8867-4")
+        };
+        let when = format!("2024-01-{:02}", i + 1);
+        entries.push(
+            json!({"resource": obs(&format!("o{i}"), p, code, 50.0 + i as f64, &when),
+            "request":{"method":"PUT","url":format!("Observation/o{i}")}}),
+        );
+    }
+    let tx = json!({"resourceType":"Bundle","type":"transaction","entry":entries});
+    let (st, out) = status_json(post(&s, "", &tx).await).await;
+    assert_eq!(st, 200, "{out}");
+    let count = |q: &'static str| {
+        let s = &s;
+        async move {
+            let (st, b) = status_json(get(s, &format!("{q}&_total=accurate")).await).await;
+            assert_eq!(st, 200, "{q}: {b}");
+            b["total"]
+                .as_u64()
+                .unwrap_or_else(|| panic!("{q}: no total in {b}"))
+        }
+    };
+    assert_eq!(count("Observation?code=http://loinc.org|29463-7").await, 4);
+    assert_eq!(count("Observation?code=8867-4").await, 8);
+    assert_eq!(count("Patient?name=otie").await, 1);
+    assert_eq!(count("Patient?family:exact=Wanjiru").await, 1);
+    assert_eq!(count("Patient?birthdate=lt1990").await, 1);
+    assert_eq!(
+        count("Observation?date=ge2024-01-06&date=le2024-01-08").await,
+        3
+    );
+    assert_eq!(count("Observation?value-quantity=gt58").await, 3);
+    assert_eq!(count("Observation?subject:Patient.name=Wanjiru").await, 4);
+    assert_eq!(
+        count("Patient?_has:Observation:subject:code=29463-7").await,
+        1
+    );
+    assert_eq!(count("Observation?subject=Patient/p1&code=8867-4").await, 8);
+    assert_eq!(count("Observation?_id=o1,o2,o3").await, 3);
+    assert_eq!(count("Patient?gender:missing=true").await, 0);
+    assert_eq!(count("Patient/p2/Observation?code=29463-7").await, 4);
+    // Sorting and paging.
+    let (_, b1) = status_json(get(&s, "Observation?_sort=-date&_count=5").await).await;
+    assert_eq!(
+        entry_ids(&b1),
+        ["o11", "o10", "o9", "o8", "o7"].map(|i| format!("Observation/{i}"))
+    );
+    let (all, pages) = all_pages(&s, "Observation?_count=5").await;
+    assert_eq!((all.len(), pages), (12, 3));
+    // Includes.
+    let (_, inc) =
+        status_json(get(&s, "Observation?_id=o0&_include=Observation:subject").await).await;
+    assert_eq!(entry_ids(&inc), vec!["Observation/o0", "Patient/p2"]);
+    let (_, rev) =
+        status_json(get(&s, "Patient?_id=p2&_revinclude=Observation:subject").await).await;
+    assert_eq!(entry_ids(&rev).len(), 5);
+    // A conditional update finds its match through the index.
+    let r = with_body(
+        s.client.put(s.url("Patient?family=Wanjiru")),
+        &json!({"resourceType":"Patient","id":"p2","gender":"female","active":true}),
+    )
+    .send()
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(count("Patient?active=true").await, 1);
+}
+
+fn child_cfg(id: &str) -> ChildConfig {
+    ChildConfig {
+        node_id: id.into(),
+        token: format!("token-of-{id}-0123456789"),
+        pull: true,
+        push: true,
+        push_types: Vec::new(),
+    }
+}
+
+async fn replication_both_ways_with_a_conflict(b: Backend) {
+    let parent = b
+        .node(Options {
+            node_id: Some("parent".into()),
+            children: vec![child_cfg("c1")],
+            ..Options::default()
+        })
+        .await;
+    for i in 0..20 {
+        put(&parent, &format!("Patient/p{i}"), &pat(&format!("p{i}"))).await;
+    }
+    let mut edge = EdgeConfig::new(&parent.base, "token-of-c1-0123456789");
+    edge.long_poll_s = 2;
+    edge.retry_delay_ms_max = 300;
+    let child = b
+        .node(Options {
+            node_id: Some("c1".into()),
+            parent: Some(edge),
+            ..Options::default()
+        })
+        .await;
+    eventually("the child pulled 20 patients", 30, || async {
+        store_digest(child.store.as_ref()).await.0.len() == 20
+    })
+    .await;
+    put(
+        &child,
+        "Observation/x",
+        &obs("x", "p1", "8867-4", 70.0, "2024-02-01"),
+    )
+    .await;
+    eventually("the parent got the child's write", 30, || async {
+        get(&parent, "Observation/x").await.status() == 200
+    })
+    .await;
+    // A version made elsewhere, concurrent with the parent's: a conflict.
+    let other = b
+        .node(Options {
+            node_id: Some("c1".into()),
+            ..Options::default()
+        })
+        .await;
+    put(
+        &other,
+        "Patient/p5",
+        &json!({"resourceType":"Patient","id":"p5","gender":"male"}),
+    )
+    .await;
+    let log = other
+        .store
+        .changes(ChangesQuery {
+            since: 0,
+            count: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let bundle = format!(
+        r#"{{"resourceType":"Bundle","type":"collection","entry":[{}]}}"#,
+        fhirsync_store::change_entry_text(None, &log[0])
+    );
+    let r = apply_as(&parent, "c1", "token-of-c1-0123456789", bundle).await;
+    assert_eq!(r.status(), 200);
+    let (open, letters) = parent.store.open_counts().await.unwrap();
+    assert_eq!((open, letters), (1, 0));
+    let conflicts = parent.store.conflicts(ListQuery::default()).await.unwrap();
+    assert_eq!(conflicts.len(), 1);
+    assert_eq!(conflicts[0].rid, "p5");
+    let again = parent
+        .store
+        .conflict(conflicts[0].id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(again.remote.vv, log[0].vv);
+    let peers = parent.store.peers().await.unwrap();
+    assert!(peers.iter().any(|p| p.node_id == "c1"), "{peers:?}");
+    let cursors = child.store.cursors().await.unwrap();
+    assert!(!cursors.is_empty(), "{cursors:?}");
+    let audit = parent.store.audit(ListQuery::default()).await.unwrap();
+    assert!(!audit.is_empty());
+}
+
+async fn custom_search_parameters_and_export(b: Backend) {
+    let s = b.node(Options::default()).await;
+    for i in 0..5 {
+        put(
+            &s,
+            &format!("Patient/p{i}"),
+            &json!({"resourceType":"Patient","id":format!("p{i}"),
+                    "extension":[{"url":"http://example.org/clinic","valueString":format!("clinic-{}", i % 2)}]}),
+        )
+        .await;
+    }
+    let sp = json!({"resourceType":"SearchParameter","id":"clinic","url":"http://example.org/sp/clinic",
+        "name":"clinic","status":"active","code":"clinic","base":["Patient"],"type":"string",
+        "expression":"Patient.extension.where(url='http://example.org/clinic').value",
+        "description":"clinic"});
+    assert_eq!(put(&s, "SearchParameter/clinic", &sp).await.status(), 201);
+    s.store.reindex().await.unwrap();
+    eventually("the reindex is done", 30, || async {
+        !s.store.reindex_status().running
+    })
+    .await;
+    let (st, b1) = status_json(get(&s, "Patient?clinic=clinic-1&_total=accurate").await).await;
+    assert_eq!(st, 200, "{b1}");
+    assert_eq!(b1["total"], 2, "{b1}");
+    // A bulk export reads one cut of the log.
+    let r = s
+        .client
+        .get(s.url("$export?_type=Patient"))
+        .header("prefer", "respond-async")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let status_url = r.headers()["content-location"].to_str().unwrap().to_owned();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let manifest: Value = loop {
+        let r = s.client.get(&status_url).send().await.unwrap();
+        if r.status() == 200 {
+            break r.json().await.unwrap();
+        }
+        assert_eq!(r.status(), 202);
+        assert!(Instant::now() < deadline, "the export did not end");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let counts: u64 = manifest["output"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["count"].as_u64().unwrap())
+        .sum();
+    assert_eq!(counts, 5, "{manifest}");
+}
