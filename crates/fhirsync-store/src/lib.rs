@@ -113,6 +113,10 @@ pub trait Store: Send + Sync + 'static {
     /// Resources deleted as of a snapshot (see [`DeletedQuery`]).
     async fn deleted(&self, q: DeletedQuery) -> Result<Vec<(String, String, u64)>, StoreError>;
 
+    /// Stops the writer after the writes queued and waits for it (a
+    /// blocking call); later writes get [`StoreError::ShuttingDown`].
+    fn shutdown(&self);
+
     /// Loads everything sent on the returned channel in one transaction,
     /// which commits only when [`StreamMsg::Commit`] is sent (all or
     /// nothing, as `fhirsync import`). Call outside the async runtime's

@@ -20,6 +20,8 @@ pub struct Postgres {
     dir: tempfile::TempDir,
     /// The user and group the server runs as, when not this process's.
     owner: Option<(u32, u32)>,
+    /// Extra `-c name=value` settings of the server.
+    settings: Vec<String>,
 }
 
 /// How long a new server may take to accept connections.
@@ -68,9 +70,19 @@ impl Postgres {
     /// port when the first fails (another process may take a free port
     /// between the check and the bind).
     pub fn start() -> anyhow::Result<Postgres> {
-        Self::try_start().or_else(|e| {
+        Self::start_with(None)
+    }
+
+    /// A server that also takes TLS connections, with this certificate
+    /// and key (PEM files, copied into its directory).
+    pub fn start_tls(cert: &Path, key: &Path) -> anyhow::Result<Postgres> {
+        Self::start_with(Some((cert, key)))
+    }
+
+    fn start_with(tls: Option<(&Path, &Path)>) -> anyhow::Result<Postgres> {
+        Self::try_start(tls).or_else(|e| {
             eprintln!("postgres: {e:#}; trying again");
-            Self::try_start()
+            Self::try_start(tls)
         })
     }
 
@@ -82,7 +94,7 @@ impl Postgres {
         c
     }
 
-    fn try_start() -> anyhow::Result<Postgres> {
+    fn try_start(tls: Option<(&Path, &Path)>) -> anyhow::Result<Postgres> {
         let bin = bin_dir()
             .ok_or_else(|| anyhow::anyhow!("no PostgreSQL server (apt-get install postgresql)"))?;
         let dir = tempfile::tempdir()?;
@@ -99,7 +111,26 @@ impl Postgres {
             child: None,
             dir,
             owner,
+            settings: Vec::new(),
         };
+        if let Some((cert, key)) = tls {
+            use std::os::unix::fs::PermissionsExt;
+            for (from, name) in [(cert, "server.crt"), (key, "server.key")] {
+                let to = pg.dir.path().join(name);
+                std::fs::copy(from, &to)?;
+                std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o600))?;
+                if let Some((uid, gid)) = owner {
+                    std::os::unix::fs::chown(&to, Some(uid), Some(gid))?;
+                }
+                let setting = if name == "server.crt" {
+                    "ssl_cert_file"
+                } else {
+                    "ssl_key_file"
+                };
+                pg.settings.push(format!("{setting}={}", to.display()));
+            }
+            pg.settings.push("ssl=on".into());
+        }
         let data = pg.data();
         let out = pg
             .command("initdb")
@@ -140,6 +171,7 @@ impl Postgres {
             .arg(self.dir.path())
             .args(["-c", "listen_addresses=127.0.0.1"])
             .args(["-c", "max_connections=200"])
+            .args(self.settings.iter().flat_map(|x| ["-c", x.as_str()]))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()?;

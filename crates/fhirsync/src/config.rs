@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
+use fhirsync_store::postgres::PgConfig;
 use fhirsync_store::sqlite::{SqliteConfig, SyncMode};
 use serde::Deserialize;
 
@@ -168,9 +169,33 @@ pub struct StorageConfig {
     pub group_commit_max: usize,
     /// Write requests queued for the writer before callers wait.
     pub write_queue_max: usize,
-    /// Read connections kept open.
+    /// Read connections kept open (SQLite).
     pub readers_max: usize,
+    /// `sqlite` (the default: one file in the data directory) or
+    /// `postgres` (a database several node processes may share).
+    pub backend: String,
+    /// The PostgreSQL database, `postgres://user:password@host:port/db`
+    /// (or `FHIRSYNC_DATABASE_URL` when this is not set).
+    pub url: Option<String>,
+    /// Most connections one process opens for reads (PostgreSQL).
+    pub pool_max: usize,
+    /// Longest a statement may run before the database cancels it, in ms
+    /// (PostgreSQL; 0: no limit).
+    pub statement_timeout_ms: u64,
+    /// TLS to the database: `disable`, `require` or `verify-full` (with
+    /// TLS the certificate is always verified).
+    pub sslmode: String,
+    /// PEM file of the CA(s) of the database's certificate; unset: the
+    /// system's roots.
+    pub ca_file: Option<PathBuf>,
 }
+
+/// Most read connections one process may open to PostgreSQL.
+pub const POOL_MAX: usize = 256;
+/// Longest statement timeout that may be configured (an hour).
+pub const STATEMENT_TIMEOUT_MS_MAX: u64 = 3_600_000;
+/// The environment variable that gives the database URL.
+pub const DATABASE_URL_ENV: &str = "FHIRSYNC_DATABASE_URL";
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -217,6 +242,12 @@ impl Default for StorageConfig {
             group_commit_max: d.group_commit_max,
             write_queue_max: d.write_queue_max,
             readers_max: d.readers_max,
+            backend: "sqlite".into(),
+            url: None,
+            pool_max: 16,
+            statement_timeout_ms: 30_000,
+            sslmode: "disable".into(),
+            ca_file: None,
         }
     }
 }
@@ -260,6 +291,11 @@ impl Config {
         if let Some(l) = listen {
             c.listen = l.to_owned();
         }
+        if c.storage.url.is_none() {
+            c.storage.url = std::env::var(DATABASE_URL_ENV)
+                .ok()
+                .filter(|u| !u.is_empty());
+        }
         c.check()?;
         Ok(c)
     }
@@ -280,6 +316,7 @@ impl Config {
     fn check(&self) -> anyhow::Result<()> {
         self.listen_addr()?;
         self.sync_mode()?;
+        self.postgres()?;
         self.validation_mode()?;
         self.bulk.config(&self.data_dir)?;
         if let Some(n) = &self.node_id {
@@ -357,6 +394,69 @@ impl Config {
             "normal" => Ok(SyncMode::Normal),
             s => anyhow::bail!("storage.sync '{s}' must be full or normal"),
         }
+    }
+
+    /// The PostgreSQL settings when `storage.backend` is `postgres`.
+    pub fn postgres(&self) -> anyhow::Result<Option<PgConfig>> {
+        let st = &self.storage;
+        match st.backend.as_str() {
+            "sqlite" => return Ok(None),
+            "postgres" => {}
+            b => anyhow::bail!("storage.backend '{b}' must be sqlite or postgres"),
+        }
+        let url = st.url.as_deref().ok_or_else(|| {
+            anyhow::anyhow!("storage.backend is postgres: set storage.url or {DATABASE_URL_ENV}")
+        })?;
+        anyhow::ensure!(
+            url.starts_with("postgres://") || url.starts_with("postgresql://"),
+            "storage.url '{}' is not a postgres:// URL",
+            fhirsync_store::postgres::redact(url)
+        );
+        anyhow::ensure!(
+            (1..=POOL_MAX).contains(&st.pool_max),
+            "storage.pool_max {} must be 1 to {POOL_MAX}",
+            st.pool_max
+        );
+        anyhow::ensure!(
+            st.statement_timeout_ms <= STATEMENT_TIMEOUT_MS_MAX,
+            "storage.statement_timeout_ms {} is over {STATEMENT_TIMEOUT_MS_MAX}",
+            st.statement_timeout_ms
+        );
+        let tls = st
+            .sslmode
+            .parse()
+            .map_err(|e: String| anyhow::anyhow!("storage.{e}"))?;
+        if let Some(f) = &st.ca_file {
+            anyhow::ensure!(f.is_file(), "storage.ca_file: cannot read {}", f.display());
+        }
+        let mut pg = PgConfig::new(url);
+        pg.pool_max = st.pool_max;
+        pg.statement_timeout_ms = st.statement_timeout_ms;
+        pg.tls = tls;
+        pg.ca_file = st.ca_file.clone();
+        Ok(Some(pg))
+    }
+
+    /// Opens the configured store. Blocks: call it outside the async
+    /// runtime's threads (or in `block_in_place`).
+    pub fn open_store(&self) -> anyhow::Result<std::sync::Arc<dyn fhirsync_store::Store>> {
+        Ok(match self.postgres()? {
+            Some(pg) => {
+                let node = fhirsync_store::postgres::PgNode {
+                    node_id: self.node_id.clone(),
+                    group_commit_max: self.storage.group_commit_max,
+                    write_queue_max: self.storage.write_queue_max,
+                };
+                std::sync::Arc::new(
+                    fhirsync_store::postgres::PgStore::open(pg, node)
+                        .context("cannot open the store")?,
+                )
+            }
+            None => std::sync::Arc::new(
+                fhirsync_store::sqlite::SqliteStore::open(self.sqlite()?)
+                    .context("cannot open the store")?,
+            ),
+        })
     }
 
     pub fn sqlite(&self) -> anyhow::Result<SqliteConfig> {

@@ -13,7 +13,7 @@ use anyhow::{bail, Context};
 use fhirsync_core::resource::parse_resource;
 use fhirsync_store::load::{line_request, read_lines, resource_request, Checker, Recent};
 use fhirsync_store::sqlite::{Presorted, SqliteStore, StreamMsg};
-use fhirsync_store::{Store, StoreError, WriteRequest};
+use fhirsync_store::{StoreError, WriteRequest};
 use fhirsync_sync::files::{split_file, FilePart};
 use indicatif::{ProgressBar, ProgressStyle};
 use rayon::prelude::*;
@@ -53,7 +53,7 @@ pub fn run(cfg: Config, batch_size: usize, paths: &[PathBuf]) -> anyhow::Result<
         .map(|m| m.len())
         .sum();
     let _lock = lock_data_dir(&cfg.data_dir)?;
-    let store = SqliteStore::open(cfg.sqlite()?).context("cannot open the store")?;
+    let store = cfg.open_store()?;
     let (tx, done) = store.load_stream(PIPELINE_DEPTH)?;
 
     let bar = ProgressBar::new(total_bytes);
@@ -208,6 +208,21 @@ fn file_requests(bytes: &[u8], checker: &Checker) -> Result<Vec<WriteRequest>, S
 pub fn reindex(cfg: Config) -> anyhow::Result<()> {
     let _lock = lock_data_dir(&cfg.data_dir)?;
     let start = std::time::Instant::now();
+    if cfg.postgres()?.is_some() {
+        // additive, in place: other processes on the database serve on
+        let store = cfg.open_store()?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("cannot start the async runtime")?;
+        let st = rt.block_on(store.reindex()).context("cannot reindex")?;
+        println!(
+            "reindexed {} versions in {:.2} s",
+            st.done,
+            start.elapsed().as_secs_f64()
+        );
+        return Ok(());
+    }
     let mut last_report = std::time::Instant::now();
     let n = SqliteStore::reindex_offline(&cfg.sqlite()?, &mut |done, total| {
         if last_report.elapsed().as_secs() >= 1 || done == total {

@@ -7,7 +7,6 @@ use std::sync::Arc;
 use anyhow::Context;
 use fhirsync_api::{service, AppState};
 use fhirsync_replica::Replicator;
-use fhirsync_store::sqlite::SqliteStore;
 use fhirsync_store::Store;
 use tokio::sync::watch;
 
@@ -35,7 +34,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
 async fn serve(cfg: Config) -> anyhow::Result<()> {
     let addr = cfg.listen_addr()?;
     let _lock = lock_data_dir(&cfg.data_dir)?;
-    let store = Arc::new(SqliteStore::open(cfg.sqlite()?).context("cannot open the store")?);
+    let store = tokio::task::block_in_place(|| cfg.open_store())?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let validation = cfg.validation_mode()?;
     let replicator = match &cfg.parent {
@@ -196,7 +195,7 @@ async fn start_console(
 /// default connection of NATS channels.
 fn start_subscriptions(
     cfg: &Config,
-    store: Arc<SqliteStore>,
+    store: Arc<dyn Store>,
     base: String,
 ) -> anyhow::Result<Arc<fhirsync_subs::Notifier>> {
     let mut sc = cfg.subscriptions.clone();

@@ -210,3 +210,125 @@ fn the_log_is_gapless_and_ordered_for_readers_while_many_append() {
         assert_eq!(r.join().unwrap(), all);
     }
 }
+
+const BIN: &str = env!("CARGO_BIN_EXE_fhirsync");
+
+fn config(dir: &std::path::Path, storage: &str) -> std::path::PathBuf {
+    let f = dir.join("node.toml");
+    std::fs::write(&f, format!("node_id = \"pg-node\"\n[storage]\n{storage}\n")).unwrap();
+    f
+}
+
+/// `fhirsync import`, `serve` and a restart on PostgreSQL, over TLS with
+/// the certificate verified; a wrong CA, a missing URL and another node
+/// id are refused with one line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_and_import_on_postgres_over_verified_tls() {
+    let tmp = tempfile::tempdir().unwrap();
+    let certs = fhirsync_testkit::tls::TestCerts::generate(tmp.path()).unwrap();
+    let pg = Postgres::start_tls(
+        &certs.dir.join("server.pem"),
+        &certs.dir.join("server-key.pem"),
+    )
+    .unwrap();
+    let url = pg.create_db("node");
+    let storage = |ca: &str| {
+        format!(
+            "backend = \"postgres\"\nurl = \"{url}\"\nsslmode = \"verify-full\"\nca_file = \"{}\"",
+            certs.dir.join(ca).display()
+        )
+    };
+    let cfg = config(tmp.path(), &storage("ca.pem"));
+    let ndjson = tmp.path().join("patients.ndjson");
+    let lines: Vec<String> = (0..50)
+        .map(|i| format!(r#"{{"resourceType":"Patient","id":"p{i}","active":true}}"#))
+        .collect();
+    std::fs::write(&ndjson, lines.join("\n")).unwrap();
+    let data = tmp.path().join("data");
+    let out = std::process::Command::new(BIN)
+        .args(["import", "--config"])
+        .arg(&cfg)
+        .arg("--data-dir")
+        .arg(&data)
+        .arg(&ndjson)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut node = fhirsync_testkit::NodeProcess::spawn(
+        BIN.as_ref(),
+        &data,
+        &["--config", cfg.to_str().unwrap()],
+    )
+    .unwrap();
+    let client = reqwest::Client::new();
+    let total = |url: String| {
+        let client = client.clone();
+        async move {
+            let r = client.get(url).send().await.unwrap();
+            assert_eq!(r.status(), 200);
+            r.json::<serde_json::Value>().await.unwrap()["total"].clone()
+        }
+    };
+    assert_eq!(
+        total(node.url("Patient?_total=accurate&_count=1")).await,
+        50
+    );
+    let r = client
+        .put(node.url("Patient/new"))
+        .header("content-type", "application/fhir+json")
+        .body(r#"{"resourceType":"Patient","id":"new"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    // The node's connections are encrypted.
+    let ssl = pg.sql(
+        "SELECT count(*) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid)
+         WHERE a.application_name = 'fhirsync' AND s.ssl",
+    );
+    assert!(ssl.trim().parse::<u32>().unwrap() >= 2, "{ssl}");
+    node.terminate(Duration::from_secs(20)).unwrap();
+    let node = fhirsync_testkit::NodeProcess::spawn(
+        BIN.as_ref(),
+        &data,
+        &["--config", cfg.to_str().unwrap()],
+    )
+    .unwrap();
+    assert_eq!(
+        total(node.url("Patient?_total=accurate&_count=1")).await,
+        51
+    );
+    drop(node);
+    let refused = |storage: &str, extra: &[&str]| {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path(), storage);
+        let out = std::process::Command::new(BIN)
+            .arg("serve")
+            .arg("--config")
+            .arg(&cfg)
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .args(extra)
+            .args(["--listen", "127.0.0.1:0"])
+            .env_remove("FHIRSYNC_DATABASE_URL")
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let e = refused(&storage("other-ca.pem"), &[]);
+    assert!(e.contains("cannot connect"), "{e}");
+    let e = refused("backend = \"postgres\"", &[]);
+    assert!(e.contains("FHIRSYNC_DATABASE_URL"), "{e}");
+    let e = refused(&storage("ca.pem"), &["--node-id", "someone-else"]);
+    assert!(e.contains("belongs to node 'pg-node'"), "{e}");
+    let e = refused(
+        "backend = \"postgres\"\nurl = \"postgres://u@h/d\"\npool_max = 0",
+        &[],
+    );
+    assert!(e.contains("pool_max"), "{e}");
+}

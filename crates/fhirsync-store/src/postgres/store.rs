@@ -192,18 +192,6 @@ impl PgStore {
             .ok_or(StoreError::ShuttingDown)
     }
 
-    /// Stops the writer after the queued writes and waits for it.
-    pub fn shutdown(&self) {
-        if let Ok(mut j) = self.jobs.lock() {
-            j.take();
-        }
-        let handle = self.writer.lock().ok().and_then(|mut h| h.take());
-        if let Some(h) = handle {
-            let _ = h.join();
-            custom_params::forget(&self.custom_source);
-        }
-    }
-
     async fn read_with<R: Send + 'static>(
         &self,
         f: impl FnOnce(&dyn Db) -> Result<R, StoreError> + Send + 'static,
@@ -390,6 +378,17 @@ impl Store for PgStore {
 
     async fn deleted(&self, q: DeletedQuery) -> Result<Vec<(String, String, u64)>, StoreError> {
         self.read_with(move |c| search::deleted(c, &q)).await
+    }
+
+    fn shutdown(&self) {
+        if let Ok(mut j) = self.jobs.lock() {
+            j.take();
+        }
+        let handle = self.writer.lock().ok().and_then(|mut h| h.take());
+        if let Some(h) = handle {
+            let _ = h.join();
+            custom_params::forget(&self.custom_source);
+        }
     }
 
     fn load_stream(&self, depth: usize) -> Result<(mpsc::Sender<StreamMsg>, LoadDone), StoreError> {
