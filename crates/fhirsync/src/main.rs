@@ -13,6 +13,7 @@ mod demo;
 mod export_cmd;
 mod import;
 mod lock;
+mod migrate_cmd;
 mod nats_cmd;
 mod serve;
 mod sync_cmd;
@@ -121,6 +122,9 @@ enum Command {
         #[arg(required = true)]
         paths: Vec<PathBuf>,
     },
+    /// Move a stopped SQLite node into an empty PostgreSQL database, with
+    /// its log, index and sync state.
+    Migrate(migrate_cmd::MigrateArgs),
     /// Rebuild the search index of a node's store (the node stopped; a
     /// node also rebuilds an out-of-date index by itself, while serving),
     /// or with `--url` index a running node's versions again in place
@@ -165,6 +169,7 @@ fn main() -> ExitCode {
             console_cfg::run(&f, cmd)
         }),
         Command::DbSender(a) => db_cmd::sender(a),
+        Command::Migrate(a) => migrate_cmd::run(a),
         Command::DbReceiver(a) => db_cmd::receiver(a),
         Command::Import {
             node,

@@ -486,3 +486,187 @@ async fn two_processes_on_one_database_share_a_gapless_log() {
     assert!(took < Duration::from_secs(5), "woke after {took:?}");
     assert_eq!(b.store.last_seq(), total + 1);
 }
+
+/// Everything of a log that a peer relies on: seq, key, version, vector,
+/// HLC, origin and body.
+async fn log_of(s: &dyn fhirsync_store::Store) -> Vec<String> {
+    let rows = s
+        .changes(fhirsync_store::ChangesQuery {
+            since: 0,
+            count: 10_000,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    rows.iter()
+        .map(|v| {
+            format!(
+                "{} {}/{}/{} {} {} {} {:?}",
+                v.seq,
+                v.rtype,
+                v.id,
+                v.vid,
+                v.vv.to_json(),
+                v.hlc.packed(),
+                v.origin,
+                v.body
+            )
+        })
+        .collect()
+}
+
+/// A SQLite parent with a child, a pushed write, a conflict and an audit
+/// trail moves to PostgreSQL: its log (seqs, vectors, HLCs), index,
+/// cursors, conflicts, peers and audit come along; its child's cursor
+/// still means the same; a second move into the same database is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn migrate_moves_a_node_with_its_sync_state() {
+    use fhirsync_api::ChildConfig;
+    use fhirsync_store::ListQuery;
+    use fhirsync_testkit::server::Options;
+    use fhirsync_testkit::InProcess;
+    let child_cfg = ChildConfig {
+        node_id: "c1".into(),
+        token: "token-of-c1-0123456789".into(),
+        pull: true,
+        push: true,
+        push_types: Vec::new(),
+    };
+    let parent = InProcess::start_with(Options {
+        node_id: Some("hq".into()),
+        children: vec![child_cfg.clone()],
+        ..Options::default()
+    })
+    .await;
+    let put = |s: &InProcess, path: &str, body: String| {
+        s.client
+            .put(s.url(path))
+            .header("content-type", "application/fhir+json")
+            .body(body)
+            .send()
+    };
+    for i in 0..30 {
+        let r = put(
+            &parent,
+            &format!("Patient/p{i}"),
+            format!(r#"{{"resourceType":"Patient","id":"p{i}","gender":"female"}}"#),
+        )
+        .await
+        .unwrap();
+        assert_eq!(r.status(), 201);
+    }
+    let mut edge = fhirsync_replica::EdgeConfig::new(&parent.base, "token-of-c1-0123456789");
+    edge.long_poll_s = 1;
+    let child = InProcess::start_with(Options {
+        node_id: Some("c1".into()),
+        parent: Some(edge),
+        ..Options::default()
+    })
+    .await;
+    let r = put(
+        &child,
+        "Patient/p3",
+        r#"{"resourceType":"Patient","id":"p3","gender":"male"}"#.into(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 200);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while parent.store.last_seq() < 31 || child.store.last_seq() < 31 {
+        assert!(Instant::now() < deadline, "no convergence");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(child);
+    let before = (
+        log_of(parent.store.as_ref()).await,
+        parent.store.cursors().await.unwrap(),
+        format!("{:?}", parent.store.peers().await.unwrap()),
+        format!(
+            "{:?}",
+            parent.store.audit(ListQuery::default()).await.unwrap()
+        ),
+        parent.store.open_counts().await.unwrap(),
+    );
+    // The node stopped; its file moved.
+    parent.store.shutdown();
+    let saved = tempfile::tempdir().unwrap();
+    let db = fhirsync_store::sqlite::SqliteStore::db_path(parent.dir.path());
+    std::fs::copy(
+        &db,
+        fhirsync_store::sqlite::SqliteStore::db_path(saved.path()),
+    )
+    .unwrap();
+    drop(parent);
+    let pg = Postgres::start().unwrap();
+    let url = pg.create_db("hq");
+    let migrate = || {
+        std::process::Command::new(BIN)
+            .args(["migrate", "--from"])
+            .arg(saved.path())
+            .args(["--to", &url])
+            .output()
+            .unwrap()
+    };
+    let out = migrate();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("moved node 'hq' (31 versions)"));
+    let moved = InProcess::start_with(Options {
+        node_id: Some("hq".into()),
+        children: vec![child_cfg],
+        postgres: Some(url.clone()),
+        ..Options::default()
+    })
+    .await;
+    let after = (
+        log_of(moved.store.as_ref()).await,
+        moved.store.cursors().await.unwrap(),
+        format!("{:?}", moved.store.peers().await.unwrap()),
+        format!(
+            "{:?}",
+            moved.store.audit(ListQuery::default()).await.unwrap()
+        ),
+        moved.store.open_counts().await.unwrap(),
+    );
+    assert_eq!(before, after);
+    assert_eq!(moved.store.last_seq(), 31);
+    // The index came along; the log goes on after the moved one.
+    let r = moved
+        .client
+        .get(moved.url("Patient?gender=male&_total=accurate"))
+        .send()
+        .await
+        .unwrap();
+    let b: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(b["total"], 1, "{b}");
+    let r = put(
+        &moved,
+        "Patient/after",
+        r#"{"resourceType":"Patient","id":"after"}"#.into(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 201);
+    // What the child's cursor (31) reads next is exactly the new version.
+    let next = moved
+        .client
+        .get(moved.url("$changes?since=31"))
+        .bearer_auth("token-of-c1-0123456789")
+        .header("x-fhirsync-node", "c1")
+        .send()
+        .await
+        .unwrap();
+    let b: serde_json::Value = next.json().await.unwrap();
+    assert_eq!(page_seqs(&b), vec![32], "{b}");
+    let last = log_of(moved.store.as_ref()).await;
+    let stamp = |l: &str| l.split(' ').nth(3).unwrap().parse::<u64>().unwrap();
+    assert!(stamp(&last[31]) > stamp(&last[30]), "the HLC went back");
+    // A database with a node in it is refused.
+    let out = migrate();
+    assert!(!out.status.success());
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(e.contains("not empty"), "{e}");
+}

@@ -5,6 +5,7 @@
 //! ([`conn`]); index rows in bulk ([`index`]); the writer and the store.
 
 pub mod conn;
+pub mod from_sqlite;
 pub mod index;
 pub mod log;
 pub mod schema;

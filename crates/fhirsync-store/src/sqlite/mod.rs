@@ -3,7 +3,7 @@
 
 mod index_rows;
 pub mod reindex;
-mod schema;
+pub(crate) mod schema;
 pub(crate) mod writer;
 
 use std::path::{Path, PathBuf};
