@@ -5,6 +5,7 @@
 //! and `db-sender`/`db-receiver` sync MySQL/MariaDB databases from the binlog.
 
 mod admin_cmd;
+mod agents;
 mod auth_cfg;
 mod config;
 mod console_cfg;

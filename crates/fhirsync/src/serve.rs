@@ -6,8 +6,6 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use fhirsync_api::{service, AppState};
-use fhirsync_replica::Replicator;
-use fhirsync_store::Store;
 use tokio::sync::watch;
 
 use crate::config::Config;
@@ -36,20 +34,6 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     let _lock = lock_data_dir(&cfg.data_dir)?;
     let store = tokio::task::block_in_place(|| cfg.open_store())?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let validation = cfg.validation_mode()?;
-    let replicator = match &cfg.parent {
-        Some(p) => Some(
-            Replicator::start(
-                store.clone(),
-                vec![fhirsync_replica::EdgeConfig {
-                    validation,
-                    ..p.clone()
-                }],
-            )
-            .map_err(|e| anyhow::anyhow!("parent edge: {e}"))?,
-        ),
-        None => None,
-    };
     let mut state = AppState::new(store.clone(), cfg.api()?, shutdown_rx);
     if let Some(b) = cfg.bulk.config(&cfg.data_dir)? {
         let dir = b.dir.clone();
@@ -58,26 +42,6 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
             .with_context(|| format!("bulk data: cannot use {}", dir.display()))?;
     }
     state.children = Arc::new(cfg.children());
-    if let Some(r) = &replicator {
-        state.agents.push(r.clone());
-    }
-    let nats = match &cfg.nats {
-        Some(n) => Some(
-            fhirsync_nats::NatsAgent::start(
-                store.clone(),
-                fhirsync_nats::NatsConfig {
-                    validation,
-                    ..n.clone()
-                },
-            )
-            .await
-            .map_err(|e| anyhow::anyhow!("nats: {e}"))?,
-        ),
-        None => None,
-    };
-    if let Some(n) = &nats {
-        state.agents.push(n.clone());
-    }
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot listen on {addr}"))?;
@@ -93,8 +57,27 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         store.node_id()
     );
     println!("{}", cfg.auth.summary());
-    let subs = start_subscriptions(&cfg, store.clone(), format!("{scheme}://{local}/fhir"))?;
-    state.agents.push(subs.clone());
+    // The agents: here, or on PostgreSQL in the one process that holds
+    // the database's lease.
+    let base = format!("{scheme}://{local}/fhir");
+    let (agents, leased_task) = match cfg.postgres()? {
+        Some(pg) => {
+            let (leased, task) = crate::agents::Leased::start(
+                cfg.clone(),
+                &pg,
+                store.clone(),
+                base,
+                shutdown_tx.subscribe(),
+            )?;
+            state.agents.push(leased);
+            (None, Some(task))
+        }
+        None => {
+            let a = crate::agents::Agents::start(&cfg, store.clone(), base).await?;
+            state.agents.extend(a.list());
+            (Some(a), None)
+        }
+    };
     let console = start_console(&cfg, &state).await?;
     let auditor = state.auditor.clone();
     let bulk = state.bulk.clone();
@@ -125,13 +108,12 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     }
     // The audit records of the last answers, before the store closes.
     auditor.flush().await;
-    if let Some(r) = replicator {
-        r.shutdown().await;
+    if let Some(a) = agents {
+        a.shutdown().await;
     }
-    if let Some(n) = nats {
-        n.shutdown().await;
+    if let Some(t) = leased_task {
+        let _ = t.await;
     }
-    subs.shutdown().await;
     let s = store.clone();
     tokio::task::spawn_blocking(move || s.shutdown()).await?;
     tracing::info!("stopped");
@@ -189,24 +171,6 @@ async fn start_console(
         }),
     };
     Ok(Some(task))
-}
-
-/// The subscriptions agent, with the node's `[nats]` servers as the
-/// default connection of NATS channels.
-fn start_subscriptions(
-    cfg: &Config,
-    store: Arc<dyn Store>,
-    base: String,
-) -> anyhow::Result<Arc<fhirsync_subs::Notifier>> {
-    let mut sc = cfg.subscriptions.clone();
-    if let Some(n) = &cfg.nats {
-        sc.nats.push(n.into());
-    }
-    if let Some(b) = &cfg.base_url {
-        sc.base_url.get_or_insert_with(|| b.clone());
-    }
-    fhirsync_subs::Notifier::start(store, sc, base)
-        .map_err(|e| anyhow::anyhow!("subscriptions: {e}"))
 }
 
 pub(crate) async fn wait_for_signal() {

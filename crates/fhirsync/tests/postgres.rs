@@ -670,3 +670,131 @@ async fn migrate_moves_a_node_with_its_sync_state() {
     let e = String::from_utf8_lossy(&out.stderr);
     assert!(e.contains("not empty"), "{e}");
 }
+
+/// Whether a node process runs the agents, from its `/admin/status`.
+async fn holds_lease(client: &reqwest::Client, base: &str) -> Option<bool> {
+    let r = client
+        .get(base.replace("/fhir", "/admin/status"))
+        .send()
+        .await
+        .ok()?;
+    let v: serde_json::Value = r.json().await.ok()?;
+    let lease = v["edges"]
+        .as_array()?
+        .iter()
+        .find(|e| e["name"] == "lease")?
+        .clone();
+    Some(lease["state"] == "holder")
+}
+
+/// Two `fhirsync serve` processes of one child node on one database: only
+/// the lease holder runs the parent edge. Killed (SIGKILL) while the
+/// parent streams 200 writes, the holder hands the lease to the other
+/// within seconds, which pulls the rest: every write arrives, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_lease_holder_dies_mid_stream_and_the_other_takes_over() {
+    use fhirsync_api::ChildConfig;
+    use fhirsync_testkit::server::Options;
+    use fhirsync_testkit::{InProcess, NodeProcess};
+    const N: usize = 200;
+    let parent = InProcess::start_with(Options {
+        node_id: Some("district".into()),
+        children: vec![ChildConfig {
+            node_id: "hq".into(),
+            token: "token-of-hq-0123456789".into(),
+            pull: true,
+            push: true,
+            push_types: Vec::new(),
+        }],
+        ..Options::default()
+    })
+    .await;
+    let pg = Postgres::start().unwrap();
+    let url = pg.create_db("hq");
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = tmp.path().join("hq.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "node_id = \"hq\"\n[storage]\nbackend = \"postgres\"\nurl = \"{url}\"\n\
+             [parent]\nurl = \"{}\"\ntoken = \"token-of-hq-0123456789\"\nlong_poll_s = 1\nretry_delay_ms_max = 300\n\
+             [console]\nlisten = \"off\"\n",
+            parent.base
+        ),
+    )
+    .unwrap();
+    let spawn = |name: &str| {
+        NodeProcess::spawn(
+            BIN.as_ref(),
+            &tmp.path().join(name),
+            &["--config", cfg.to_str().unwrap()],
+        )
+        .unwrap()
+    };
+    let mut procs = [spawn("a"), spawn("b")];
+    let client = reqwest::Client::new();
+    // Exactly one holds the lease.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let holder = loop {
+        let a = holds_lease(&client, &procs[0].base).await;
+        let b = holds_lease(&client, &procs[1].base).await;
+        match (a, b) {
+            (Some(true), Some(false)) => break 0,
+            (Some(false), Some(true)) => break 1,
+            (Some(true), Some(true)) => panic!("both processes hold the lease"),
+            _ => {}
+        }
+        assert!(Instant::now() < deadline, "no process took the lease");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let writer = {
+        let (client, base) = (parent.client.clone(), parent.base.clone());
+        tokio::spawn(async move {
+            for i in 0..N {
+                let r = client
+                    .put(format!("{base}/Patient/p{i}"))
+                    .header("content-type", "application/fhir+json")
+                    .body(format!(r#"{{"resourceType":"Patient","id":"p{i}"}}"#))
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(r.status(), 201);
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    procs[holder].kill();
+    let other = 1 - holder;
+    let killed = Instant::now();
+    while holds_lease(&client, &procs[other].base).await != Some(true) {
+        assert!(
+            killed.elapsed() < Duration::from_secs(10),
+            "the survivor did not take the lease"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let took = killed.elapsed();
+    writer.await.unwrap();
+    let total = |c: reqwest::Client, base: String| async move {
+        let r = c
+            .get(format!("{base}/$changes?since=0&_count=1000"))
+            .send()
+            .await
+            .unwrap();
+        let b: serde_json::Value = r.json().await.unwrap();
+        page_seqs(&b).len()
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while total(client.clone(), procs[other].base.clone()).await < N {
+        assert!(
+            Instant::now() < deadline,
+            "the survivor did not pull everything"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Each write once: no version stored twice.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(total(client.clone(), procs[other].base.clone()).await, N);
+    assert!(took < Duration::from_secs(5), "takeover took {took:?}");
+}

@@ -7,6 +7,7 @@
 pub mod conn;
 pub mod from_sqlite;
 pub mod index;
+pub mod lease;
 pub mod log;
 pub mod schema;
 pub mod store;
