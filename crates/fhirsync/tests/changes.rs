@@ -7,26 +7,6 @@ use std::time::{Duration, Instant};
 use common::*;
 use serde_json::{json, Value};
 
-fn seqs(b: &Value) -> Vec<u64> {
-    b["entry"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .map(|e| {
-                    let ext = &e["extension"][0]["extension"];
-                    ext.as_array()
-                        .unwrap()
-                        .iter()
-                        .find(|x| x["url"] == "seq")
-                        .unwrap()["valueDecimal"]
-                        .as_u64()
-                        .unwrap()
-                })
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 #[tokio::test]
 async fn feed_is_gapless_and_carries_sync_metadata() {
     let s = InProcess::start().await;
@@ -40,7 +20,7 @@ async fn feed_is_gapless_and_carries_sync_metadata() {
     loop {
         let (st, b) = status_json(get(&s, &format!("$changes?since={since}&_count=4")).await).await;
         assert_eq!(st, 200, "{b}");
-        let got = seqs(&b);
+        let got = feed_seqs(&b);
         if got.is_empty() {
             break;
         }
@@ -75,9 +55,9 @@ async fn type_filter_and_bad_parameters() {
     put(&s, "Observation/o", &json!({"resourceType": "Observation", "id": "o", "status": "final", "code": {"text": "x"}})).await;
     put(&s, "Patient/b", &pat("b")).await;
     let (_, b) = status_json(get(&s, "$changes?_type=Patient").await).await;
-    assert_eq!(seqs(&b), vec![1, 3]);
+    assert_eq!(feed_seqs(&b), vec![1, 3]);
     let (_, b) = status_json(get(&s, "$changes?_type=Observation,Patient&since=1").await).await;
-    assert_eq!(seqs(&b), vec![2, 3]);
+    assert_eq!(feed_seqs(&b), vec![2, 3]);
     for bad in [
         "$changes?since=-1",
         "$changes?since=x",
@@ -96,7 +76,7 @@ async fn long_poll_wakes_on_commit_and_times_out() {
     // Nothing new: waits about the asked time, then answers empty.
     let t = Instant::now();
     let (_, b) = status_json(get(&s, "$changes?since=1&wait=1").await).await;
-    assert!(seqs(&b).is_empty());
+    assert!(feed_seqs(&b).is_empty());
     assert!(
         t.elapsed() >= Duration::from_millis(900),
         "{:?}",
@@ -119,7 +99,7 @@ async fn long_poll_wakes_on_commit_and_times_out() {
     let t = Instant::now();
     put(&s, "Patient/b", &pat("b")).await;
     let b = poll.await.unwrap();
-    assert_eq!(seqs(&b), vec![2]);
+    assert_eq!(feed_seqs(&b), vec![2]);
     assert!(t.elapsed() < Duration::from_secs(5));
     // A write of a filtered-out type does not end a filtered wait.
     let url = s.url("$changes?since=2&wait=2&_type=Observation");
@@ -137,5 +117,5 @@ async fn long_poll_wakes_on_commit_and_times_out() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     put(&s, "Patient/c", &pat("c")).await;
     let b = poll.await.unwrap();
-    assert!(seqs(&b).is_empty());
+    assert!(feed_seqs(&b).is_empty());
 }

@@ -4,10 +4,13 @@
 //! and the change log gapless and in order for readers while many
 //! connections (standing for processes) append and roll back at once.
 
+mod common;
+
 use std::collections::BTreeSet;
 use std::sync::{Arc, Barrier, Mutex};
 use std::time::{Duration, Instant};
 
+use common::feed_seqs;
 use fhirsync_store::postgres::log::{advance_head, lock_head, read_head, Head, Listener};
 use fhirsync_store::postgres::schema::{migrate, MIGRATIONS};
 use fhirsync_store::postgres::{connect, PgConfig};
@@ -333,27 +336,6 @@ async fn serve_and_import_on_postgres_over_verified_tls() {
     assert!(e.contains("pool_max"), "{e}");
 }
 
-/// The `seq`s of a `$changes` page.
-fn page_seqs(b: &serde_json::Value) -> Vec<u64> {
-    b["entry"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .map(|e| {
-                    e["extension"][0]["extension"]
-                        .as_array()
-                        .unwrap()
-                        .iter()
-                        .find(|x| x["url"] == "seq")
-                        .unwrap()["valueDecimal"]
-                        .as_u64()
-                        .unwrap()
-                })
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 /// Follows `$changes` of `base` from 0 with long-polls until `want`
 /// versions are seen, asserting each page starts right after the last.
 async fn follow(
@@ -379,7 +361,7 @@ async fn follow(
             .unwrap();
         assert_eq!(r.status(), 200);
         let b: serde_json::Value = r.json().await.unwrap();
-        for s in page_seqs(&b) {
+        for s in feed_seqs(&b) {
             assert_eq!(s, since + 1, "{base}: after {since} the feed gave {s}");
             since = s;
             seen.push(s);
@@ -469,7 +451,7 @@ async fn two_processes_on_one_database_share_a_gapless_log() {
             .await
             .unwrap();
         let b: serde_json::Value = r.json().await.unwrap();
-        (started.elapsed(), page_seqs(&b))
+        (started.elapsed(), feed_seqs(&b))
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
     let r = a
@@ -660,7 +642,7 @@ async fn migrate_moves_a_node_with_its_sync_state() {
         .await
         .unwrap();
     let b: serde_json::Value = next.json().await.unwrap();
-    assert_eq!(page_seqs(&b), vec![32], "{b}");
+    assert_eq!(feed_seqs(&b), vec![32], "{b}");
     let last = log_of(moved.store.as_ref()).await;
     let stamp = |l: &str| l.split(' ').nth(3).unwrap().parse::<u64>().unwrap();
     assert!(stamp(&last[31]) > stamp(&last[30]), "the HLC went back");
@@ -783,7 +765,7 @@ async fn the_lease_holder_dies_mid_stream_and_the_other_takes_over() {
             .await
             .unwrap();
         let b: serde_json::Value = r.json().await.unwrap();
-        page_seqs(&b).len()
+        feed_seqs(&b).len()
     };
     let deadline = Instant::now() + Duration::from_secs(60);
     while total(client.clone(), procs[other].base.clone()).await < N {

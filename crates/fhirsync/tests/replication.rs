@@ -5,7 +5,7 @@
 mod common;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use fhirsync_api::ChildConfig;
@@ -75,21 +75,6 @@ async fn child_with(
 /// Current (type, id) → content hash (`None`: deleted) of a node.
 async fn digest(s: &InProcess) -> Digest {
     store_digest(s.store.as_ref()).await.0
-}
-
-async fn eventually<F, Fut>(what: &str, secs: u64, mut f: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while Instant::now() < deadline {
-        if f().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("timed out waiting for: {what}");
 }
 
 async fn has(s: &InProcess, path: &str) -> bool {

@@ -6,9 +6,7 @@
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
-use async_trait::async_trait;
 use fhirsync_core::clock::{Clock, SystemClock};
-use fhirsync_core::search::SearchQuery;
 use fhirsync_core::Hlc;
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -16,10 +14,9 @@ use super::conn::PgConn;
 use super::log::{read_head, Listener};
 use super::writer::PgWriter;
 use super::{connect, schema, PgConfig};
-use crate::sql::{audit_rows, custom_params, query, search, sync_rows, Db};
+use crate::sql::{custom_params, Db};
 use crate::sqlite::writer::{Job, LoadDone, StreamMsg};
 use crate::stamp::Stamper;
-use crate::sync::*;
 use crate::types::*;
 use crate::{Store, StoreError};
 
@@ -247,113 +244,14 @@ fn init_node(client: &mut postgres::Client, wanted: Option<&str>) -> Result<Stri
     }
 }
 
-#[async_trait]
-impl Store for PgStore {
+crate::sql::store_impl! {
+    PgStore;
     fn node_id(&self) -> &str {
         &self.node_id
     }
 
     async fn write(&self, req: WriteRequest) -> Result<WriteOutcome, StoreError> {
         self.job(|tx| Job::Write(Box::new(req), tx)).await?
-    }
-
-    async fn read(&self, rtype: &str, id: &str) -> Result<Option<StoredVersion>, StoreError> {
-        let (t, i) = (rtype.to_owned(), id.to_owned());
-        self.read_with(move |c| query::read_current(c, &t, &i))
-            .await
-    }
-
-    async fn vread(
-        &self,
-        rtype: &str,
-        id: &str,
-        vid: u64,
-    ) -> Result<Option<StoredVersion>, StoreError> {
-        let (t, i) = (rtype.to_owned(), id.to_owned());
-        self.read_with(move |c| query::vread(c, &t, &i, vid)).await
-    }
-
-    async fn history(&self, q: HistoryQuery) -> Result<Vec<StoredVersion>, StoreError> {
-        self.read_with(move |c| query::history(c, &q)).await
-    }
-
-    async fn search(&self, q: SearchQuery) -> Result<SearchPage, StoreError> {
-        self.read_with(move |c| search::search(c, &q)).await
-    }
-
-    async fn version_matches(&self, q: SearchQuery, seq: u64) -> Result<bool, StoreError> {
-        self.read_with(move |c| search::version_matches(c, &q, seq))
-            .await
-    }
-
-    async fn changes(&self, q: ChangesQuery) -> Result<Vec<StoredVersion>, StoreError> {
-        self.read_with(move |c| query::changes(c, &q)).await
-    }
-
-    async fn conflicts(&self, q: ListQuery) -> Result<Vec<Conflict>, StoreError> {
-        self.read_with(move |c| sync_rows::conflicts(c, &q)).await
-    }
-
-    async fn conflict(&self, id: u64) -> Result<Option<Conflict>, StoreError> {
-        self.read_with(move |c| sync_rows::conflict(c, id)).await
-    }
-
-    async fn dead_letters(&self, q: ListQuery) -> Result<Vec<DeadLetter>, StoreError> {
-        self.read_with(move |c| sync_rows::dead_letters(c, &q))
-            .await
-    }
-
-    async fn dead_letter(&self, id: u64) -> Result<Option<DeadLetter>, StoreError> {
-        self.read_with(move |c| sync_rows::dead_letter(c, id)).await
-    }
-
-    async fn open_counts(&self) -> Result<(u64, u64), StoreError> {
-        self.read_with(|c| sync_rows::open_counts(c)).await
-    }
-
-    async fn audit(&self, q: ListQuery) -> Result<Vec<AuditEntry>, StoreError> {
-        self.read_with(move |c| sync_rows::audit(c, &q)).await
-    }
-
-    async fn audit_events(
-        &self,
-        q: AuditQuery,
-    ) -> Result<(Vec<serde_json::Value>, u64), StoreError> {
-        self.read_with(move |c| {
-            let total = audit_rows::audit_event_count(c, &q)?;
-            let page = if q.count == 0 {
-                Vec::new()
-            } else {
-                audit_rows::audit_events(c, &q)?
-            };
-            Ok((page, total))
-        })
-        .await
-    }
-
-    async fn cursor(&self, key: &str) -> Result<Option<u64>, StoreError> {
-        let k = key.to_owned();
-        self.read_with(move |c| sync_rows::cursor(c, &k)).await
-    }
-
-    async fn cursors(&self) -> Result<Vec<(String, u64, u64)>, StoreError> {
-        self.read_with(|c| sync_rows::cursors(c)).await
-    }
-
-    async fn peers(&self) -> Result<Vec<PeerInfo>, StoreError> {
-        self.read_with(|c| sync_rows::peers(c)).await
-    }
-
-    async fn sub_events(
-        &self,
-        sub: &str,
-        from: u64,
-        until: u64,
-        limit: usize,
-    ) -> Result<Vec<SubEvent>, StoreError> {
-        let s = sub.to_owned();
-        self.read_with(move |c| sync_rows::sub_events(c, &s, from, until, limit))
-            .await
     }
 
     fn last_seq(&self) -> u64 {
@@ -374,10 +272,6 @@ impl Store for PgStore {
 
     async fn mark(&self) -> Result<LogMark, StoreError> {
         self.job(Job::Mark).await?
-    }
-
-    async fn deleted(&self, q: DeletedQuery) -> Result<Vec<(String, String, u64)>, StoreError> {
-        self.read_with(move |c| search::deleted(c, &q)).await
     }
 
     fn shutdown(&self) {

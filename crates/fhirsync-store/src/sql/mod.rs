@@ -164,3 +164,213 @@ impl Row for rusqlite::Row<'_> {
         Ok(self.get(i)?)
     }
 }
+
+/// `impl Store for $t` with every read that is shared SQL written out
+/// once here (run through `self.read_with`, which hands a `&dyn Db` to a
+/// closure off the async runtime), followed by the backend's own items.
+macro_rules! store_impl {
+    ($t:ty; $($rest:tt)*) => {
+        #[async_trait::async_trait]
+        impl $crate::Store for $t {
+            async fn read(&self, rtype: &str, id: &str) -> Result<Option<$crate::StoredVersion>, $crate::StoreError> {
+                let (t, i) = (rtype.to_owned(), id.to_owned());
+                self.read_with(move |c| $crate::sql::query::read_current(c, &t, &i)).await
+            }
+
+            async fn vread(&self, rtype: &str, id: &str, vid: u64) -> Result<Option<$crate::StoredVersion>, $crate::StoreError> {
+                let (t, i) = (rtype.to_owned(), id.to_owned());
+                self.read_with(move |c| $crate::sql::query::vread(c, &t, &i, vid)).await
+            }
+
+            async fn history(&self, q: $crate::HistoryQuery) -> Result<Vec<$crate::StoredVersion>, $crate::StoreError> {
+                self.read_with(move |c| $crate::sql::query::history(c, &q)).await
+            }
+
+            async fn search(&self, q: fhirsync_core::search::SearchQuery) -> Result<$crate::SearchPage, $crate::StoreError> {
+                self.read_with(move |c| $crate::sql::search::search(c, &q)).await
+            }
+
+            async fn version_matches(&self, q: fhirsync_core::search::SearchQuery, seq: u64) -> Result<bool, $crate::StoreError> {
+                self.read_with(move |c| $crate::sql::search::version_matches(c, &q, seq)).await
+            }
+
+            async fn changes(&self, q: $crate::ChangesQuery) -> Result<Vec<$crate::StoredVersion>, $crate::StoreError> {
+                self.read_with(move |c| $crate::sql::query::changes(c, &q)).await
+            }
+
+            async fn conflicts(&self, q: $crate::ListQuery) -> Result<Vec<$crate::Conflict>, $crate::StoreError> {
+                self.read_with(move |c| $crate::sql::sync_rows::conflicts(c, &q)).await
+            }
+
+            async fn conflict(&self, id: u64) -> Result<Option<$crate::Conflict>, $crate::StoreError> {
+                self.read_with(move |c| $crate::sql::sync_rows::conflict(c, id)).await
+            }
+
+            async fn dead_letters(&self, q: $crate::ListQuery) -> Result<Vec<$crate::DeadLetter>, $crate::StoreError> {
+                self.read_with(move |c| $crate::sql::sync_rows::dead_letters(c, &q)).await
+            }
+
+            async fn dead_letter(&self, id: u64) -> Result<Option<$crate::DeadLetter>, $crate::StoreError> {
+                self.read_with(move |c| $crate::sql::sync_rows::dead_letter(c, id)).await
+            }
+
+            async fn open_counts(&self) -> Result<(u64, u64), $crate::StoreError> {
+                self.read_with(|c| $crate::sql::sync_rows::open_counts(c)).await
+            }
+
+            async fn audit(&self, q: $crate::ListQuery) -> Result<Vec<$crate::AuditEntry>, $crate::StoreError> {
+                self.read_with(move |c| $crate::sql::sync_rows::audit(c, &q)).await
+            }
+
+            async fn audit_events(&self, q: $crate::AuditQuery) -> Result<(Vec<serde_json::Value>, u64), $crate::StoreError> {
+                self.read_with(move |c| {
+                    let total = $crate::sql::audit_rows::audit_event_count(c, &q)?;
+                    let page = if q.count == 0 {
+                        Vec::new()
+                    } else {
+                        $crate::sql::audit_rows::audit_events(c, &q)?
+                    };
+                    Ok((page, total))
+                })
+                .await
+            }
+
+            async fn cursor(&self, key: &str) -> Result<Option<u64>, $crate::StoreError> {
+                let k = key.to_owned();
+                self.read_with(move |c| $crate::sql::sync_rows::cursor(c, &k)).await
+            }
+
+            async fn cursors(&self) -> Result<Vec<(String, u64, u64)>, $crate::StoreError> {
+                self.read_with(|c| $crate::sql::sync_rows::cursors(c)).await
+            }
+
+            async fn peers(&self) -> Result<Vec<$crate::PeerInfo>, $crate::StoreError> {
+                self.read_with(|c| $crate::sql::sync_rows::peers(c)).await
+            }
+
+            async fn sub_events(&self, sub: &str, from: u64, until: u64, limit: usize) -> Result<Vec<$crate::SubEvent>, $crate::StoreError> {
+                let s = sub.to_owned();
+                self.read_with(move |c| $crate::sql::sync_rows::sub_events(c, &s, from, until, limit)).await
+            }
+
+            async fn deleted(&self, q: $crate::DeletedQuery) -> Result<Vec<(String, String, u64)>, $crate::StoreError> {
+                self.read_with(move |c| $crate::sql::search::deleted(c, &q)).await
+            }
+
+            $($rest)*
+        }
+    };
+}
+pub(crate) use store_impl;
+
+/// The [`crate::engine::WriteTx`] methods that are shared SQL, for a
+/// writer with `conn` (a [`Db`]), `clock` and `node_id`.
+macro_rules! write_tx_rows {
+    () => {
+        fn node_id(&self) -> &str {
+            &self.node_id
+        }
+
+        fn read(
+            &mut self,
+            rtype: &str,
+            id: &str,
+        ) -> Result<Option<$crate::StoredVersion>, $crate::StoreError> {
+            $crate::sql::query::read_current(&self.conn, rtype, id)
+        }
+
+        fn vread(
+            &mut self,
+            rtype: &str,
+            id: &str,
+            vid: u64,
+        ) -> Result<Option<$crate::StoredVersion>, $crate::StoreError> {
+            $crate::sql::query::vread(&self.conn, rtype, id, vid)
+        }
+
+        fn new_id(&mut self) -> String {
+            uuid::Uuid::new_v4().to_string()
+        }
+
+        fn now_ms(&self) -> u64 {
+            self.clock.now_ms()
+        }
+
+        fn lineage(
+            &mut self,
+            rtype: &str,
+            id: &str,
+            limit: usize,
+        ) -> Result<Vec<$crate::StoredVersion>, $crate::StoreError> {
+            $crate::sql::query::lineage(&self.conn, rtype, id, limit)
+        }
+
+        fn open_conflict(
+            &mut self,
+            rtype: &str,
+            id: &str,
+        ) -> Result<Option<$crate::Conflict>, $crate::StoreError> {
+            $crate::sql::sync_rows::open_conflict(&self.conn, rtype, id)
+        }
+
+        fn conflict(&mut self, id: u64) -> Result<Option<$crate::Conflict>, $crate::StoreError> {
+            $crate::sql::sync_rows::conflict(&self.conn, id)
+        }
+
+        fn put_conflict(&mut self, c: &$crate::Conflict) -> Result<u64, $crate::StoreError> {
+            $crate::sql::sync_rows::put_conflict(&self.conn, c)
+        }
+
+        fn put_cursor(&mut self, key: &str, seq: u64) -> Result<(), $crate::StoreError> {
+            $crate::sql::sync_rows::put_cursor(&self.conn, key, seq, self.clock.now_ms())
+        }
+
+        fn put_peer(
+            &mut self,
+            node_id: &str,
+            received: Option<u64>,
+            sent: Option<u64>,
+        ) -> Result<(), $crate::StoreError> {
+            $crate::sql::sync_rows::put_peer(
+                &self.conn,
+                node_id,
+                received,
+                sent,
+                self.clock.now_ms(),
+            )
+        }
+
+        fn add_dead_letter(
+            &mut self,
+            l: &$crate::NewDeadLetter,
+        ) -> Result<u64, $crate::StoreError> {
+            $crate::sql::sync_rows::add_dead_letter(&self.conn, l, self.clock.now_ms())
+        }
+
+        fn drop_dead_letter(&mut self, id: u64) -> Result<bool, $crate::StoreError> {
+            $crate::sql::sync_rows::drop_dead_letter(&self.conn, id)
+        }
+
+        fn add_audit(&mut self, a: &$crate::AuditEntry) -> Result<(), $crate::StoreError> {
+            let now = self.clock.now_ms();
+            $crate::sql::sync_rows::add_audit(&self.conn, a, now)?;
+            $crate::sql::audit_rows::add_audit_event(&self.conn, &a.to_record(now, &self.node_id))
+        }
+
+        fn add_sub_event(&mut self, e: &$crate::SubEvent) -> Result<(), $crate::StoreError> {
+            $crate::sql::sync_rows::add_sub_event(&self.conn, e)
+        }
+
+        fn add_audit_event(
+            &mut self,
+            r: &fhirsync_core::audit::AuditRecord,
+        ) -> Result<(), $crate::StoreError> {
+            $crate::sql::audit_rows::add_audit_event(&self.conn, r)
+        }
+
+        fn claim_once(&mut self, key: &str, until_ms: u64) -> Result<bool, $crate::StoreError> {
+            $crate::sql::audit_rows::claim_once(&self.conn, key, until_ms, self.clock.now_ms())
+        }
+    };
+}
+pub(crate) use write_tx_rows;

@@ -10,9 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use async_trait::async_trait;
 use fhirsync_core::clock::{Clock, SystemClock};
-use fhirsync_core::search::SearchQuery;
 use fhirsync_core::Hlc;
 use rusqlite::{Connection, OpenFlags, OptionalExtension};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -22,8 +20,7 @@ pub use index_rows::Presorted;
 pub use schema::SyncMode;
 pub use writer::{LoadDone, LoadSummary, StreamMsg};
 
-use crate::sql::{audit_rows, custom_params, query, search as search_sql, sync_rows};
-use crate::sync::*;
+use crate::sql::{custom_params, query};
 use crate::types::*;
 use crate::{Store, StoreError};
 
@@ -305,8 +302,8 @@ fn init_node(conn: &Connection, wanted: Option<&str>) -> Result<String, StoreErr
     Ok(id)
 }
 
-#[async_trait]
-impl Store for SqliteStore {
+crate::sql::store_impl! {
+    SqliteStore;
     fn node_id(&self) -> &str {
         &self.node_id
     }
@@ -318,105 +315,6 @@ impl Store for SqliteStore {
             .await
             .map_err(|_| StoreError::ShuttingDown)?;
         rx.await.map_err(|_| StoreError::ShuttingDown)?
-    }
-
-    async fn read(&self, rtype: &str, id: &str) -> Result<Option<StoredVersion>, StoreError> {
-        let (t, i) = (rtype.to_owned(), id.to_owned());
-        self.read_with(move |c| query::read_current(c, &t, &i))
-            .await
-    }
-
-    async fn vread(
-        &self,
-        rtype: &str,
-        id: &str,
-        vid: u64,
-    ) -> Result<Option<StoredVersion>, StoreError> {
-        let (t, i) = (rtype.to_owned(), id.to_owned());
-        self.read_with(move |c| query::vread(c, &t, &i, vid)).await
-    }
-
-    async fn history(&self, q: HistoryQuery) -> Result<Vec<StoredVersion>, StoreError> {
-        self.read_with(move |c| query::history(c, &q)).await
-    }
-
-    async fn search(&self, q: SearchQuery) -> Result<SearchPage, StoreError> {
-        self.read_with(move |c| search_sql::search(c, &q)).await
-    }
-
-    async fn version_matches(&self, q: SearchQuery, seq: u64) -> Result<bool, StoreError> {
-        self.read_with(move |c| search_sql::version_matches(c, &q, seq))
-            .await
-    }
-
-    async fn changes(&self, q: ChangesQuery) -> Result<Vec<StoredVersion>, StoreError> {
-        self.read_with(move |c| query::changes(c, &q)).await
-    }
-
-    async fn conflicts(&self, q: ListQuery) -> Result<Vec<Conflict>, StoreError> {
-        self.read_with(move |c| sync_rows::conflicts(c, &q)).await
-    }
-
-    async fn conflict(&self, id: u64) -> Result<Option<Conflict>, StoreError> {
-        self.read_with(move |c| sync_rows::conflict(c, id)).await
-    }
-
-    async fn dead_letters(&self, q: ListQuery) -> Result<Vec<DeadLetter>, StoreError> {
-        self.read_with(move |c| sync_rows::dead_letters(c, &q))
-            .await
-    }
-
-    async fn dead_letter(&self, id: u64) -> Result<Option<DeadLetter>, StoreError> {
-        self.read_with(move |c| sync_rows::dead_letter(c, id)).await
-    }
-
-    async fn open_counts(&self) -> Result<(u64, u64), StoreError> {
-        self.read_with(|c| sync_rows::open_counts(c)).await
-    }
-
-    async fn audit(&self, q: ListQuery) -> Result<Vec<AuditEntry>, StoreError> {
-        self.read_with(move |c| sync_rows::audit(c, &q)).await
-    }
-
-    async fn audit_events(
-        &self,
-        q: AuditQuery,
-    ) -> Result<(Vec<serde_json::Value>, u64), StoreError> {
-        self.read_with(move |c| {
-            let total = audit_rows::audit_event_count(c, &q)?;
-            let page = if q.count == 0 {
-                Vec::new()
-            } else {
-                audit_rows::audit_events(c, &q)?
-            };
-            Ok((page, total))
-        })
-        .await
-    }
-
-    async fn cursor(&self, key: &str) -> Result<Option<u64>, StoreError> {
-        let k = key.to_owned();
-        self.read_with(move |c| sync_rows::cursor(c, &k)).await
-    }
-
-    async fn cursors(&self) -> Result<Vec<(String, u64, u64)>, StoreError> {
-        self.read_with(|c| sync_rows::cursors(c)).await
-    }
-
-    async fn peers(&self) -> Result<Vec<PeerInfo>, StoreError> {
-        self.read_with(|c| sync_rows::peers(c)).await
-    }
-
-    async fn sub_events(
-        &self,
-        sub: &str,
-        from: u64,
-        until: u64,
-        limit: usize,
-    ) -> Result<Vec<SubEvent>, StoreError> {
-        let s = sub.to_owned();
-        self.read_with(move |c| sync_rows::sub_events(c, &s, from, until, limit))
-            .await
     }
 
     fn last_seq(&self) -> u64 {
@@ -447,10 +345,6 @@ impl Store for SqliteStore {
             .await
             .map_err(|_| StoreError::ShuttingDown)?;
         rx.await.map_err(|_| StoreError::ShuttingDown)?
-    }
-
-    async fn deleted(&self, q: DeletedQuery) -> Result<Vec<(String, String, u64)>, StoreError> {
-        self.read_with(move |c| search_sql::deleted(c, &q)).await
     }
 
     fn shutdown(&self) {

@@ -14,9 +14,8 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use super::index_rows;
 use crate::engine::{self, CurrentVersion, NewVersion, WriteTx};
-use crate::sql::{audit_rows, custom_params, query, search as search_sql, sync_rows};
+use crate::sql::{custom_params, query, search as search_sql};
 use crate::stamp::Stamper;
-use crate::sync::{AuditEntry, Conflict, NewDeadLetter};
 use crate::types::*;
 use crate::StoreError;
 
@@ -388,12 +387,10 @@ pub(crate) fn count(sum: &mut LoadSummary, out: &WriteOutcome) {
 }
 
 impl WriteTx for Writer {
+    crate::sql::write_tx_rows!();
+
     fn settle(&mut self) -> Result<(), StoreError> {
         self.flush_index()
-    }
-
-    fn node_id(&self) -> &str {
-        &self.node_id
     }
 
     fn current(&mut self, rtype: &str, id: &str) -> Result<Option<CurrentVersion>, StoreError> {
@@ -419,19 +416,6 @@ impl WriteTx for Writer {
             })
             .optional()?;
         Ok(row)
-    }
-
-    fn read(&mut self, rtype: &str, id: &str) -> Result<Option<StoredVersion>, StoreError> {
-        query::read_current(&self.conn, rtype, id)
-    }
-
-    fn vread(
-        &mut self,
-        rtype: &str,
-        id: &str,
-        vid: u64,
-    ) -> Result<Option<StoredVersion>, StoreError> {
-        query::vread(&self.conn, rtype, id, vid)
     }
 
     fn search(&mut self, q: &SearchQuery) -> Result<SearchPage, StoreError> {
@@ -496,10 +480,6 @@ impl WriteTx for Writer {
         Ok(s.stored(seq, rtype, id))
     }
 
-    fn new_id(&mut self) -> String {
-        uuid::Uuid::new_v4().to_string()
-    }
-
     fn savepoint(&mut self) -> Result<(), StoreError> {
         Ok(self.conn.execute_batch("SAVEPOINT sp")?)
     }
@@ -511,69 +491,5 @@ impl WriteTx for Writer {
     fn rollback(&mut self) -> Result<(), StoreError> {
         self.next_seq = None;
         Ok(self.conn.execute_batch("ROLLBACK TO sp; RELEASE sp")?)
-    }
-
-    fn now_ms(&self) -> u64 {
-        self.clock.now_ms()
-    }
-
-    fn lineage(
-        &mut self,
-        rtype: &str,
-        id: &str,
-        limit: usize,
-    ) -> Result<Vec<StoredVersion>, StoreError> {
-        query::lineage(&self.conn, rtype, id, limit)
-    }
-
-    fn open_conflict(&mut self, rtype: &str, id: &str) -> Result<Option<Conflict>, StoreError> {
-        sync_rows::open_conflict(&self.conn, rtype, id)
-    }
-
-    fn conflict(&mut self, id: u64) -> Result<Option<Conflict>, StoreError> {
-        sync_rows::conflict(&self.conn, id)
-    }
-
-    fn put_conflict(&mut self, c: &Conflict) -> Result<u64, StoreError> {
-        sync_rows::put_conflict(&self.conn, c)
-    }
-
-    fn put_cursor(&mut self, key: &str, seq: u64) -> Result<(), StoreError> {
-        sync_rows::put_cursor(&self.conn, key, seq, self.clock.now_ms())
-    }
-
-    fn put_peer(
-        &mut self,
-        node_id: &str,
-        received: Option<u64>,
-        sent: Option<u64>,
-    ) -> Result<(), StoreError> {
-        sync_rows::put_peer(&self.conn, node_id, received, sent, self.clock.now_ms())
-    }
-
-    fn add_dead_letter(&mut self, l: &NewDeadLetter) -> Result<u64, StoreError> {
-        sync_rows::add_dead_letter(&self.conn, l, self.clock.now_ms())
-    }
-
-    fn drop_dead_letter(&mut self, id: u64) -> Result<bool, StoreError> {
-        sync_rows::drop_dead_letter(&self.conn, id)
-    }
-
-    fn add_audit(&mut self, a: &AuditEntry) -> Result<(), StoreError> {
-        let now = self.clock.now_ms();
-        sync_rows::add_audit(&self.conn, a, now)?;
-        audit_rows::add_audit_event(&self.conn, &a.to_record(now, &self.node_id))
-    }
-
-    fn add_sub_event(&mut self, e: &crate::sync::SubEvent) -> Result<(), StoreError> {
-        sync_rows::add_sub_event(&self.conn, e)
-    }
-
-    fn add_audit_event(&mut self, r: &fhirsync_core::audit::AuditRecord) -> Result<(), StoreError> {
-        audit_rows::add_audit_event(&self.conn, r)
-    }
-
-    fn claim_once(&mut self, key: &str, until_ms: u64) -> Result<bool, StoreError> {
-        audit_rows::claim_once(&self.conn, key, until_ms, self.clock.now_ms())
     }
 }

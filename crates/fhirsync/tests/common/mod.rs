@@ -7,6 +7,7 @@ pub mod web;
 pub use fhirsync_testkit::InProcess;
 use reqwest::{RequestBuilder, Response};
 use serde_json::Value;
+use std::time::{Duration, Instant};
 
 pub const FHIR_JSON: &str = "application/fhir+json";
 
@@ -225,4 +226,41 @@ pub async fn apply_as(s: &InProcess, node: &str, token: &str, body: String) -> R
         .send()
         .await
         .expect("POST $apply")
+}
+
+/// Waits up to `secs` for `f` to say yes; panics naming `what` otherwise.
+pub async fn eventually<F, Fut>(what: &str, secs: u64, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while Instant::now() < deadline {
+        if f().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("timed out waiting for: {what}");
+}
+
+/// The `seq`s of a `$changes` page, in order.
+pub fn feed_seqs(b: &Value) -> Vec<u64> {
+    b["entry"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|e| {
+                    let ext = &e["extension"][0]["extension"];
+                    ext.as_array()
+                        .unwrap()
+                        .iter()
+                        .find(|x| x["url"] == "seq")
+                        .unwrap()["valueDecimal"]
+                        .as_u64()
+                        .unwrap()
+                })
+                .collect()
+        })
+        .unwrap_or_default()
 }
