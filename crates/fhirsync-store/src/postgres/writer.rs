@@ -18,7 +18,7 @@ use super::conn::PgConn;
 use super::log::{advance_head, lock_head, Head};
 use crate::engine::{self, CurrentVersion, NewVersion, WriteTx};
 use crate::sql::{custom_params, first, n, query, search, t, Db, Sql};
-use crate::sqlite::writer::{count, Job, LoadSummary, Reply, StreamMsg};
+use crate::sqlite::writer::{load_batch, Job, LoadSummary, Reply, StreamMsg};
 use crate::stamp::Stamper;
 use crate::types::*;
 use crate::StoreError;
@@ -235,35 +235,7 @@ impl PgWriter {
         let r = (|| loop {
             match rx.blocking_recv() {
                 Some(StreamMsg::Batch(reqs, presorted)) => {
-                    let mut seqs = Vec::with_capacity(reqs.len());
-                    for req in reqs {
-                        let index = sum.requests as usize;
-                        sum.requests += 1;
-                        let entry = |e| StoreError::Entry {
-                            index,
-                            source: Box::new(e),
-                        };
-                        let mut out = engine::execute(self, req).map_err(entry)?;
-                        if let WriteOutcome::Bundle(b) = &mut out {
-                            if let Some(pos) = b
-                                .entries
-                                .iter()
-                                .position(|e| matches!(e, EntryResult::Failed(_)))
-                            {
-                                if let EntryResult::Failed(e) = b.entries.swap_remove(pos) {
-                                    return Err(entry(StoreError::Entry {
-                                        index: pos,
-                                        source: Box::new(e),
-                                    }));
-                                }
-                            }
-                        }
-                        count(&mut sum, &out);
-                        seqs.push(match &out {
-                            WriteOutcome::Written { version, .. } => Some(version.seq),
-                            _ => None,
-                        });
-                    }
+                    let seqs = load_batch(self, reqs, &mut sum)?;
                     self.flush_index()?;
                     super::index::write(&mut self.conn.client(), presorted.rows(&seqs))?;
                 }

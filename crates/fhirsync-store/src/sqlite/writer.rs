@@ -228,46 +228,15 @@ impl Writer {
         self.conn.execute_batch("BEGIN IMMEDIATE")?;
         self.pending = Some(index_rows::Pending::default());
         let mut sum = LoadSummary::default();
-        let r = (|| {
-            loop {
-                match rx.blocking_recv() {
-                    Some(StreamMsg::Batch(reqs, presorted)) => {
-                        let mut seqs = Vec::with_capacity(reqs.len());
-                        for req in reqs {
-                            let index = sum.requests as usize;
-                            sum.requests += 1;
-                            let entry = |e| StoreError::Entry {
-                                index,
-                                source: Box::new(e),
-                            };
-                            let mut out = engine::execute(self, req).map_err(entry)?;
-                            // A batch entry that failed fails the load: it is all or nothing.
-                            if let WriteOutcome::Bundle(b) = &mut out {
-                                if let Some(pos) = b
-                                    .entries
-                                    .iter()
-                                    .position(|e| matches!(e, EntryResult::Failed(_)))
-                                {
-                                    if let EntryResult::Failed(e) = b.entries.swap_remove(pos) {
-                                        return Err(entry(StoreError::Entry {
-                                            index: pos,
-                                            source: Box::new(e),
-                                        }));
-                                    }
-                                }
-                            }
-                            count(&mut sum, &out);
-                            seqs.push(match &out {
-                                WriteOutcome::Written { version, .. } => Some(version.seq),
-                                _ => None,
-                            });
-                        }
-                        presorted.write(&self.conn, &seqs)?;
-                        self.flush_index()?;
-                    }
-                    Some(StreamMsg::Commit) => return self.flush_index(),
-                    None => return Err(StoreError::BadRequest("load ended without commit".into())),
+        let r = (|| loop {
+            match rx.blocking_recv() {
+                Some(StreamMsg::Batch(reqs, presorted)) => {
+                    let seqs = load_batch(self, reqs, &mut sum)?;
+                    presorted.write(&self.conn, &seqs)?;
+                    self.flush_index()?;
                 }
+                Some(StreamMsg::Commit) => return self.flush_index(),
+                None => return Err(StoreError::BadRequest("load ended without commit".into())),
             }
         })();
         self.pending = None;
@@ -335,7 +304,48 @@ impl Writer {
     }
 }
 
-pub(crate) fn count(sum: &mut LoadSummary, out: &WriteOutcome) {
+/// Runs the requests of one batch of a streamed load; the first that
+/// fails (a failed batch entry included) fails the load. Returns the
+/// `seq` each request wrote, if any.
+pub(crate) fn load_batch(
+    tx: &mut dyn WriteTx,
+    reqs: Vec<WriteRequest>,
+    sum: &mut LoadSummary,
+) -> Result<Vec<Option<u64>>, StoreError> {
+    let mut seqs = Vec::with_capacity(reqs.len());
+    for req in reqs {
+        let index = sum.requests as usize;
+        sum.requests += 1;
+        let entry = |e| StoreError::Entry {
+            index,
+            source: Box::new(e),
+        };
+        let mut out = engine::execute(tx, req).map_err(entry)?;
+        // A batch entry that failed fails the load: it is all or nothing.
+        if let WriteOutcome::Bundle(b) = &mut out {
+            if let Some(pos) = b
+                .entries
+                .iter()
+                .position(|e| matches!(e, EntryResult::Failed(_)))
+            {
+                if let EntryResult::Failed(e) = b.entries.swap_remove(pos) {
+                    return Err(entry(StoreError::Entry {
+                        index: pos,
+                        source: Box::new(e),
+                    }));
+                }
+            }
+        }
+        count(sum, &out);
+        seqs.push(match &out {
+            WriteOutcome::Written { version, .. } => Some(version.seq),
+            _ => None,
+        });
+    }
+    Ok(seqs)
+}
+
+fn count(sum: &mut LoadSummary, out: &WriteOutcome) {
     let mut note = |v: &StoredVersion| {
         sum.first_seq.get_or_insert(v.seq);
     };
