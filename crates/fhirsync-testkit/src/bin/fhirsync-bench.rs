@@ -33,8 +33,9 @@ enum Cmd {
         input: std::path::PathBuf,
     },
     HttpTx {
-        #[arg(long)]
-        base: String,
+        /// One or more node processes; clients are spread over them.
+        #[arg(long, required = true)]
+        base: Vec<String>,
         #[arg(long, default_value_t = 4)]
         clients: usize,
         #[arg(long, default_value_t = 40)]
@@ -43,6 +44,12 @@ enum Cmd {
         encounters: usize,
         #[arg(long, default_value_t = 16)]
         obs: usize,
+    },
+    /// Starts a PostgreSQL server (initdb in DIR, a free port), makes the
+    /// databases named, prints one URL per line, and runs until stdin closes.
+    Postgres {
+        #[arg(long)]
+        db: Vec<String>,
     },
     /// Reads `Type/{prefix}{0..ids}` at a fixed rate; reports latency percentiles.
     ReadLatency {
@@ -217,6 +224,18 @@ fn main() -> anyhow::Result<()> {
             let rt = tokio::runtime::Runtime::new()?;
             rt.block_on(http_tx(base, clients, bundles, encounters, obs))
         }
+        Cmd::Postgres { db } => {
+            let pg = fhirsync_testkit::postgres::Postgres::start()?;
+            for d in &db {
+                println!("{}", pg.create_db(d));
+            }
+            use std::io::{Read, Write};
+            std::io::stdout().flush()?;
+            let mut sink = Vec::new();
+            let _ = std::io::stdin().read_to_end(&mut sink);
+            drop(pg);
+            Ok(())
+        }
         Cmd::ReadLatency {
             base,
             rate,
@@ -305,7 +324,7 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn http_tx(
-    base: String,
+    bases: Vec<String>,
     clients: usize,
     bundles: usize,
     encounters: usize,
@@ -321,8 +340,9 @@ async fn http_tx(
     let client = reqwest::Client::new();
     let started = Instant::now();
     let mut tasks = Vec::new();
-    for _ in 0..clients {
-        let (queue, client, base) = (queue.clone(), client.clone(), base.clone());
+    for i in 0..clients {
+        let base = bases[i % bases.len()].clone();
+        let (queue, client) = (queue.clone(), client.clone());
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::new();
             loop {
