@@ -548,4 +548,35 @@ mod tests {
         let off: Config = toml::from_str("[bulk]\nenabled = false").unwrap();
         assert!(off.bulk.config(dir).unwrap().is_none());
     }
+
+    #[test]
+    fn storage_settings_out_of_range_are_refused() {
+        let pg = "[storage]\nbackend = \"postgres\"\nurl = \"postgres://u:pw@h/d\"\n";
+        for (bad, says) in [
+            ("[storage]\nbackend = \"oracle\"", "sqlite or postgres"),
+            ("[storage]\nbackend = \"postgres\"", "FHIRSYNC_DATABASE_URL"),
+            (
+                "[storage]\nbackend = \"postgres\"\nurl = \"mysql://u:pw@h/d\"",
+                "postgres://",
+            ),
+            (&format!("{pg}pool_max = 0"), "pool_max"),
+            (&format!("{pg}pool_max = 257"), "pool_max"),
+            (
+                &format!("{pg}statement_timeout_ms = 3600001"),
+                "statement_timeout_ms",
+            ),
+            (&format!("{pg}sslmode = \"allow\""), "sslmode"),
+            (&format!("{pg}ca_file = \"/no/such/ca.pem\""), "ca_file"),
+        ] {
+            let c: Config = toml::from_str(bad).unwrap();
+            let e = c.postgres().unwrap_err().to_string();
+            assert!(e.contains(says) && !e.contains(":pw@"), "{bad}: {e}");
+        }
+        let c: Config = toml::from_str(&format!("{pg}sslmode = \"verify-full\"")).unwrap();
+        let p = c.postgres().unwrap().unwrap();
+        assert_eq!(p.tls, fhirsync_store::postgres::TlsMode::VerifyFull);
+        assert_eq!((p.pool_max, p.statement_timeout_ms), (16, 30_000));
+        let sqlite: Config = toml::from_str("").unwrap();
+        assert!(sqlite.postgres().unwrap().is_none());
+    }
 }

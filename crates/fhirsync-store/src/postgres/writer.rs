@@ -18,7 +18,7 @@ use super::conn::PgConn;
 use super::log::{advance_head, lock_head, Head};
 use crate::engine::{self, CurrentVersion, NewVersion, WriteTx};
 use crate::sql::{custom_params, first, n, query, search, t, Db, Sql};
-use crate::sqlite::writer::{load_batch, Job, LoadSummary, Reply, StreamMsg};
+use crate::sqlite::writer::{load_batch, take_group, Job, LoadSummary, Reply, StreamMsg};
 use crate::stamp::Stamper;
 use crate::types::*;
 use crate::StoreError;
@@ -70,17 +70,7 @@ impl PgWriter {
                     let _ = done.send(r);
                 }
                 Job::Write(req, reply) => {
-                    let mut group = vec![(*req, reply)];
-                    while group.len() < self.group_max {
-                        match rx.try_recv() {
-                            Ok(Job::Write(r, s)) => group.push((*r, s)),
-                            Ok(other) => {
-                                pending = Some(other);
-                                break;
-                            }
-                            Err(_) => break,
-                        }
-                    }
+                    let group = take_group((*req, reply), &mut rx, self.group_max, &mut pending);
                     self.run_group(group);
                 }
             }

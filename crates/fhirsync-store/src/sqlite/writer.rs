@@ -133,17 +133,7 @@ impl Writer {
                     let _ = done.send(r);
                 }
                 Job::Write(req, reply) => {
-                    let mut group = vec![(*req, reply)];
-                    while group.len() < self.group_max {
-                        match rx.try_recv() {
-                            Ok(Job::Write(r, s)) => group.push((*r, s)),
-                            Ok(other) => {
-                                pending = Some(other);
-                                break;
-                            }
-                            Err(_) => break,
-                        }
-                    }
+                    let group = take_group((*req, reply), &mut rx, self.group_max, &mut pending);
                     self.run_group(group);
                 }
             }
@@ -302,6 +292,28 @@ impl Writer {
             Err(e) => tracing::error!(error = %e, "cannot read last seq"),
         }
     }
+}
+
+/// A group commit's requests: `first` and the writes already waiting, up
+/// to `max`; another job met on the way waits in `pending`.
+pub(crate) fn take_group(
+    first: (WriteRequest, Reply),
+    rx: &mut mpsc::Receiver<Job>,
+    max: usize,
+    pending: &mut Option<Job>,
+) -> Vec<(WriteRequest, Reply)> {
+    let mut group = vec![first];
+    while group.len() < max {
+        match rx.try_recv() {
+            Ok(Job::Write(r, s)) => group.push((*r, s)),
+            Ok(other) => {
+                *pending = Some(other);
+                break;
+            }
+            Err(_) => break,
+        }
+    }
+    group
 }
 
 /// Runs the requests of one batch of a streamed load; the first that
