@@ -4,7 +4,9 @@
 # (Synthea-sized Bundles from 4 clients) into one process on SQLite, one
 # on PostgreSQL, and two processes on one PostgreSQL database. The
 # PostgreSQL server is the tests' harness (initdb in a temporary
-# directory, a free port; Debian's `postgresql` package).
+# directory, a free port; Debian's `postgresql` package). Last, the
+# replication lag from a write on one of two processes on one database to
+# a child that pulls through the other, at 100 writes/s.
 # Usage: scripts/bench-postgres.sh [--smoke] [WORKDIR] [COUNTS...]
 #   default counts: 100000 1000000 (release build)
 #   --smoke: 2,000 resources and 4 Bundles with the debug build (CI runs it)
@@ -19,12 +21,14 @@ cd "$root"
 if [ $smoke = 1 ]; then
   [ ${#counts[@]} -gt 0 ] || counts=(2000)
   bundles=4
+  lag=(--rate 20 --seconds 3)
   cargo build -q -p fhirsync -p fhirsync-testkit
   bin="$root/target/debug/fhirsync"; bench="$root/target/debug/fhirsync-bench"
   timed() { "$@"; }
 else
   [ ${#counts[@]} -gt 0 ] || counts=(100000 1000000)
   bundles=40
+  lag=(--rate 100 --seconds 30)
   cargo build --release -q -p fhirsync -p fhirsync-testkit
   bin="$root/target/release/fhirsync"; bench="$root/target/release/fhirsync-bench"
   timed() { /usr/bin/time -f "wall %e s, peak RSS %M KB" "$@"; }
@@ -34,7 +38,7 @@ pids=()
 cleanup() { kill "${pids[@]}" 2>/dev/null || true; exec 3>&- 2>/dev/null || true; }
 trap cleanup EXIT
 # The PostgreSQL server lives while fd 3 (its stdin) is open.
-dbs=(tx1 tx2)
+dbs=(tx1 tx2 lag)
 for n in "${counts[@]}"; do dbs+=("import$n"); done
 rm -f "$work/pg.in" "$work/pg.urls"; mkfifo "$work/pg.in"
 "$bench" postgres $(printf -- '--db %s ' "${dbs[@]}") <"$work/pg.in" >"$work/pg.urls" &
@@ -82,5 +86,8 @@ a=$(count_of "http://127.0.0.1:$((port + 1))/fhir" Observation)
 b=$(count_of "http://127.0.0.1:$((port + 2))/fhir" Observation)
 c=$(count_of "http://127.0.0.1:$((port + 3))/fhir" Observation)
 [ "$a" = "$b" ] && [ "$b" = "$c" ] || { echo "bench-postgres: Observation counts differ: $a $b $c" >&2; exit 1; }
+kill "${pids[@]:1}" 2>/dev/null || true
+echo "== replication lag, two processes on one PostgreSQL database"
+"$bench" replicate-lag --bin "$bin" --postgres "$(url_of lag)" "${lag[@]}" --work "$work/lag"
 [ $smoke = 1 ] && rm -rf "$work"
 echo "bench-postgres: ok"

@@ -98,14 +98,60 @@ pub async fn status(
     check_admin(&state, &headers)?;
     let (open, dead) = open_counts(&state).await?;
     let edges = all_edges(&state).await;
-    Ok(json_response(json!({
+    let mut v = json!({
         "nodeId": state.store.node_id(),
         "lastSeq": state.store.last_seq(),
         "edges": edges,
         "children": children_json(&state).await?,
         "openConflicts": open,
         "deadLetters": dead,
-    })))
+    });
+    v.as_object_mut()
+        .expect("an object")
+        .extend(deployment_json(&state).await?);
+    Ok(json_response(v))
+}
+
+/// The store's backend and database, the processes serving from it and
+/// which of them holds the agents' lease (PostgreSQL).
+pub async fn deployment_json(state: &AppState) -> Result<serde_json::Map<String, Value>, ApiError> {
+    let d = &state.deployment;
+    let mut procs = state.store.processes().await?;
+    let pg = d.backend == "postgres";
+    if !pg {
+        procs = vec![d.process.clone()];
+    }
+    let at = fhirsync_core::instant::format_instant;
+    let list: Vec<Value> = procs
+        .iter()
+        .map(|p| {
+            let mut j = json!({
+                "id": p.id,
+                "host": p.host,
+                "pid": p.pid,
+                "base": p.base,
+                "startedAt": at(p.started_ms),
+                "up": p.up,
+                "this": p.id == d.process.id,
+            });
+            if pg {
+                j["lastSeen"] = json!(at(p.seen_ms));
+                j["leaseHolder"] = json!(p.lease_holder && p.up);
+            }
+            j
+        })
+        .collect();
+    let mut out = serde_json::Map::new();
+    out.insert(
+        "storage".into(),
+        json!({"backend": d.backend, "database": d.database}),
+    );
+    out.insert("processes".into(), Value::Array(list));
+    if pg {
+        let holder = procs.iter().find(|p| p.lease_holder && p.up);
+        out.insert("leaseHolder".into(), json!(holder.map(|p| &p.id)));
+    }
+    Ok(out)
 }
 
 /// Open conflicts and dead letters, counted by the store (a busy node's

@@ -95,6 +95,18 @@ pub struct AppState {
     pub auditor: auditor::Auditor,
     /// Bulk data jobs (`$export`, `$import`); `None`: bulk data is off.
     pub bulk: Option<Arc<bulk::Jobs>>,
+    /// Where the store lives and which process this is (`/admin/status`).
+    pub deployment: Arc<Deployment>,
+}
+
+/// Where a node process keeps its store, and the process itself.
+#[derive(Debug, Clone)]
+pub struct Deployment {
+    /// `sqlite` or `postgres`.
+    pub backend: &'static str,
+    /// The SQLite file, or the PostgreSQL URL without its password.
+    pub database: String,
+    pub process: fhirsync_store::ProcessInfo,
 }
 
 impl AppState {
@@ -110,6 +122,11 @@ impl AppState {
             agents: Vec::new(),
             http_metrics: Arc::default(),
             bulk: None,
+            deployment: Arc::new(Deployment {
+                backend: "sqlite",
+                database: String::new(),
+                process: fhirsync_store::ProcessInfo::this("", 0),
+            }),
         }
     }
 

@@ -93,6 +93,12 @@ pub trait Store: Send + Sync + 'static {
         limit: usize,
     ) -> Result<Vec<SubEvent>, StoreError>;
 
+    /// The node processes sharing the store's database, as their
+    /// heartbeats say (none on SQLite: one process owns its file).
+    async fn processes(&self) -> Result<Vec<ProcessInfo>, StoreError> {
+        Ok(Vec::new())
+    }
+
     /// Highest committed `seq`; every `seq` up to it is readable.
     fn last_seq(&self) -> u64;
 

@@ -248,3 +248,44 @@ pub struct DeletedQuery {
     /// compartment a bulk export of patients searches with).
     pub compartment: Option<fhirsync_core::search::Clause>,
 }
+
+/// A node process on the store's database, as its heartbeat last said
+/// (PostgreSQL; see `postgres::lease`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcessInfo {
+    /// `host/pid/started_ms`: unique among the processes ever started.
+    pub id: String,
+    pub host: String,
+    pub pid: u32,
+    /// Where it serves FHIR.
+    pub base: String,
+    pub started_ms: u64,
+    pub seen_ms: u64,
+    /// Whether it held the agents' lease at its last heartbeat.
+    pub lease_holder: bool,
+    /// Whether that heartbeat is recent (see `postgres::lease`).
+    pub up: bool,
+}
+
+impl ProcessInfo {
+    /// This process, serving at `base`, started now.
+    pub fn this(base: &str, now_ms: u64) -> ProcessInfo {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .ok()
+            .or_else(|| std::env::var("HOSTNAME").ok())
+            .map(|h| h.trim().to_owned())
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "localhost".into());
+        let pid = std::process::id();
+        ProcessInfo {
+            id: format!("{host}/{pid}/{now_ms}"),
+            host,
+            pid,
+            base: base.to_owned(),
+            started_ms: now_ms,
+            seen_ms: now_ms,
+            lease_holder: false,
+            up: true,
+        }
+    }
+}

@@ -70,19 +70,24 @@ impl Postgres {
     /// port when the first fails (another process may take a free port
     /// between the check and the bind).
     pub fn start() -> anyhow::Result<Postgres> {
-        Self::start_with(None)
+        Self::start_with(None, &[])
+    }
+
+    /// A server with these `name=value` settings (`postgres -c`).
+    pub fn start_configured(settings: &[String]) -> anyhow::Result<Postgres> {
+        Self::start_with(None, settings)
     }
 
     /// A server that also takes TLS connections, with this certificate
     /// and key (PEM files, copied into its directory).
     pub fn start_tls(cert: &Path, key: &Path) -> anyhow::Result<Postgres> {
-        Self::start_with(Some((cert, key)))
+        Self::start_with(Some((cert, key)), &[])
     }
 
-    fn start_with(tls: Option<(&Path, &Path)>) -> anyhow::Result<Postgres> {
-        Self::try_start(tls).or_else(|e| {
+    fn start_with(tls: Option<(&Path, &Path)>, settings: &[String]) -> anyhow::Result<Postgres> {
+        Self::try_start(tls, settings).or_else(|e| {
             eprintln!("postgres: {e:#}; trying again");
-            Self::try_start(tls)
+            Self::try_start(tls, settings)
         })
     }
 
@@ -94,7 +99,7 @@ impl Postgres {
         c
     }
 
-    fn try_start(tls: Option<(&Path, &Path)>) -> anyhow::Result<Postgres> {
+    fn try_start(tls: Option<(&Path, &Path)>, settings: &[String]) -> anyhow::Result<Postgres> {
         let bin = bin_dir()
             .ok_or_else(|| anyhow::anyhow!("no PostgreSQL server (apt-get install postgresql)"))?;
         let dir = tempfile::tempdir()?;
@@ -111,7 +116,7 @@ impl Postgres {
             child: None,
             dir,
             owner,
-            settings: Vec::new(),
+            settings: settings.to_vec(),
         };
         if let Some((cert, key)) = tls {
             use std::os::unix::fs::PermissionsExt;

@@ -279,6 +279,11 @@ impl NodeProcess {
         format!("{}/{}", self.base, path.trim_start_matches('/'))
     }
 
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// SIGKILL: no shutdown code runs.
     pub fn kill(&mut self) {
         let _ = self.child.kill();

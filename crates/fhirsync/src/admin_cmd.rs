@@ -109,6 +109,38 @@ fn print_json(v: &Value) {
     println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
 }
 
+/// The store's database and the processes serving from it.
+fn print_deployment(v: &Value) {
+    let st = &v["storage"];
+    if let Some(b) = st["backend"].as_str() {
+        println!("storage {b} {}", st["database"].as_str().unwrap_or("?"));
+    }
+    for p in v["processes"].as_array().into_iter().flatten() {
+        let mut notes = vec![if p["up"] == true { "up" } else { "down" }];
+        if p["leaseHolder"] == true {
+            notes.push("lease holder: runs the agents");
+        }
+        if p["this"] == true {
+            notes.push("answered this");
+        }
+        println!(
+            "process {} pid {} at {} since {}{}: {}",
+            p["host"].as_str().unwrap_or("?"),
+            p["pid"],
+            p["base"].as_str().unwrap_or("?"),
+            p["startedAt"].as_str().unwrap_or("?"),
+            p["lastSeen"]
+                .as_str()
+                .map(|s| format!(", last seen {s}"))
+                .unwrap_or_default(),
+            notes.join(", ")
+        );
+    }
+    if v.get("leaseHolder").is_some_and(Value::is_null) {
+        println!("lease: no process holds it now (the agents do not run)");
+    }
+}
+
 pub fn status(t: Target) -> anyhow::Result<()> {
     run_async(async {
         let v = t.call(reqwest::Method::GET, "status", None).await?;
@@ -125,6 +157,7 @@ pub fn status(t: Target) -> anyhow::Result<()> {
             "open conflicts {}  dead letters {}",
             v["openConflicts"], v["deadLetters"]
         );
+        print_deployment(&v);
         for e in v["edges"].as_array().into_iter().flatten() {
             let name = e["name"].as_str().unwrap_or("?");
             if let Some(url) = e["parentUrl"].as_str() {

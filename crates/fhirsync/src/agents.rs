@@ -121,10 +121,11 @@ impl Leased {
         cfg: Config,
         pg: &fhirsync_store::postgres::PgConfig,
         store: Arc<dyn Store>,
-        base: String,
+        me: fhirsync_store::ProcessInfo,
         mut shutdown: watch::Receiver<bool>,
     ) -> anyhow::Result<(Arc<Leased>, tokio::task::JoinHandle<()>)> {
-        let lease = Lease::start(pg, LEASE_NAME).context("the agents' lease")?;
+        let base = me.base.clone();
+        let lease = Lease::start(pg, LEASE_NAME, me).context("the agents' lease")?;
         let leased = Arc::new(Leased {
             running: Mutex::new(None),
             held: lease.watch(),

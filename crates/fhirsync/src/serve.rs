@@ -60,13 +60,28 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     // The agents: here, or on PostgreSQL in the one process that holds
     // the database's lease.
     let base = format!("{scheme}://{local}/fhir");
-    let (agents, leased_task) = match cfg.postgres()? {
+    let pg = cfg.postgres()?;
+    let me = fhirsync_store::ProcessInfo::this(&base, {
+        use fhirsync_core::clock::Clock;
+        fhirsync_core::clock::SystemClock.now_ms()
+    });
+    state.deployment = Arc::new(fhirsync_api::Deployment {
+        backend: if pg.is_some() { "postgres" } else { "sqlite" },
+        database: match &pg {
+            Some(p) => p.redacted_url(),
+            None => fhirsync_store::sqlite::SqliteStore::db_path(&cfg.data_dir)
+                .display()
+                .to_string(),
+        },
+        process: me.clone(),
+    });
+    let (agents, leased_task) = match pg {
         Some(pg) => {
             let (leased, task) = crate::agents::Leased::start(
                 cfg.clone(),
                 &pg,
                 store.clone(),
-                base,
+                me,
                 shutdown_tx.subscribe(),
             )?;
             state.agents.push(leased);

@@ -669,8 +669,45 @@ async fn holds_lease(client: &reqwest::Client, base: &str) -> Option<bool> {
     Some(lease["state"] == "holder")
 }
 
+/// A process's `/admin/status`: the processes on its database (pid, up,
+/// lease holder) and the pid of the lease holder.
+async fn processes(client: &reqwest::Client, base: &str) -> (Vec<(u32, bool, bool)>, Option<u32>) {
+    let v: serde_json::Value = client
+        .get(base.replace("/fhir", "/admin/status"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["storage"]["backend"], "postgres", "{v}");
+    let db = v["storage"]["database"].as_str().unwrap();
+    assert!(db.starts_with("postgres://") && db.ends_with("/hq"), "{v}");
+    let list: Vec<(u32, bool, bool, String)> = v["processes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p["pid"].as_u64().unwrap() as u32,
+                p["up"] == true,
+                p["leaseHolder"] == true,
+                p["id"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let holder = v["leaseHolder"].as_str().map(|id| {
+        list.iter()
+            .find(|p| p.3 == id)
+            .expect("the holder is listed")
+            .0
+    });
+    (list.into_iter().map(|p| (p.0, p.1, p.2)).collect(), holder)
+}
+
 /// Two `fhirsync serve` processes of one child node on one database: only
-/// the lease holder runs the parent edge. Killed (SIGKILL) while the
+/// the lease holder runs the parent edge; `/admin/status` of either lists
+/// both and names the holder. Killed (SIGKILL) while the
 /// parent streams 200 writes, the holder hands the lease to the other
 /// within seconds, which pulls the rest: every write arrives, once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -729,6 +766,22 @@ async fn the_lease_holder_dies_mid_stream_and_the_other_takes_over() {
         assert!(Instant::now() < deadline, "no process took the lease");
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
+    let pids = [procs[0].pid(), procs[1].pid()];
+    let mut pids_sorted = pids;
+    pids_sorted.sort();
+    loop {
+        let (list, lease) = processes(&client, &procs[1 - holder].base).await;
+        let mut up: Vec<u32> = list.iter().filter(|p| p.1).map(|p| p.0).collect();
+        up.sort();
+        if up == pids_sorted && lease == Some(pids[holder]) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "status does not show both processes and the holder: {list:?} {lease:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let writer = {
         let (client, base) = (parent.client.clone(), parent.base.clone());
         tokio::spawn(async move {
@@ -779,4 +832,30 @@ async fn the_lease_holder_dies_mid_stream_and_the_other_takes_over() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(total(client.clone(), procs[other].base.clone()).await, N);
     assert!(took < Duration::from_secs(5), "takeover took {took:?}");
+    // The status shows the dead process down (no heartbeat for
+    // PROCESS_STALE_MS) and the survivor holding.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (list, lease) = processes(&client, &procs[other].base).await;
+        if lease == Some(pids[other]) && list.contains(&(pids[holder], false, false)) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{list:?} {lease:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let bin: &std::path::Path = BIN.as_ref();
+    let out = std::process::Command::new(bin)
+        .args(["status", "--url", &procs[other].base])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("storage postgres postgres://"), "{text}");
+    assert!(
+        text.contains(&format!("pid {} at", pids[other]))
+            && text.contains("up, lease holder: runs the agents, answered this")
+            && text.contains(&format!("pid {} at", pids[holder]))
+            && text.contains(": down"),
+        "{text}"
+    );
 }

@@ -71,6 +71,7 @@ contract!(
     search_reads_every_kind_of_index,
     replication_both_ways_with_a_conflict,
     custom_search_parameters_and_export,
+    a_load_in_bulk_keeps_every_version_and_index_row,
 );
 
 fn obs(id: &str, patient: &str, code: &str, value: f64, when: &str) -> Value {
@@ -444,4 +445,115 @@ async fn custom_search_parameters_and_export(b: Backend) {
         .map(|o| o["count"].as_u64().unwrap())
         .sum();
     assert_eq!(counts, 5, "{manifest}");
+}
+
+/// An Observation whose index rows could repeat within the version: the
+/// same coding twice, and component values `0` and `-0`.
+fn repeating_obs(id: &str, code: &str) -> Value {
+    let coding = json!({"system": "http://loinc.org", "code": code});
+    let comp = |v: f64| {
+        json!({"code": {"coding": [coding.clone()]},
+        "valueQuantity": {"value": v, "system": "http://unitsofmeasure.org", "code": "mm[Hg]"}})
+    };
+    json!({"resourceType": "Observation", "id": id, "status": "final",
+           "code": {"coding": [coding.clone(), coding.clone()]},
+           "subject": {"reference": "Patient/p"},
+           "component": [comp(0.0), comp(-0.0)]})
+}
+
+/// A streamed load of 1,200 resources in three batches (PostgreSQL sends
+/// them by `COPY`): ten of them existed before and are updated, and one
+/// of those is updated twice more in the last batch. Every version is
+/// kept once, in order, and search finds each resource by its newest
+/// content only.
+async fn a_load_in_bulk_keeps_every_version_and_index_row(b: Backend) {
+    use fhirsync_store::load::{resource_request, Checker};
+    use fhirsync_store::sqlite::Presorted;
+    use fhirsync_store::StreamMsg;
+    let s = b.node(Options::default()).await;
+    for i in 0..10 {
+        let id = format!("o-{i}");
+        let r = put(
+            &s,
+            &format!("Observation/{id}"),
+            &repeating_obs(&id, "before"),
+        )
+        .await;
+        assert_eq!(r.status(), 201);
+    }
+    let store = s.store.clone();
+    let summary = tokio::task::spawn_blocking(move || {
+        let checker = Checker::new(fhirsync_core::validate::Mode::Off);
+        let req = |id: String, code: &str| {
+            let Value::Object(m) = repeating_obs(&id, code) else {
+                unreachable!()
+            };
+            resource_request(m, &checker).unwrap()
+        };
+        let (tx, done) = store.load_stream(2).unwrap();
+        for batch in 0..3 {
+            let mut reqs: Vec<_> = (batch * 400..(batch + 1) * 400)
+                .map(|i| req(format!("o-{i}"), &format!("c-{}", i % 7)))
+                .collect();
+            // o-5 again: twice in the last batch
+            if batch == 2 {
+                reqs.push(req("o-5".into(), "again"));
+                reqs.push(req("o-5".into(), "once more"));
+            }
+            let index = Presorted::take(&mut reqs);
+            tx.blocking_send(StreamMsg::Batch(reqs, index)).unwrap();
+        }
+        tx.blocking_send(StreamMsg::Commit).unwrap();
+        done.blocking_recv().unwrap()
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(
+        (summary.created, summary.updated),
+        (1190, 12),
+        "{summary:?}"
+    );
+    assert_eq!(s.store.last_seq(), 10 + 1202);
+    let log = s
+        .store
+        .changes(ChangesQuery {
+            since: 0,
+            count: 2000,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let seqs: Vec<u64> = log.iter().map(|v| v.seq).collect();
+    assert_eq!(seqs, (1..=1212).collect::<Vec<u64>>());
+    let vids: Vec<u64> = s
+        .store
+        .history(HistoryQuery {
+            scope: HistoryScope::Instance("Observation".into(), "o-5".into()),
+            before: None,
+            since_ms: None,
+            count: 10,
+        })
+        .await
+        .unwrap()
+        .iter()
+        .map(|v| v.vid)
+        .collect();
+    assert_eq!(vids, vec![4, 3, 2, 1]);
+    let total = |q: &'static str| {
+        let s = &s;
+        async move {
+            let (st, v) =
+                status_json(get(s, &format!("Observation?{q}&_summary=count")).await).await;
+            assert_eq!(st, 200, "{v}");
+            v["total"].as_u64().unwrap()
+        }
+    };
+    // every version's rows once, the replaced versions' rows not found
+    assert_eq!(total("code=http://loinc.org|c-3").await, 171);
+    assert_eq!(total("code=before").await, 0);
+    assert_eq!(total("code=http://loinc.org|once%20more").await, 1);
+    assert_eq!(total("code=http://loinc.org|again").await, 0);
+    assert_eq!(total("component-value-quantity=0").await, 1200);
+    assert_eq!(total("_id=o-5&code=http://loinc.org|once%20more").await, 1);
 }

@@ -11,6 +11,7 @@ use bytes::BytesMut;
 use postgres::types::{to_sql_checked, IsNull, ToSql, Type};
 use postgres::{Client, Statement};
 
+use super::bulk::{self, VersionRow};
 use crate::sql::{Db, Dialect, Row, Sql};
 use crate::StoreError;
 
@@ -23,6 +24,8 @@ pub const STATEMENTS_MAX: usize = 512;
 pub struct PgConn {
     client: RefCell<Client>,
     stmts: RefCell<HashMap<String, Statement>>,
+    /// Rows appended and not yet sent; every statement sends them first.
+    pending: RefCell<Vec<VersionRow>>,
 }
 
 /// SQLite's SQL as PostgreSQL's: `?N` → `$N`, a bare `?` → the next number
@@ -93,20 +96,46 @@ impl PgConn {
         PgConn {
             client: RefCell::new(client),
             stmts: RefCell::new(HashMap::new()),
+            pending: RefCell::new(Vec::new()),
         }
     }
 
-    /// The connection itself, for what the shared SQL does not cover.
+    /// The connection itself, for what the shared SQL does not cover;
+    /// the caller [`flush`](Self::flush)es first when it matters.
     pub fn client(&self) -> RefMut<'_, Client> {
         self.client.borrow_mut()
+    }
+
+    /// Adds a row to `versions` with the next statement (see
+    /// [`super::bulk`]).
+    pub fn append(&self, row: VersionRow) {
+        self.pending.borrow_mut().push(row);
+    }
+
+    /// Sends the appended rows.
+    pub fn flush(&self) -> Result<(), StoreError> {
+        if self.pending.borrow().is_empty() {
+            return Ok(());
+        }
+        let rows = std::mem::take(&mut *self.pending.borrow_mut());
+        let insert = self.prepare(bulk::INSERT)?;
+        bulk::write(&mut self.client.borrow_mut(), &insert, &rows)
     }
 
     pub fn is_closed(&self) -> bool {
         self.client.borrow().is_closed()
     }
 
-    /// Runs statements without arguments (`BEGIN`, `COMMIT`, DDL).
+    /// Runs statements without arguments (`BEGIN`, `COMMIT`, DDL). A
+    /// `ROLLBACK` (of the transaction or to a savepoint) drops the rows
+    /// not yet sent: they were appended since the last statement, so
+    /// inside whatever it rolls back.
     pub fn batch(&self, sql: &str) -> Result<(), StoreError> {
+        if sql.starts_with("ROLLBACK") {
+            self.pending.borrow_mut().clear();
+        } else {
+            self.flush()?;
+        }
         Ok(self.client.borrow_mut().batch_execute(sql)?)
     }
 
@@ -180,6 +209,30 @@ impl ToSql for Arg<'_> {
 
 struct PgRow<'a>(&'a postgres::Row);
 
+/// A row read from column `.1` on, for code that reads its columns from 0.
+pub struct Shifted<'a>(pub &'a postgres::Row, pub usize);
+
+impl Row for Shifted<'_> {
+    fn opt_i64(&self, i: usize) -> Result<Option<i64>, StoreError> {
+        PgRow(self.0).opt_i64(i + self.1)
+    }
+    fn i64(&self, i: usize) -> Result<i64, StoreError> {
+        PgRow(self.0).i64(i + self.1)
+    }
+    fn f64(&self, i: usize) -> Result<f64, StoreError> {
+        PgRow(self.0).f64(i + self.1)
+    }
+    fn text(&self, i: usize) -> Result<String, StoreError> {
+        PgRow(self.0).text(i + self.1)
+    }
+    fn opt_text(&self, i: usize) -> Result<Option<String>, StoreError> {
+        PgRow(self.0).opt_text(i + self.1)
+    }
+    fn opt_blob(&self, i: usize) -> Result<Option<Vec<u8>>, StoreError> {
+        PgRow(self.0).opt_blob(i + self.1)
+    }
+}
+
 fn col_err(i: usize, e: impl std::fmt::Display) -> StoreError {
     StoreError::Backend(format!("column {i}: {e}"))
 }
@@ -238,6 +291,7 @@ impl Db for PgConn {
         args: &[Sql],
         f: &mut dyn FnMut(&dyn Row) -> Result<bool, StoreError>,
     ) -> Result<(), StoreError> {
+        self.flush()?;
         let st = self.prepare(sql)?;
         let args: Vec<Arg<'_>> = args.iter().map(Arg).collect();
         let refs: Vec<&(dyn ToSql + Sync)> = args.iter().map(|a| a as _).collect();
@@ -251,6 +305,7 @@ impl Db for PgConn {
     }
 
     fn exec(&self, sql: &str, args: &[Sql]) -> Result<u64, StoreError> {
+        self.flush()?;
         let st = self.prepare(sql)?;
         let args: Vec<Arg<'_>> = args.iter().map(Arg).collect();
         let refs: Vec<&(dyn ToSql + Sync)> = args.iter().map(|a| a as _).collect();

@@ -10,6 +10,11 @@
 //! think they hold it, the agents' at-least-once rules (cursors moved with
 //! the data, vectors and message ids that skip repeats) keep the data
 //! right.
+//!
+//! The same thread writes the process's heartbeat into `processes` each
+//! tick (whether it holds the lease, on the database's clock), for
+//! `fhirsync status`; a row not renewed for [`PROCESS_STALE_MS`] shows as
+//! down and is removed after [`PROCESS_FORGET_MS`].
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -19,10 +24,67 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use super::{connect, PgConfig};
-use crate::StoreError;
+use crate::sql::{all, Db};
+use crate::{ProcessInfo, StoreError};
 
 /// How often a process tries for the lease, and the holder checks it.
 pub const LEASE_TICK_MS: u64 = 1_000;
+
+/// A process whose heartbeat is older than this shows as down.
+pub const PROCESS_STALE_MS: u64 = 3 * LEASE_TICK_MS;
+
+/// A process not heard from for this long leaves `processes`.
+pub const PROCESS_FORGET_MS: u64 = 10 * 60 * 1_000;
+
+/// The database's clock in ms, in SQL.
+const DB_NOW_MS: &str = "(extract(epoch FROM clock_timestamp()) * 1000)::bigint";
+
+/// The processes on the database, oldest first.
+pub fn processes(db: &dyn Db) -> Result<Vec<ProcessInfo>, StoreError> {
+    all(
+        db,
+        &format!(
+            "SELECT id, host, pid, base, started_ms, seen_ms, lease_holder,
+                    seen_ms >= {DB_NOW_MS} - {PROCESS_STALE_MS}
+             FROM processes ORDER BY started_ms, id"
+        ),
+        &[],
+        |r| {
+            Ok(ProcessInfo {
+                id: r.text(0)?,
+                host: r.text(1)?,
+                pid: r.i64(2)? as u32,
+                base: r.text(3)?,
+                started_ms: r.i64(4)? as u64,
+                seen_ms: r.i64(5)? as u64,
+                lease_holder: r.bool(6)?,
+                up: r.bool(7)?,
+            })
+        },
+    )
+}
+
+/// Renews `me`'s row and forgets processes long gone.
+fn heartbeat(
+    c: &mut postgres::Client,
+    me: &ProcessInfo,
+    held: bool,
+) -> Result<(), postgres::Error> {
+    let forget = PROCESS_FORGET_MS as i64;
+    c.execute(
+        &format!(
+            "INSERT INTO processes (id, host, pid, base, started_ms, seen_ms, lease_holder)
+             VALUES ($1, $2, $3, $4, $5, {DB_NOW_MS}, $6)
+             ON CONFLICT (id) DO UPDATE SET seen_ms = EXCLUDED.seen_ms, lease_holder = EXCLUDED.lease_holder"
+        ),
+        &[&me.id, &me.host, &i64::from(me.pid), &me.base, &(me.started_ms as i64), &held],
+    )?;
+    c.execute(
+        &format!("DELETE FROM processes WHERE seen_ms < {DB_NOW_MS} - $1"),
+        &[&forget],
+    )?;
+    Ok(())
+}
 
 /// The advisory lock key of a lease name.
 fn key(name: &str) -> i64 {
@@ -45,14 +107,15 @@ pub struct Lease {
 
 impl Lease {
     /// Starts trying for the lease `name` on the database of `cfg`.
-    pub fn start(cfg: &PgConfig, name: &str) -> Result<Lease, StoreError> {
+    /// `me` is this process, whose heartbeat the same thread writes.
+    pub fn start(cfg: &PgConfig, name: &str, me: ProcessInfo) -> Result<Lease, StoreError> {
         let (tx, held) = watch::channel(false);
         let stop = Arc::new(AtomicBool::new(false));
         let (cfg, flag, k) = (cfg.clone(), stop.clone(), key(name));
         let name = name.to_owned();
         let thread = std::thread::Builder::new()
             .name("fhirsync-lease".into())
-            .spawn(move || run(cfg, k, &name, tx, flag))
+            .spawn(move || run(cfg, k, &name, &me, tx, flag))
             .map_err(|e| StoreError::Backend(format!("cannot start the lease thread: {e}")))?;
         Ok(Lease {
             held,
@@ -71,7 +134,14 @@ impl Lease {
     }
 }
 
-fn run(cfg: PgConfig, k: i64, name: &str, tx: watch::Sender<bool>, stop: Arc<AtomicBool>) {
+fn run(
+    cfg: PgConfig,
+    k: i64,
+    name: &str,
+    me: &ProcessInfo,
+    tx: watch::Sender<bool>,
+    stop: Arc<AtomicBool>,
+) {
     let tick = Duration::from_millis(LEASE_TICK_MS);
     let mut conn: Option<postgres::Client> = None;
     while !stop.load(Ordering::Relaxed) {
@@ -99,6 +169,9 @@ fn run(cfg: PgConfig, k: i64, name: &str, tx: watch::Sender<bool>, stop: Arc<Ato
                     tracing::info!(lease = name, "lease taken: this process runs the agents");
                     tx.send_replace(now);
                 }
+                if let Err(e) = heartbeat(c, me, now) {
+                    tracing::warn!(error = %super::describe(&e), "cannot write this process's heartbeat");
+                }
             }
             Err(e) => {
                 if held {
@@ -111,6 +184,9 @@ fn run(cfg: PgConfig, k: i64, name: &str, tx: watch::Sender<bool>, stop: Arc<Ato
         sleep(tick, &stop);
     }
     tx.send_replace(false);
+    if let Some(c) = conn.as_mut() {
+        let _ = c.execute("DELETE FROM processes WHERE id = $1", &[&me.id]);
+    }
     // the connection's end frees the lock
     drop(conn);
 }

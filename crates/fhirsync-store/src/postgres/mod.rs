@@ -4,6 +4,7 @@
 //! gapless across processes ([`log`]); the shared SQL on PostgreSQL
 //! ([`conn`]); index rows in bulk ([`index`]); the writer and the store.
 
+pub mod bulk;
 pub mod conn;
 pub mod from_sqlite;
 pub mod index;

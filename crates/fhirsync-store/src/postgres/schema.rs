@@ -20,11 +20,18 @@ pub struct Migration {
 }
 
 /// Every migration, oldest first; `version` is the position plus one.
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "the store",
-    sql: V1,
-}];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "the store",
+        sql: V1,
+    },
+    Migration {
+        version: 2,
+        name: "node processes",
+        sql: V2,
+    },
+];
 
 /// The key of the advisory lock under which migrations run, so that
 /// processes starting together apply each one once.
@@ -189,6 +196,19 @@ CREATE TABLE peers (
     last_ms            BIGINT NOT NULL,
     last_seq_received  BIGINT NOT NULL,
     last_seq_sent      BIGINT NOT NULL
+);
+"#;
+
+/// The processes serving from the database (see `super::lease`).
+const V2: &str = r#"
+CREATE TABLE processes (
+    id           TEXT COLLATE "C" PRIMARY KEY,
+    host         TEXT NOT NULL,
+    pid          BIGINT NOT NULL,
+    base         TEXT NOT NULL,
+    started_ms   BIGINT NOT NULL,
+    seen_ms      BIGINT NOT NULL,
+    lease_holder BOOLEAN NOT NULL
 );
 "#;
 

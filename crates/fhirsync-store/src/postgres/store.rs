@@ -158,6 +158,7 @@ impl PgStore {
             marks: Vec::new(),
             custom_source: custom_source.clone(),
             custom_dirty: false,
+            known: Default::default(),
         };
         let handle = std::thread::Builder::new()
             .name("fhirsync-pg-writer".into())
@@ -252,6 +253,10 @@ crate::sql::store_impl! {
 
     async fn write(&self, req: WriteRequest) -> Result<WriteOutcome, StoreError> {
         self.job(|tx| Job::Write(Box::new(req), tx)).await?
+    }
+
+    async fn processes(&self) -> Result<Vec<ProcessInfo>, StoreError> {
+        self.read_with(super::lease::processes).await
     }
 
     fn last_seq(&self) -> u64 {

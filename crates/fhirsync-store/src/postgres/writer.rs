@@ -6,6 +6,7 @@
 //! Index rows are held until the request's savepoint settles, then
 //! written one statement per table.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use fhirsync_core::clock::Clock;
@@ -14,10 +15,11 @@ use fhirsync_core::search::SearchQuery;
 use fhirsync_core::{Hlc, ResourceKey, VersionVector};
 use tokio::sync::{mpsc, watch};
 
+use super::bulk::VersionRow;
 use super::conn::PgConn;
 use super::log::{advance_head, lock_head, Head};
 use crate::engine::{self, CurrentVersion, NewVersion, WriteTx};
-use crate::sql::{custom_params, first, n, query, search, t, Db, Sql};
+use crate::sql::{custom_params, first, n, query, search, t, Db, Row, Sql};
 use crate::sqlite::writer::{load_batch, take_group, Job, LoadSummary, Reply, StreamMsg};
 use crate::stamp::Stamper;
 use crate::types::*;
@@ -41,6 +43,29 @@ pub struct PgWriter {
     pub marks: Vec<usize>,
     pub custom_source: String,
     pub custom_dirty: bool,
+    /// Current versions read ahead for a batch of a load
+    /// ([`Self::read_ahead`]); a key leaves it when read or written, so
+    /// what is left is never stale.
+    pub known: HashMap<(String, String), Option<CurrentVersion>>,
+}
+
+/// The columns [`current_version`] reads.
+const CURRENT_COLUMNS: &str = "seq, vid, deleted, vv, hash, hlc, origin";
+
+fn current_version(r: &dyn Row) -> Result<CurrentVersion, StoreError> {
+    Ok(CurrentVersion {
+        seq: r.i64(0)? as u64,
+        vid: r.i64(1)? as u64,
+        deleted: r.bool(2)?,
+        vv: VersionVector::from_json(&r.text(3)?).unwrap_or_default(),
+        hash: r
+            .opt_blob(4)?
+            .and_then(|h| <[u8; 16]>::try_from(h.as_slice()).ok())
+            .map(u128::from_be_bytes)
+            .unwrap_or(0),
+        hlc: Hlc::from_packed(r.i64(5)? as u64),
+        origin: r.text(6)?,
+    })
 }
 
 impl PgWriter {
@@ -128,6 +153,7 @@ impl PgWriter {
         self.next_seq = None;
         self.index.clear();
         self.marks.clear();
+        self.known.clear();
         if let Err(e) = self.conn.batch("ROLLBACK") {
             tracing::error!(error = %e, "rollback failed");
         }
@@ -225,9 +251,12 @@ impl PgWriter {
         let r = (|| loop {
             match rx.blocking_recv() {
                 Some(StreamMsg::Batch(reqs, presorted)) => {
-                    let seqs = load_batch(self, reqs, &mut sum)?;
+                    self.read_ahead(&reqs)?;
+                    let seqs = load_batch(self, reqs, &mut sum);
+                    self.known.clear();
+                    let seqs = seqs?;
                     self.flush_index()?;
-                    super::index::write(&mut self.conn.client(), presorted.rows(&seqs))?;
+                    super::index::write_new(&mut self.conn.client(), presorted.rows(&seqs))?;
                 }
                 Some(StreamMsg::Commit) => return Ok(()),
                 None => return Err(StoreError::BadRequest("load ended without commit".into())),
@@ -262,12 +291,51 @@ impl PgWriter {
         })
     }
 
+    /// Reads the current versions of the resources `reqs` update by id,
+    /// in one query, for [`WriteTx::current`] to answer from.
+    fn read_ahead(&mut self, reqs: &[WriteRequest]) -> Result<(), StoreError> {
+        let (mut types, mut ids) = (Vec::new(), Vec::new());
+        for r in reqs {
+            if let WriteRequest::Update { id, res, .. } = r {
+                types.push(res.rtype.as_str());
+                ids.push(id.as_str());
+            }
+        }
+        if types.is_empty() {
+            return Ok(());
+        }
+        self.conn.flush()?;
+        for (ty, id) in types.iter().zip(&ids) {
+            self.known.insert((ty.to_string(), id.to_string()), None);
+        }
+        // One index probe per key. The planner would scan the table
+        // instead: in the middle of a load its statistics still say the
+        // table is small (it was analyzed before the load began).
+        let sql = format!(
+            "SELECT k.type, k.id, v.* FROM unnest($1::text[], $2::text[]) AS k(type, id)
+             CROSS JOIN LATERAL (SELECT {CURRENT_COLUMNS} FROM versions
+                 WHERE type = k.type AND id = k.id AND superseded IS NULL LIMIT 1) v"
+        );
+        self.conn.batch("SET LOCAL enable_seqscan = off")?;
+        let rows = self.conn.client().query(&sql, &[&types, &ids]);
+        let reset = self.conn.batch("SET LOCAL enable_seqscan = on");
+        let rows = rows?;
+        reset?;
+        for row in &rows {
+            let key: (String, String) = (row.try_get(0)?, row.try_get(1)?);
+            let cur = current_version(&super::conn::Shifted(row, 2))?;
+            self.known.insert(key, Some(cur));
+        }
+        Ok(())
+    }
+
     fn flush_index(&mut self) -> Result<(), StoreError> {
+        self.conn.flush()?;
         if self.index.is_empty() {
             return Ok(());
         }
         let rows = std::mem::take(&mut self.index);
-        super::index::write(&mut self.conn.client(), rows.iter().map(|(s, e)| (*s, e)))?;
+        super::index::write_new(&mut self.conn.client(), rows.iter().map(|(s, e)| (*s, e)))?;
         // what is written belongs to the savepoints open now
         for m in &mut self.marks {
             *m = 0;
@@ -290,26 +358,14 @@ impl WriteTx for PgWriter {
     }
 
     fn current(&mut self, rtype: &str, id: &str) -> Result<Option<CurrentVersion>, StoreError> {
+        if let Some(known) = self.known.remove(&(rtype.to_owned(), id.to_owned())) {
+            return Ok(known);
+        }
         first(
             &self.conn,
-            "SELECT seq, vid, deleted, vv, hash, hlc, origin FROM versions
-             WHERE type = ?1 AND id = ?2 AND superseded IS NULL",
+            &format!("SELECT {CURRENT_COLUMNS} FROM versions WHERE type = ?1 AND id = ?2 AND superseded IS NULL"),
             &[t(rtype), t(id)],
-            |r| {
-                Ok(CurrentVersion {
-                    seq: r.i64(0)? as u64,
-                    vid: r.i64(1)? as u64,
-                    deleted: r.bool(2)?,
-                    vv: VersionVector::from_json(&r.text(3)?).unwrap_or_default(),
-                    hash: r
-                        .opt_blob(4)?
-                        .and_then(|h| <[u8; 16]>::try_from(h.as_slice()).ok())
-                        .map(u128::from_be_bytes)
-                        .unwrap_or(0),
-                    hlc: Hlc::from_packed(r.i64(5)? as u64),
-                    origin: r.text(6)?,
-                })
-            },
+            current_version,
         )
     }
 
@@ -344,25 +400,22 @@ impl WriteTx for PgWriter {
                 )));
             }
         }
-        self.conn.exec(
-            "INSERT INTO versions (seq, type, id, vid, lu_ms, deleted, method, origin, vv, hlc, hash, body, via)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
-            &[
-                n(seq),
-                t(rtype),
-                t(id),
-                n(s.vid),
-                n(s.lu_ms),
-                n(s.body.is_none() as u64),
-                t(s.method.as_str()),
-                t(&s.origin),
-                Sql::Text(s.vv.to_json()),
-                n(s.hlc.packed()),
-                s.hash.clone().map_or(Sql::Null, Sql::Blob),
-                s.body.clone().map_or(Sql::Null, Sql::Text),
-                s.via.clone().map_or(Sql::Null, Sql::Text),
-            ],
-        )?;
+        self.known.remove(&(rtype.to_owned(), id.to_owned()));
+        self.conn.append(VersionRow {
+            seq: seq as i64,
+            rtype: rtype.to_owned(),
+            id: id.to_owned(),
+            vid: s.vid as i64,
+            lu_ms: s.lu_ms as i64,
+            deleted: s.body.is_none() as i16,
+            method: s.method.as_str(),
+            origin: s.origin.clone(),
+            vv: s.vv.to_json(),
+            hlc: s.hlc.packed() as i64,
+            hash: s.hash.clone(),
+            body: s.body.clone(),
+            via: s.via.clone(),
+        });
         let index = std::mem::take(&mut s.index);
         self.index.extend(index.into_iter().map(|e| (seq, e)));
         self.next_seq = Some(seq + 1);

@@ -50,6 +50,9 @@ enum Cmd {
     Postgres {
         #[arg(long)]
         db: Vec<String>,
+        /// A server setting, `name=value` (repeatable).
+        #[arg(long)]
+        set: Vec<String>,
     },
     /// Reads `Type/{prefix}{0..ids}` at a fixed rate; reports latency percentiles.
     ReadLatency {
@@ -105,6 +108,11 @@ enum Cmd {
         seconds: u64,
         #[arg(long)]
         work: std::path::PathBuf,
+        /// The parent is two processes on this PostgreSQL database: writes
+        /// go to one, the child pulls through the other, and the lag is
+        /// from a write's `201` to its arrival in the child's change feed.
+        #[arg(long)]
+        postgres: Option<String>,
     },
     /// 100k-resource load and write-to-visible lag between two nodes through JetStream.
     Nats {
@@ -224,8 +232,8 @@ fn main() -> anyhow::Result<()> {
             let rt = tokio::runtime::Runtime::new()?;
             rt.block_on(http_tx(base, clients, bundles, encounters, obs))
         }
-        Cmd::Postgres { db } => {
-            let pg = fhirsync_testkit::postgres::Postgres::start()?;
+        Cmd::Postgres { db, set } => {
+            let pg = fhirsync_testkit::postgres::Postgres::start_configured(&set)?;
             for d in &db {
                 println!("{}", pg.create_db(d));
             }
@@ -316,9 +324,13 @@ fn main() -> anyhow::Result<()> {
             writers,
             seconds,
             work,
+            postgres,
         } => {
             let rt = tokio::runtime::Runtime::new()?;
-            rt.block_on(replicate_lag(bin, rate, writers, seconds, work))
+            match postgres {
+                Some(url) => rt.block_on(replicate_lag_pg(bin, &url, rate, writers, seconds, work)),
+                None => rt.block_on(replicate_lag(bin, rate, writers, seconds, work)),
+            }
         }
     }
 }
@@ -593,6 +605,61 @@ async fn replicate_lag(
     println!("lag child commit -> visible at parent, {line}");
     drop(child);
     drop(parent);
+    Ok(())
+}
+
+/// Lag from a write on process A of a parent to its arrival at a child
+/// that pulls through process B, both processes on one PostgreSQL database.
+async fn replicate_lag_pg(
+    bin: std::path::PathBuf,
+    url: &str,
+    rate: u64,
+    writers: u64,
+    seconds: u64,
+    work: std::path::PathBuf,
+) -> anyhow::Result<()> {
+    use fhirsync_testkit::NodeProcess;
+    std::fs::create_dir_all(&work)?;
+    let (pcfg, _) = replication_configs(&work, None, 500)?;
+    let mut parent = std::fs::read_to_string(&pcfg)?;
+    parent.push_str(&format!(
+        "[storage]\nbackend = \"postgres\"\nurl = \"{url}\"\n"
+    ));
+    std::fs::write(&pcfg, parent)?;
+    let dirs: Vec<_> = ["lag-a", "lag-b", "lag-child"]
+        .iter()
+        .map(|d| work.join(d))
+        .collect();
+    for d in &dirs {
+        let _ = std::fs::remove_dir_all(d);
+    }
+    let cfg = pcfg.to_str().unwrap_or("");
+    let a = NodeProcess::spawn(&bin, &dirs[0], &["--config", cfg])?;
+    let b = NodeProcess::spawn(&bin, &dirs[1], &["--config", cfg])?;
+    let (_, ccfg) = replication_configs(&work, Some(&b.base), 500)?;
+    let mut child = std::fs::read_to_string(&ccfg)?;
+    child.push_str(&format!(
+        "[[children]]\nnode_id = \"observer\"\ntoken = \"{OBSERVER_TOKEN}\"\npush = false\n"
+    ));
+    std::fs::write(&ccfg, child)?;
+    let c = NodeProcess::spawn(&bin, &dirs[2], &["--config", ccfg.to_str().unwrap_or("")])?;
+    let http = reqwest::Client::new();
+    let (line, _) = lag_run(
+        &http,
+        &a.base,
+        &c.base,
+        Some(("observer", OBSERVER_TOKEN)),
+        rate,
+        writers,
+        seconds,
+    )
+    .await?;
+    println!("lag write on process A -> visible at a child pulling through process B, {line}");
+    anyhow::ensure!(
+        line.ends_with("missing 0"),
+        "writes never reached the child"
+    );
+    drop((c, b, a));
     Ok(())
 }
 
