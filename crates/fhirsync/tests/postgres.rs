@@ -859,3 +859,110 @@ async fn the_lease_holder_dies_mid_stream_and_the_other_takes_over() {
         "{text}"
     );
 }
+
+/// A database whose index was built by an older extraction (here: its
+/// `strings` rows gone and no index version recorded) is reindexed in the
+/// background by the next process that opens it; the node keeps taking
+/// writes meanwhile, and afterwards search finds everything again and the
+/// index version is recorded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_outdated_index_is_rebuilt_in_the_background_on_open() {
+    use fhirsync_store::postgres::{PgNode, PgStore};
+    use fhirsync_testkit::server::Options;
+    use fhirsync_testkit::InProcess;
+    const N: usize = 1_200;
+    let pg = Postgres::start().unwrap();
+    let url = pg.create_db("ri");
+    let node = InProcess::start_with(Options {
+        postgres: Some(url.clone()),
+        ..Options::default()
+    })
+    .await;
+    let entries: Vec<serde_json::Value> = (0..N)
+        .map(|i| {
+            serde_json::json!({"resource": {"resourceType": "Patient", "id": format!("p{i}"),
+                "name": [{"family": "Reindexed"}]},
+             "request": {"method": "PUT", "url": format!("Patient/p{i}")}})
+        })
+        .collect();
+    let r = node
+        .client
+        .post(&node.base)
+        .header("content-type", "application/fhir+json")
+        .body(
+            serde_json::json!({"resourceType": "Bundle", "type": "transaction", "entry": entries})
+                .to_string(),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let count = |node: &InProcess| {
+        let (c, u) = (
+            node.client.clone(),
+            node.url("Patient?family=reindexed&_summary=count"),
+        );
+        async move {
+            let v: serde_json::Value = c.get(u).send().await.unwrap().json().await.unwrap();
+            v["total"].as_u64().unwrap()
+        }
+    };
+    assert_eq!(count(&node).await, N as u64);
+    let cfg = PgConfig::new(url.clone());
+    // (the blocking client, off the async workers)
+    let index_version = |cfg: &PgConfig| {
+        tokio::task::block_in_place(|| {
+            let mut c = connect(cfg).unwrap();
+            c.query_opt(
+                "SELECT value FROM node_info WHERE key = 'index_version'",
+                &[],
+            )
+            .unwrap()
+            .map(|r| r.get::<_, String>(0))
+        })
+    };
+    // a new database records its index version at once
+    assert_eq!(index_version(&cfg).as_deref(), Some("1"));
+    tokio::task::block_in_place(|| {
+        connect(&cfg)
+            .unwrap()
+            .batch_execute("DELETE FROM strings; DELETE FROM node_info WHERE key = 'index_version'")
+            .unwrap()
+    });
+    assert_eq!(count(&node).await, 0);
+    let c2 = cfg.clone();
+    let second = tokio::task::spawn_blocking(move || {
+        PgStore::open(
+            c2,
+            PgNode {
+                node_id: None,
+                group_commit_max: 64,
+                write_queue_max: 64,
+            },
+        )
+        .unwrap()
+    })
+    .await
+    .unwrap();
+    use fhirsync_store::Store;
+    assert!(second.reindex_status().running || second.reindex_status().done == N as u64);
+    // writes go on while it runs
+    let r = node
+        .client
+        .put(node.url("Patient/late"))
+        .header("content-type", "application/fhir+json")
+        .body(r#"{"resourceType":"Patient","id":"late","name":[{"family":"Reindexed"}]}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    common::eventually("the reindex is done", 60, || async {
+        !second.reindex_status().running
+    })
+    .await;
+    assert_eq!(count(&node).await, N as u64 + 1);
+    assert_eq!(index_version(&cfg).as_deref(), Some("1"));
+    tokio::task::spawn_blocking(move || second.shutdown())
+        .await
+        .unwrap();
+}

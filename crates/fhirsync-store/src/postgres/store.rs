@@ -12,9 +12,10 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use super::conn::PgConn;
 use super::log::{read_head, Listener};
-use super::writer::PgWriter;
+use super::writer::{self, PgWriter};
 use super::{connect, schema, PgConfig};
 use crate::sql::{custom_params, Db};
+use crate::sqlite::schema::INDEX_VERSION;
 use crate::sqlite::writer::{Job, LoadDone, StreamMsg};
 use crate::stamp::Stamper;
 use crate::types::*;
@@ -143,7 +144,17 @@ impl PgStore {
         custom_params::load(&conn, &custom_source);
         let (seq_tx, seq_rx) = watch::channel(head.seq);
         let listener = Listener::start(&cfg, seq_tx.clone())?;
-        let (_reindex_tx, reindex_rx) = watch::channel(ReindexStatus::default());
+        // an index built by an older extraction is completed in the
+        // background (each process that opens it so far does: additive,
+        // so the work is repeated, never wrong)
+        let reindex = if writer::index_version(&conn)? == Some(INDEX_VERSION) {
+            None
+        } else {
+            tracing::warn!("search index out of date: reindexing in the background");
+            Some(writer::Reindex::start(&conn)?)
+        };
+        let (reindex_tx, reindex_rx) =
+            watch::channel(reindex.as_ref().map(|r| r.status()).unwrap_or_default());
         let (jobs_tx, jobs_rx) = mpsc::channel(node.write_queue_max.max(1));
         let w = PgWriter {
             conn,
@@ -159,6 +170,8 @@ impl PgStore {
             custom_source: custom_source.clone(),
             custom_dirty: false,
             known: Default::default(),
+            reindex,
+            reindex_tx,
         };
         let handle = std::thread::Builder::new()
             .name("fhirsync-pg-writer".into())

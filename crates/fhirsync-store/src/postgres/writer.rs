@@ -20,6 +20,7 @@ use super::conn::PgConn;
 use super::log::{advance_head, lock_head, Head};
 use crate::engine::{self, CurrentVersion, NewVersion, WriteTx};
 use crate::sql::{custom_params, first, n, query, search, t, Db, Row, Sql};
+use crate::sqlite::schema::INDEX_VERSION;
 use crate::sqlite::writer::{load_batch, take_group, Job, LoadSummary, Reply, StreamMsg};
 use crate::stamp::Stamper;
 use crate::types::*;
@@ -47,6 +48,66 @@ pub struct PgWriter {
     /// ([`Self::read_ahead`]); a key leaves it when read or written, so
     /// what is left is never stale.
     pub known: HashMap<(String, String), Option<CurrentVersion>>,
+    /// A reindex under way, one batch between jobs.
+    pub reindex: Option<Reindex>,
+    /// Progress of the reindex, for readers.
+    pub reindex_tx: watch::Sender<ReindexStatus>,
+}
+
+/// Versions reindexed per step of a reindex while the node serves (a
+/// write arriving meanwhile waits for the step under way).
+pub const REINDEX_STEP: i64 = 500;
+
+/// A reindex under way: the versions `next..=last` are still to do.
+#[derive(Debug, Clone)]
+pub struct Reindex {
+    next: i64,
+    last: i64,
+    done: u64,
+    total: u64,
+}
+
+impl Reindex {
+    /// A reindex of every stored version, adding to the index in place
+    /// (searches stay right while it runs).
+    pub fn start(db: &dyn Db) -> Result<Reindex, StoreError> {
+        let (last, total) = first(
+            db,
+            "SELECT coalesce(max(seq), 0), count(*) FROM versions",
+            &[],
+            |r| Ok((r.i64(0)?, r.i64(1)? as u64)),
+        )?
+        .unwrap_or((0, 0));
+        Ok(Reindex {
+            next: 1,
+            last,
+            done: 0,
+            total,
+        })
+    }
+
+    fn finished(&self) -> bool {
+        self.next > self.last
+    }
+
+    pub fn status(&self) -> ReindexStatus {
+        ReindexStatus {
+            running: !self.finished(),
+            done: self.done,
+            total: self.total,
+        }
+    }
+}
+
+/// The index version the database's rows were built with, if recorded.
+pub fn index_version(db: &dyn Db) -> Result<Option<i64>, StoreError> {
+    Ok(first(
+        db,
+        "SELECT value FROM node_info WHERE key = 'index_version'",
+        &[],
+        |r| r.text(0),
+    )?
+    .and_then(|v| v.parse().ok()))
 }
 
 /// The columns [`current_version`] reads.
@@ -74,6 +135,14 @@ impl PgWriter {
         loop {
             let job = match pending.take() {
                 Some(j) => j,
+                None if self.reindex.is_some() => match rx.try_recv() {
+                    Ok(j) => j,
+                    Err(mpsc::error::TryRecvError::Empty) => {
+                        self.reindex_step();
+                        continue;
+                    }
+                    Err(mpsc::error::TryRecvError::Disconnected) => break,
+                },
                 None => match rx.blocking_recv() {
                     Some(j) => j,
                     None => break,
@@ -82,9 +151,25 @@ impl PgWriter {
             if self.conn.is_closed() {
                 self.reconnect_note();
             }
+            // one step per job, so that a reindex ends under a steady load
+            if self.reindex.is_some() {
+                self.reindex_step();
+            }
             match job {
                 Job::Reindex(reply) => {
-                    let _ = reply.send(self.reindex());
+                    let r = match &self.reindex {
+                        Some(r) => Ok(r.status()),
+                        None => Reindex::start(&self.conn).map(|r| {
+                            tracing::info!(versions = r.total, "reindex asked for");
+                            let s = r.status();
+                            self.reindex = Some(r);
+                            s
+                        }),
+                    };
+                    if let Ok(s) = &r {
+                        self.reindex_tx.send_replace(*s);
+                    }
+                    let _ = reply.send(r);
                 }
                 Job::Mark(reply) => {
                     let _ = reply.send(self.mark());
@@ -176,44 +261,63 @@ impl PgWriter {
         }
     }
 
-    /// Indexes every stored version again (adding what is missing), in
-    /// batches of their own transactions.
-    fn reindex(&mut self) -> Result<ReindexStatus, StoreError> {
-        const BATCH: i64 = 1_000;
-        let total = crate::sql::int(&self.conn, "SELECT count(*) FROM versions", &[])? as u64;
-        let mut after = 0i64;
-        let mut done = 0u64;
-        loop {
+    /// Indexes the next [`REINDEX_STEP`] versions again (adding what is
+    /// missing; each table's rows in one statement, which commits on its
+    /// own); after the last, records the index version.
+    fn reindex_step(&mut self) {
+        let Some(mut r) = self.reindex.take() else {
+            return;
+        };
+        match self.reindex_batch(&mut r) {
+            Ok(()) if r.finished() => {
+                tracing::info!(versions = r.total, "reindex done");
+            }
+            Ok(()) => {
+                tracing::debug!(done = r.done, total = r.total, "reindexing");
+                self.reindex = Some(r.clone());
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "reindex failed; it starts again at the next open");
+            }
+        }
+        let mut s = r.status();
+        s.running = self.reindex.is_some();
+        self.reindex_tx.send_replace(s);
+    }
+
+    fn reindex_batch(&mut self, r: &mut Reindex) -> Result<(), StoreError> {
+        if !r.finished() {
+            let to = (r.next + REINDEX_STEP - 1).min(r.last);
             let rows = crate::sql::all(
                 &self.conn,
-                "SELECT seq, type, body FROM versions WHERE seq > ?1 ORDER BY seq LIMIT ?2",
-                &[Sql::Integer(after), Sql::Integer(BATCH)],
-                |r| Ok((r.i64(0)?, r.text(1)?, r.opt_text(2)?)),
+                "SELECT seq, type, body FROM versions WHERE seq BETWEEN ?1 AND ?2 AND body IS NOT NULL",
+                &[Sql::Integer(r.next), Sql::Integer(to)],
+                |row| Ok((row.i64(0)?, row.text(1)?, row.text(2)?)),
             )?;
-            let Some(last) = rows.last().map(|r| r.0) else {
-                break;
-            };
             let mut entries = Vec::new();
             for (seq, rtype, body) in rows {
-                let Some(body) = body else { continue };
                 let Ok(v) = serde_json::from_str::<serde_json::Value>(&body) else {
+                    tracing::warn!(seq, "a stored body is not JSON; not indexed");
                     continue;
                 };
                 let keys = fhirsync_core::index::extract(&rtype, &v);
                 entries.extend(keys.into_iter().map(|e| (seq as u64, e)));
-                done += 1;
             }
             super::index::write(
                 &mut self.conn.client(),
                 entries.iter().map(|(s, e)| (*s, e)),
             )?;
-            after = last;
+            r.done = (r.done + (to + 1 - r.next) as u64).min(r.total);
+            r.next = to + 1;
         }
-        Ok(ReindexStatus {
-            running: false,
-            done,
-            total,
-        })
+        if r.finished() {
+            self.conn.exec(
+                "INSERT INTO node_info (key, value) VALUES ('index_version', ?1)
+                 ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
+                &[Sql::Text(INDEX_VERSION.to_string())],
+            )?;
+        }
+        Ok(())
     }
 
     fn run_group(&mut self, group: Vec<(WriteRequest, Reply)>) {
