@@ -151,7 +151,7 @@ impl PgStore {
             None
         } else {
             tracing::warn!("search index out of date: reindexing in the background");
-            Some(writer::Reindex::start(&conn)?)
+            Some(writer::start_reindex(&conn)?)
         };
         let (reindex_tx, reindex_rx) =
             watch::channel(reindex.as_ref().map(|r| r.status()).unwrap_or_default());

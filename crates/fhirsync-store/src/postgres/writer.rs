@@ -20,6 +20,7 @@ use super::conn::PgConn;
 use super::log::{advance_head, lock_head, Head};
 use crate::engine::{self, CurrentVersion, NewVersion, WriteTx};
 use crate::sql::{custom_params, first, n, query, search, t, Db, Row, Sql};
+use crate::sqlite::reindex::{Reindex, ONLINE_REINDEX_BATCH};
 use crate::sqlite::schema::INDEX_VERSION;
 use crate::sqlite::writer::{load_batch, take_group, Job, LoadSummary, Reply, StreamMsg};
 use crate::stamp::Stamper;
@@ -54,49 +55,25 @@ pub struct PgWriter {
     pub reindex_tx: watch::Sender<ReindexStatus>,
 }
 
-/// Versions reindexed per step of a reindex while the node serves (a
-/// write arriving meanwhile waits for the step under way).
-pub const REINDEX_STEP: i64 = 500;
-
-/// A reindex under way: the versions `next..=last` are still to do.
-#[derive(Debug, Clone)]
-pub struct Reindex {
-    next: i64,
-    last: i64,
-    done: u64,
-    total: u64,
-}
-
-impl Reindex {
-    /// A reindex of every stored version, adding to the index in place
-    /// (searches stay right while it runs).
-    pub fn start(db: &dyn Db) -> Result<Reindex, StoreError> {
-        let (last, total) = first(
-            db,
-            "SELECT coalesce(max(seq), 0), count(*) FROM versions",
-            &[],
-            |r| Ok((r.i64(0)?, r.i64(1)? as u64)),
-        )?
-        .unwrap_or((0, 0));
-        Ok(Reindex {
-            next: 1,
-            last,
-            done: 0,
-            total,
-        })
-    }
-
-    fn finished(&self) -> bool {
-        self.next > self.last
-    }
-
-    pub fn status(&self) -> ReindexStatus {
-        ReindexStatus {
-            running: !self.finished(),
-            done: self.done,
-            total: self.total,
-        }
-    }
+/// A reindex of every stored version on PostgreSQL, adding to the index
+/// in place (searches stay right while it runs), in steps of
+/// [`ONLINE_REINDEX_BATCH`] versions between the writer's jobs.
+pub fn start_reindex(db: &dyn Db) -> Result<Reindex, StoreError> {
+    let (last, total) = first(
+        db,
+        "SELECT coalesce(max(seq), 0), count(*) FROM versions",
+        &[],
+        |r| Ok((r.i64(0)? as u64, r.i64(1)? as u64)),
+    )?
+    .unwrap_or((0, 0));
+    Ok(Reindex {
+        clear: false,
+        batch: ONLINE_REINDEX_BATCH,
+        next: 1,
+        last,
+        done: 0,
+        total,
+    })
 }
 
 /// The index version the database's rows were built with, if recorded.
@@ -159,7 +136,7 @@ impl PgWriter {
                 Job::Reindex(reply) => {
                     let r = match &self.reindex {
                         Some(r) => Ok(r.status()),
-                        None => Reindex::start(&self.conn).map(|r| {
+                        None => start_reindex(&self.conn).map(|r| {
                             tracing::info!(versions = r.total, "reindex asked for");
                             let s = r.status();
                             self.reindex = Some(r);
@@ -261,7 +238,7 @@ impl PgWriter {
         }
     }
 
-    /// Indexes the next [`REINDEX_STEP`] versions again (adding what is
+    /// Indexes the next step's versions again (adding what is
     /// missing; each table's rows in one statement, which commits on its
     /// own); after the last, records the index version.
     fn reindex_step(&mut self) {
@@ -287,11 +264,11 @@ impl PgWriter {
 
     fn reindex_batch(&mut self, r: &mut Reindex) -> Result<(), StoreError> {
         if !r.finished() {
-            let to = (r.next + REINDEX_STEP - 1).min(r.last);
+            let to = (r.next + r.batch - 1).min(r.last);
             let rows = crate::sql::all(
                 &self.conn,
                 "SELECT seq, type, body FROM versions WHERE seq BETWEEN ?1 AND ?2 AND body IS NOT NULL",
-                &[Sql::Integer(r.next), Sql::Integer(to)],
+                &[n(r.next), n(to)],
                 |row| Ok((row.i64(0)?, row.text(1)?, row.text(2)?)),
             )?;
             let mut entries = Vec::new();
@@ -307,7 +284,7 @@ impl PgWriter {
                 &mut self.conn.client(),
                 entries.iter().map(|(s, e)| (*s, e)),
             )?;
-            r.done = (r.done + (to + 1 - r.next) as u64).min(r.total);
+            r.done = (r.done + to + 1 - r.next).min(r.total);
             r.next = to + 1;
         }
         if r.finished() {
