@@ -20,7 +20,7 @@ use crate::{ApiError, AppState};
 pub const LIST_COUNT_DEFAULT: usize = 50;
 pub const LIST_COUNT_MAX: usize = 1000;
 
-fn json_response(v: Value) -> Response {
+pub(crate) fn json_response(v: Value) -> Response {
     let mut r = Response::new(Body::from(v.to_string()));
     r.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -319,6 +319,51 @@ pub async fn all_edges(state: &AppState) -> Vec<Value> {
     out
 }
 
+/// `POST /admin/verify?edge=NAME&repair=true`: compares this node with
+/// its parent now (anti-entropy) and, with `repair`, repairs what
+/// differs; answers the run's report.
+pub async fn verify(
+    State(state): State<AppState>,
+    RawQuery(raw): RawQuery,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    check_admin(&state, &headers)?;
+    let q: std::collections::HashMap<String, String> =
+        query_pairs(raw.as_deref()).into_iter().collect();
+    let repair = match q.get("repair").map(String::as_str) {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(v) => {
+            return Err(ApiError::bad_request(format!(
+                "repair '{v}' must be true or false"
+            )))
+        }
+    };
+    if let Some(k) = q.keys().find(|k| !matches!(k.as_str(), "edge" | "repair")) {
+        return Err(ApiError::bad_request(format!(
+            "unknown parameter '{k}': verify takes edge and repair"
+        )));
+    }
+    let edge = q.get("edge").map(String::as_str);
+    for a in &state.agents {
+        if let Some(r) = a.verify(edge, repair).await {
+            return r.map(json_response).map_err(|(status, why)| {
+                ApiError::new(status, crate::error::issue_code(status), why)
+            });
+        }
+    }
+    Err(ApiError::new(
+        409,
+        "conflict",
+        match edge {
+            Some(e) => {
+                format!("edge '{e}' is not configured on this node (or runs in another process)")
+            }
+            None => "this node has no parent edge to verify (or another process runs it)".into(),
+        },
+    ))
+}
+
 pub async fn retry_one(state: &AppState, id: u64) -> Result<(), ApiError> {
     let d = state
         .store
@@ -437,6 +482,12 @@ pub async fn metrics(
     }
     let rows: Vec<_> = state.agents.iter().flat_map(|a| a.counters()).collect();
     crate::agent::render_counters(&mut out, &rows);
+    let rows: Vec<_> = state
+        .agents
+        .iter()
+        .flat_map(|a| a.verify_counters())
+        .collect();
+    crate::agent::render_verify(&mut out, &rows);
     state.http_metrics.render(&mut out);
     let mut r = Response::new(Body::from(out));
     r.headers_mut().insert(

@@ -17,6 +17,80 @@ pub trait SyncAgent: Send + Sync + 'static {
     async fn retry(&self, letter: &DeadLetter) -> Result<(), (u16, String)>;
     /// Counters of each edge direction, for `/metrics`.
     fn counters(&self) -> Vec<EdgeCounters>;
+    /// Runs anti-entropy on one of this agent's edges (`None`: its first)
+    /// and, with `repair`, repairs what differs; the run's report. `None`
+    /// when the agent has no such edge.
+    async fn verify(
+        &self,
+        _edge: Option<&str>,
+        _repair: bool,
+    ) -> Option<Result<Value, (u16, String)>> {
+        None
+    }
+    /// Anti-entropy counters of each edge, for `/metrics`.
+    fn verify_counters(&self) -> Vec<VerifyCounters> {
+        Vec::new()
+    }
+}
+
+/// A snapshot of one edge's anti-entropy counters.
+#[derive(Debug, Clone, Default)]
+pub struct VerifyCounters {
+    pub edge: String,
+    pub runs: u64,
+    pub differences: u64,
+    pub repaired: u64,
+    /// The parent's `seq` and the time (ms) of the last run that found
+    /// the two ends equal.
+    pub verified: Option<(u64, u64)>,
+}
+
+/// Writes the anti-entropy families, in the Prometheus text format.
+pub fn render_verify(out: &mut String, rows: &[VerifyCounters]) {
+    type Pick = fn(&VerifyCounters) -> Option<f64>;
+    let families: [(&str, &str, &str, Pick); 5] = [
+        (
+            "fhirsync_verify_runs_total",
+            "counter",
+            "Anti-entropy runs finished.",
+            |c| Some(c.runs as f64),
+        ),
+        (
+            "fhirsync_verify_differences_total",
+            "counter",
+            "Resources found to differ from the parent.",
+            |c| Some(c.differences as f64),
+        ),
+        (
+            "fhirsync_verify_repaired_total",
+            "counter",
+            "Versions stored by repairs, at either end.",
+            |c| Some(c.repaired as f64),
+        ),
+        (
+            "fhirsync_verify_in_sync_seq",
+            "gauge",
+            "The parent's seq at the last run that found no difference.",
+            |c| c.verified.map(|v| v.0 as f64),
+        ),
+        (
+            "fhirsync_verify_in_sync_timestamp_seconds",
+            "gauge",
+            "When the last run that found no difference ended.",
+            |c| c.verified.map(|v| v.1 as f64 / 1000.0),
+        ),
+    ];
+    if rows.is_empty() {
+        return;
+    }
+    for (name, kind, help, pick) in families {
+        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
+        for r in rows {
+            if let Some(v) = pick(r) {
+                out.push_str(&format!("{name}{{edge=\"{}\"}} {v}\n", r.edge));
+            }
+        }
+    }
 }
 
 /// A snapshot of one edge direction's counters.

@@ -400,6 +400,7 @@ fn needed(interaction: &str, path: &str) -> Option<(String, u8, &'static str)> {
         "delete" => (rtype, D, "delete"),
         "operation" => (rtype, R, "read"),
         "changes" => ("*".into(), R, "read the change feed"),
+        "verify" => ("*".into(), R, "compare summaries"),
         "apply" => ("*".into(), C | U | D, "apply changes"),
         _ => return None,
     };
@@ -434,15 +435,16 @@ pub async fn guard(State(state): State<AppState>, mut req: Request, next: Next) 
     let mut resp = if open {
         next.run(req).await
     } else if let Who::Node(n) = &p.who {
-        // A child's edge token opens its feed and its pushes, nothing else;
-        // those handlers check what the child may do.
-        if interaction == "changes" || interaction == "apply" {
+        // A child's edge token opens its feed, its pushes and the
+        // summaries of anti-entropy, nothing else; those handlers check
+        // what the child may do.
+        if matches!(interaction, "changes" | "apply" | "verify") {
             next.run(req).await
         } else {
             ApiError::new(
                 403,
                 "forbidden",
-                format!("node:{n} used its edge token, which is for $changes and $apply only"),
+                format!("node:{n} used its edge token, which is for $changes, $apply, $summary and $current only"),
             )
             .into_response()
         }

@@ -157,6 +157,16 @@ pub async fn metadata(
                     "documentation": "a peer's change records, applied in order"
                 },
                 {
+                    "name": "summary",
+                    "definition": format!("{CANONICAL_BASE}/OperationDefinition/summary"),
+                    "documentation": "anti-entropy: fingerprints of the current resources over id ranges (JSON)"
+                },
+                {
+                    "name": "current",
+                    "definition": format!("{CANONICAL_BASE}/OperationDefinition/current"),
+                    "documentation": "anti-entropy: the current versions of named resources as change records"
+                },
+                {
                     "name": "status",
                     "definition": "http://hl7.org/fhir/uv/subscriptions-backport/OperationDefinition/backport-subscription-status",
                     "documentation": "Subscription/[id]/$status"

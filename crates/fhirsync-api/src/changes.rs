@@ -10,8 +10,10 @@ use axum::response::Response;
 use axum::Extension;
 use fhirsync_core::audit::Who;
 use fhirsync_core::resource::is_resource_type;
-use fhirsync_store::{sync_extension, ChangesQuery, SyncWrite, WriteRequest, EXTENSION_BASE};
-use serde_json::json;
+use fhirsync_store::{
+    sync_extension, ChangesQuery, StoredVersion, SyncWrite, WriteRequest, EXTENSION_BASE,
+};
+use serde_json::{json, Value};
 
 use crate::auth::Principal;
 use crate::http::{base_url, check_accept, fhir_json, prefer, query_pairs};
@@ -26,30 +28,38 @@ pub const CHANGES_COUNT_DEFAULT: usize = 100;
 /// Most entries one call returns.
 pub const CHANGES_COUNT_MAX: usize = 1000;
 
+/// Who may read the feed (and the summaries of anti-entropy): a node
+/// with registered children serves it to them and to readers, a bearer
+/// token or SMART client whose system read scope covers every type passed
+/// the guard (`fhirsync sync -m INCREMENTAL`); a reader gets everything,
+/// keeps no cursor here and is no child. On a node without children the
+/// feed stays open (credentials a proxy in front of it checked are not the
+/// node's business). `Some(child)` when the caller is a child.
+pub fn feed_reader(
+    state: &AppState,
+    principal: Option<&Principal>,
+    headers: &HeaderMap,
+) -> Result<Option<String>, ApiError> {
+    let reader = principal.is_some_and(|p| matches!(p.who, Who::Token(_) | Who::Client(_)));
+    if state.children.is_empty() || reader {
+        return Ok(None);
+    }
+    Ok(Some(
+        state
+            .children
+            .authenticate(headers, Access::Pull)?
+            .node_id
+            .clone(),
+    ))
+}
+
 pub async fn changes(
     State(state): State<AppState>,
     principal: Option<Extension<Principal>>,
     RawQuery(raw): RawQuery,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    // A node with registered children serves its feed to them and to
-    // readers: a bearer token or SMART client whose system read scope
-    // covers every type passed the guard (`fhirsync sync -m INCREMENTAL`);
-    // a reader gets everything, keeps no cursor here and is no child. On
-    // a node without children the feed stays open (credentials a proxy in
-    // front of it checked are not the node's business).
-    let reader = principal.is_some_and(|p| matches!(p.who, Who::Token(_) | Who::Client(_)));
-    let child = if !state.children.is_empty() && !reader {
-        Some(
-            state
-                .children
-                .authenticate(&headers, Access::Pull)?
-                .node_id
-                .clone(),
-        )
-    } else {
-        None
-    };
+    let child = feed_reader(&state, principal.as_deref(), &headers)?;
     let pairs = query_pairs(raw.as_deref());
     check_accept(&headers, &pairs)?;
     let mut q = ChangesQuery {
@@ -145,19 +155,33 @@ pub async fn changes(
         format!("{base}/$changes?{}", s.finish())
     };
     let links = [("self", link(q.since)), ("next", link(next_since))];
-    let ext = json!([
-        {"url": format!("{EXTENSION_BASE}/changes-next-since"), "valueDecimal": next_since},
-        {"url": format!("{EXTENSION_BASE}/changes-last-seq"), "valueDecimal": state.store.last_seq()},
-        {"url": format!("{EXTENSION_BASE}/node-id"), "valueString": state.store.node_id()},
-    ]);
-    let mut b = BundleBuilder::new("history", None, &links, ext);
-    for v in &rows {
+    let ext = vec![
+        json!({"url": format!("{EXTENSION_BASE}/changes-next-since"), "valueDecimal": next_since}),
+        json!({"url": format!("{EXTENSION_BASE}/changes-last-seq"), "valueDecimal": state.store.last_seq()}),
+    ];
+    Ok(change_bundle(&state, &base, &links, ext, &rows))
+}
+
+/// A "history" Bundle of change entries (each with its sync extension), as
+/// `$changes` and `$current` answer; `ext` gains the node's id.
+pub(crate) fn change_bundle(
+    state: &AppState,
+    base: &str,
+    links: &[(&str, String)],
+    mut ext: Vec<Value>,
+    rows: &[StoredVersion],
+) -> Response {
+    ext.push(
+        json!({"url": format!("{EXTENSION_BASE}/node-id"), "valueString": state.store.node_id()}),
+    );
+    let mut b = BundleBuilder::new("history", None, links, Value::Array(ext));
+    for v in rows {
         b.entry(
             Some(sync_extension(v)),
-            Some(&full_url(&base, v)),
+            Some(&full_url(base, v)),
             v.body.as_deref(),
             history_rest(v),
         );
     }
-    Ok(fhir_json(b.finish()))
+    fhir_json(b.finish())
 }

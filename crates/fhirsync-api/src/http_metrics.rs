@@ -27,6 +27,7 @@ pub const INTERACTIONS: &[&str] = &[
     "capabilities",
     "changes",
     "apply",
+    "verify",
     "operation",
     "bulk",
     "admin",
@@ -89,6 +90,7 @@ pub fn classify(method: &Method, path: &str) -> &'static str {
         (["metadata"], _) => "capabilities",
         (["$changes"], _) => "changes",
         (["$apply"], _) => "apply",
+        (["$summary" | "$current"], _) => "verify",
         (["$export" | "$import" | "$bulk-status" | "$bulk-file", ..], _)
         | ([_, "$export"], _)
         | ([_, _, "$export"], _) => "bulk",
@@ -194,6 +196,7 @@ mod tests {
         assert_eq!(classify(&Method::POST, "/fhir"), "transaction");
         assert_eq!(classify(&g, "/fhir/Subscription/s/$status"), "operation");
         assert_eq!(classify(&g, "/fhir/$changes"), "changes");
+        assert_eq!(classify(&Method::POST, "/fhir/$summary"), "verify");
         assert_eq!(classify(&g, "/admin/edges"), "admin");
         assert_eq!(classify(&g, "/nowhere"), "other");
     }

@@ -24,6 +24,7 @@ mod render;
 mod search;
 mod subs;
 pub mod validation;
+pub mod verify;
 
 use std::sync::Arc;
 
@@ -171,6 +172,8 @@ pub fn app(state: AppState) -> Router {
         .route("/metadata", get(capability::metadata))
         .route("/$changes", get(changes::changes))
         .route("/$apply", post(apply::apply))
+        .route("/$summary", post(verify::summary))
+        .route("/$current", post(verify::current))
         .route(
             "/$export",
             get(bulk::export::system).post(bulk::export::system),
@@ -235,6 +238,7 @@ pub fn app(state: AppState) -> Router {
         .route("/deadletters/{id}/retry", post(admin::retry))
         .route("/audit", get(admin::audit))
         .route("/reindex", get(admin::reindex_status).post(admin::reindex))
+        .route("/verify", post(admin::verify))
         .method_not_allowed_fallback(error::method_not_allowed);
     Router::new()
         .nest("/admin", admin)

@@ -17,6 +17,7 @@ pub mod resource;
 pub mod search;
 pub mod spec;
 pub mod subscription;
+pub mod summary;
 pub mod validate;
 pub mod vv;
 

@@ -1,10 +1,11 @@
 //! The node's sync agent: starts the edge loops, stops them, and answers
 //! the admin API and `/metrics` about them.
 
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
-use fhirsync_api::agent::EdgeCounters;
+use fhirsync_api::agent::{EdgeCounters, VerifyCounters};
 use fhirsync_api::SyncAgent;
 use fhirsync_store::{DeadLetter, Store};
 use serde_json::{json, Value};
@@ -33,6 +34,9 @@ impl Replicator {
             }
             if e.cfg.push {
                 tasks.push(tokio::spawn(e.clone().run_push(rx.clone())));
+            }
+            if e.cfg.verify_every_s > 0 {
+                tasks.push(tokio::spawn(verify_every(e.clone(), rx.clone())));
             }
             edges.push(e);
         }
@@ -66,6 +70,26 @@ impl Replicator {
     }
 }
 
+/// Runs anti-entropy with repair every `verify_every_s` until `stop`;
+/// the first run comes one period after the start, when the loops have
+/// caught up. A failed run is logged and kept in the edge's status.
+async fn verify_every(e: Arc<Edge>, mut stop: watch::Receiver<bool>) {
+    let period = std::time::Duration::from_secs(e.cfg.verify_every_s);
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(period) => {}
+            _ = stop.changed() => return,
+        }
+        if *stop.borrow() {
+            return;
+        }
+        tokio::select! {
+            _ = e.verify(true) => {}
+            _ = stop.changed() => return,
+        }
+    }
+}
+
 #[async_trait]
 impl SyncAgent for Replicator {
     async fn edges(&self) -> Vec<Value> {
@@ -79,6 +103,8 @@ impl SyncAgent for Replicator {
                     "conflictPolicy": e.cfg.conflict_policy.as_str(),
                     "pull": e.pull.to_json("pull", e.cfg.pull),
                     "push": e.push.to_json("push", e.cfg.push),
+                    "verify": e.verify.to_json(),
+                    "verifyEveryS": e.cfg.verify_every_s,
                 })
             })
             .collect()
@@ -98,6 +124,35 @@ impl SyncAgent for Replicator {
                 format!("edge '{}' is not configured", letter.letter.edge),
             ))?;
         e.retry_dead_letter(letter).await
+    }
+
+    async fn verify(
+        &self,
+        edge: Option<&str>,
+        repair: bool,
+    ) -> Option<Result<Value, (u16, String)>> {
+        let e = match edge {
+            Some(name) => self.edges.iter().find(|e| e.cfg.name == name)?,
+            None => self.edges.first()?,
+        };
+        Some(
+            e.verify(repair)
+                .await
+                .map(|r| serde_json::to_value(r).unwrap_or(Value::Null)),
+        )
+    }
+
+    fn verify_counters(&self) -> Vec<VerifyCounters> {
+        self.edges
+            .iter()
+            .map(|e| VerifyCounters {
+                edge: e.cfg.name.clone(),
+                runs: e.verify.runs.load(Ordering::Relaxed),
+                differences: e.verify.differences.load(Ordering::Relaxed),
+                repaired: e.verify.repaired.load(Ordering::Relaxed),
+                verified: e.verify.in_sync.lock().ok().and_then(|g| *g),
+            })
+            .collect()
     }
 
     fn counters(&self) -> Vec<EdgeCounters> {

@@ -43,6 +43,14 @@ fn default_wait() -> u64 {
 fn default_retry_max() -> u32 {
     5
 }
+/// The default time between anti-entropy runs: an hour.
+fn default_verify_every() -> u64 {
+    3_600
+}
+
+/// Longest `verify_every_s` (a week) other than 0 (off).
+pub const VERIFY_EVERY_S_MAX: u64 = 7 * 24 * 3_600;
+
 fn default_delay_max() -> u64 {
     30_000
 }
@@ -86,6 +94,10 @@ pub struct EdgeConfig {
     pub retry_delay_ms_max: u64,
     #[serde(default)]
     pub on_error: OnError,
+    /// Seconds between two anti-entropy runs (compare with the parent and
+    /// repair what differs); 0: only on demand.
+    #[serde(default = "default_verify_every")]
+    pub verify_every_s: u64,
     /// PEM roots to trust for the parent's HTTPS, besides the system's.
     #[serde(default)]
     pub tls_ca_file: Option<std::path::PathBuf>,
@@ -127,6 +139,7 @@ impl EdgeConfig {
             retry_max: default_retry_max(),
             retry_delay_ms_max: default_delay_max(),
             on_error: OnError::Block,
+            verify_every_s: default_verify_every(),
             tls_ca_file: None,
             tls_cert_file: None,
             tls_key_file: None,

@@ -21,6 +21,7 @@ use tokio::sync::watch;
 
 use crate::config::{EdgeConfig, OnError};
 use crate::filter::Filter;
+use crate::verify::VerifyState;
 
 /// Seconds a request may take beyond the long-poll wait.
 pub const REQUEST_TIMEOUT_S: u64 = 60;
@@ -108,14 +109,16 @@ pub struct ApplyAnswer {
 
 pub struct Edge {
     pub cfg: EdgeConfig,
-    store: Arc<dyn Store>,
+    pub(crate) store: Arc<dyn Store>,
     http: reqwest::Client,
-    pull_filter: Filter,
-    push_filter: Filter,
+    pub(crate) pull_filter: Filter,
+    pub(crate) push_filter: Filter,
     /// The parent's node id, learned at the first contact.
     parent_id: Mutex<Option<String>>,
     pub pull: DirStats,
     pub push: DirStats,
+    /// Anti-entropy runs of this edge (`crate::verify`).
+    pub verify: VerifyState,
     jitter: Mutex<Jitter>,
 }
 
@@ -197,6 +200,7 @@ impl Edge {
             parent_id: Mutex::new(None),
             pull: DirStats::default(),
             push: DirStats::default(),
+            verify: VerifyState::default(),
             jitter: Mutex::new(Jitter::new(seed)),
         })
     }
@@ -205,7 +209,7 @@ impl Edge {
         self.parent_id.lock().ok().and_then(|g| g.clone())
     }
 
-    fn learn_parent(&self, id: &str) {
+    pub(crate) fn learn_parent(&self, id: &str) {
         if let Ok(mut g) = self.parent_id.lock() {
             if g.as_deref() != Some(id) {
                 *g = Some(id.to_owned());
@@ -225,6 +229,12 @@ impl Edge {
     }
 
     async fn send(&self, rb: reqwest::RequestBuilder) -> Result<Value, Failure> {
+        Ok(self.send_counted(rb).await?.0)
+    }
+
+    /// Sends a request to the parent; its JSON answer and the answer's
+    /// size in bytes, or why not.
+    async fn send_counted(&self, rb: reqwest::RequestBuilder) -> Result<(Value, usize), Failure> {
         let resp = self.request(rb).send().await.map_err(|e| Failure {
             status: None,
             reason: format!("cannot reach the parent: {e}"),
@@ -244,7 +254,23 @@ impl Edge {
                 ),
             });
         }
-        Ok(body)
+        Ok((body, bytes.len()))
+    }
+
+    /// POSTs a JSON body to one of the parent's operations; the answer and
+    /// its size in bytes.
+    pub(crate) async fn post_json(
+        &self,
+        op: &str,
+        body: String,
+    ) -> Result<(Value, usize), Failure> {
+        self.send_counted(
+            self.http
+                .post(format!("{}/{op}", self.cfg.url))
+                .header("content-type", "application/json")
+                .body(body),
+        )
+        .await
     }
 
     /// Sends change records (entry texts) to the parent's `$apply`.

@@ -10,6 +10,7 @@ pub mod agent;
 pub mod config;
 pub mod edge;
 pub mod filter;
+pub mod verify;
 
 pub use agent::Replicator;
 pub use config::{EdgeConfig, FilterConfig, OnError};

@@ -14,6 +14,7 @@ pub mod replica;
 pub mod sql;
 pub mod sqlite;
 pub mod stamp;
+pub mod summary;
 pub mod sync;
 pub mod types;
 
@@ -118,6 +119,18 @@ pub trait Store: Send + Sync + 'static {
 
     /// Resources deleted as of a snapshot (see [`DeletedQuery`]).
     async fn deleted(&self, q: DeletedQuery) -> Result<Vec<(String, String, u64)>, StoreError>;
+
+    /// Anti-entropy: the fingerprints or items of the current resources
+    /// over key ranges (see [`summary`]).
+    async fn summary(&self, q: summary::SummaryQuery)
+        -> Result<summary::SummaryAnswer, StoreError>;
+
+    /// The current versions (tombstones included) of the given resources;
+    /// those the store does not hold are left out.
+    async fn current_many(
+        &self,
+        keys: Vec<(String, String)>,
+    ) -> Result<Vec<StoredVersion>, StoreError>;
 
     /// Stops the writer after the writes queued and waits for it (a
     /// blocking call); later writes get [`StoreError::ShuttingDown`].

@@ -1,4 +1,4 @@
-//! `fhirsync status`, `conflicts`, `deadletters` and `reindex --url`: thin
+//! `fhirsync status`, `verify`, `conflicts`, `deadletters` and `reindex --url`: thin
 //! clients of a running node's admin API that print what it answers.
 
 use std::path::PathBuf;
@@ -378,6 +378,77 @@ pub fn dead_letters(t: Target, cmd: DeadLettersCmd) -> anyhow::Result<()> {
                     anyhow::bail!("{} dead letters still fail", failed.len());
                 }
             }
+        }
+        Ok(())
+    })
+}
+
+/// One line per direction of a repair.
+fn repaired_line(what: &str, r: &Value) -> String {
+    format!(
+        "{what}: {} stored, {} skipped, {} conflicts, {} filtered, {} failed",
+        r["stored"], r["skipped"], r["conflicts"], r["filtered"], r["failed"]
+    )
+}
+
+/// `fhirsync verify [--repair]`: one anti-entropy run on a running node.
+/// Exits non-zero when the ends differ and were not (all) repaired, so a
+/// script can tell.
+pub fn verify(t: Target, repair: bool, edge: Option<String>) -> anyhow::Result<()> {
+    run_async(async {
+        let mut q = reqwest::Url::parse("http://query/").context("query")?;
+        q.query_pairs_mut()
+            .append_pair("repair", if repair { "true" } else { "false" });
+        if let Some(e) = &edge {
+            q.query_pairs_mut().append_pair("edge", e);
+        }
+        let path = format!("verify?{}", q.query().unwrap_or_default());
+        let v = t.call(reqwest::Method::POST, &path, None).await?;
+        if t.json {
+            print_json(&v);
+        } else {
+            println!(
+                "edge {} ↔ parent {}: {} resources here, parent at seq {}; {} differences in {} ms ({} requests, {} bytes sent, {} received)",
+                v["edge"].as_str().unwrap_or("?"),
+                v["parentNodeId"].as_str().unwrap_or("?"),
+                v["resources"],
+                v["parentSeq"],
+                v["differences"],
+                v["tookMs"],
+                v["requests"],
+                v["bytesSent"],
+                v["bytesReceived"],
+            );
+            if let Some(k) = v["byKind"].as_object() {
+                for (kind, n) in k {
+                    println!("  {kind}: {n}");
+                }
+            }
+            for d in v["examples"].as_array().into_iter().flatten() {
+                println!(
+                    "  e.g. {}/{} ({})",
+                    d["type"].as_str().unwrap_or("?"),
+                    d["id"].as_str().unwrap_or("?"),
+                    d["kind"].as_str().unwrap_or("?")
+                );
+            }
+            if repair {
+                println!("  {}", repaired_line("pulled", &v["pulled"]));
+                println!("  {}", repaired_line("pushed", &v["pushed"]));
+            }
+        }
+        let differences = v["differences"].as_u64().unwrap_or(0);
+        let failed = v["pulled"]["failed"].as_u64().unwrap_or(0)
+            + v["pushed"]["failed"].as_u64().unwrap_or(0);
+        if differences > 0 && (!repair || failed > 0) {
+            anyhow::bail!(
+                "{differences} differences{}",
+                if repair {
+                    format!(", {failed} not repaired")
+                } else {
+                    String::new()
+                }
+            );
         }
         Ok(())
     })

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use async_trait::async_trait;
-use fhirsync_api::agent::{EdgeCounters, SyncAgent};
+use fhirsync_api::agent::{EdgeCounters, SyncAgent, VerifyCounters};
 use fhirsync_replica::Replicator;
 use fhirsync_store::postgres::lease::Lease;
 use fhirsync_store::{DeadLetter, Store};
@@ -218,5 +218,25 @@ impl SyncAgent for Leased {
 
     fn counters(&self) -> Vec<EdgeCounters> {
         self.agents().iter().flat_map(|a| a.counters()).collect()
+    }
+
+    async fn verify(
+        &self,
+        edge: Option<&str>,
+        repair: bool,
+    ) -> Option<Result<Value, (u16, String)>> {
+        for a in self.agents() {
+            if let Some(r) = a.verify(edge, repair).await {
+                return Some(r);
+            }
+        }
+        None
+    }
+
+    fn verify_counters(&self) -> Vec<VerifyCounters> {
+        self.agents()
+            .iter()
+            .flat_map(|a| a.verify_counters())
+            .collect()
     }
 }

@@ -374,6 +374,11 @@ impl Config {
                 "parent.batch_size_max must be at least 1"
             );
             anyhow::ensure!(p.retry_max >= 1, "parent.retry_max must be at least 1");
+            anyhow::ensure!(
+                p.verify_every_s <= fhirsync_replica::config::VERIFY_EVERY_S_MAX,
+                "parent.verify_every_s must be at most {} (a week), or 0 for on demand only",
+                fhirsync_replica::config::VERIFY_EVERY_S_MAX
+            );
             fhirsync_replica::filter::Filter::new(&p.pull_filter)
                 .map_err(|e| anyhow::anyhow!("parent.pull_filter: {e}"))?;
             fhirsync_replica::filter::Filter::new(&p.push_filter)

@@ -77,6 +77,18 @@ enum Command {
         #[command(flatten)]
         target: admin_cmd::Target,
     },
+    /// Compare a running node with its parent (anti-entropy); with
+    /// --repair, repair what differs. Exits 1 when differences remain.
+    Verify {
+        #[command(flatten)]
+        target: admin_cmd::Target,
+        /// Repair what differs through the normal apply path.
+        #[arg(long)]
+        repair: bool,
+        /// The edge to verify [default: the node's parent edge].
+        #[arg(long)]
+        edge: Option<String>,
+    },
     /// List, show and resolve a running node's conflicts.
     Conflicts {
         #[command(flatten)]
@@ -160,6 +172,11 @@ fn main() -> ExitCode {
         Command::Nats { cmd } => nats_cmd::run(cmd),
         Command::Status { target } => admin_cmd::status(target),
         Command::Conflicts { target, cmd } => admin_cmd::conflicts(target, cmd),
+        Command::Verify {
+            target,
+            repair,
+            edge,
+        } => admin_cmd::verify(target, repair, edge),
         Command::Deadletters { target, cmd } => admin_cmd::dead_letters(target, cmd),
         Command::User {
             node,

@@ -683,20 +683,6 @@ async fn a_node_killed_during_an_export_fails_the_job_cleanly() {
     assert!(d.contains("node stopped"), "{d}");
 }
 
-async fn cli(args: &[&str]) -> (bool, String, String) {
-    let o = tokio::process::Command::new(BIN)
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .output()
-        .await
-        .unwrap();
-    (
-        o.status.success(),
-        String::from_utf8_lossy(&o.stdout).into_owned(),
-        String::from_utf8_lossy(&o.stderr).into_owned(),
-    )
-}
-
 #[tokio::test]
 async fn export_command_survives_429_and_broken_downloads() {
     use fhirsync_testkit::{Proxy, ProxyOptions};

@@ -514,26 +514,6 @@ async fn filters_and_pull_only_edges() {
     assert_eq!(st["edges"][0]["pull"]["lagSeq"], 0, "{st}");
 }
 
-const BIN: &str = env!("CARGO_BIN_EXE_fhirsync");
-
-/// Runs the `fhirsync` binary; returns exit success, stdout, stderr.
-async fn cli(args: &[&str]) -> (bool, String, String) {
-    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-    let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(BIN)
-            .args(&args)
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn admin_cli_lists_shows_and_resolves_conflicts() {
     let p = pair(Policy::Manual, Arc::new(SystemClock), Arc::new(SystemClock)).await;

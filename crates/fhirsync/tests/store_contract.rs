@@ -72,6 +72,7 @@ contract!(
     replication_both_ways_with_a_conflict,
     custom_search_parameters_and_export,
     a_load_in_bulk_keeps_every_version_and_index_row,
+    anti_entropy_finds_exactly_the_differences_and_repairs_them,
 );
 
 fn obs(id: &str, patient: &str, code: &str, value: f64, when: &str) -> Value {
@@ -556,4 +557,153 @@ async fn a_load_in_bulk_keeps_every_version_and_index_row(b: Backend) {
     assert_eq!(total("code=http://loinc.org|again").await, 0);
     assert_eq!(total("component-value-quantity=0").await, 1200);
     assert_eq!(total("_id=o-5&code=http://loinc.org|once%20more").await, 1);
+}
+
+fn keys(prefix: &str, n: usize) -> Vec<(&'static str, String)> {
+    (0..n)
+        .map(|i| ("Patient", format!("{prefix}{i}")))
+        .collect()
+}
+
+/// A parent and child that replicate, then 100 differences the protocol
+/// did not cause (versions stored at one end only, as a hand-copied store
+/// or a deleted dead letter would leave them): anti-entropy finds exactly
+/// those 100 without changing anything, repairs them through the apply
+/// path (the concurrent ones become conflicts at both ends, as the edge's
+/// manual policy says), and then finds only those conflicts.
+async fn anti_entropy_finds_exactly_the_differences_and_repairs_them(b: Backend) {
+    let parent = b
+        .node(Options {
+            node_id: Some("parent".into()),
+            children: vec![child_cfg("c1")],
+            ..Options::default()
+        })
+        .await;
+    for i in 0..200 {
+        put(&parent, &format!("Patient/p{i}"), &pat(&format!("p{i}"))).await;
+    }
+    let mut edge = EdgeConfig::new(&parent.base, "token-of-c1-0123456789");
+    edge.long_poll_s = 2;
+    edge.retry_delay_ms_max = 300;
+    edge.verify_every_s = 0;
+    let child = b
+        .node(Options {
+            node_id: Some("c1".into()),
+            parent: Some(edge),
+            ..Options::default()
+        })
+        .await;
+    eventually("the child pulled 200 patients", 30, || async {
+        store_digest(child.store.as_ref()).await.0.len() == 200
+    })
+    .await;
+    let (status, same) = verify(&child, "").await;
+    assert_eq!(status, 200, "{same}");
+    assert_eq!(same["differences"], 0, "{same}");
+    assert_eq!(same["inSync"], true);
+    assert_eq!(same["resources"], 200);
+
+    // Two nodes outside the tree make the versions.
+    let g1 = b
+        .node(Options {
+            node_id: Some("g1".into()),
+            ..Options::default()
+        })
+        .await;
+    let g2 = b
+        .node(Options {
+            node_id: Some("g2".into()),
+            ..Options::default()
+        })
+        .await;
+    for (t, id) in keys("g", 40).into_iter().chain(keys("h", 30)) {
+        put(&g1, &format!("{t}/{id}"), &pat(&id)).await;
+    }
+    plant(&parent, &g1, "parent", &keys("p", 30)).await;
+    plant(&parent, &g2, "parent", &keys("p", 30)).await;
+    for i in 0..30 {
+        let mut p = pat(&format!("p{i}"));
+        p["gender"] = json!("female");
+        put(&g1, &format!("Patient/p{i}"), &p).await;
+        if i >= 20 {
+            p["gender"] = json!("male");
+            put(&g2, &format!("Patient/p{i}"), &p).await;
+        }
+    }
+    let range = |k: Vec<(&'static str, String)>, from: usize| k[from..].to_vec();
+    // At the parent only, as if the child had pushed them: never fed back.
+    plant(&g1, &parent, "c1", &keys("g", 40)).await;
+    plant(&g1, &parent, "c1", &range(keys("p", 30), 20)).await;
+    // At the child only, as if pulled: never pushed.
+    plant(&g1, &child, "parent", &keys("h", 30)).await;
+    plant(&g1, &child, "parent", &keys("p", 20)).await;
+    plant(&g2, &child, "parent", &range(keys("p", 30), 20)).await;
+    let before = store_digest(child.store.as_ref()).await.0;
+    let parent_before = store_digest(parent.store.as_ref()).await.0;
+
+    let (status, found) = verify(&child, "repair=false").await;
+    assert_eq!(status, 200, "{found}");
+    assert_eq!(found["differences"], 100, "{found}");
+    assert_eq!(
+        found["byKind"],
+        json!({"missing-here": 40, "missing-at-parent": 30, "older-at-parent": 20, "concurrent": 10}),
+    );
+    assert_eq!(found["inSync"], false);
+    assert_eq!(found["parentNodeId"], "parent");
+    assert_eq!(
+        store_digest(child.store.as_ref()).await.0,
+        before,
+        "a verify changes nothing"
+    );
+    assert_eq!(store_digest(parent.store.as_ref()).await.0, parent_before);
+
+    let (status, fixed) = verify(&child, "repair=true").await;
+    assert_eq!(status, 200, "{fixed}");
+    assert_eq!(fixed["differences"], 100, "{fixed}");
+    assert_eq!(fixed["pulled"]["stored"], 40, "{fixed}");
+    assert_eq!(fixed["pulled"]["conflicts"], 10, "{fixed}");
+    assert_eq!(fixed["pushed"]["stored"], 50, "{fixed}");
+    assert_eq!(fixed["pushed"]["conflicts"], 10, "{fixed}");
+    assert_eq!(fixed["pulled"]["failed"], 0);
+    assert_eq!(fixed["pushed"]["failed"], 0);
+
+    let (_, after) = verify(&child, "").await;
+    assert_eq!(
+        after["differences"], 10,
+        "only the conflicts remain: {after}"
+    );
+    assert_eq!(after["byKind"], json!({"concurrent": 10}));
+    assert_eq!(child.store.open_counts().await.unwrap().0, 10);
+    assert_eq!(parent.store.open_counts().await.unwrap().0, 10);
+    let (pd, pn) = store_digest(parent.store.as_ref()).await;
+    let (cd, _) = store_digest(child.store.as_ref()).await;
+    let conflicted: Vec<_> = range(keys("p", 30), 20)
+        .into_iter()
+        .map(|(t, id)| (t.to_owned(), id))
+        .collect();
+    let strip = |d: &Digest| {
+        let mut d = d.clone();
+        conflicted.iter().for_each(|k| {
+            d.remove(k);
+        });
+        d
+    };
+    assert_eq!(
+        strip(&pd),
+        strip(&cd),
+        "both ends hold the same, conflicts aside"
+    );
+    assert_eq!(pd.len(), 270);
+    assert!(pn.values().all(|n| *n <= 2), "no version stored twice");
+    let status = admin(&child, "status").await;
+    let v = &status["edges"][0]["verify"];
+    assert_eq!(v["runs"], 4, "{v}");
+    assert_eq!(v["differencesTotal"], 210, "{v}");
+    assert!(
+        v["verifiedSeq"].is_u64(),
+        "the first run found the ends equal: {v}"
+    );
+    assert!(metrics(&child)
+        .await
+        .contains("fhirsync_verify_differences_total{edge=\"parent\"} 210"));
 }

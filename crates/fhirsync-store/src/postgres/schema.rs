@@ -31,6 +31,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "node processes",
         sql: V2,
     },
+    Migration {
+        version: 3,
+        name: "anti-entropy summary index",
+        sql: V3,
+    },
 ];
 
 /// The key of the advisory lock under which migrations run, so that
@@ -210,6 +215,12 @@ CREATE TABLE processes (
     seen_ms      BIGINT NOT NULL,
     lease_holder BOOLEAN NOT NULL
 );
+"#;
+
+/// What anti-entropy reads of each current version, in one index (see
+/// `sql::summary`).
+const V3: &str = r#"
+CREATE INDEX versions_summary ON versions(type, id) INCLUDE (vv, hash) WHERE superseded IS NULL;
 "#;
 
 /// Brings the database's schema to the newest migration; returns the

@@ -13,6 +13,7 @@ pub mod audit_rows;
 pub mod custom_params;
 pub mod query;
 pub mod search;
+pub mod summary;
 pub mod sync_rows;
 
 pub use rusqlite::types::Value as Sql;
@@ -255,6 +256,14 @@ macro_rules! store_impl {
 
             async fn deleted(&self, q: $crate::DeletedQuery) -> Result<Vec<(String, String, u64)>, $crate::StoreError> {
                 self.read_with(move |c| $crate::sql::search::deleted(c, &q)).await
+            }
+
+            async fn summary(&self, q: $crate::summary::SummaryQuery) -> Result<$crate::summary::SummaryAnswer, $crate::StoreError> {
+                self.read_with(move |c| $crate::sql::summary::run(c, &q)).await
+            }
+
+            async fn current_many(&self, keys: Vec<(String, String)>) -> Result<Vec<$crate::StoredVersion>, $crate::StoreError> {
+                self.read_with(move |c| $crate::sql::summary::current_many(c, &keys)).await
             }
 
             $($rest)*

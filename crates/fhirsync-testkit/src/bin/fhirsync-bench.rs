@@ -95,6 +95,21 @@ enum Cmd {
         #[arg(long, default_value_t = 500)]
         batch: usize,
     },
+    /// Anti-entropy between a parent and a child that hold COUNT identical
+    /// resources (the child's store a copy of the parent's) plus DIFFS
+    /// resources at one end only: find, repair, then verify the identical
+    /// stores.
+    Verify {
+        /// The release `fhirsync` binary.
+        #[arg(long)]
+        bin: std::path::PathBuf,
+        #[arg(long, default_value_t = 100_000)]
+        count: u64,
+        #[arg(long, default_value_t = 100)]
+        diffs: u64,
+        #[arg(long)]
+        work: std::path::PathBuf,
+    },
     /// Lag from a commit on a child to its visibility in the parent's change feed.
     ReplicateLag {
         #[arg(long)]
@@ -272,6 +287,15 @@ fn main() -> anyhow::Result<()> {
         } => {
             let rt = tokio::runtime::Runtime::new()?;
             rt.block_on(replicate_pull(bin, count, work, batch))
+        }
+        Cmd::Verify {
+            bin,
+            count,
+            diffs,
+            work,
+        } => {
+            let rt = tokio::runtime::Runtime::new()?;
+            rt.block_on(verify_bench(bin, count, diffs, work))
         }
         Cmd::Nats {
             bin,
@@ -524,6 +548,41 @@ fn replication_configs(
     Ok((p, c))
 }
 
+/// Lines `from..to` of the deterministic data set in a file of the work
+/// directory (written once, kept for the next run).
+fn ndjson_file(work: &std::path::Path, from: u64, to: u64) -> anyhow::Result<std::path::PathBuf> {
+    let data = if from == 0 {
+        work.join(format!("data-{to}.ndjson"))
+    } else {
+        work.join(format!("data-{from}-{to}.ndjson"))
+    };
+    if !data.exists() {
+        let mut f = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(&data)?);
+        for i in from..to {
+            writeln!(f, "{}", ndjson_line(1, i))?;
+        }
+        f.flush()?;
+    }
+    Ok(data)
+}
+
+/// `fhirsync import` of one file into a data directory.
+fn import(
+    bin: &std::path::Path,
+    node: &str,
+    dir: &std::path::Path,
+    data: &std::path::Path,
+) -> anyhow::Result<()> {
+    let st = std::process::Command::new(bin)
+        .args(["import", "--node-id", node, "--data-dir"])
+        .arg(dir)
+        .arg(data)
+        .stdout(std::process::Stdio::null())
+        .status()?;
+    anyhow::ensure!(st.success(), "import into {} failed", dir.display());
+    Ok(())
+}
+
 async fn replicate_pull(
     bin: std::path::PathBuf,
     count: u64,
@@ -532,24 +591,11 @@ async fn replicate_pull(
 ) -> anyhow::Result<()> {
     use fhirsync_testkit::NodeProcess;
     std::fs::create_dir_all(&work)?;
-    let data = work.join(format!("data-{count}.ndjson"));
-    if !data.exists() {
-        let mut f = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(&data)?);
-        for i in 0..count {
-            writeln!(f, "{}", ndjson_line(1, i))?;
-        }
-        f.flush()?;
-    }
+    let data = ndjson_file(&work, 0, count)?;
     let (pdir, cdir) = (work.join("parent"), work.join("child"));
     let _ = std::fs::remove_dir_all(&pdir);
     let _ = std::fs::remove_dir_all(&cdir);
-    let st = std::process::Command::new(&bin)
-        .args(["import", "--node-id", "parent", "--data-dir"])
-        .arg(&pdir)
-        .arg(&data)
-        .stdout(std::process::Stdio::null())
-        .status()?;
-    anyhow::ensure!(st.success(), "import failed");
+    import(&bin, "parent", &pdir, &data)?;
     let (pcfg, _) = replication_configs(&work, None, batch)?;
     let parent = NodeProcess::spawn(&bin, &pdir, &["--config", pcfg.to_str().unwrap_or("")])?;
     let (_, ccfg) = replication_configs(&work, Some(&parent.base), batch)?;
@@ -568,6 +614,110 @@ async fn replicate_pull(
     println!(
         "initial pull of {count} resources (batch {batch}): {secs:.2} s, {:.0} resources/s",
         count as f64 / secs
+    );
+    drop(child);
+    drop(parent);
+    Ok(())
+}
+
+/// One `POST /admin/verify` of the child: the report and the time the
+/// call took.
+async fn verify_call(
+    http: &reqwest::Client,
+    child: &fhirsync_testkit::NodeProcess,
+    repair: bool,
+) -> anyhow::Result<(serde_json::Value, f64)> {
+    let url = child
+        .base
+        .replace("/fhir", &format!("/admin/verify?repair={repair}"));
+    let t0 = Instant::now();
+    let r = http.post(&url).send().await?;
+    let status = r.status();
+    let v: serde_json::Value = r.json().await?;
+    anyhow::ensure!(status.is_success(), "verify answered {status}: {v}");
+    Ok((v, t0.elapsed().as_secs_f64()))
+}
+
+async fn verify_bench(
+    bin: std::path::PathBuf,
+    count: u64,
+    diffs: u64,
+    work: std::path::PathBuf,
+) -> anyhow::Result<()> {
+    use fhirsync_testkit::NodeProcess;
+    std::fs::create_dir_all(&work)?;
+    let (pdir, cdir) = (work.join("parent"), work.join("child"));
+    let _ = std::fs::remove_dir_all(&pdir);
+    let _ = std::fs::remove_dir_all(&cdir);
+    import(&bin, "parent", &pdir, &ndjson_file(&work, 0, count)?)?;
+    // The child's store is a copy of the parent's under its own node id,
+    // as an operator would seed a site; then each end gets resources the
+    // other never hears of (the cursors are moved past them).
+    std::fs::create_dir_all(&cdir)?;
+    std::fs::copy(pdir.join("fhirsync.db"), cdir.join("fhirsync.db"))?;
+    let half = diffs / 2;
+    import(
+        &bin,
+        "parent",
+        &pdir,
+        &ndjson_file(&work, count, count + half)?,
+    )?;
+    {
+        let db = rusqlite::Connection::open(cdir.join("fhirsync.db"))?;
+        db.execute(
+            "UPDATE node_info SET value = 'child' WHERE key = 'node_id'",
+            [],
+        )?;
+    }
+    import(
+        &bin,
+        "child",
+        &cdir,
+        &ndjson_file(&work, count + half, count + diffs)?,
+    )?;
+    {
+        let db = rusqlite::Connection::open(cdir.join("fhirsync.db"))?;
+        let own: i64 = db.query_row("SELECT max(seq) FROM versions", [], |r| r.get(0))?;
+        db.execute(
+            "INSERT INTO cursors (key, seq, updated_ms) VALUES ('parent:pull', ?1, 0), ('parent:push', ?2, 0)",
+            rusqlite::params![(count + half) as i64, own],
+        )?;
+    }
+    let (pcfg, _) = replication_configs(&work, None, 500)?;
+    let parent = NodeProcess::spawn(&bin, &pdir, &["--config", pcfg.to_str().unwrap_or("")])?;
+    let (_, ccfg) = replication_configs(&work, Some(&parent.base), 500)?;
+    let mut cfg = std::fs::read_to_string(&ccfg)?;
+    cfg.push_str("verify_every_s = 0\n");
+    std::fs::write(&ccfg, cfg)?;
+    let child = NodeProcess::spawn(&bin, &cdir, &["--config", ccfg.to_str().unwrap_or("")])?;
+    let http = reqwest::Client::new();
+    let line = |what: &str, v: &serde_json::Value, secs: f64| {
+        println!(
+            "verify {what}, {count} resources: {} differences in {secs:.2} s ({} requests, {} bytes sent, {} received; repaired: pulled {}, pushed {})",
+            v["differences"],
+            v["requests"],
+            v["bytesSent"],
+            v["bytesReceived"],
+            v["pulled"]["stored"],
+            v["pushed"]["stored"],
+        );
+    };
+    let (found, secs) = verify_call(&http, &child, false).await?;
+    line(&format!("with {diffs} differences"), &found, secs);
+    anyhow::ensure!(
+        found["differences"] == diffs,
+        "expected {diffs} differences: {found}"
+    );
+    let (fixed, secs) = verify_call(&http, &child, true).await?;
+    line("--repair", &fixed, secs);
+    let stored = fixed["pulled"]["stored"].as_u64().unwrap_or(0)
+        + fixed["pushed"]["stored"].as_u64().unwrap_or(0);
+    anyhow::ensure!(stored == diffs, "expected {diffs} repaired: {fixed}");
+    let (same, secs) = verify_call(&http, &child, false).await?;
+    line("of identical stores", &same, secs);
+    anyhow::ensure!(
+        same["differences"] == 0,
+        "expected identical stores: {same}"
     );
     drop(child);
     drop(parent);

@@ -264,3 +264,69 @@ pub fn feed_seqs(b: &Value) -> Vec<u64> {
         })
         .unwrap_or_default()
 }
+
+/// Stores the current versions of `keys` at `from` into `to` as if `peer`
+/// had sent them over an edge (`via = peer`, vectors kept), outside any
+/// edge: a divergence the protocol did not cause (a store copied by hand,
+/// a dead letter someone deleted). With `via` the parent, a child never
+/// pushes them; with `via` a child, the parent never feeds them back.
+pub async fn plant(from: &InProcess, to: &InProcess, peer: &str, keys: &[(&str, String)]) {
+    use fhirsync_store::{ApplyRequest, Direction, RemoteVersion, WriteOutcome, WriteRequest};
+    let mut versions = Vec::new();
+    for (t, id) in keys {
+        let v = from
+            .store
+            .read(t, id)
+            .await
+            .unwrap()
+            .expect("planted version");
+        let e: Value = serde_json::from_str(&fhirsync_store::change_entry_text(None, &v)).unwrap();
+        versions
+            .push(RemoteVersion::from_entry(&e, fhirsync_core::validate::Mode::Strict).unwrap());
+    }
+    let n = versions.len();
+    let out = to
+        .store
+        .write(WriteRequest::Apply(Box::new(ApplyRequest {
+            edge: "planted".into(),
+            direction: Direction::Pull,
+            peer: peer.into(),
+            policy: fhirsync_core::replicate::Policy::Manual,
+            versions,
+            cursor: None,
+            dead_letters: Vec::new(),
+            record_peer: false,
+        })))
+        .await
+        .unwrap();
+    let WriteOutcome::Applied(rep) = out else {
+        panic!("not applied")
+    };
+    assert_eq!(rep.stored as usize, n, "every planted version stored");
+}
+
+/// `POST /admin/verify` on a node; status and the report.
+pub async fn verify(s: &InProcess, query: &str) -> (u16, Value) {
+    let r = s
+        .client
+        .post(s.base.replace("/fhir", &format!("/admin/verify?{query}")))
+        .send()
+        .await
+        .expect("POST /admin/verify");
+    status_json(r).await
+}
+
+/// Runs the `fhirsync` binary; returns exit success, stdout, stderr.
+pub async fn cli(args: &[&str]) -> (bool, String, String) {
+    let o = tokio::process::Command::new(env!("CARGO_BIN_EXE_fhirsync"))
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .await
+        .unwrap();
+    (
+        o.status.success(),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
