@@ -25,7 +25,7 @@ while [ $# -gt 0 ]; do
     *) targets+=("$1"); shift ;;
   esac
 done
-all=(fhirpath ingest bundle search change_record db_batch bulk_params)
+all=(fhirpath ingest bundle search change_record db_batch bulk_params merge)
 [ ${#targets[@]} -gt 0 ] || targets=("${all[@]}")
 
 if ! cargo +nightly --version >/dev/null 2>&1; then
@@ -76,6 +76,8 @@ for i, q in enumerate(["_id=a,b,c", "_lastUpdated=gt2026-01-01&_count=10", "iden
     put("search", f"seed-{i}", q)
 for i, name in enumerate(sorted(os.listdir(os.path.join(root, "fuzz/regressions/bulk_params")))):
     put("bulk_params", f"seed-{i}", open(os.path.join(root, "fuzz/regressions/bulk_params", name), "rb").read())
+for i, name in enumerate(sorted(os.listdir(os.path.join(root, "fuzz/regressions/merge")))):
+    put("merge", f"seed-{i}", open(os.path.join(root, "fuzz/regressions/merge", name), "rb").read())
 open(os.path.join(corpus, ".complete"), "w").close()
 EOF
 fi

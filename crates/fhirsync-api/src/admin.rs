@@ -1,5 +1,5 @@
 //! The admin API under `/admin`: node status, edges, children, conflicts
-//! (list, show, resolve), dead letters (list, retry) and the audit log.
+//! (list, show, resolve, reopen a merge), dead letters (list, retry) and the audit log.
 //! Answers are plain JSON; errors are `OperationOutcome`s like the rest.
 //! When `admin_token` is set, every call needs it as a bearer token.
 
@@ -277,6 +277,24 @@ pub async fn resolve(
         "vector": serde_json::to_value(&version.vv).unwrap_or(Value::Null),
         "seq": version.seq,
     })))
+}
+
+/// Undoes an automatic settlement (a merge) into an open conflict.
+pub async fn reopen(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    check_admin(&state, &headers)?;
+    let id = id_param(&id)?;
+    state
+        .store
+        .write(WriteRequest::Sync(SyncWrite::Reopen { conflict: id }))
+        .await?;
+    match state.store.conflict(id).await? {
+        Some(c) => Ok(json_response(c.to_json())),
+        None => Err(ApiError::not_found(format!("conflict {id} is not known"))),
+    }
 }
 
 pub async fn dead_letters(

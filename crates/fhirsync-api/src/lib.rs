@@ -232,6 +232,7 @@ pub fn app(state: AppState) -> Router {
         .route("/conflicts", get(admin::conflicts))
         .route("/conflicts/{id}", get(admin::conflict))
         .route("/conflicts/{id}/resolve", post(admin::resolve))
+        .route("/conflicts/{id}/reopen", post(admin::reopen))
         .route("/deadletters", get(admin::dead_letters))
         .route("/deadletters/retry", post(admin::retry_all))
         .route("/deadletters/{id}", get(admin::dead_letter))

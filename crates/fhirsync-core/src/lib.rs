@@ -10,6 +10,7 @@ pub mod hlc;
 pub mod index;
 pub mod instant;
 pub mod json_rules;
+pub mod merge;
 pub mod meta;
 pub mod refs;
 pub mod replicate;

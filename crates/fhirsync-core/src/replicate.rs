@@ -22,7 +22,28 @@ pub enum Policy {
     /// The version with the higher HLC wins (ties: node id, then content),
     /// so every node picks the same winner.
     HlcLww,
+    /// A three-way merge against the common ancestor ([`crate::merge`]);
+    /// a clash (or no ancestor, or a delete) falls back to `manual`.
+    Merge,
+    /// `merge`, falling back to `hlc-lww`.
+    MergeHlcLww,
+    /// `merge`, falling back to `source-wins`.
+    MergeSourceWins,
+    /// `merge`, falling back to `target-wins`.
+    MergeTargetWins,
 }
+
+/// Every policy, for messages and tests.
+pub const POLICIES: [Policy; 8] = [
+    Policy::Manual,
+    Policy::SourceWins,
+    Policy::TargetWins,
+    Policy::HlcLww,
+    Policy::Merge,
+    Policy::MergeHlcLww,
+    Policy::MergeSourceWins,
+    Policy::MergeTargetWins,
+];
 
 impl Policy {
     pub fn as_str(self) -> &'static str {
@@ -31,6 +52,26 @@ impl Policy {
             Policy::SourceWins => "source-wins",
             Policy::TargetWins => "target-wins",
             Policy::HlcLww => "hlc-lww",
+            Policy::Merge => "merge",
+            Policy::MergeHlcLww => "merge+hlc-lww",
+            Policy::MergeSourceWins => "merge+source-wins",
+            Policy::MergeTargetWins => "merge+target-wins",
+        }
+    }
+
+    /// Whether concurrent versions are merged first.
+    pub fn merges(self) -> bool {
+        self.fallback() != self
+    }
+
+    /// The policy for what a merge cannot settle (itself, for the others).
+    pub fn fallback(self) -> Policy {
+        match self {
+            Policy::Merge => Policy::Manual,
+            Policy::MergeHlcLww => Policy::HlcLww,
+            Policy::MergeSourceWins => Policy::SourceWins,
+            Policy::MergeTargetWins => Policy::TargetWins,
+            p => p,
         }
     }
 }
@@ -44,15 +85,13 @@ impl fmt::Display for Policy {
 impl FromStr for Policy {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "manual" => Ok(Policy::Manual),
-            "source-wins" => Ok(Policy::SourceWins),
-            "target-wins" => Ok(Policy::TargetWins),
-            "hlc-lww" => Ok(Policy::HlcLww),
-            _ => Err(format!(
-                "unknown conflict policy '{s}' (manual, source-wins, target-wins, hlc-lww)"
-            )),
-        }
+        POLICIES
+            .into_iter()
+            .find(|p| p.as_str() == s)
+            .ok_or_else(|| {
+                let all: Vec<&str> = POLICIES.iter().map(|p| p.as_str()).collect();
+                format!("unknown conflict policy '{s}' ({})", all.join(", "))
+            })
     }
 }
 
@@ -109,7 +148,8 @@ impl Winner {
     }
 }
 
-/// The winner under an automatic policy; `None` under `manual`.
+/// The winner under an automatic policy; `None` under `manual`. A merge
+/// policy answers for its fallback (what a merge could not settle).
 /// `incoming_from_parent` tells which side is the parent on this edge.
 pub fn winner(
     policy: Policy,
@@ -124,11 +164,12 @@ pub fn winner(
             Winner::Local
         }
     };
-    match policy {
+    match policy.fallback() {
         Policy::Manual => None,
         Policy::SourceWins => Some(parent(incoming_from_parent)),
         Policy::TargetWins => Some(parent(!incoming_from_parent)),
         Policy::HlcLww => Some(lww_winner(local, incoming)),
+        _ => None,
     }
 }
 
@@ -235,5 +276,14 @@ mod tests {
         assert_eq!(winner(Policy::Manual, true, c, p), None);
         assert_eq!("hlc-lww".parse::<Policy>(), Ok(Policy::HlcLww));
         assert!("x".parse::<Policy>().is_err());
+        for p in POLICIES {
+            assert_eq!(p.as_str().parse::<Policy>(), Ok(p));
+            assert!(!p.fallback().merges());
+        }
+        assert_eq!(
+            winner(Policy::MergeTargetWins, true, c, p),
+            Some(Winner::Local)
+        );
+        assert_eq!(winner(Policy::Merge, true, c, p), None);
     }
 }

@@ -9,6 +9,10 @@ use std::fmt;
 
 use xxhash_rust::xxh3::Xxh3;
 
+/// Longest period between two scheduled anti-entropy runs (a week),
+/// other than 0 (off), for a parent edge and a NATS follow alike.
+pub const VERIFY_EVERY_S_MAX: u64 = 7 * 24 * 3_600;
+
 /// The count and hash sum of a set of items.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Fingerprint {

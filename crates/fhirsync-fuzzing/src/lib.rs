@@ -31,6 +31,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("change_record", change_record),
     ("db_batch", db_batch),
     ("bulk_params", bulk_params),
+    ("merge", merge),
 ];
 
 /// The resource FHIRPath expressions are evaluated on.
@@ -235,4 +236,27 @@ pub fn bulk_params(data: &[u8]) {
     }
     let _ = export::parameters(data);
     let _ = import::parse(data);
+}
+
+/// The three-way merge of a conflict's sides as peers send them: a JSON
+/// array `[ancestor, local, remote]` of objects. Merging either way round
+/// gives the same result (the same bytes, or a clash at the same path).
+pub fn merge(data: &[u8]) {
+    let Ok(Value::Array(sides)) = serde_json::from_slice::<Value>(data) else {
+        return;
+    };
+    let [Value::Object(o), Value::Object(a), Value::Object(b)] = sides.as_slice() else {
+        return;
+    };
+    let ab = fhirsync_core::merge::merge3(o, a, b);
+    let ba = fhirsync_core::merge::merge3(o, b, a);
+    match (ab, ba) {
+        (Ok(x), Ok(y)) => assert_eq!(
+            Value::Object(x.resource).to_string(),
+            Value::Object(y.resource).to_string(),
+            "a merge is symmetric"
+        ),
+        (Err(x), Err(y)) => assert_eq!(x.path, y.path, "a clash is found either way"),
+        (x, y) => panic!("merged one way only: {x:?} / {y:?}"),
+    }
 }

@@ -55,6 +55,34 @@ pub struct Follow {
     /// Resource types to apply; empty: all (others are acked and counted).
     #[serde(default)]
     pub types: Vec<String>,
+    /// The followed node's FHIR base over HTTP: anti-entropy with it
+    /// (`$summary`, `$current`), which NATS alone cannot do.
+    #[serde(default)]
+    pub verify_url: Option<String>,
+    /// A token the followed node accepts for its feed (a child's token or
+    /// one with a system read scope).
+    #[serde(default)]
+    pub verify_token: Option<String>,
+    /// Seconds between two anti-entropy runs with repair; 0: on demand only.
+    #[serde(default = "verify_every")]
+    pub verify_every_s: u64,
+}
+
+fn verify_every() -> u64 {
+    3600
+}
+
+impl Follow {
+    /// Following `node` for every type, without anti-entropy.
+    pub fn new(node: &str) -> Follow {
+        Follow {
+            node: node.to_owned(),
+            types: Vec::new(),
+            verify_url: None,
+            verify_token: None,
+            verify_every_s: verify_every(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -77,7 +105,8 @@ pub struct NatsConfig {
     /// Nodes to follow, each through its own durable consumer.
     #[serde(default)]
     pub follow: Vec<Follow>,
-    /// `manual` or `hlc-lww` (nodes on a stream have no parent/child sides).
+    /// `manual`, `hlc-lww`, `merge` or `merge+hlc-lww` (nodes on a stream
+    /// have no parent/child sides).
     #[serde(default, with = "policy_serde")]
     pub conflict_policy: Policy,
     /// Records per publish round or applied batch.
@@ -185,9 +214,12 @@ impl NatsConfig {
         if !token_ok(&self.stream) || !token_ok(&self.subject_prefix) {
             return Err("nats.stream and nats.subject_prefix must be single subject tokens".into());
         }
-        if !matches!(self.conflict_policy, Policy::Manual | Policy::HlcLww) {
+        if !matches!(
+            self.conflict_policy.fallback(),
+            Policy::Manual | Policy::HlcLww
+        ) {
             return Err(format!(
-                "nats.conflict_policy '{}' needs a parent and a child; use manual or hlc-lww",
+                "nats.conflict_policy '{}' needs a parent and a child; use manual, hlc-lww, merge or merge+hlc-lww",
                 self.conflict_policy
             ));
         }
@@ -226,6 +258,28 @@ impl NatsConfig {
                     return Err(format!("nats.follow type '{t}' is not a resource type"));
                 }
             }
+            match (&f.verify_url, &f.verify_token) {
+                (None, None) => {}
+                (Some(u), Some(_)) if u.starts_with("http://") || u.starts_with("https://") => {}
+                (Some(u), Some(_)) => {
+                    return Err(format!(
+                        "nats.follow verify_url '{u}' is not an http(s) URL"
+                    ))
+                }
+                _ => {
+                    return Err(format!(
+                        "nats.follow '{}': verify_url and verify_token go together",
+                        f.node
+                    ))
+                }
+            }
+            if f.verify_every_s > fhirsync_core::summary::VERIFY_EVERY_S_MAX {
+                return Err(format!(
+                    "nats.follow verify_every_s {} is more than a week ({})",
+                    f.verify_every_s,
+                    fhirsync_core::summary::VERIFY_EVERY_S_MAX
+                ));
+            }
         }
         Ok(())
     }
@@ -236,5 +290,49 @@ impl NatsConfig {
 
     pub fn ack_wait(&self) -> Duration {
         Duration::from_secs(self.ack_wait_s.max(1))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_follows_verify_settings_are_checked() {
+        let mut c = NatsConfig::new(vec!["nats://127.0.0.1:4222".into()]);
+        c.follow = vec![Follow::new("b")];
+        assert_eq!(c.check(Some("a")), Ok(()));
+        let bad = |f: fn(&mut Follow), want: &str| {
+            let mut c = c.clone();
+            f(&mut c.follow[0]);
+            let e = c.check(Some("a")).unwrap_err();
+            assert!(e.contains(want), "{e}");
+        };
+        bad(
+            |f| f.verify_url = Some("http://b/fhir".into()),
+            "go together",
+        );
+        bad(
+            |f| {
+                f.verify_url = Some("ftp://b".into());
+                f.verify_token = Some("t".into());
+            },
+            "not an http(s) URL",
+        );
+        bad(
+            |f| {
+                f.verify_url = Some("http://b/fhir".into());
+                f.verify_token = Some("t".into());
+                f.verify_every_s = 8 * 24 * 3600;
+            },
+            "more than a week",
+        );
+        c.conflict_policy = Policy::MergeSourceWins;
+        assert!(c
+            .check(Some("a"))
+            .unwrap_err()
+            .contains("parent and a child"));
+        c.conflict_policy = Policy::MergeHlcLww;
+        assert_eq!(c.check(Some("a")), Ok(()));
     }
 }

@@ -7,7 +7,10 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use fhirsync_api::agent::{EdgeCounters, VerifyCounters};
 use fhirsync_api::SyncAgent;
-use fhirsync_store::{DeadLetter, Store};
+use std::time::Duration;
+
+use fhirsync_store::restore::RESTORED_CURSOR;
+use fhirsync_store::{DeadLetter, Direction, Store, SyncWrite, WriteRequest};
 use serde_json::{json, Value};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -29,15 +32,20 @@ impl Replicator {
         let mut tasks = Vec::new();
         for c in cfgs {
             let e = Arc::new(Edge::new(c, store.clone())?);
-            if e.cfg.pull {
-                tasks.push(tokio::spawn(e.clone().run_pull(rx.clone())));
-            }
-            if e.cfg.push {
-                tasks.push(tokio::spawn(e.clone().run_push(rx.clone())));
+            if e.cfg.verify_only {
+                e.pull.set_state("verify-only", None);
+            } else {
+                if e.cfg.pull {
+                    tasks.push(tokio::spawn(e.clone().run_pull(rx.clone())));
+                }
+                if e.cfg.push {
+                    tasks.push(tokio::spawn(e.clone().run_push(rx.clone())));
+                }
             }
             if e.cfg.verify_every_s > 0 {
                 tasks.push(tokio::spawn(verify_every(e.clone(), rx.clone())));
             }
+            tasks.push(tokio::spawn(after_restore(e.clone(), rx.clone())));
             edges.push(e);
         }
         Ok(Arc::new(Replicator {
@@ -86,6 +94,73 @@ async fn verify_every(e: Arc<Edge>, mut stop: watch::Receiver<bool>) {
         tokio::select! {
             _ = e.verify(true) => {}
             _ = stop.changed() => return,
+        }
+    }
+}
+
+/// How long a restored node waits for its pull to catch up before the
+/// anti-entropy run that follows a restore (what the pull brings need not
+/// be repaired; the run is right without the wait, only slower).
+pub const RESTORE_CATCH_UP_WAIT: Duration = Duration::from_secs(60);
+
+/// After a restore from a backup (see [`fhirsync_store::restore`]): once
+/// the pull has caught up, anti-entropy with repair, retried until a run
+/// succeeds, whatever `verify_every_s` says; then the marker is cleared.
+async fn after_restore(e: Arc<Edge>, mut stop: watch::Receiver<bool>) {
+    match e.store.cursor(RESTORED_CURSOR).await {
+        Ok(Some(n)) if n > 0 => {}
+        _ => return,
+    }
+    let edge = e.cfg.name.as_str();
+    tracing::warn!(
+        edge,
+        "this node was restored from a backup: comparing it with its parent"
+    );
+    let started = tokio::time::Instant::now();
+    while e.cfg.pull && !e.cfg.verify_only && started.elapsed() < RESTORE_CATCH_UP_WAIT {
+        let pull = e.stats(Direction::Pull);
+        let ok = pull.state.lock().map(|s| s.0 == "ok").unwrap_or(false);
+        if ok && pull.lag.load(Ordering::Relaxed) == 0 {
+            break;
+        }
+        if !e.pause(Duration::from_millis(200), &mut stop).await {
+            return;
+        }
+    }
+    let mut attempt = 0;
+    loop {
+        let r = tokio::select! {
+            r = e.verify(true) => r,
+            _ = stop.changed() => return,
+        };
+        match r {
+            Ok(rep) => {
+                tracing::info!(
+                    edge,
+                    differences = rep.differences,
+                    pulled = rep.pulled.stored,
+                    pushed = rep.pushed.stored,
+                    "after the restore: repaired what differed from the parent"
+                );
+                let w = SyncWrite::SetCursor {
+                    key: RESTORED_CURSOR.to_owned(),
+                    seq: 0,
+                    audit: None,
+                };
+                match e.store.write(WriteRequest::Sync(w)).await {
+                    Ok(_) => return,
+                    Err(err) => {
+                        tracing::warn!(edge, error = %err, "cannot clear the restore marker")
+                    }
+                }
+            }
+            Err((_, why)) => {
+                tracing::warn!(edge, error = %why, "after the restore: anti-entropy failed; retrying")
+            }
+        }
+        attempt += 1;
+        if !e.pause(e.delay(attempt), &mut stop).await {
+            return;
         }
     }
 }

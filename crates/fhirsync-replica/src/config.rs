@@ -48,8 +48,7 @@ fn default_verify_every() -> u64 {
     3_600
 }
 
-/// Longest `verify_every_s` (a week) other than 0 (off).
-pub const VERIFY_EVERY_S_MAX: u64 = 7 * 24 * 3_600;
+pub use fhirsync_core::summary::VERIFY_EVERY_S_MAX;
 
 fn default_delay_max() -> u64 {
     30_000
@@ -77,7 +76,9 @@ pub struct EdgeConfig {
     #[serde(default)]
     pub push_filter: FilterConfig,
     /// `manual`, `source-wins` (the parent's version), `target-wins` (the
-    /// child's), `hlc-lww`.
+    /// child's), `hlc-lww`, or `merge` (three-way; what it cannot settle is
+    /// `manual`) and `merge+hlc-lww`, `merge+source-wins`,
+    /// `merge+target-wins` (what it cannot settle goes to that policy).
     #[serde(default, with = "policy_serde")]
     pub conflict_policy: Policy,
     /// Change records per pull or push request.
@@ -110,6 +111,10 @@ pub struct EdgeConfig {
     /// not a field of `[parent]`.
     #[serde(skip)]
     pub validation: Mode,
+    /// Anti-entropy only, no pull or push loops (a NATS follow's HTTP
+    /// side: NATS carries the changes). Not a field of `[parent]`.
+    #[serde(skip)]
+    pub verify_only: bool,
 }
 
 mod policy_serde {
@@ -144,6 +149,7 @@ impl EdgeConfig {
             tls_cert_file: None,
             tls_key_file: None,
             validation: Mode::Strict,
+            verify_only: false,
         }
     }
 }

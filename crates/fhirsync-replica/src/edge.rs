@@ -217,7 +217,7 @@ impl Edge {
         }
     }
 
-    fn delay(&self, attempt: u32) -> Duration {
+    pub(crate) fn delay(&self, attempt: u32) -> Duration {
         let unit = self.jitter.lock().map(|mut j| j.unit()).unwrap_or(0.5);
         backoff(attempt, unit).min(Duration::from_millis(self.cfg.retry_delay_ms_max))
     }
@@ -335,7 +335,7 @@ impl Edge {
     }
 
     /// Waits, unless the edge is stopping; `false` when it is.
-    async fn pause(&self, d: Duration, stop: &mut watch::Receiver<bool>) -> bool {
+    pub(crate) async fn pause(&self, d: Duration, stop: &mut watch::Receiver<bool>) -> bool {
         if *stop.borrow() {
             return false;
         }

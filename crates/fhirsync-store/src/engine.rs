@@ -55,6 +55,8 @@ pub struct NewVersion<'a> {
 /// What a backend's open write transaction offers the engine.
 pub trait WriteTx {
     fn node_id(&self) -> &str;
+    /// Whose counter this node's edits bump in a vector (see [`crate::restore`]).
+    fn vector_id(&self) -> &str;
     fn current(&mut self, rtype: &str, id: &str) -> Result<Option<CurrentVersion>, StoreError>;
     fn read(&mut self, rtype: &str, id: &str) -> Result<Option<StoredVersion>, StoreError>;
     fn vread(

@@ -11,6 +11,7 @@ pub mod error;
 pub mod load;
 pub mod postgres;
 pub mod replica;
+pub mod restore;
 pub mod sql;
 pub mod sqlite;
 pub mod stamp;

@@ -138,6 +138,17 @@ fn apply_one(
             let Some(c) = cur else {
                 return Ok(Applied::Skipped);
             };
+            if req.policy.merges() {
+                match merged(tx, v, &c)? {
+                    Ok((winner, how, sides)) => {
+                        let policy = req.policy.as_str();
+                        return settle_with(tx, req, v, c, winner, how, policy, Some(sides));
+                    }
+                    Err(why) => {
+                        tracing::debug!(rtype = %v.rtype, id = %v.id, why, "not merged; the fallback policy decides")
+                    }
+                }
+            }
             match replicate::winner(
                 req.policy,
                 req.direction == Direction::Pull,
@@ -310,6 +321,88 @@ fn queue(
     Ok(Applied::Conflict { id, settled: false })
 }
 
+/// The three-way merge of `v` with the local version `cur` against their
+/// common ancestor, as the version that settles them: its origin and HLC
+/// are those of the side [`replicate::lww_winner`] picks, so that every
+/// node merging the pair stores the same version. `Err`: why it cannot
+/// be merged (a tombstone, no ancestor, a clash).
+fn merged(
+    tx: &mut dyn WriteTx,
+    v: &RemoteVersion,
+    cur: &CurrentVersion,
+) -> Result<Result<(RemoteVersion, String, Sides), String>, StoreError> {
+    let (Some(remote), false) = (v.raw.as_deref(), cur.deleted) else {
+        return Ok(Err("a delete against an edit".into()));
+    };
+    let local = side_of_current(tx, cur, &v.rtype, &v.id)?;
+    let anc = ancestor(tx, &v.rtype, &v.id, &v.vv)?;
+    let (Some(l), Some(o)) = (
+        local.body.as_deref(),
+        anc.as_ref().and_then(|a| a.body.as_deref()),
+    ) else {
+        return Ok(Err("no common ancestor with content".into()));
+    };
+    let parse = |b: &str| serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(b);
+    let (Ok(o), Ok(l), Ok(r)) = (parse(o), parse(l), parse(remote)) else {
+        return Ok(Err("a side is not a JSON object".into()));
+    };
+    let m = match fhirsync_core::merge::merge3(&o, &l, &r) {
+        Ok(m) => m,
+        Err(clash) => return Ok(Err(clash.to_string())),
+    };
+    fhirsync_core::resource::check_resource(&m.resource, Some(&v.rtype))?;
+    let res = Prepared::new(v.rtype.clone(), m.resource);
+    let (origin, hlc) = match replicate::lww_winner(local_side(cur), incoming_side(v)) {
+        Winner::Local => (cur.origin.clone(), cur.hlc),
+        Winner::Incoming => (v.origin.clone(), v.hlc),
+    };
+    let how = format!(
+        "merged: local changed {}; remote changed {}",
+        list(&m.from_a),
+        list(&m.from_b)
+    );
+    let winner = RemoteVersion {
+        rtype: v.rtype.clone(),
+        id: v.id.clone(),
+        res: Some(res),
+        raw: None,
+        origin,
+        vv: replicate::settled_vector(&cur.vv, &v.vv),
+        hlc,
+        seq: v.seq,
+    };
+    Ok(Ok((
+        winner,
+        how,
+        Sides {
+            local,
+            ancestor: anc,
+        },
+    )))
+}
+
+/// The local side and the common ancestor of a conflict, when already read.
+struct Sides {
+    local: ConflictSide,
+    ancestor: Option<ConflictSide>,
+}
+
+/// Element names for a record, at most [`MERGE_NAMES_MAX`] of them.
+fn list(names: &[String]) -> String {
+    match names.len() {
+        0 => "nothing".into(),
+        n if n > MERGE_NAMES_MAX => format!(
+            "{} and {} more",
+            names[..MERGE_NAMES_MAX].join(", "),
+            n - MERGE_NAMES_MAX
+        ),
+        _ => names.join(", "),
+    }
+}
+
+/// Element names a merge's record lists per side.
+pub const MERGE_NAMES_MAX: usize = 12;
+
 /// An automatic policy picked `w`: store its content with a vector that
 /// has seen both sides (every node settling this pair stores the same
 /// vector, content, origin and HLC), and keep the loser in a record.
@@ -321,18 +414,19 @@ fn settle(
     w: Winner,
     policy: &str,
 ) -> Result<Applied, StoreError> {
-    let local = side_of_current(tx, &cur, &v.rtype, &v.id)?;
-    let remote = remote_side(v);
-    let vv = replicate::settled_vector(&cur.vv, &v.vv);
+    if w == Winner::Local && replicate::settled_vector(&cur.vv, &v.vv) == cur.vv {
+        // Nothing to store; only the record.
+        return record_settled(tx, req, v, &cur, w.as_str().to_owned(), policy);
+    }
     let winner = match w {
         Winner::Incoming => v.clone(),
         Winner::Local => RemoteVersion {
             rtype: v.rtype.clone(),
             id: v.id.clone(),
-            res: local
-                .body
-                .as_deref()
-                .map(|b| prepare(&v.rtype, b))
+            res: tx
+                .read(&v.rtype, &v.id)?
+                .and_then(|s| s.body)
+                .map(|b| prepare(&v.rtype, &b))
                 .transpose()?,
             raw: None,
             origin: cur.origin.clone(),
@@ -341,21 +435,70 @@ fn settle(
             seq: v.seq,
         },
     };
-    let unchanged = vv == cur.vv && w == Winner::Local;
-    if !unchanged {
-        store(
-            tx,
-            &winner,
-            Some(cur),
-            Stamp::Given {
-                vv,
-                origin: winner.origin.clone(),
-                hlc: Some(winner.hlc),
-                via: None,
-            },
-        )?;
-    }
-    let anc = ancestor(tx, &v.rtype, &v.id, &remote.vv)?;
+    settle_with(tx, req, v, cur, winner, w.as_str().to_owned(), policy, None)
+}
+
+/// Stores `winner`'s content as the version that settles `v` against
+/// `cur` (the vector has seen both), and records how.
+#[allow(clippy::too_many_arguments)]
+fn settle_with(
+    tx: &mut dyn WriteTx,
+    req: &ApplyRequest,
+    v: &RemoteVersion,
+    cur: CurrentVersion,
+    winner: RemoteVersion,
+    how: String,
+    policy: &str,
+    sides: Option<Sides>,
+) -> Result<Applied, StoreError> {
+    let sides = match sides {
+        Some(s) => s,
+        None => Sides {
+            local: side_of_current(tx, &cur, &v.rtype, &v.id)?,
+            ancestor: ancestor(tx, &v.rtype, &v.id, &v.vv)?,
+        },
+    };
+    let vv = replicate::settled_vector(&cur.vv, &v.vv);
+    store(
+        tx,
+        &winner,
+        Some(cur),
+        Stamp::Given {
+            vv,
+            origin: winner.origin.clone(),
+            hlc: Some(winner.hlc),
+            via: None,
+        },
+    )?;
+    record(tx, req, v, sides, how, policy)
+}
+
+fn record_settled(
+    tx: &mut dyn WriteTx,
+    req: &ApplyRequest,
+    v: &RemoteVersion,
+    cur: &CurrentVersion,
+    how: String,
+    policy: &str,
+) -> Result<Applied, StoreError> {
+    let sides = Sides {
+        local: side_of_current(tx, cur, &v.rtype, &v.id)?,
+        ancestor: ancestor(tx, &v.rtype, &v.id, &v.vv)?,
+    };
+    record(tx, req, v, sides, how, policy)
+}
+
+/// The record of an automatically settled conflict (state `auto`). The
+/// sides were read before the settling version was stored (the ancestor
+/// is the same either way: that version is newer than both sides).
+fn record(
+    tx: &mut dyn WriteTx,
+    req: &ApplyRequest,
+    v: &RemoteVersion,
+    sides: Sides,
+    how: String,
+    policy: &str,
+) -> Result<Applied, StoreError> {
     let now = tx.now_ms();
     let c = Conflict {
         id: 0,
@@ -366,10 +509,10 @@ fn settle(
         policy: policy.to_owned(),
         created_ms: now,
         closed_ms: Some(now),
-        resolution: Some(w.as_str().to_owned()),
-        local,
-        remote,
-        ancestor: anc,
+        resolution: Some(how),
+        local: sides.local,
+        remote: remote_side(v),
+        ancestor: sides.ancestor,
     };
     let id = tx.put_conflict(&c)?;
     Ok(Applied::Conflict { id, settled: true })
@@ -405,6 +548,16 @@ pub fn resolve(
         ))
     })?;
     let (res, label) = match how {
+        // A queued conflict's local side is the current version; a
+        // reopened settlement's is the side before it was settled.
+        Resolution::KeepLocal if c.policy != Policy::Manual.as_str() => (
+            c.local
+                .body
+                .as_deref()
+                .map(|b| prepare(&c.rtype, b))
+                .transpose()?,
+            "local",
+        ),
         Resolution::KeepLocal => (
             tx.read(&c.rtype, &c.rid)?
                 .and_then(|s| s.body)
@@ -430,7 +583,7 @@ pub fn resolve(
             (Some(p), "merged")
         }
     };
-    let vv = cur.vv.merged(&c.remote.vv).bumped(tx.node_id());
+    let vv = cur.vv.merged(&c.remote.vv).bumped(tx.vector_id());
     let node = tx.node_id().to_owned();
     let rtype = c.rtype.clone();
     let rid = c.rid.clone();
@@ -471,6 +624,41 @@ pub fn resolve(
     Ok(version)
 }
 
+/// An automatically settled conflict becomes open again: its settled
+/// version stays current until a person resolves it (keeping the local
+/// side then means the side before the settlement).
+fn reopen(tx: &mut dyn WriteTx, conflict: u64) -> Result<(), StoreError> {
+    let mut c = tx
+        .conflict(conflict)?
+        .ok_or_else(|| StoreError::NotFound(format!("conflict {conflict}")))?;
+    if c.state != ConflictState::Auto {
+        return Err(StoreError::State(format!(
+            "conflict {conflict} is {}; only an automatic settlement can be reopened",
+            c.state.as_str()
+        )));
+    }
+    if let Some(o) = tx.open_conflict(&c.rtype, &c.rid)? {
+        return Err(StoreError::State(format!(
+            "{}/{} has an open conflict already ({})",
+            c.rtype, c.rid, o.id
+        )));
+    }
+    let was = c.resolution.take().unwrap_or_default();
+    c.state = ConflictState::Open;
+    c.closed_ms = None;
+    tx.put_conflict(&c)?;
+    tx.add_audit(&AuditEntry::new(
+        &c.edge,
+        "reopen",
+        "ok",
+        1,
+        format!(
+            "conflict {conflict} on {}/{} ({}: {was}) reopened",
+            c.rtype, c.rid, c.policy
+        ),
+    ))
+}
+
 /// Bookkeeping writes.
 pub fn sync_write(tx: &mut dyn WriteTx, w: SyncWrite) -> Result<WriteOutcome, StoreError> {
     match w {
@@ -488,6 +676,7 @@ pub fn sync_write(tx: &mut dyn WriteTx, w: SyncWrite) -> Result<WriteOutcome, St
                 created: false,
             });
         }
+        SyncWrite::Reopen { conflict } => reopen(tx, conflict)?,
         SyncWrite::DeadLetters { letters, cursor } => {
             for l in &letters {
                 tx.add_dead_letter(l)?;

@@ -56,8 +56,16 @@ impl Stamper {
         }
     }
 
-    /// Stamps `v` at wall-clock time `now`, advancing the clock.
-    pub fn stamp(&mut self, node_id: &str, now: u64, v: NewVersion<'_>) -> Stamped {
+    /// Stamps `v` at wall-clock time `now`, advancing the clock. A local
+    /// edit counts in the vector under `vector_id` (the node id, or the
+    /// identity a restore from a backup gave it: see [`crate::restore`]).
+    pub fn stamp(
+        &mut self,
+        node_id: &str,
+        vector_id: &str,
+        now: u64,
+        v: NewVersion<'_>,
+    ) -> Stamped {
         let (vv, origin, hlc, via) = match v.stamp {
             Stamp::Local => {
                 self.hlc = self.hlc.tick(now);
@@ -65,7 +73,7 @@ impl Stamper {
                     .prev
                     .as_ref()
                     .map_or_else(VersionVector::new, |p| p.vv.clone())
-                    .bumped(node_id);
+                    .bumped(vector_id);
                 (vv, node_id.to_owned(), self.hlc, None)
             }
             Stamp::Given {

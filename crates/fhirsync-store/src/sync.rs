@@ -505,6 +505,11 @@ pub enum SyncWrite {
         conflict: u64,
         how: Resolution,
     },
+    /// Undoes an automatic settlement (a merge, or a winner a policy
+    /// picked) into an open conflict for a person.
+    Reopen {
+        conflict: u64,
+    },
     /// Adds dead letters (and moves the cursor past them, when given).
     DeadLetters {
         letters: Vec<NewDeadLetter>,

@@ -40,18 +40,22 @@ impl Agents {
         base: String,
     ) -> anyhow::Result<Agents> {
         let validation = cfg.validation_mode()?;
-        let replicator = match &cfg.parent {
-            Some(p) => Some(
-                Replicator::start(
-                    store.clone(),
-                    vec![fhirsync_replica::EdgeConfig {
-                        validation,
-                        ..p.clone()
-                    }],
-                )
-                .map_err(|e| anyhow::anyhow!("parent edge: {e}"))?,
-            ),
-            None => None,
+        let mut edges: Vec<fhirsync_replica::EdgeConfig> = cfg
+            .parent
+            .iter()
+            .map(|p| fhirsync_replica::EdgeConfig {
+                validation,
+                ..p.clone()
+            })
+            .collect();
+        edges.extend(follow_verify_edges(cfg, validation));
+        let replicator = if edges.is_empty() {
+            None
+        } else {
+            Some(
+                Replicator::start(store.clone(), edges)
+                    .map_err(|e| anyhow::anyhow!("parent edge: {e}"))?,
+            )
         };
         let nats = match &cfg.nats {
             Some(n) => Some(
@@ -105,6 +109,34 @@ impl Agents {
         }
         self.subs.shutdown().await;
     }
+}
+
+/// The anti-entropy edges of the NATS follows that name the followed
+/// node's HTTP base (`verify_url`): named `nats:<node>:verify`, pull side only
+/// (each node verifies what it follows), no loops (NATS carries the
+/// changes), the NATS conflict policy.
+fn follow_verify_edges(
+    cfg: &Config,
+    validation: fhirsync_core::validate::Mode,
+) -> Vec<fhirsync_replica::EdgeConfig> {
+    let Some(n) = &cfg.nats else {
+        return Vec::new();
+    };
+    n.follow
+        .iter()
+        .filter_map(|f| {
+            let (url, token) = (f.verify_url.as_deref()?, f.verify_token.as_deref()?);
+            let mut e = fhirsync_replica::EdgeConfig::new(url, token);
+            e.name = format!("{}:verify", fhirsync_nats::edge_name(&f.node));
+            e.push = false;
+            e.pull_filter.types = f.types.clone();
+            e.conflict_policy = n.conflict_policy;
+            e.verify_every_s = f.verify_every_s;
+            e.validation = validation;
+            e.verify_only = true;
+            Some(e)
+        })
+        .collect()
 }
 
 /// The agents behind the lease: empty while another process holds it.

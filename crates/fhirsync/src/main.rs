@@ -2,11 +2,13 @@
 //! node's store without HTTP, `sync` copies between servers, `export`
 //! takes a bulk export from a server, `demo` shows
 //! replication, `status`/`conflicts`/`deadletters` call a node's admin API,
-//! and `db-sender`/`db-receiver` sync MySQL/MariaDB databases from the binlog.
+//! `backup`/`restore` copy a node's database, and `db-sender`/`db-receiver`
+//! sync MySQL/MariaDB databases from the binlog.
 
 mod admin_cmd;
 mod agents;
 mod auth_cfg;
+mod backup_cmd;
 mod config;
 mod console_cfg;
 mod db_cmd;
@@ -135,6 +137,22 @@ enum Command {
         #[arg(required = true)]
         paths: Vec<PathBuf>,
     },
+    /// Write a consistent copy of a SQLite node's database to OUT, while
+    /// the node serves.
+    Backup {
+        #[command(flatten)]
+        node: NodeArgs,
+        /// The backup file to write (it must not exist).
+        out: PathBuf,
+    },
+    /// Put a backup in place of a stopped node's database (the old one is
+    /// kept beside it); the node then rejoins its parent safely.
+    Restore {
+        #[command(flatten)]
+        node: NodeArgs,
+        /// The backup file (of this node).
+        backup: PathBuf,
+    },
     /// Move a stopped SQLite node into an empty PostgreSQL database, with
     /// its log, index and sync state.
     Migrate(migrate_cmd::MigrateArgs),
@@ -188,6 +206,12 @@ fn main() -> ExitCode {
         }),
         Command::DbSender(a) => db_cmd::sender(a),
         Command::Migrate(a) => migrate_cmd::run(a),
+        Command::Backup { node, out } => {
+            config::Config::load(&node, None).and_then(|c| backup_cmd::backup(c, &out))
+        }
+        Command::Restore { node, backup } => {
+            config::Config::load(&node, None).and_then(|c| backup_cmd::restore(c, &backup))
+        }
         Command::DbReceiver(a) => db_cmd::receiver(a),
         Command::Import {
             node,

@@ -165,7 +165,7 @@ async fn refused_requests_get_401_or_403_and_change_nothing() {
     let r = get_as(&s, "Patient/p1", "edge-token").await;
     assert!(expect_outcome(r, 403)
         .await
-        .contains("$changes and $apply only"));
+        .contains("$changes, $apply, $summary and $current only"));
     // The admin API is closed without an admin token when anonymous is off.
     let r = s
         .client

@@ -16,13 +16,7 @@ use serde_json::{json, Value};
 
 fn nats_cfg(server: &NatsServer, follow: &[&str]) -> NatsConfig {
     let mut c = NatsConfig::new(vec![server.url()]);
-    c.follow = follow
-        .iter()
-        .map(|n| Follow {
-            node: n.to_string(),
-            types: Vec::new(),
-        })
-        .collect();
+    c.follow = follow.iter().map(|n| Follow::new(n)).collect();
     c
 }
 
@@ -640,10 +634,7 @@ async fn a_three_server_cluster_loses_a_server_mid_stream() {
     let cfg = |follow: &str| {
         let mut c = NatsConfig::new(cluster.urls());
         c.replicas = 3;
-        c.follow = vec![Follow {
-            node: follow.into(),
-            types: Vec::new(),
-        }];
+        c.follow = vec![Follow::new(follow)];
         c
     };
     let a = node("site-a", cfg("site-b")).await;
@@ -711,4 +702,130 @@ async fn a_three_server_cluster_loses_a_server_mid_stream() {
         .clone();
     assert_eq!(info.state.messages, total, "{:?}", info.state);
     assert_eq!(info.config.num_replicas, 3);
+}
+
+/// `GET /admin/edges` of a node process, as JSON.
+async fn edges_of(base: &str) -> Vec<Value> {
+    let v: Value = reqwest::get(base.replace("/fhir", "/admin/edges"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    v["items"].as_array().unwrap().clone()
+}
+
+/// A follow with `verify_url`: what NATS never delivered (the stream was
+/// purged while the follower was down) is found by anti-entropy with the
+/// followed node over HTTP and repaired; then the two are in sync.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_follow_verifies_over_http_what_nats_lost() {
+    use fhirsync_testkit::NodeProcess;
+    let server = NatsServer::start().unwrap();
+    let root = tempfile::tempdir().unwrap();
+    let token = "token-of-a-0123456789";
+    let write_cfg = |name: &str, text: String| {
+        let p = root.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    };
+    let b_cfg = write_cfg(
+        "b.toml",
+        format!(
+            "node_id = \"b\"\n[[children]]\nnode_id = \"a\"\ntoken = \"{token}\"\n\
+             [nats]\nservers = [\"{}\"]\n[[nats.follow]]\nnode = \"a\"\n",
+            server.url()
+        ),
+    );
+    let spawn = |id: &str, cfg: &std::path::Path| {
+        NodeProcess::spawn(
+            std::path::Path::new(BIN),
+            &root.path().join(id),
+            &["--config", cfg.to_str().unwrap()],
+        )
+        .unwrap()
+    };
+    let b = spawn("b", &b_cfg);
+    let a_cfg = write_cfg(
+        "a.toml",
+        format!(
+            "node_id = \"a\"\n[nats]\nservers = [\"{}\"]\n[[nats.follow]]\nnode = \"b\"\n\
+             verify_url = \"{}\"\nverify_token = \"{token}\"\nverify_every_s = 0\n",
+            server.url(),
+            b.base
+        ),
+    );
+    let mut a = spawn("a", &a_cfg);
+    let http = reqwest::Client::new();
+    let put_at = |base: &str, i: usize| {
+        let (http, url) = (http.clone(), format!("{base}/Patient/n{i}"));
+        async move {
+            let r = http
+                .put(&url)
+                .header("content-type", "application/fhir+json")
+                .body(json!({"resourceType": "Patient", "id": format!("n{i}")}).to_string())
+                .send()
+                .await
+                .unwrap();
+            assert!(r.status().is_success(), "{url}: {}", r.status());
+        }
+    };
+    let seen = |base: &str, i: usize| {
+        let (http, url) = (http.clone(), format!("{base}/Patient/n{i}"));
+        async move { http.get(&url).send().await.unwrap().status() == 200 }
+    };
+    for i in 0..5 {
+        put_at(&b.base, i).await;
+    }
+    eventually("a follows b over NATS", 30, || seen(&a.base, 4)).await;
+
+    // a is down while b writes; the stream loses those messages.
+    a.terminate(Duration::from_secs(20)).unwrap();
+    for i in 5..15 {
+        put_at(&b.base, i).await;
+    }
+    eventually("b published everything", 30, || async {
+        let e = edges_of(&b.base).await;
+        e.iter()
+            .any(|e| e["name"] == "nats" && e["publish"]["lagSeq"] == 0)
+    })
+    .await;
+    let js = async_nats::jetstream::new(async_nats::connect(server.url()).await.unwrap());
+    js.get_stream("FHIRSYNC")
+        .await
+        .unwrap()
+        .purge()
+        .await
+        .unwrap();
+    let a = spawn("a", &a_cfg);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(!seen(&a.base, 14).await, "NATS lost it");
+    let edges = edges_of(&a.base).await;
+    assert!(
+        edges.iter().any(|e| e["name"] == "nats:b:verify"),
+        "{edges:?}"
+    );
+
+    let verify = |repair: bool| {
+        let url = a.base.replace(
+            "/fhir",
+            &format!("/admin/verify?edge=nats:b:verify&repair={repair}"),
+        );
+        let http = http.clone();
+        async move {
+            let r = http.post(&url).send().await.unwrap();
+            assert_eq!(r.status(), 200);
+            r.json::<Value>().await.unwrap()
+        }
+    };
+    let rep = verify(true).await;
+    assert_eq!(rep["differences"], 10, "{rep}");
+    assert_eq!(rep["byKind"]["missing-here"], 10, "{rep}");
+    assert_eq!(rep["pulled"]["stored"], 10, "{rep}");
+    assert_eq!(rep["parentNodeId"], "b");
+    for i in 0..15 {
+        assert!(seen(&a.base, i).await, "Patient/n{i}");
+    }
+    let rep = verify(false).await;
+    assert_eq!(rep["inSync"], true, "{rep}");
 }

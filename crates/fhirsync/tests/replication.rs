@@ -320,6 +320,118 @@ async fn hlc_lww_picks_the_same_winner_everywhere_with_skewed_clocks() {
     assert!(conflicts_of(&p.parent, "open").await.is_empty());
 }
 
+/// `merge`: two nurses change different elements of one patient while the
+/// sites are apart; both ends store the same merged version (content,
+/// vector, HLC) and record it; a change of one element to two values is a
+/// manual conflict at both ends; an admin undoes the merge into a manual
+/// conflict and keeps the local side, which replicates.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn merge_keeps_both_sides_changes_and_can_be_undone() {
+    let p = pair(Policy::Merge, Arc::new(SystemClock), Arc::new(SystemClock)).await;
+    let base = json!({"resourceType": "Patient", "id": "x",
+        "name": [{"family": "Otieno", "given": ["Akinyi"]}],
+        "telecom": [{"system": "phone", "value": "0700"}]});
+    let y = json!({"resourceType": "Patient", "id": "y", "gender": "unknown"});
+    assert_eq!(put(&p.parent, "Patient/x", &base).await.status(), 201);
+    assert_eq!(put(&p.parent, "Patient/y", &y).await.status(), 201);
+    eventually("child has x and y", 20, || async {
+        has(&p.child, "Patient/y").await
+    })
+    .await;
+    p.link.set(fhirsync_testkit::Link::Down);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut at_parent = base.clone();
+    at_parent["birthDate"] = json!("1990-04-01");
+    at_parent["telecom"] = json!([{"system": "phone", "value": "0700"}, {"system": "email", "value": "a@example.org"}]);
+    let mut at_child = base.clone();
+    at_child["gender"] = json!("female");
+    at_child["name"] = json!([{"family": "Otieno", "given": ["Akinyi", "Grace"]}]);
+    assert_eq!(put(&p.parent, "Patient/x", &at_parent).await.status(), 200);
+    assert_eq!(put(&p.child, "Patient/x", &at_child).await.status(), 200);
+    let (ym, yf) = (
+        json!({"resourceType": "Patient", "id": "y", "gender": "male"}),
+        json!({"resourceType": "Patient", "id": "y", "gender": "female"}),
+    );
+    assert_eq!(put(&p.parent, "Patient/y", &ym).await.status(), 200);
+    assert_eq!(put(&p.child, "Patient/y", &yf).await.status(), 200);
+    p.link.set(fhirsync_testkit::Link::Up);
+    eventually("both hold the merged x", 30, || async {
+        let (_, a) = status_json(get(&p.parent, "Patient/x").await).await;
+        let (_, b) = status_json(get(&p.child, "Patient/x").await).await;
+        [a, b]
+            .iter()
+            .all(|r| r["gender"] == "female" && r["birthDate"] == "1990-04-01")
+    })
+    .await;
+    eventually("y is an open conflict at both ends", 30, || async {
+        conflicts_of(&p.parent, "open").await.len() == 1
+            && conflicts_of(&p.child, "open").await.len() == 1
+    })
+    .await;
+    let pv = p.parent.store.read("Patient", "x").await.unwrap().unwrap();
+    let cv = p.child.store.read("Patient", "x").await.unwrap().unwrap();
+    assert_eq!(
+        (&pv.vv, pv.hlc),
+        (&cv.vv, cv.hlc),
+        "the same vector and HLC"
+    );
+    let strip = |b: &str| {
+        let mut v: Value = serde_json::from_str(b).unwrap();
+        v["meta"].as_object_mut().unwrap().remove("lastUpdated");
+        v["meta"].as_object_mut().unwrap().remove("versionId");
+        v.to_string()
+    };
+    assert_eq!(
+        strip(pv.body.as_deref().unwrap()),
+        strip(cv.body.as_deref().unwrap())
+    );
+    let merged: Value = serde_json::from_str(pv.body.as_deref().unwrap()).unwrap();
+    assert_eq!(merged["name"][0]["given"], json!(["Akinyi", "Grace"]));
+    assert_eq!(merged["telecom"].as_array().unwrap().len(), 2);
+    for s in [&p.parent, &p.child] {
+        let open = conflicts_of(s, "open").await;
+        assert_eq!(open[0]["resourceId"], "y");
+        let auto = conflicts_of(s, "auto").await;
+        assert_eq!(auto.len(), 1, "{auto:?}");
+        assert_eq!(auto[0]["policy"], "merge");
+        let how = auto[0]["resolution"].as_str().unwrap();
+        assert!(how.starts_with("merged: local changed"), "{how}");
+    }
+    // Undo at the child: the merge becomes an open conflict; keeping the
+    // local side brings back the child's own edit, everywhere.
+    let id = conflicts_of(&p.child, "auto").await[0]["id"]
+        .as_u64()
+        .unwrap();
+    let reopen = p
+        .child
+        .base
+        .replace("/fhir", &format!("/admin/conflicts/{id}/reopen"));
+    let http = reqwest::Client::new();
+    let r = http.post(&reopen).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(http.post(&reopen).send().await.unwrap().status(), 409);
+    assert_eq!(conflicts_of(&p.child, "open").await.len(), 2);
+    let r = http
+        .post(
+            p.child
+                .base
+                .replace("/fhir", &format!("/admin/conflicts/{id}/resolve")),
+        )
+        .json(&json!({"keep": "local"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    eventually("the child's own edit everywhere", 30, || async {
+        let (_, a) = status_json(get(&p.parent, "Patient/x").await).await;
+        let (_, b) = status_json(get(&p.child, "Patient/x").await).await;
+        [a, b]
+            .iter()
+            .all(|r| r["gender"] == "female" && r.get("birthDate").is_none())
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn source_wins_keeps_the_parents_version_on_both() {
     let p = pair(

@@ -517,3 +517,189 @@ async fn sigkill_between_apply_and_ack_over_jetstream_loses_and_duplicates_nothi
     assert_eq!(last_a, N, "site-a stored nothing back");
     assert_eq!(last_b, N);
 }
+
+/// `fhirsync <args>` to completion: (success, stdout, stderr).
+fn run_cli(args: &[&str]) -> (bool, String, String) {
+    let o = std::process::Command::new(BIN)
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    (
+        o.status.success(),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+async fn admin_json(base: &str, path: &str) -> Value {
+    reqwest::get(base.replace("/fhir", &format!("/admin/{path}")))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+async fn open_conflicts(base: &str) -> Vec<String> {
+    admin_json(base, "conflicts?state=open").await["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            format!(
+                "{}/{}",
+                c["resourceType"].as_str().unwrap(),
+                c["resourceId"].as_str().unwrap()
+            )
+        })
+        .collect()
+}
+
+/// A child backed up while it serves, then restored from that backup after
+/// it had pushed more (new patients and an edit) and pulled more: while its
+/// parent is down it edits the resource whose later edit it forgot, and
+/// creates one. When the parent is back, nothing is lost: the child gets
+/// back what it had pushed (anti-entropy: the parent's feed leaves out what
+/// came from the child) and what it had pulled (its restored cursor is
+/// older), the parent gets the new patient, and the two edits of the one
+/// patient are a conflict at both ends, not one edit silently kept; every
+/// other resource is the same at both ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_child_restored_from_an_old_backup_rejoins_without_losing_anything() {
+    let root = tempfile::tempdir().unwrap();
+    let r = root.path();
+    let p_cfg = config(r, "parent", &["c1"], None);
+    let mut parent = spawn(r, "parent", &p_cfg);
+    let c1_cfg = config(r, "c1", &[], Some((&parent.base, "")));
+    let mut c1 = spawn(r, "c1", &c1_cfg);
+    let c1_dir = r.join("c1");
+    for i in 0..20 {
+        put(&parent.base, &pat(&format!("p{i}"), "Kisumu")).await;
+    }
+    for i in 0..10 {
+        put(&c1.base, &obs(&format!("before{i}"), "Patient/p1")).await;
+    }
+    let (pb, cb) = (parent.base.clone(), c1.base.clone());
+    eventually("the first data at both ends", 30, move || {
+        let (pb, cb) = (pb.clone(), cb.clone());
+        Box::pin(async move {
+            exists(&cb, "Patient/p19").await && exists(&pb, "Observation/before9").await
+        })
+    })
+    .await;
+
+    // The backup, while the child serves.
+    let backup = r.join("c1-backup.db");
+    let (ok, out, err) = run_cli(&[
+        "backup",
+        "--config",
+        c1_cfg.to_str().unwrap(),
+        "--data-dir",
+        c1_dir.to_str().unwrap(),
+        backup.to_str().unwrap(),
+    ]);
+    assert!(ok, "backup: {err}");
+    assert!(out.contains("backed up node 'c1'"), "{out}");
+    let (ok, _, err) = run_cli(&[
+        "backup",
+        "--data-dir",
+        c1_dir.to_str().unwrap(),
+        backup.to_str().unwrap(),
+    ]);
+    assert!(!ok && err.contains("exists"), "{err}");
+
+    // After the backup: the child pushes new patients and an edit, and
+    // pulls the parent's new patients.
+    for i in 0..5 {
+        put(&c1.base, &pat(&format!("after{i}"), "Nakuru")).await;
+        put(&parent.base, &pat(&format!("late{i}"), "Eldoret")).await;
+    }
+    put(&c1.base, &pat("p0", "edited at c1 after the backup")).await;
+    let (pb, cb) = (parent.base.clone(), c1.base.clone());
+    eventually("the post-backup writes at both ends", 30, move || {
+        let (pb, cb) = (pb.clone(), cb.clone());
+        Box::pin(async move {
+            let p0: Value = match reqwest::get(format!("{pb}/Patient/p0")).await {
+                Ok(r) => r.json().await.unwrap_or(Value::Null),
+                Err(_) => Value::Null,
+            };
+            p0["address"][0]["city"] == "edited at c1 after the backup"
+                && exists(&pb, "Patient/after4").await
+                && exists(&cb, "Patient/late4").await
+        })
+    })
+    .await;
+
+    // The child's disk is lost; the parent is down for a while too.
+    c1.kill();
+    let parent_addr = host_port(&parent.base).to_owned();
+    parent.terminate(Duration::from_secs(20)).unwrap();
+    let (ok, _, err) = run_cli(&[
+        "restore",
+        "--data-dir",
+        r.join("parent").to_str().unwrap(),
+        backup.to_str().unwrap(),
+    ]);
+    assert!(!ok && err.contains("backup of node 'c1'"), "{err}");
+    let (ok, out, err) = run_cli(&[
+        "restore",
+        "--config",
+        c1_cfg.to_str().unwrap(),
+        "--data-dir",
+        c1_dir.to_str().unwrap(),
+        backup.to_str().unwrap(),
+    ]);
+    assert!(ok, "restore: {err}");
+    assert!(out.contains("restored node 'c1'"), "{out}");
+    let mut c1 = spawn(r, "c1", &c1_cfg);
+    assert!(
+        !exists(&c1.base, "Patient/after0").await,
+        "the backup is older"
+    );
+    put(&c1.base, &pat("p0", "edited at c1 after the restore")).await;
+    put(&c1.base, &obs("restored0", "Patient/p2")).await;
+
+    let mut parent = NodeProcess::spawn_at(
+        Path::new(BIN),
+        &r.join("parent"),
+        &parent_addr,
+        &["--config", p_cfg.to_str().unwrap()],
+    )
+    .unwrap();
+    let (pb, cb) = (parent.base.clone(), c1.base.clone());
+    eventually("the two ends rejoined", 60, move || {
+        let (pb, cb) = (pb.clone(), cb.clone());
+        Box::pin(async move {
+            exists(&cb, "Patient/after4").await
+                && exists(&cb, "Patient/late4").await
+                && exists(&pb, "Observation/restored0").await
+                && open_conflicts(&pb).await.len() == 1
+                && open_conflicts(&cb).await.len() == 1
+        })
+    })
+    .await;
+    assert_eq!(open_conflicts(&parent.base).await, ["Patient/p0"]);
+    assert_eq!(open_conflicts(&c1.base).await, ["Patient/p0"]);
+    let edges = admin_json(&c1.base, "edges").await;
+    assert!(
+        edges["items"][0]["verify"]["runs"].as_u64() >= Some(1),
+        "{edges}"
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    c1.terminate(Duration::from_secs(20)).unwrap();
+    parent.terminate(Duration::from_secs(20)).unwrap();
+    let (mut dp, np, ..) = read_store(&r.join("parent")).await;
+    let (mut d1, n1, _, cursors) = read_store(&c1_dir).await;
+    // Each end keeps its own p0 until the conflict is resolved.
+    let key = ("Patient".to_owned(), "p0".to_owned());
+    assert_ne!(dp.remove(&key), d1.remove(&key));
+    assert_eq!(dp.len(), 20 + 10 + 5 + 5 + 1 - 1);
+    assert_eq!(dp, d1);
+    for n in [np, n1] {
+        let twice: Vec<_> = n.iter().filter(|(k, c)| **c > 1 && **k != key).collect();
+        assert!(twice.is_empty(), "stored twice: {twice:?}");
+    }
+    let restored = cursors.iter().find(|c| c.0 == "restored").unwrap();
+    assert_eq!(restored.1, 0, "the restore marker was cleared");
+}

@@ -560,6 +560,33 @@ async fn resolve(
     }
 }
 
+/// Undoes a merge (any automatic settlement) into an open conflict.
+async fn reopen(
+    State(c): State<Shared>,
+    Viewer(s): Viewer,
+    axum::extract::Path(id): axum::extract::Path<u64>,
+    Form(f): Form<HashMap<String, String>>,
+) -> Response {
+    if let Some(r) = bad_csrf(&s, &f).or_else(|| not_admin(&s)) {
+        return r;
+    }
+    let r = c
+        .app
+        .store
+        .write(WriteRequest::Sync(SyncWrite::Reopen { conflict: id }))
+        .await;
+    c.audit(&s.user, "reopen", if r.is_ok() { 0 } else { 4 }, None)
+        .await;
+    match r {
+        Ok(_) => redirect(&format!("/conflicts/{id}")),
+        Err(e) => pages::message(
+            e.status(),
+            "Not reopened",
+            &format!("Conflict {id} was not reopened: {e}"),
+        ),
+    }
+}
+
 async fn retry(
     State(c): State<Shared>,
     Viewer(s): Viewer,
@@ -593,6 +620,7 @@ pub fn router(c: Arc<Console>) -> Router {
         .route("/conflicts", get(pages::conflicts))
         .route("/conflicts/{id}", get(pages::conflict))
         .route("/conflicts/{id}/resolve", post(resolve))
+        .route("/conflicts/{id}/reopen", post(reopen))
         .route("/deadletters", get(pages::dead_letters))
         .route("/deadletters/{id}/retry", post(retry))
         .route("/audit", get(pages::audit))

@@ -488,8 +488,23 @@ pub async fn conflict(State(c): C, Viewer(s): Viewer, Path(id): Path<u64>) -> Re
         )
     };
     let actions = if x.state != ConflictState::Open {
+        // An automatic settlement (a merge) can be undone by an admin.
+        let undo = if x.state == ConflictState::Auto && s.role == Role::Admin {
+            format!(
+                " <form class=\"inline\" method=\"post\" action=\"/conflicts/{id}/reopen\"><input type=\"hidden\" name=\"csrf\" value=\"{}\"><button id=\"reopen\">Undo: make it a manual conflict</button></form>",
+                esc(&s.csrf)
+            )
+        } else {
+            String::new()
+        };
+        // An automatic settlement names its policy (`merge`, `hlc-lww`…).
+        let by = if x.state == ConflictState::Auto {
+            format!(" ({})", esc(&x.policy))
+        } else {
+            String::new()
+        };
         format!(
-            "<p id=\"outcome\" class=\"ok\">{} — resolution: {}, {}</p>",
+            "<p id=\"outcome\" class=\"ok\">{}{by} — resolution: {}, {}{undo}</p>",
             x.state.as_str(),
             esc(x.resolution.as_deref().unwrap_or("—")),
             x.closed_ms.map(when).unwrap_or_default()

@@ -159,6 +159,9 @@ impl PgStore {
         let w = PgWriter {
             conn,
             node_id: node_id.clone(),
+            // `fhirsync restore` is for SQLite nodes (a PostgreSQL one is
+            // restored with its own tools; see docs/replication.md).
+            vector_id: node_id.clone(),
             clock,
             stamper: Stamper::new(Hlc::from_packed(head.hlc)),
             group_max: node.group_commit_max.max(1),

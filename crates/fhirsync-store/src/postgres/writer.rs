@@ -30,6 +30,8 @@ use crate::StoreError;
 pub struct PgWriter {
     pub conn: PgConn,
     pub node_id: String,
+    /// Whose counter a local edit bumps: see [`crate::restore`].
+    pub vector_id: String,
     pub clock: Arc<dyn Clock>,
     pub stamper: Stamper,
     pub group_max: usize,
@@ -469,7 +471,9 @@ impl WriteTx for PgWriter {
             self.custom_dirty = true;
         }
         let (rtype, id, prev) = (v.rtype, v.id, v.prev.as_ref().map(|p| (p.seq, p.vid)));
-        let mut s = self.stamper.stamp(&self.node_id, self.clock.now_ms(), v);
+        let mut s = self
+            .stamper
+            .stamp(&self.node_id, &self.vector_id, self.clock.now_ms(), v);
         if let Some((prev_seq, prev_vid)) = prev {
             let changed = self.conn.exec(
                 "UPDATE versions SET superseded = ?1 WHERE seq = ?2 AND superseded IS NULL",

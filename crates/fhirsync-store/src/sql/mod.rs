@@ -280,6 +280,10 @@ macro_rules! write_tx_rows {
             &self.node_id
         }
 
+        fn vector_id(&self) -> &str {
+            &self.vector_id
+        }
+
         fn read(
             &mut self,
             rtype: &str,

@@ -176,8 +176,10 @@ impl SqliteStore {
         custom_params::load(&conn, &custom_source);
         let (seq_tx, seq_rx) = watch::channel(last);
         let (jobs_tx, jobs_rx) = mpsc::channel(cfg.write_queue_max.max(1));
+        let vector_id = crate::restore::vector_id(&conn, &node_id)?;
         let w = writer::Writer {
             conn,
+            vector_id,
             node_id: node_id.clone(),
             clock,
             stamper: crate::stamp::Stamper::new(Hlc::from_packed(hlc as u64)),

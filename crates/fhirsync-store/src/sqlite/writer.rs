@@ -62,6 +62,8 @@ pub enum Job {
 pub struct Writer {
     pub conn: Connection,
     pub node_id: String,
+    /// Whose counter a local edit bumps: see [`crate::restore`].
+    pub vector_id: String,
     pub clock: Arc<dyn Clock>,
     pub stamper: Stamper,
     pub group_max: usize,
@@ -459,7 +461,9 @@ impl WriteTx for Writer {
             self.custom_dirty = true;
         }
         let (rtype, id, prev) = (v.rtype, v.id, v.prev.as_ref().map(|p| (p.seq, p.vid)));
-        let mut s = self.stamper.stamp(&self.node_id, self.clock.now_ms(), v);
+        let mut s = self
+            .stamper
+            .stamp(&self.node_id, &self.vector_id, self.clock.now_ms(), v);
         if let Some((prev_seq, prev_vid)) = prev {
             let n = self
                 .conn

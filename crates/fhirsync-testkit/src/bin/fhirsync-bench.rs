@@ -110,6 +110,17 @@ enum Cmd {
         #[arg(long)]
         work: std::path::PathBuf,
     },
+    /// Applying pages of conflicting versions (one store each): under
+    /// `hlc-lww`, and under `merge` (every pair merged against its ancestor).
+    Merge {
+        #[arg(long, default_value_t = 20_000)]
+        count: u64,
+        /// Versions per applied page (the edge's batch).
+        #[arg(long, default_value_t = 500)]
+        page: usize,
+        #[arg(long)]
+        work: std::path::PathBuf,
+    },
     /// Lag from a commit on a child to its visibility in the parent's change feed.
     ReplicateLag {
         #[arg(long)]
@@ -287,6 +298,10 @@ fn main() -> anyhow::Result<()> {
         } => {
             let rt = tokio::runtime::Runtime::new()?;
             rt.block_on(replicate_pull(bin, count, work, batch))
+        }
+        Cmd::Merge { count, page, work } => {
+            let rt = tokio::runtime::Runtime::new()?;
+            rt.block_on(merge_bench(count, page, work))
         }
         Cmd::Verify {
             bin,
@@ -719,8 +734,153 @@ async fn verify_bench(
         same["differences"] == 0,
         "expected identical stores: {same}"
     );
+    // The child backed up while it serves, then restored once stopped.
+    let backup = work.join("child-backup.db");
+    let _ = std::fs::remove_file(&backup);
+    let run = |args: &[&std::ffi::OsStr]| -> anyhow::Result<f64> {
+        let t0 = Instant::now();
+        let st = std::process::Command::new(&bin)
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .status()?;
+        anyhow::ensure!(st.success(), "fhirsync {args:?} failed");
+        Ok(t0.elapsed().as_secs_f64())
+    };
+    let (dir_flag, cdir_os) = (std::ffi::OsStr::new("--data-dir"), cdir.as_os_str());
+    let secs = run(&["backup".as_ref(), dir_flag, cdir_os, backup.as_os_str()])?;
+    let bytes = std::fs::metadata(&backup)?.len();
+    println!("backup while serving, {count} resources: {secs:.2} s, {bytes} bytes");
     drop(child);
+    let secs = run(&["restore".as_ref(), dir_flag, cdir_os, backup.as_os_str()])?;
+    println!("restore, {count} resources: {secs:.2} s");
     drop(parent);
+    Ok(())
+}
+
+/// A patient as a site holds it: `extra` elements on top of the common one.
+fn merge_patient(i: u64, extra: serde_json::Value) -> serde_json::Value {
+    let mut p = serde_json::json!({"resourceType": "Patient", "id": format!("p{i}"),
+        "identifier": [{"system": "https://example.org/mrn", "value": format!("p{i}")}],
+        "name": [{"family": "Odhiambo", "given": ["Akinyi", "Grace"]}],
+        "telecom": [{"system": "phone", "value": format!("+2547{i:08}")}],
+        "address": [{"city": "Kisumu", "country": "KE"}]});
+    for (k, v) in extra.as_object().into_iter().flatten() {
+        p[k] = v.clone();
+    }
+    p
+}
+
+/// Pages of versions from `origin`, each `{p: 1}` bumped by `origin`
+/// (`None`: the common ancestor, `{p: 1}` itself).
+fn merge_pages(
+    count: u64,
+    page: usize,
+    origin: Option<&str>,
+    extra: &serde_json::Value,
+    policy: fhirsync_core::replicate::Policy,
+) -> Vec<fhirsync_store::ApplyRequest> {
+    use fhirsync_store::{ApplyRequest, Direction, Prepared, RemoteVersion};
+    let base = fhirsync_core::VersionVector::new().bumped("p");
+    let vv = origin.map_or_else(|| base.clone(), |o| base.bumped(o));
+    let versions: Vec<RemoteVersion> = (0..count)
+        .map(|i| {
+            let body = merge_patient(i, extra.clone());
+            let raw = body.to_string();
+            let map = body.as_object().cloned().unwrap_or_default();
+            RemoteVersion {
+                rtype: "Patient".into(),
+                id: format!("p{i}"),
+                res: Some(Prepared::new("Patient".into(), map)),
+                raw: Some(raw.into()),
+                origin: origin.unwrap_or("p").into(),
+                vv: vv.clone(),
+                hlc: fhirsync_core::Hlc::new(1_700_000_000_000 + i, 0),
+                seq: i + 1,
+            }
+        })
+        .collect();
+    versions
+        .chunks(page.max(1))
+        .map(|c| ApplyRequest {
+            edge: "bench".into(),
+            direction: Direction::Pull,
+            peer: origin.unwrap_or("p").into(),
+            policy,
+            versions: c.to_vec(),
+            cursor: None,
+            dead_letters: Vec::new(),
+            record_peer: false,
+        })
+        .collect()
+}
+
+async fn merge_bench(count: u64, page: usize, work: std::path::PathBuf) -> anyhow::Result<()> {
+    use fhirsync_core::replicate::Policy;
+    use fhirsync_store::sqlite::{SqliteConfig, SqliteStore};
+    use fhirsync_store::{Store, WriteOutcome, WriteRequest};
+    use serde_json::json;
+    let mut took = Vec::new();
+    for policy in [Policy::HlcLww, Policy::Merge] {
+        let dir = work.join(format!("merge-{policy}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut cfg = SqliteConfig::new(SqliteStore::db_path(&dir));
+        cfg.node_id = Some("here".into());
+        let store = SqliteStore::open(cfg)?;
+        let apply = |reqs: Vec<fhirsync_store::ApplyRequest>| async {
+            let (mut stored, mut conflicts) = (0, 0);
+            for r in reqs {
+                match store.write(WriteRequest::Apply(Box::new(r))).await? {
+                    WriteOutcome::Applied(rep) => {
+                        stored += rep.stored;
+                        conflicts += rep.conflicts;
+                    }
+                    o => anyhow::bail!("unexpected outcome {o:?}"),
+                }
+            }
+            Ok::<_, anyhow::Error>((stored, conflicts))
+        };
+        apply(merge_pages(count, page, None, &json!({}), policy)).await?;
+        apply(merge_pages(
+            count,
+            page,
+            Some("a"),
+            &json!({"gender": "female"}),
+            policy,
+        ))
+        .await?;
+        let pages = merge_pages(
+            count,
+            page,
+            Some("b"),
+            &json!({"birthDate": "1990-04-01"}),
+            policy,
+        );
+        let t0 = Instant::now();
+        let (_, conflicts) = apply(pages).await?;
+        let secs = t0.elapsed().as_secs_f64();
+        anyhow::ensure!(
+            conflicts == count,
+            "{policy}: {conflicts} conflicts of {count}"
+        );
+        let merged = store.read("Patient", "p0").await?.and_then(|v| v.body);
+        let both = merged
+            .as_deref()
+            .is_some_and(|b| b.contains("female") && b.contains("1990-04-01"));
+        anyhow::ensure!(
+            both == (policy == Policy::Merge),
+            "{policy}: p0 is {merged:?}"
+        );
+        println!(
+            "conflicting pages of {page}, {count} conflicts, {policy}: {secs:.2} s, {:.0} conflicts/s",
+            count as f64 / secs
+        );
+        took.push(secs);
+        store.shutdown();
+    }
+    println!(
+        "merge costs {:+.1} % over hlc-lww",
+        (took[1] / took[0] - 1.0) * 100.0
+    );
     Ok(())
 }
 
