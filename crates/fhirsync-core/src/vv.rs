@@ -47,6 +47,18 @@ impl VersionVector {
         out
     }
 
+    /// Pointwise minimum: what both have seen (the vector of their
+    /// common ancestor, when it is a version).
+    pub fn meet(&self, other: &VersionVector) -> VersionVector {
+        VersionVector(
+            self.0
+                .iter()
+                .map(|(k, v)| (k.clone(), (*v).min(other.get(k))))
+                .filter(|(_, v)| *v > 0)
+                .collect(),
+        )
+    }
+
     pub fn compare(&self, other: &VersionVector) -> Causality {
         let mut less = false;
         let mut greater = false;
@@ -94,6 +106,14 @@ mod tests {
         check(&[("a", 1)], &[("a", 2)], Causality::Before);
         check(&[("a", 2), ("b", 1)], &[("a", 2)], Causality::After);
         check(&[("a", 2)], &[("b", 1)], Causality::Concurrent);
+    }
+
+    #[test]
+    fn meet_is_what_both_have_seen() {
+        let a = VersionVector::new().bumped("x").bumped("x").bumped("y");
+        let b = VersionVector::new().bumped("x").bumped("z");
+        assert_eq!(a.meet(&b), VersionVector::new().bumped("x"));
+        assert_eq!(a.meet(&b), b.meet(&a));
     }
 
     #[test]

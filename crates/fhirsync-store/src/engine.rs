@@ -84,7 +84,8 @@ pub trait WriteTx {
         id: &str,
         limit: usize,
     ) -> Result<Vec<StoredVersion>, StoreError>;
-    fn open_conflict(&mut self, rtype: &str, id: &str) -> Result<Option<Conflict>, StoreError>;
+    /// A resource's open conflicts, oldest first.
+    fn open_conflicts(&mut self, rtype: &str, id: &str) -> Result<Vec<Conflict>, StoreError>;
     fn conflict(&mut self, id: u64) -> Result<Option<Conflict>, StoreError>;
     /// Inserts (`id == 0`) or updates; returns the id.
     fn put_conflict(&mut self, c: &Conflict) -> Result<u64, StoreError>;

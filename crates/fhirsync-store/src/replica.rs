@@ -197,7 +197,7 @@ fn supersede(
     id: &str,
     vv: &VersionVector,
 ) -> Result<(), StoreError> {
-    if let Some(mut c) = tx.open_conflict(rtype, id)? {
+    for mut c in tx.open_conflicts(rtype, id)? {
         let dominates =
             |o: &VersionVector| matches!(vv.compare(o), Causality::After | Causality::Equal);
         if dominates(&c.local.vv) && dominates(&c.remote.vv) {
@@ -256,8 +256,11 @@ fn ancestor(
     Ok(None)
 }
 
-/// `manual`: keep the local version and queue both sides (one open
-/// conflict per resource; a newer remote side replaces the older).
+/// `manual`: keep the local version and queue both sides. One open
+/// conflict per remote branch of a resource: a newer version of a queued
+/// branch replaces its side; a version concurrent with every queued remote
+/// side (another branch, come through another edge) gets its own record,
+/// so that no branch drops out of sight.
 fn queue(
     tx: &mut dyn WriteTx,
     req: &ApplyRequest,
@@ -265,20 +268,28 @@ fn queue(
     cur: &CurrentVersion,
 ) -> Result<Applied, StoreError> {
     let local = side_of_current(tx, cur, &v.rtype, &v.id)?;
-    let remote = remote_side(v);
-    let existing = tx.open_conflict(&v.rtype, &v.id)?;
+    let incoming = remote_side(v);
+    let existing = tx
+        .open_conflicts(&v.rtype, &v.id)?
+        .into_iter()
+        .find(|e| e.remote.vv.compare(&incoming.vv) != Causality::Concurrent);
+    let mut remote = incoming;
+    let mut edge = req.edge.clone();
     if let Some(e) = &existing {
-        if e.local.vv == local.vv
-            && matches!(
-                e.remote.vv.compare(&remote.vv),
-                Causality::After | Causality::Equal
-            )
-        {
-            // Delivered again, or an older remote side: nothing new.
+        let older = matches!(
+            e.remote.vv.compare(&remote.vv),
+            Causality::After | Causality::Equal
+        );
+        if older && e.local.vv == local.vv {
+            // Delivered again, or an older side of this branch: nothing new.
             return Ok(Applied::Conflict {
                 id: e.id,
                 settled: false,
             });
+        }
+        if older {
+            remote = e.remote.clone();
+            edge = e.edge.clone();
         }
     }
     let anc = ancestor(tx, &v.rtype, &v.id, &remote.vv)?;
@@ -287,7 +298,7 @@ fn queue(
         rtype: v.rtype.clone(),
         rid: v.id.clone(),
         state: ConflictState::Open,
-        edge: req.edge.clone(),
+        edge,
         policy: Policy::Manual.as_str().into(),
         created_ms: existing
             .as_ref()
@@ -335,7 +346,20 @@ fn merged(
         return Ok(Err("a delete against an edit".into()));
     };
     let local = side_of_current(tx, cur, &v.rtype, &v.id)?;
-    let anc = ancestor(tx, &v.rtype, &v.id, &v.vv)?;
+    // The common ancestor both ends find: the version whose vector is the
+    // meet of the two sides' (every node merging the pair merges against
+    // the same content, or, lacking it, none merges).
+    let meet = cur.vv.meet(&v.vv);
+    let anc = tx
+        .lineage(&v.rtype, &v.id, ANCESTOR_SEARCH_MAX)?
+        .into_iter()
+        .find(|s| s.vv == meet)
+        .map(|s| ConflictSide {
+            vv: s.vv,
+            hlc: s.hlc,
+            origin: s.origin,
+            body: s.body.map(|b| b.to_string()),
+        });
     let (Some(l), Some(o)) = (
         local.body.as_deref(),
         anc.as_ref().and_then(|a| a.body.as_deref()),
@@ -637,7 +661,7 @@ fn reopen(tx: &mut dyn WriteTx, conflict: u64) -> Result<(), StoreError> {
             c.state.as_str()
         )));
     }
-    if let Some(o) = tx.open_conflict(&c.rtype, &c.rid)? {
+    if let Some(o) = tx.open_conflicts(&c.rtype, &c.rid)?.first() {
         return Err(StoreError::State(format!(
             "{}/{} has an open conflict already ({})",
             c.rtype, c.rid, o.id

@@ -12,6 +12,7 @@ pub mod nats_jwt;
 pub mod postgres;
 pub mod proxy;
 pub mod server;
+pub mod sim;
 pub mod smart;
 pub mod tcp;
 pub mod tls;

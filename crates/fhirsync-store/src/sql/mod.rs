@@ -318,12 +318,12 @@ macro_rules! write_tx_rows {
             $crate::sql::query::lineage(&self.conn, rtype, id, limit)
         }
 
-        fn open_conflict(
+        fn open_conflicts(
             &mut self,
             rtype: &str,
             id: &str,
-        ) -> Result<Option<$crate::Conflict>, $crate::StoreError> {
-            $crate::sql::sync_rows::open_conflict(&self.conn, rtype, id)
+        ) -> Result<Vec<$crate::Conflict>, $crate::StoreError> {
+            $crate::sql::sync_rows::open_conflicts(&self.conn, rtype, id)
         }
 
         fn conflict(&mut self, id: u64) -> Result<Option<$crate::Conflict>, $crate::StoreError> {

@@ -43,11 +43,13 @@ pub fn conflict(db: &dyn Db, id: u64) -> Result<Option<Conflict>, StoreError> {
     first(db, &sql, &[n(id)], row_to_conflict)
 }
 
-pub fn open_conflict(db: &dyn Db, rtype: &str, id: &str) -> Result<Option<Conflict>, StoreError> {
+/// A resource's open conflicts, oldest first (more than one when
+/// concurrent versions came from several branches).
+pub fn open_conflicts(db: &dyn Db, rtype: &str, id: &str) -> Result<Vec<Conflict>, StoreError> {
     let sql = format!(
-        "SELECT {CONFLICT_COLS} FROM conflicts WHERE type = ?1 AND id = ?2 AND state = 'open'"
+        "SELECT {CONFLICT_COLS} FROM conflicts WHERE type = ?1 AND id = ?2 AND state = 'open' ORDER BY cid"
     );
-    first(db, &sql, &[t(rtype), t(id)], row_to_conflict)
+    all(db, &sql, &[t(rtype), t(id)], row_to_conflict)
 }
 
 /// Inserts (`id == 0`) or updates a conflict; returns its id.
