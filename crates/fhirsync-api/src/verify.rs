@@ -5,6 +5,9 @@
 //! resources as change records, so a child can compare what both hold
 //! without sending it and repair what differs through the normal apply
 //! path. Both take plain JSON; the callers are the ones `$changes` serves.
+//! `$summary` also cuts a range at the asker's bounds (to compare two other
+//! nodes, as `fhirsync sync -m COMPARE` does) and summarizes by content
+//! alone (`"content": true`).
 
 use axum::body::Body;
 use axum::extract::State;
@@ -13,7 +16,7 @@ use axum::response::Response;
 use axum::Extension;
 use fhirsync_core::resource::is_resource_type;
 use fhirsync_core::summary::{hex, KeyRange};
-use fhirsync_store::summary::{SummaryAnswer, SummaryQuery, SUMMARY_FANOUT_MAX};
+use fhirsync_store::summary::{Basis, SummaryAnswer, SummaryQuery, SUMMARY_FANOUT_MAX};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -40,6 +43,17 @@ struct RangeIn {
     upto: Option<String>,
 }
 
+/// A range to cut at the asker's bounds (another node's parts).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CutIn {
+    #[serde(rename = "type")]
+    rtype: String,
+    after: Option<String>,
+    upto: Option<String>,
+    bounds: Vec<String>,
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct SummaryIn {
@@ -47,8 +61,13 @@ struct SummaryIn {
     types: bool,
     #[serde(default)]
     split: Vec<RangeIn>,
+    #[serde(default)]
+    cut: Vec<CutIn>,
     fanout: Option<usize>,
     leaf: Option<usize>,
+    /// Compare by content alone (live resources, vectors left out).
+    #[serde(default)]
+    content: bool,
 }
 
 fn json_body<T: serde::de::DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T, ApiError> {
@@ -83,6 +102,31 @@ fn range(r: RangeIn) -> Result<KeyRange, ApiError> {
         after: r.after,
         upto: r.upto,
     })
+}
+
+/// A cut as asked, checked: a valid range, at most
+/// [`SUMMARY_FANOUT_MAX`] bounds, ascending and inside the range.
+fn cut(c: CutIn) -> Result<(KeyRange, Vec<String>), ApiError> {
+    let range = range(RangeIn {
+        rtype: c.rtype,
+        after: c.after,
+        upto: c.upto,
+    })?;
+    if c.bounds.len() >= SUMMARY_FANOUT_MAX {
+        return Err(ApiError::bad_request(format!(
+            "a cut has more than {} bounds",
+            SUMMARY_FANOUT_MAX - 1
+        )));
+    }
+    for (i, b) in c.bounds.iter().enumerate() {
+        let above_previous = i == 0 || b > &c.bounds[i - 1];
+        if b.len() > BOUND_BYTES_MAX || !above_previous || !range.contains(b) {
+            return Err(ApiError::bad_request(format!(
+                "cut bound '{b}' is not ascending inside {range}"
+            )));
+        }
+    }
+    Ok((range, c.bounds))
 }
 
 fn fp_json(count: u64, sum: String) -> Value {
@@ -120,9 +164,9 @@ pub async fn summary(
     let bytes = read_body(&state, &headers, body).await?;
     let q: SummaryIn = json_body(
         &bytes,
-        "$summary takes {\"types\": true} or {\"split\": [ranges]}",
+        "$summary takes {\"types\": true}, {\"split\": [ranges]} or {\"cut\": [ranges with bounds]}",
     )?;
-    if q.split.len() > SUMMARY_RANGES_MAX {
+    if q.split.len() + q.cut.len() > SUMMARY_RANGES_MAX {
         return Err(ApiError::new(
             413,
             "too-costly",
@@ -146,25 +190,36 @@ pub async fn summary(
         .into_iter()
         .map(range)
         .collect::<Result<Vec<_>, _>>()?;
+    let cuts = q.cut.into_iter().map(cut).collect::<Result<Vec<_>, _>>()?;
+    let basis = if q.content {
+        Basis::Content
+    } else {
+        Basis::Versions
+    };
     let last_seq = state.store.last_seq();
     let mut out = json!({"nodeId": state.store.node_id(), "lastSeq": last_seq});
     if q.types {
-        let a = state.store.summary(SummaryQuery::Types).await?;
+        let a = state.store.summary(SummaryQuery::Types, basis).await?;
         out["types"] = answer_json(&a);
     }
     let mut answers = Vec::with_capacity(ranges.len());
     for range in ranges {
-        let a = state
-            .store
-            .summary(SummaryQuery::Split {
-                range,
-                fanout,
-                leaf,
-            })
-            .await?;
-        answers.push(answer_json(&a));
+        let q = SummaryQuery::Split {
+            range,
+            fanout,
+            leaf,
+        };
+        answers.push(answer_json(&state.store.summary(q, basis).await?));
     }
     out["ranges"] = Value::Array(answers);
+    if !cuts.is_empty() {
+        let mut answers = Vec::with_capacity(cuts.len());
+        for (range, bounds) in cuts {
+            let q = SummaryQuery::Cut { range, bounds };
+            answers.push(answer_json(&state.store.summary(q, basis).await?));
+        }
+        out["cuts"] = Value::Array(answers);
+    }
     Ok(crate::admin::json_response(out))
 }
 

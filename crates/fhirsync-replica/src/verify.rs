@@ -16,7 +16,7 @@ use std::time::Instant;
 use fhirsync_core::summary::{unhex, Fingerprint, KeyRange};
 use fhirsync_core::{Causality, VersionVector};
 use fhirsync_store::summary::{
-    Part, SummaryAnswer, SummaryItem, SummaryQuery, SUMMARY_FANOUT_MAX, SUMMARY_ITEMS_MAX,
+    Basis, Part, SummaryAnswer, SummaryItem, SummaryQuery, SUMMARY_FANOUT_MAX, SUMMARY_ITEMS_MAX,
 };
 use fhirsync_store::{
     change_entry_text, ApplyRequest, Direction, RemoteVersion, WriteOutcome, WriteRequest,
@@ -310,10 +310,13 @@ impl Run<'_> {
         match self
             .edge
             .store
-            .summary(SummaryQuery::Items {
-                range: range.clone(),
-                limit: SUMMARY_ITEMS_MAX,
-            })
+            .summary(
+                SummaryQuery::Items {
+                    range: range.clone(),
+                    limit: SUMMARY_ITEMS_MAX,
+                },
+                Basis::Versions,
+            )
             .await
             .map_err(store_err)?
         {
@@ -533,7 +536,8 @@ impl Edge {
         };
         // Both ends summarize every type at once.
         let store = self.store.clone();
-        let local = tokio::spawn(async move { store.summary(SummaryQuery::Types).await });
+        let local =
+            tokio::spawn(async move { store.summary(SummaryQuery::Types, Basis::Versions).await });
         let remote = run.post("$summary", json!({"types": true})).await;
         let local = local
             .await
@@ -604,10 +608,13 @@ impl Edge {
                         .collect();
                     let ours = match self
                         .store
-                        .summary(SummaryQuery::Cut {
-                            range: range.clone(),
-                            bounds,
-                        })
+                        .summary(
+                            SummaryQuery::Cut {
+                                range: range.clone(),
+                                bounds,
+                            },
+                            Basis::Versions,
+                        )
                         .await
                         .map_err(store_err)?
                     {

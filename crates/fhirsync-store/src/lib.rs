@@ -122,9 +122,12 @@ pub trait Store: Send + Sync + 'static {
     async fn deleted(&self, q: DeletedQuery) -> Result<Vec<(String, String, u64)>, StoreError>;
 
     /// Anti-entropy: the fingerprints or items of the current resources
-    /// over key ranges (see [`summary`]).
-    async fn summary(&self, q: summary::SummaryQuery)
-        -> Result<summary::SummaryAnswer, StoreError>;
+    /// over key ranges (see [`summary`]), on the given basis.
+    async fn summary(
+        &self,
+        q: summary::SummaryQuery,
+        basis: summary::Basis,
+    ) -> Result<summary::SummaryAnswer, StoreError>;
 
     /// The current versions (tombstones included) of the given resources;
     /// those the store does not hold are left out.

@@ -10,6 +10,19 @@ pub const SUMMARY_FANOUT_MAX: usize = 64;
 /// Most items one range's answer lists.
 pub const SUMMARY_ITEMS_MAX: usize = 10_000;
 
+/// What an item stands for.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Basis {
+    /// Every current version, tombstones included, with its vector: two
+    /// replicas of one history compare equal (anti-entropy on an edge).
+    #[default]
+    Versions,
+    /// Only live resources, by content alone (the vector left out): two
+    /// nodes written apart, as `fhirsync sync` copies, compare equal when
+    /// they hold the same resources with the same content.
+    Content,
+}
+
 /// A question about the store's current resources.
 #[derive(Debug, Clone)]
 pub enum SummaryQuery {

@@ -206,9 +206,7 @@ pub async fn compare(
         let rows = st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
         for row in rows {
             let (t, k) = row?;
-            for _ in 0..k {
-                shared.count(&t, Count::Unchanged);
-            }
+            shared.count_n(&t, Count::Unchanged, k as u64);
         }
     }
 

@@ -20,6 +20,7 @@ pub mod retry;
 pub mod run;
 pub mod semaphore;
 pub mod source;
+pub mod summaries;
 pub mod tls;
 pub mod upload;
 

@@ -109,6 +109,9 @@ pub struct SyncOptions {
     pub follow: bool,
     /// COPY and COMPARE read a server source through bulk export.
     pub bulk: BulkRead,
+    /// COMPARE reads every resource even between two fhirsync nodes
+    /// (which otherwise compare summaries; see `crate::summaries`).
+    pub no_summary: bool,
 }
 
 /// Whether COPY and COMPARE read a server source through bulk export.
@@ -210,6 +213,9 @@ impl SyncOptions {
         }
         if self.semaphore_path.is_some() && self.mode != Mode::Copy {
             return bad("--semaphore-path applies to COPY only");
+        }
+        if self.no_summary && self.mode != Mode::Compare {
+            return bad("--no-summary applies to COMPARE only");
         }
         if self.follow && self.mode != Mode::Incremental {
             return bad("--follow applies to INCREMENTAL only");

@@ -73,14 +73,21 @@ impl Report {
     }
 
     pub fn count(&mut self, rtype: &str, what: Count) {
+        self.count_n(rtype, what, 1);
+    }
+
+    pub fn count_n(&mut self, rtype: &str, what: Count, n: u64) {
+        if n == 0 {
+            return;
+        }
         let c = self.types.entry(rtype.to_owned()).or_default();
         match what {
-            Count::Read => c.read += 1,
-            Count::Created => c.created += 1,
-            Count::Updated => c.updated += 1,
-            Count::Unchanged => c.unchanged += 1,
-            Count::Deleted => c.deleted += 1,
-            Count::Failed => c.failed += 1,
+            Count::Read => c.read += n,
+            Count::Created => c.created += n,
+            Count::Updated => c.updated += n,
+            Count::Unchanged => c.unchanged += n,
+            Count::Deleted => c.deleted += n,
+            Count::Failed => c.failed += n,
         }
     }
 

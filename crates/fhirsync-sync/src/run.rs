@@ -99,15 +99,18 @@ pub async fn run(
     let shared = Shared::new(report.clone());
     let up = uploader(&opts)?;
     let source = source_client(&opts)?;
-    if let Some(s) = &source {
-        probe(s, "source").await?;
-    }
+    let source_cap = match &source {
+        Some(s) => probe(s, "source").await?,
+        None => Value::Null,
+    };
     let mut all_batch = true;
+    let mut target_caps = Vec::with_capacity(up.targets.len());
     for t in &up.targets {
         let cap = probe(t, "target").await?;
         all_batch &= cap["rest"][0]["interaction"]
             .as_array()
             .is_some_and(|a| a.iter().any(|i| i["code"] == "batch"));
+        target_caps.push(cap);
     }
     if all_batch {
         up.set_batch(crate::upload::BATCH_ENTRIES_MAX);
@@ -115,7 +118,16 @@ pub async fn run(
     let r = match opts.mode {
         Mode::Copy => copy(&opts, source, &up, &shared).await,
         Mode::Synthea => synthea(&opts, &up, &shared).await,
-        Mode::Compare => crate::compare::compare(&opts, source, &up, &shared).await,
+        Mode::Compare => match &source {
+            Some(s) if crate::summaries::applies(&opts, &source_cap, &target_caps[0]) => {
+                match crate::summaries::compare(&opts, s, &up.targets[0], &up, &shared).await {
+                    Ok(true) => Ok(()),
+                    Ok(false) => crate::compare::compare(&opts, source, &up, &shared).await,
+                    Err(e) => Err(e),
+                }
+            }
+            _ => crate::compare::compare(&opts, source, &up, &shared).await,
+        },
         Mode::Incremental => {
             let s = source
                 .ok_or_else(|| SyncError::Options("INCREMENTAL needs a server source".into()))?;

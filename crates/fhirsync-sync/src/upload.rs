@@ -44,8 +44,12 @@ impl Shared {
         })
     }
     pub fn count(&self, rtype: &str, c: Count) {
+        self.count_n(rtype, c, 1);
+    }
+
+    pub fn count_n(&self, rtype: &str, c: Count, n: u64) {
         if let Ok(mut r) = self.report.lock() {
-            r.count(rtype, c);
+            r.count_n(rtype, c, n);
         }
     }
     pub fn fail(&self, rtype: &str, f: Failure) {

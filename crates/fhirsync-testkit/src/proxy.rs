@@ -30,6 +30,9 @@ pub struct ProxyOptions {
     /// Every n-th download of a bulk file (`$bulk-file`) breaks off
     /// after half of its body.
     pub cut_files_every: Option<u64>,
+    /// Requests whose path ends with this are refused (403), as a server
+    /// that does not let this caller use an operation.
+    pub refuse_path: Option<String>,
 }
 
 #[derive(Debug, Default)]
@@ -131,6 +134,15 @@ async fn handle(State(ctx): State<Arc<Ctx>>, req: Request) -> Response {
             return status(
                 401,
                 r#"{"resourceType":"OperationOutcome","issue":[{"severity":"error","code":"login","diagnostics":"authentication required"}]}"#,
+                None,
+            );
+        }
+    }
+    if let Some(p) = &ctx.opts.refuse_path {
+        if parts.uri.path().ends_with(p.as_str()) {
+            return status(
+                403,
+                r#"{"resourceType":"OperationOutcome","issue":[{"severity":"error","code":"forbidden","diagnostics":"not allowed"}]}"#,
                 None,
             );
         }

@@ -86,6 +86,11 @@ pub struct SyncArgs {
     /// COPY/COMPARE: never use bulk export; page through searches.
     #[arg(long)]
     pub no_bulk: bool,
+    /// COMPARE: read every resource even when both ends are fhirsync
+    /// nodes (which otherwise compare `$summary` fingerprints and read
+    /// only what differs).
+    #[arg(long)]
+    pub no_summary: bool,
 }
 
 fn options(a: &SyncArgs) -> anyhow::Result<SyncOptions> {
@@ -149,6 +154,7 @@ fn options(a: &SyncArgs) -> anyhow::Result<SyncOptions> {
         } else {
             BulkRead::Auto
         },
+        no_summary: a.no_summary,
     })
 }
 

@@ -158,11 +158,51 @@ async fn summaries_refuse_strangers_and_bad_questions() {
         "the content hash in hex"
     );
 
+    // A cut at the asker's bounds; by content, a tombstone is left out and
+    // items carry no vector.
+    let cut = r#"{"cut": [{"type": "Patient", "bounds": ["p1", "p3"]}]}"#;
+    let (_, v) = status_json(summary_as(&p, Some(TOKEN), cut).await).await;
+    let counts: Vec<u64> = v["cuts"][0]["parts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["count"].as_u64().unwrap())
+        .collect();
+    assert_eq!(counts, vec![2, 2, 1], "{v}");
+    delete(&p, "Patient/p4").await;
+    let (_, by_version) = status_json(summary_as(&p, Some(TOKEN), leaf).await).await;
+    let content = r#"{"types": true, "content": true, "split": [{"type": "Patient", "after": "p0", "upto": "p2"}]}"#;
+    let (_, v) = status_json(summary_as(&p, Some(TOKEN), content).await).await;
+    assert_eq!(v["types"][0]["count"], 4, "the tombstone is left out: {v}");
+    let items = v["ranges"][0]["items"].as_array().unwrap();
+    assert_eq!(items[0][1], "", "{v}");
+    assert_ne!(by_version["ranges"][0]["items"][0][1], "");
+    assert_eq!(items[0][2], by_version["ranges"][0]["items"][0][2]);
+
     let many = json!({"split": vec![json!({"type": "Patient"}); 257]}).to_string();
+    let many_cuts = json!({"split": vec![json!({"type": "Patient"}); 200], "cut": vec![json!({"type": "Patient", "bounds": []}); 57]}).to_string();
+    let wide_cut = json!({"cut": [{"type": "Patient", "bounds": (0..64).map(|i| format!("p{i:02}")).collect::<Vec<_>>()}]}).to_string();
     for (body, status, why) in [
         ("not json", 400, "$summary takes"),
         (r#"{"types": true, "extra": 1}"#, 400, "unknown field"),
         (many.as_str(), 413, "more than 256 ranges"),
+        (many_cuts.as_str(), 413, "more than 256 ranges"),
+        (wide_cut.as_str(), 400, "more than 63 bounds"),
+        (
+            r#"{"cut": [{"type": "Patient", "bounds": ["p3", "p1"]}]}"#,
+            400,
+            "not ascending",
+        ),
+        (
+            r#"{"cut": [{"type": "Patient", "after": "p2", "bounds": ["p1"]}]}"#,
+            400,
+            "not ascending",
+        ),
+        (
+            r#"{"cut": [{"type": "Patient", "upto": "p2", "bounds": ["p3"]}]}"#,
+            400,
+            "not ascending",
+        ),
         (r#"{"split": [], "fanout": 1}"#, 400, "fanout 1"),
         (r#"{"split": [], "fanout": 65}"#, 400, "fanout 65"),
         (r#"{"split": [], "leaf": 0}"#, 400, "leaf 0"),

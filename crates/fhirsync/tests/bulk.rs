@@ -822,7 +822,8 @@ async fn sync_copy_and_compare_read_through_bulk_export() {
     assert_eq!(b["total"], 12);
     let (_, b) = status_json(get(&dst, "Patient?_summary=count").await).await;
     assert_eq!(b["total"], 6);
-    // COMPARE: a change on the source is found and written
+    // COMPARE (told not to use summaries): a change on the source is
+    // found and written
     put(
         &src,
         "Patient/p1",
@@ -830,7 +831,16 @@ async fn sync_copy_and_compare_read_through_bulk_export() {
     )
     .await;
     let (ok, _, stderr) = cli(&[
-        "sync", "-s", &src.base, "-t", &dst.base, "-m", "COMPARE", "--report", &rp,
+        "sync",
+        "-s",
+        &src.base,
+        "-t",
+        &dst.base,
+        "-m",
+        "COMPARE",
+        "--no-summary",
+        "--report",
+        &rp,
     ])
     .await;
     assert!(ok, "{stderr}");
@@ -848,6 +858,7 @@ async fn sync_copy_and_compare_read_through_bulk_export() {
         "-m",
         "COMPARE",
         "--no-bulk",
+        "--no-summary",
     ])
     .await;
     assert!(ok, "{stderr}");

@@ -215,6 +215,121 @@ async fn copy_then_compare_converge_and_second_compare_uploads_nothing() {
     assert_eq!(get(&b, "Patient/keep-me").await.status(), 200);
 }
 
+fn notes(rp: &Value) -> String {
+    rp["notes"].to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn compare_between_two_nodes_reads_only_what_differs() {
+    let (a, b) = (InProcess::start().await, InProcess::start().await);
+    load(&a, &people(1500)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let rep = dir.path().join("r.json");
+    let rp_path = rep.to_str().unwrap();
+    let r = sync(&["-s", &a.base, "-t", &b.base, "-m", "COPY"]).await;
+    assert!(r.ok, "{}", r.stderr);
+
+    // Identical: the summaries say so, nothing is read in full.
+    let r = sync(&[
+        "-s", &a.base, "-t", &b.base, "-m", "COMPARE", "--report", rp_path,
+    ])
+    .await;
+    assert!(r.ok, "{}", r.stderr);
+    let rp = report(&rep);
+    assert!(notes(&rp).contains("compared by summaries"), "{rp}");
+    assert_eq!(total(&rp, "read"), 0, "{rp}");
+    assert_eq!(total(&rp, "unchanged"), 3000, "{rp}");
+
+    // Differences scattered over both types and both sides, one at each end
+    // of the id order.
+    let mut edits = Vec::new();
+    for i in [0usize, 777, 1499] {
+        let mut p = people(1500)[2 * i].clone();
+        p["birthDate"] = json!("1970-07-07");
+        edits.push(p);
+    }
+    edits.push(json!({"resourceType": "Observation", "id": "zz-new", "status": "final", "code": {"text": "t"}}));
+    load(&a, &edits).await;
+    delete(&a, "Observation/o42").await;
+    load(
+        &b,
+        &[
+            json!({"resourceType": "Patient", "id": "p900", "gender": "other"}),
+            json!({"resourceType": "Patient", "id": "0-only-on-target"}),
+            json!({"resourceType": "Encounter", "id": "e-only-on-target", "status": "finished", "class": {"code": "AMB"}}),
+        ],
+    )
+    .await;
+    let r = sync(&[
+        "-s", &a.base, "-t", &b.base, "-m", "COMPARE", "--report", rp_path,
+    ])
+    .await;
+    assert!(r.ok, "{}", r.stderr);
+    let rp = report(&rep);
+    assert!(notes(&rp).contains("compared by summaries"), "{rp}");
+    // Read in full: the three edits, the new one and p900 changed on the target.
+    assert_eq!(total(&rp, "read"), 5, "{rp}");
+    assert_eq!(total(&rp, "created") + total(&rp, "updated"), 5, "{rp}");
+    // Deleted: o42 (gone from the source) and the two target-only ones.
+    assert_eq!(total(&rp, "deleted"), 3, "{rp}");
+    assert_eq!(total(&rp, "unchanged"), 2999 - 4, "{rp}");
+    let types = ["Patient", "Observation", "Encounter"];
+    assert_eq!(content(&a, &types).await, content(&b, &types).await);
+
+    // --no-summary reads everything and finds nothing left to do.
+    let r = sync(&[
+        "-s",
+        &a.base,
+        "-t",
+        &b.base,
+        "-m",
+        "COMPARE",
+        "--no-summary",
+        "--report",
+        rp_path,
+    ])
+    .await;
+    assert!(r.ok, "{}", r.stderr);
+    let rp = report(&rep);
+    assert!(!notes(&rp).contains("compared by summaries"), "{rp}");
+    assert_eq!(total(&rp, "read"), 3000, "{rp}");
+    assert_eq!(
+        total(&rp, "created") + total(&rp, "updated") + total(&rp, "deleted"),
+        0,
+        "{rp}"
+    );
+
+    // A target that refuses summaries to this caller: compared the long way.
+    let proxy = Proxy::start(
+        &b.base,
+        ProxyOptions {
+            refuse_path: Some("$summary".into()),
+            ..Default::default()
+        },
+    )
+    .await;
+    let r = sync(&[
+        "-s",
+        &a.base,
+        "-t",
+        &proxy.base,
+        "-m",
+        "COMPARE",
+        "--report",
+        rp_path,
+    ])
+    .await;
+    assert!(r.ok, "{}", r.stderr);
+    let rp = report(&rep);
+    assert!(notes(&rp).contains("summaries are not available"), "{rp}");
+    assert_eq!(total(&rp, "read"), 3000, "{rp}");
+    assert_eq!(
+        total(&rp, "created") + total(&rp, "updated") + total(&rp, "deleted"),
+        0,
+        "{rp}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn directory_in_reverse_reference_order_with_bundles_and_ndjson() {
     let b = InProcess::start().await;

@@ -258,8 +258,8 @@ macro_rules! store_impl {
                 self.read_with(move |c| $crate::sql::search::deleted(c, &q)).await
             }
 
-            async fn summary(&self, q: $crate::summary::SummaryQuery) -> Result<$crate::summary::SummaryAnswer, $crate::StoreError> {
-                self.read_with(move |c| $crate::sql::summary::run(c, &q)).await
+            async fn summary(&self, q: $crate::summary::SummaryQuery, basis: $crate::summary::Basis) -> Result<$crate::summary::SummaryAnswer, $crate::StoreError> {
+                self.read_with(move |c| $crate::sql::summary::run(c, &q, basis)).await
             }
 
             async fn current_many(&self, keys: Vec<(String, String)>) -> Result<Vec<$crate::StoredVersion>, $crate::StoreError> {

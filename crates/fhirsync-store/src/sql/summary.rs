@@ -13,16 +13,18 @@ use crate::StoreError;
 /// Rows read per statement while scanning a range.
 pub const SCAN_PAGE: usize = 5_000;
 
-fn bounds_sql(range: &KeyRange, args: &mut Vec<Sql>) -> &'static str {
+fn bounds_sql(range: &KeyRange, basis: Basis, args: &mut Vec<Sql>) -> String {
     args.push(t(&range.rtype));
     args.push(t(range.after.as_deref().unwrap_or("")));
-    match &range.upto {
-        Some(u) => {
-            args.push(t(u));
-            "type = ?1 AND superseded IS NULL AND id > ?2 AND id <= ?3"
-        }
-        None => "type = ?1 AND superseded IS NULL AND id > ?2",
+    let mut cond = "type = ?1 AND superseded IS NULL AND id > ?2".to_owned();
+    if let Some(u) = &range.upto {
+        args.push(t(u));
+        cond.push_str(" AND id <= ?3");
     }
+    if basis == Basis::Content {
+        cond.push_str(" AND hash IS NOT NULL");
+    }
+    cond
 }
 
 /// Hands the range's items to `f` in id order, at most `limit`, until it
@@ -30,6 +32,7 @@ fn bounds_sql(range: &KeyRange, args: &mut Vec<Sql>) -> &'static str {
 pub fn scan(
     db: &dyn Db,
     range: &KeyRange,
+    basis: Basis,
     limit: usize,
     f: &mut dyn FnMut(SummaryItem) -> bool,
 ) -> Result<(), StoreError> {
@@ -37,7 +40,7 @@ pub fn scan(
     let mut left = limit;
     while left > 0 {
         let mut args = Vec::new();
-        let cond = bounds_sql(&from, &mut args);
+        let cond = bounds_sql(&from, basis, &mut args);
         let page = SCAN_PAGE.min(left);
         args.push(n(page as u64));
         let sql = format!(
@@ -47,7 +50,10 @@ pub fn scan(
         let items = all(db, &sql, &args, |r| {
             Ok(SummaryItem {
                 id: r.text(0)?,
-                vv: r.text(1)?,
+                vv: match basis {
+                    Basis::Versions => r.text(1)?,
+                    Basis::Content => String::new(),
+                },
                 content: r.opt_blob(2)?,
             })
         })?;
@@ -67,10 +73,10 @@ pub fn scan(
     Ok(())
 }
 
-/// How many current resources (tombstones included) the range holds.
-pub fn count(db: &dyn Db, range: &KeyRange) -> Result<u64, StoreError> {
+/// How many items the range holds on `basis`.
+pub fn count(db: &dyn Db, range: &KeyRange, basis: Basis) -> Result<u64, StoreError> {
     let mut args = Vec::new();
-    let cond = bounds_sql(range, &mut args);
+    let cond = bounds_sql(range, basis, &mut args);
     Ok(int(
         db,
         &format!("SELECT count(*) FROM versions WHERE {cond}"),
@@ -78,13 +84,13 @@ pub fn count(db: &dyn Db, range: &KeyRange) -> Result<u64, StoreError> {
     )? as u64)
 }
 
-pub fn run(db: &dyn Db, q: &SummaryQuery) -> Result<SummaryAnswer, StoreError> {
+pub fn run(db: &dyn Db, q: &SummaryQuery, basis: Basis) -> Result<SummaryAnswer, StoreError> {
     match q {
         SummaryQuery::Types => {
             let mut out = Vec::new();
             for rtype in RESOURCE_TYPES {
                 let mut fp = Fingerprint::default();
-                scan(db, &KeyRange::whole(rtype), usize::MAX, &mut |i| {
+                scan(db, &KeyRange::whole(rtype), basis, usize::MAX, &mut |i| {
                     fp.add(i.hash(rtype));
                     true
                 })?;
@@ -99,14 +105,14 @@ pub fn run(db: &dyn Db, q: &SummaryQuery) -> Result<SummaryAnswer, StoreError> {
             fanout,
             leaf,
         } => {
-            let total = count(db, range)?;
+            let total = count(db, range, basis)?;
             if total <= *leaf as u64 {
-                return items(db, range, *leaf);
+                return items(db, range, basis, *leaf);
             }
             let size = part_size(total, (*fanout).min(SUMMARY_FANOUT_MAX));
             let mut parts = Vec::new();
             let mut fp = Fingerprint::default();
-            scan(db, range, usize::MAX, &mut |i| {
+            scan(db, range, basis, usize::MAX, &mut |i| {
                 fp.add(i.hash(&range.rtype));
                 if fp.count == size {
                     parts.push(Part {
@@ -129,7 +135,7 @@ pub fn run(db: &dyn Db, q: &SummaryQuery) -> Result<SummaryAnswer, StoreError> {
         }
         SummaryQuery::Cut { range, bounds } => {
             let mut cut = Cutter::new(bounds);
-            scan(db, range, usize::MAX, &mut |i| {
+            scan(db, range, basis, usize::MAX, &mut |i| {
                 cut.add(&i.id, i.hash(&range.rtype));
                 true
             })?;
@@ -143,13 +149,18 @@ pub fn run(db: &dyn Db, q: &SummaryQuery) -> Result<SummaryAnswer, StoreError> {
                     .collect(),
             ))
         }
-        SummaryQuery::Items { range, limit } => items(db, range, *limit),
+        SummaryQuery::Items { range, limit } => items(db, range, basis, *limit),
     }
 }
 
-fn items(db: &dyn Db, range: &KeyRange, limit: usize) -> Result<SummaryAnswer, StoreError> {
+fn items(
+    db: &dyn Db,
+    range: &KeyRange,
+    basis: Basis,
+    limit: usize,
+) -> Result<SummaryAnswer, StoreError> {
     let mut out = Vec::new();
-    scan(db, range, limit.min(SUMMARY_ITEMS_MAX), &mut |i| {
+    scan(db, range, basis, limit.min(SUMMARY_ITEMS_MAX), &mut |i| {
         out.push(i);
         true
     })?;
