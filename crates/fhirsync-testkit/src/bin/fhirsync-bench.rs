@@ -539,6 +539,8 @@ fn pct(sorted: &[Duration], p: f64) -> Duration {
 
 const OBSERVER_TOKEN: &str = "bench-observer-token-0123456789";
 const CHILD_TOKEN: &str = "bench-child-token-0123456789";
+/// A reader of the parent with a system read scope (`fhirsync sync`).
+const READER_TOKEN: &str = "bench-reader-token-0123456789";
 
 /// Configs of a parent (children `child` and `observer`) and of `child`.
 fn replication_configs(
@@ -550,7 +552,8 @@ fn replication_configs(
     std::fs::write(
         &p,
         format!(
-            "node_id = \"parent\"\nlog = \"warn\"\n[[children]]\nnode_id = \"child\"\ntoken = \"{CHILD_TOKEN}\"\n[[children]]\nnode_id = \"observer\"\ntoken = \"{OBSERVER_TOKEN}\"\npush = false\n"
+            "node_id = \"parent\"\nlog = \"warn\"\n[[auth.tokens]]\nname = \"reader\"\nsha256 = \"{}\"\nscopes = \"system/*.rs\"\n[[children]]\nnode_id = \"child\"\ntoken = \"{CHILD_TOKEN}\"\n[[children]]\nnode_id = \"observer\"\ntoken = \"{OBSERVER_TOKEN}\"\npush = false\n",
+            fhirsync_api::auth::token_hash(READER_TOKEN)
         ),
     )?;
     let c = work.join("child.toml");
@@ -723,6 +726,61 @@ async fn verify_bench(
         found["differences"] == diffs,
         "expected {diffs} differences: {found}"
     );
+    // `fhirsync sync -m COMPARE` between the two nodes by summaries: what
+    // it finds (a dry run: verify repairs below).
+    let compare = |dry: bool| -> anyhow::Result<(serde_json::Value, f64)> {
+        let rp = work.join("compare-report.json");
+        let mut args = vec![
+            "sync",
+            "-s",
+            &parent.base,
+            "-t",
+            &child.base,
+            "-m",
+            "COMPARE",
+            "--source-bearer-token",
+            READER_TOKEN,
+            "--report",
+        ];
+        let rp_s = rp.to_string_lossy().into_owned();
+        args.push(&rp_s);
+        if dry {
+            args.push("--dry-run");
+        }
+        let t0 = Instant::now();
+        let out = std::process::Command::new(&bin).args(&args).output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "fhirsync sync -m COMPARE failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let secs = t0.elapsed().as_secs_f64();
+        Ok((serde_json::from_slice(&std::fs::read(&rp)?)?, secs))
+    };
+    let compare_line = |what: &str, r: &serde_json::Value, secs: f64| -> u64 {
+        let (mut read, mut written) = (0, 0);
+        for t in r["types"].as_object().into_iter().flatten().map(|(_, c)| c) {
+            read += t["read"].as_u64().unwrap_or(0);
+            written += ["created", "updated", "deleted"]
+                .iter()
+                .map(|k| t[*k].as_u64().unwrap_or(0))
+                .sum::<u64>();
+        }
+        println!(
+            "sync -m COMPARE {what}, {count} resources: {secs:.2} s, {read} read in full, {written} to write or delete; {}",
+            r["notes"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|n| n.as_str())
+                .find(|n| n.starts_with("compared"))
+                .unwrap_or("")
+        );
+        written
+    };
+    let (r, secs) = compare(true)?;
+    let written = compare_line(&format!("with {diffs} differences (dry run)"), &r, secs);
+    anyhow::ensure!(written == diffs, "expected {diffs} differences: {r}");
     let (fixed, secs) = verify_call(&http, &child, true).await?;
     line("--repair", &fixed, secs);
     let stored = fixed["pulled"]["stored"].as_u64().unwrap_or(0)
@@ -734,6 +792,9 @@ async fn verify_bench(
         same["differences"] == 0,
         "expected identical stores: {same}"
     );
+    let (r, secs) = compare(false)?;
+    let written = compare_line("of identical nodes", &r, secs);
+    anyhow::ensure!(written == 0, "expected nothing to write: {r}");
     // The child backed up while it serves, then restored once stopped.
     let backup = work.join("child-backup.db");
     let _ = std::fs::remove_file(&backup);
