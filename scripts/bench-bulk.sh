@@ -6,35 +6,9 @@
 #   default counts: 100000 1000000 (release build; ~6 GB of free disk)
 #   --smoke: 2,000 resources with the debug build, checking every count
 #            (seconds; CI runs it so that the benchmark cannot rot)
-set -euo pipefail
-root=$(cd "$(dirname "$0")/.." && pwd)
-smoke=0
-if [ "${1:-}" = "--smoke" ]; then smoke=1; shift; fi
-work="${1:-$(mktemp -d)}"
-shift || true
-counts=("$@")
-cd "$root"
-if [ $smoke = 1 ]; then
-  [ ${#counts[@]} -gt 0 ] || counts=(2000)
-  cargo build -q -p fhirsync -p fhirsync-testkit
-  bin="$root/target/debug/fhirsync"; bench="$root/target/debug/fhirsync-bench"
-  timed() { "$@"; }
-else
-  [ ${#counts[@]} -gt 0 ] || counts=(100000 1000000)
-  cargo build --release -q -p fhirsync -p fhirsync-testkit
-  bin="$root/target/release/fhirsync"; bench="$root/target/release/fhirsync-bench"
-  timed() { /usr/bin/time -f "wall %e s, peak RSS %M KB" "$@"; }
-fi
-pids=()
-trap 'kill "${pids[@]}" 2>/dev/null || true' EXIT
-# benchmark nodes: anonymous, no console (two nodes run at once)
-serve() {
-  "$bin" serve --data-dir "$1" --listen "127.0.0.1:$2" --anonymous --console-listen off >/dev/null 2>&1 &
-  pids+=($!)
-  for _ in $(seq 100); do curl -sf "http://127.0.0.1:$2/healthz" >/dev/null && return; sleep 0.1; done
-  echo "bench-bulk: node on port $2 did not start" >&2; exit 1
-}
-count_of() { curl -sf "$1/$2?_summary=count" | python3 -c 'import json,sys; print(json.load(sys.stdin)["total"])'; }
+smoke_counts=(2000)
+full_counts=(100000 1000000)
+source "$(dirname "$0")/lib-bench.sh"
 port=$((18400 + RANDOM % 500))
 for n in "${counts[@]}"; do
   echo "== $n resources"

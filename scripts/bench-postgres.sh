@@ -10,31 +10,16 @@
 # Usage: scripts/bench-postgres.sh [--smoke] [WORKDIR] [COUNTS...]
 #   default counts: 100000 1000000 (release build)
 #   --smoke: 2,000 resources and 4 Bundles with the debug build (CI runs it)
-set -euo pipefail
-root=$(cd "$(dirname "$0")/.." && pwd)
-smoke=0
-if [ "${1:-}" = "--smoke" ]; then smoke=1; shift; fi
-work="${1:-$(mktemp -d)}"
-shift || true
-counts=("$@")
-cd "$root"
+smoke_counts=(2000)
+full_counts=(100000 1000000)
+source "$(dirname "$0")/lib-bench.sh"
 if [ $smoke = 1 ]; then
-  [ ${#counts[@]} -gt 0 ] || counts=(2000)
   bundles=4
   lag=(--rate 20 --seconds 3)
-  cargo build -q -p fhirsync -p fhirsync-testkit
-  bin="$root/target/debug/fhirsync"; bench="$root/target/debug/fhirsync-bench"
-  timed() { "$@"; }
 else
-  [ ${#counts[@]} -gt 0 ] || counts=(100000 1000000)
   bundles=40
   lag=(--rate 100 --seconds 30)
-  cargo build --release -q -p fhirsync -p fhirsync-testkit
-  bin="$root/target/release/fhirsync"; bench="$root/target/release/fhirsync-bench"
-  timed() { /usr/bin/time -f "wall %e s, peak RSS %M KB" "$@"; }
 fi
-mkdir -p "$work"
-pids=()
 cleanup() { kill "${pids[@]}" 2>/dev/null || true; exec 3>&- 2>/dev/null || true; }
 trap cleanup EXIT
 # The PostgreSQL server lives while fd 3 (its stdin) is open.
@@ -50,7 +35,6 @@ url_of() { grep "/$1\$" "$work/pg.urls"; }
 pg_config() {
   printf 'node_id = "bench"\n[storage]\nbackend = "postgres"\nurl = "%s"\n[console]\nlisten = "off"\n' "$(url_of "$1")" >"$2"
 }
-count_of() { curl -sf "$1/$2?_summary=count" | python3 -c 'import json,sys; print(json.load(sys.stdin)["total"])'; }
 for n in "${counts[@]}"; do
   echo "== import of $n resources"
   mkdir -p "$work/src-$n"
@@ -62,12 +46,6 @@ for n in "${counts[@]}"; do
   pg_config "import$n" "$work/import$n.toml"
   timed "$bin" import --config "$work/import$n.toml" --data-dir "$work/pgdir-$n" "$work/src-$n/data.ndjson" 2>&1 | tail -2
 done
-serve() { # data dir, port, extra args
-  "$bin" serve --data-dir "$1" --listen "127.0.0.1:$2" --anonymous --console-listen off "${@:3}" >/dev/null 2>&1 &
-  pids+=($!)
-  for _ in $(seq 100); do curl -sf "http://127.0.0.1:$2/healthz" >/dev/null && return; sleep 0.1; done
-  echo "bench-postgres: node on port $2 did not start" >&2; exit 1
-}
 port=$((18900 + RANDOM % 500))
 echo "== HTTP transaction ingest ($bundles Bundles, 4 clients)"
 rm -rf "$work"/tx-*

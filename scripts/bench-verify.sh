@@ -9,28 +9,10 @@
 # Usage: scripts/bench-verify.sh [--smoke] [WORKDIR] [COUNTS...]
 #   default counts: 100000 1000000, 100 differences (release build)
 #   --smoke: 2,000 resources, 10 differences, debug build (CI runs it)
-set -euo pipefail
-root=$(cd "$(dirname "$0")/.." && pwd)
-smoke=0
-if [ "${1:-}" = "--smoke" ]; then smoke=1; shift; fi
-work="${1:-$(mktemp -d)}"
-shift || true
-counts=("$@")
-cd "$root"
-if [ $smoke = 1 ]; then
-  [ ${#counts[@]} -gt 0 ] || counts=(2000)
-  diffs=10
-  merges=500
-  cargo build -q -p fhirsync -p fhirsync-testkit
-  bin="$root/target/debug/fhirsync"; bench="$root/target/debug/fhirsync-bench"
-else
-  [ ${#counts[@]} -gt 0 ] || counts=(100000 1000000)
-  diffs=100
-  merges=100000
-  cargo build --release -q -p fhirsync -p fhirsync-testkit
-  bin="$root/target/release/fhirsync"; bench="$root/target/release/fhirsync-bench"
-fi
-mkdir -p "$work"
+smoke_counts=(2000)
+full_counts=(100000 1000000)
+source "$(dirname "$0")/lib-bench.sh"
+if [ $smoke = 1 ]; then diffs=10; merges=500; else diffs=100; merges=100000; fi
 for n in "${counts[@]}"; do
   "$bench" verify --bin "$bin" --count "$n" --diffs "$diffs" --work "$work/verify-$n"
 done

@@ -229,7 +229,11 @@ pub async fn conflict(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     check_admin(&state, &headers)?;
-    let id = id_param(&id)?;
+    conflict_json(&state, id_param(&id)?).await
+}
+
+/// One conflict as JSON, or 404.
+async fn conflict_json(state: &AppState, id: u64) -> Result<Response, ApiError> {
     match state.store.conflict(id).await? {
         Some(c) => Ok(json_response(c.to_json())),
         None => Err(ApiError::not_found(format!("conflict {id} is not known"))),
@@ -291,10 +295,7 @@ pub async fn reopen(
         .store
         .write(WriteRequest::Sync(SyncWrite::Reopen { conflict: id }))
         .await?;
-    match state.store.conflict(id).await? {
-        Some(c) => Ok(json_response(c.to_json())),
-        None => Err(ApiError::not_found(format!("conflict {id} is not known"))),
-    }
+    conflict_json(&state, id).await
 }
 
 pub async fn dead_letters(

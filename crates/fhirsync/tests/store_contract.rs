@@ -312,7 +312,13 @@ fn child_cfg(id: &str) -> ChildConfig {
     }
 }
 
-async fn replication_both_ways_with_a_conflict(b: Backend) {
+/// A parent with `n` patients and a child `c1` that has pulled them all;
+/// `edit` adjusts the child's edge first.
+async fn replicating_pair(
+    b: &Backend,
+    n: usize,
+    edit: impl FnOnce(&mut EdgeConfig),
+) -> (InProcess, InProcess) {
     let parent = b
         .node(Options {
             node_id: Some("parent".into()),
@@ -320,12 +326,13 @@ async fn replication_both_ways_with_a_conflict(b: Backend) {
             ..Options::default()
         })
         .await;
-    for i in 0..20 {
+    for i in 0..n {
         put(&parent, &format!("Patient/p{i}"), &pat(&format!("p{i}"))).await;
     }
     let mut edge = EdgeConfig::new(&parent.base, "token-of-c1-0123456789");
     edge.long_poll_s = 2;
     edge.retry_delay_ms_max = 300;
+    edit(&mut edge);
     let child = b
         .node(Options {
             node_id: Some("c1".into()),
@@ -333,10 +340,15 @@ async fn replication_both_ways_with_a_conflict(b: Backend) {
             ..Options::default()
         })
         .await;
-    eventually("the child pulled 20 patients", 30, || async {
-        store_digest(child.store.as_ref()).await.0.len() == 20
+    eventually(&format!("the child pulled {n} patients"), 30, || async {
+        store_digest(child.store.as_ref()).await.0.len() == n
     })
     .await;
+    (parent, child)
+}
+
+async fn replication_both_ways_with_a_conflict(b: Backend) {
+    let (parent, child) = replicating_pair(&b, 20, |_| {}).await;
     put(
         &child,
         "Observation/x",
@@ -572,31 +584,7 @@ fn keys(prefix: &str, n: usize) -> Vec<(&'static str, String)> {
 /// path (the concurrent ones become conflicts at both ends, as the edge's
 /// manual policy says), and then finds only those conflicts.
 async fn anti_entropy_finds_exactly_the_differences_and_repairs_them(b: Backend) {
-    let parent = b
-        .node(Options {
-            node_id: Some("parent".into()),
-            children: vec![child_cfg("c1")],
-            ..Options::default()
-        })
-        .await;
-    for i in 0..200 {
-        put(&parent, &format!("Patient/p{i}"), &pat(&format!("p{i}"))).await;
-    }
-    let mut edge = EdgeConfig::new(&parent.base, "token-of-c1-0123456789");
-    edge.long_poll_s = 2;
-    edge.retry_delay_ms_max = 300;
-    edge.verify_every_s = 0;
-    let child = b
-        .node(Options {
-            node_id: Some("c1".into()),
-            parent: Some(edge),
-            ..Options::default()
-        })
-        .await;
-    eventually("the child pulled 200 patients", 30, || async {
-        store_digest(child.store.as_ref()).await.0.len() == 200
-    })
-    .await;
+    let (parent, child) = replicating_pair(&b, 200, |e| e.verify_every_s = 0).await;
     let (status, same) = verify(&child, "").await;
     assert_eq!(status, 200, "{same}");
     assert_eq!(same["differences"], 0, "{same}");

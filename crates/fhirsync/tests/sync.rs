@@ -219,23 +219,32 @@ fn notes(rp: &Value) -> String {
     rp["notes"].to_string()
 }
 
+/// `fhirsync sync ARGS --report FILE`, which must succeed; the report.
+async fn sync_report(args: &[&str], rep: &std::path::Path) -> Value {
+    let mut all = args.to_vec();
+    all.extend(["--report", rep.to_str().unwrap()]);
+    let r = sync(&all).await;
+    assert!(r.ok, "{}", r.stderr);
+    report(rep)
+}
+
+/// Resources created, updated and deleted by a run.
+fn written(rp: &Value) -> u64 {
+    total(rp, "created") + total(rp, "updated") + total(rp, "deleted")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn compare_between_two_nodes_reads_only_what_differs() {
     let (a, b) = (InProcess::start().await, InProcess::start().await);
     load(&a, &people(1500)).await;
     let dir = tempfile::tempdir().unwrap();
     let rep = dir.path().join("r.json");
-    let rp_path = rep.to_str().unwrap();
     let r = sync(&["-s", &a.base, "-t", &b.base, "-m", "COPY"]).await;
     assert!(r.ok, "{}", r.stderr);
+    let compare = ["-s", &a.base, "-t", &b.base, "-m", "COMPARE"];
 
     // Identical: the summaries say so, nothing is read in full.
-    let r = sync(&[
-        "-s", &a.base, "-t", &b.base, "-m", "COMPARE", "--report", rp_path,
-    ])
-    .await;
-    assert!(r.ok, "{}", r.stderr);
-    let rp = report(&rep);
+    let rp = sync_report(&compare, &rep).await;
     assert!(notes(&rp).contains("compared by summaries"), "{rp}");
     assert_eq!(total(&rp, "read"), 0, "{rp}");
     assert_eq!(total(&rp, "unchanged"), 3000, "{rp}");
@@ -260,44 +269,22 @@ async fn compare_between_two_nodes_reads_only_what_differs() {
         ],
     )
     .await;
-    let r = sync(&[
-        "-s", &a.base, "-t", &b.base, "-m", "COMPARE", "--report", rp_path,
-    ])
-    .await;
-    assert!(r.ok, "{}", r.stderr);
-    let rp = report(&rep);
+    let rp = sync_report(&compare, &rep).await;
     assert!(notes(&rp).contains("compared by summaries"), "{rp}");
-    // Read in full: the three edits, the new one and p900 changed on the target.
+    // Read in full and written: the three edits, the new one, and p900
+    // changed on the target; deleted: o42 (gone from the source) and the
+    // two target-only ones.
     assert_eq!(total(&rp, "read"), 5, "{rp}");
-    assert_eq!(total(&rp, "created") + total(&rp, "updated"), 5, "{rp}");
-    // Deleted: o42 (gone from the source) and the two target-only ones.
+    assert_eq!(written(&rp), 5 + 3, "{rp}");
     assert_eq!(total(&rp, "deleted"), 3, "{rp}");
-    assert_eq!(total(&rp, "unchanged"), 2999 - 4, "{rp}");
+    assert_eq!(total(&rp, "unchanged"), 3000 - 5, "{rp}");
     let types = ["Patient", "Observation", "Encounter"];
     assert_eq!(content(&a, &types).await, content(&b, &types).await);
 
     // --no-summary reads everything and finds nothing left to do.
-    let r = sync(&[
-        "-s",
-        &a.base,
-        "-t",
-        &b.base,
-        "-m",
-        "COMPARE",
-        "--no-summary",
-        "--report",
-        rp_path,
-    ])
-    .await;
-    assert!(r.ok, "{}", r.stderr);
-    let rp = report(&rep);
+    let rp = sync_report(&[&compare[..], &["--no-summary"]].concat(), &rep).await;
     assert!(!notes(&rp).contains("compared by summaries"), "{rp}");
-    assert_eq!(total(&rp, "read"), 3000, "{rp}");
-    assert_eq!(
-        total(&rp, "created") + total(&rp, "updated") + total(&rp, "deleted"),
-        0,
-        "{rp}"
-    );
+    assert_eq!((total(&rp, "read"), written(&rp)), (3000, 0), "{rp}");
 
     // A target that refuses summaries to this caller: compared the long way.
     let proxy = Proxy::start(
@@ -308,26 +295,9 @@ async fn compare_between_two_nodes_reads_only_what_differs() {
         },
     )
     .await;
-    let r = sync(&[
-        "-s",
-        &a.base,
-        "-t",
-        &proxy.base,
-        "-m",
-        "COMPARE",
-        "--report",
-        rp_path,
-    ])
-    .await;
-    assert!(r.ok, "{}", r.stderr);
-    let rp = report(&rep);
+    let rp = sync_report(&["-s", &a.base, "-t", &proxy.base, "-m", "COMPARE"], &rep).await;
     assert!(notes(&rp).contains("summaries are not available"), "{rp}");
-    assert_eq!(total(&rp, "read"), 3000, "{rp}");
-    assert_eq!(
-        total(&rp, "created") + total(&rp, "updated") + total(&rp, "deleted"),
-        0,
-        "{rp}"
-    );
+    assert_eq!((total(&rp, "read"), written(&rp)), (3000, 0), "{rp}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -531,33 +531,14 @@ async fn resolve(
         Some("remote") => fhirsync_store::Resolution::TakeRemote,
         _ => return pages::message(400, "Refused", "Choose the local or the remote version."),
     };
-    let entity = c
-        .app
-        .store
-        .conflict(id)
-        .await
-        .ok()
-        .flatten()
-        .map(|x| format!("{}/{}", x.rtype, x.rid));
-    match c
-        .app
-        .store
-        .write(WriteRequest::Sync(SyncWrite::Resolve { conflict: id, how }))
-        .await
-    {
-        Ok(_) => {
-            c.audit(&s.user, "resolve", 0, entity).await;
-            redirect(&format!("/conflicts/{id}"))
-        }
-        Err(e) => {
-            c.audit(&s.user, "resolve", 4, entity).await;
-            pages::message(
-                e.status(),
-                "Not resolved",
-                &format!("Conflict {id} was not resolved: {e}"),
-            )
-        }
-    }
+    conflict_write(
+        &c,
+        &s.user,
+        id,
+        "resolve",
+        SyncWrite::Resolve { conflict: id, how },
+    )
+    .await
 }
 
 /// Undoes a merge (any automatic settlement) into an open conflict.
@@ -570,20 +551,40 @@ async fn reopen(
     if let Some(r) = bad_csrf(&s, &f).or_else(|| not_admin(&s)) {
         return r;
     }
-    let r = c
+    conflict_write(
+        &c,
+        &s.user,
+        id,
+        "reopen",
+        SyncWrite::Reopen { conflict: id },
+    )
+    .await
+}
+
+/// Writes `w` on conflict `id` for `user` (audited as `action` on the
+/// conflict's resource); back to the conflict's page, or why not.
+async fn conflict_write(c: &Shared, user: &str, id: u64, action: &str, w: SyncWrite) -> Response {
+    let entity = c
         .app
         .store
-        .write(WriteRequest::Sync(SyncWrite::Reopen { conflict: id }))
-        .await;
-    c.audit(&s.user, "reopen", if r.is_ok() { 0 } else { 4 }, None)
-        .await;
-    match r {
-        Ok(_) => redirect(&format!("/conflicts/{id}")),
-        Err(e) => pages::message(
-            e.status(),
-            "Not reopened",
-            &format!("Conflict {id} was not reopened: {e}"),
-        ),
+        .conflict(id)
+        .await
+        .ok()
+        .flatten()
+        .map(|x| format!("{}/{}", x.rtype, x.rid));
+    match c.app.store.write(WriteRequest::Sync(w)).await {
+        Ok(_) => {
+            c.audit(user, action, 0, entity).await;
+            redirect(&format!("/conflicts/{id}"))
+        }
+        Err(e) => {
+            c.audit(user, action, 4, entity).await;
+            pages::message(
+                e.status(),
+                "Not done",
+                &format!("Conflict {id}: {action} failed: {e}"),
+            )
+        }
     }
 }
 
