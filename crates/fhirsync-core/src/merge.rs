@@ -44,8 +44,7 @@ pub struct Merged {
 /// The elements every stored version differs in whatever its content.
 const VOLATILE_META: [&str; 2] = ["versionId", "lastUpdated"];
 
-fn without_volatile(r: &Map<String, Value>) -> Map<String, Value> {
-    let mut r = r.clone();
+fn without_volatile(mut r: Map<String, Value>) -> Map<String, Value> {
     if let Some(Value::Object(m)) = r.get_mut("meta") {
         for k in VOLATILE_META {
             m.remove(k);
@@ -58,11 +57,12 @@ fn without_volatile(r: &Map<String, Value>) -> Map<String, Value> {
 }
 
 /// Merges `a` and `b`, both descended from `ancestor` (`meta.versionId`
-/// and `meta.lastUpdated` are left out: the store sets them).
+/// and `meta.lastUpdated` are left out: the store sets them). The sides
+/// are taken by value: the result is made of their elements, not copies.
 pub fn merge3(
-    ancestor: &Map<String, Value>,
-    a: &Map<String, Value>,
-    b: &Map<String, Value>,
+    ancestor: Map<String, Value>,
+    a: Map<String, Value>,
+    b: Map<String, Value>,
 ) -> Result<Merged, Clash> {
     let (o, a, b) = (
         without_volatile(ancestor),
@@ -81,7 +81,7 @@ pub fn merge3(
         keys
     };
     let (from_a, from_b) = (changed(&a), changed(&b));
-    let resource = object(Some(&o), &a, &b, &mut String::new(), 0)?;
+    let resource = object(Some(&o), a, b, &mut String::new(), 0)?;
     Ok(Merged {
         resource,
         from_a,
@@ -103,19 +103,16 @@ fn clash(path: &str, why: &'static str) -> Clash {
 /// One element: `None` is absent (removed, or never there).
 fn value(
     o: Option<&Value>,
-    a: Option<&Value>,
-    b: Option<&Value>,
+    a: Option<Value>,
+    b: Option<Value>,
     path: &mut String,
     depth: usize,
 ) -> Result<Option<Value>, Clash> {
-    if a == b {
-        return Ok(a.cloned());
+    if a == b || b.as_ref() == o {
+        return Ok(a);
     }
-    if a == o {
-        return Ok(b.cloned());
-    }
-    if b == o {
-        return Ok(a.cloned());
+    if a.as_ref() == o {
+        return Ok(b);
     }
     if depth >= MERGE_DEPTH_MAX {
         return Err(clash(path, "nested too deep to merge"));
@@ -126,8 +123,7 @@ fn value(
             Ok(Some(Value::Object(object(o, a, b, path, depth + 1)?)))
         }
         (None | Some(Value::Array(_)), Some(Value::Array(a)), Some(Value::Array(b))) => {
-            let empty = Vec::new();
-            let o = o.and_then(Value::as_array).unwrap_or(&empty);
+            let o = o.and_then(Value::as_array).map_or(&[][..], Vec::as_slice);
             Ok(Some(Value::Array(array(o, a, b, path, depth + 1)?)))
         }
         (_, Some(_), None) | (_, None, Some(_)) => {
@@ -139,18 +135,18 @@ fn value(
 
 fn object(
     o: Option<&Map<String, Value>>,
-    a: &Map<String, Value>,
-    b: &Map<String, Value>,
+    mut a: Map<String, Value>,
+    mut b: Map<String, Value>,
     path: &mut String,
     depth: usize,
 ) -> Result<Map<String, Value>, Clash> {
     let empty = Map::new();
     let o = o.unwrap_or(&empty);
-    let mut keys: Vec<&String> = o.keys().collect();
-    let mut new: Vec<&String> = a
+    let mut new: Vec<String> = a
         .keys()
         .chain(b.keys())
         .filter(|k| !o.contains_key(*k))
+        .cloned()
         .collect();
     new.sort();
     new.dedup();
@@ -166,21 +162,25 @@ fn object(
             .filter_map(|k| choice_stem(k))
             .collect()
     }
-    let stems_a = only(o, a, b);
-    if let Some(stem) = only(o, b, a).into_iter().find(|s| stems_a.contains(s)) {
+    let stems_a = only(o, &a, &b);
+    if let Some(stem) = only(o, &b, &a).into_iter().find(|s| stems_a.contains(s)) {
         let at = format!("{path}/{stem}[x]");
         return Err(clash(&at, "two choices of one element added"));
     }
-    keys.extend(new);
     let mut out = Map::new();
-    for k in keys {
+    let keys = o
+        .keys()
+        .map(|k| (k.as_str(), None))
+        .chain(new.into_iter().map(|k| ("", Some(k))));
+    for (old, new) in keys {
+        let k = new.as_deref().unwrap_or(old);
         let len = path.len();
         path.push('/');
         path.push_str(k);
-        let v = value(o.get(k), a.get(k), b.get(k), path, depth)?;
+        let v = value(o.get(k), a.remove(k), b.remove(k), path, depth)?;
         path.truncate(len);
         if let Some(v) = v {
-            out.insert(k.clone(), v);
+            out.insert(new.unwrap_or_else(|| old.to_owned()), v);
         }
     }
     Ok(out)
@@ -230,29 +230,28 @@ fn keyed(items: &[Value]) -> Option<Vec<String>> {
 
 fn array(
     o: &[Value],
-    a: &[Value],
-    b: &[Value],
+    a: Vec<Value>,
+    b: Vec<Value>,
     path: &mut String,
     depth: usize,
 ) -> Result<Vec<Value>, Clash> {
-    if let (Some(ko), Some(ka), Some(kb)) = (keyed(o), keyed(a), keyed(b)) {
-        let index = |keys: Vec<String>, items: &[Value]| -> BTreeMap<String, Value> {
-            keys.into_iter().zip(items.iter().cloned()).collect()
-        };
-        let (mo, ma, mb) = (index(ko.clone(), o), index(ka, a), index(kb, b));
-        let mut added: Vec<&String> = ma
+    if let (Some(ko), Some(ka), Some(kb)) = (keyed(o), keyed(&a), keyed(&b)) {
+        let mo: BTreeMap<&String, &Value> = ko.iter().zip(o).collect();
+        let mut ma: BTreeMap<String, Value> = ka.into_iter().zip(a).collect();
+        let mut mb: BTreeMap<String, Value> = kb.into_iter().zip(b).collect();
+        let mut added: Vec<String> = ma
             .keys()
             .chain(mb.keys())
-            .filter(|k| !mo.contains_key(*k))
+            .filter(|k| !mo.contains_key(k))
+            .cloned()
             .collect();
         added.sort();
         added.dedup();
-        let order: Vec<&String> = ko.iter().chain(added).collect();
         let mut out = Vec::new();
-        for k in order {
+        for k in ko.iter().chain(&added) {
             let len = path.len();
             path.push_str(&format!("[{k}]"));
-            let v = value(mo.get(k), ma.get(k), mb.get(k), path, depth)?;
+            let v = value(mo.get(k).copied(), ma.remove(k), mb.remove(k), path, depth)?;
             path.truncate(len);
             out.extend(v);
         }
@@ -266,10 +265,10 @@ fn array(
         ));
     }
     let mut out = Vec::with_capacity(o.len());
-    for i in 0..o.len() {
+    for (i, (o, (a, b))) in o.iter().zip(a.into_iter().zip(b)).enumerate() {
         let len = path.len();
         path.push_str(&format!("[{i}]"));
-        let v = value(o.get(i), a.get(i), b.get(i), path, depth)?;
+        let v = value(Some(o), Some(a), Some(b), path, depth)?;
         path.truncate(len);
         match v {
             Some(v) => out.push(v),
@@ -291,8 +290,8 @@ mod tests {
     /// Merges both ways and checks both give the same bytes.
     fn both(o: Value, a: Value, b: Value) -> Result<Value, Clash> {
         let (o, a, b) = (m(o), m(a), m(b));
-        let ab = merge3(&o, &a, &b).map(|x| Value::Object(x.resource));
-        let ba = merge3(&o, &b, &a).map(|x| Value::Object(x.resource));
+        let ab = merge3(o.clone(), a.clone(), b.clone()).map(|x| Value::Object(x.resource));
+        let ba = merge3(o, b, a).map(|x| Value::Object(x.resource));
         match (&ab, &ba) {
             (Ok(x), Ok(y)) => assert_eq!(x.to_string(), y.to_string()),
             (Err(x), Err(y)) => assert_eq!(x.path, y.path),
@@ -326,9 +325,9 @@ mod tests {
         assert_eq!(r["name"][0]["given"], json!(["Akinyi", "Grace"]));
         assert!(r.get("meta").is_none(), "the store sets meta");
         let x = merge3(
-            &m(o.clone()),
-            &m(pat(json!({"gender": "female"}))),
-            &m(pat(json!({"birthDate": "1990-01-01"}))),
+            m(o.clone()),
+            m(pat(json!({"gender": "female"}))),
+            m(pat(json!({"birthDate": "1990-01-01"}))),
         )
         .unwrap();
         assert_eq!(

@@ -248,8 +248,8 @@ pub fn merge(data: &[u8]) {
     let [Value::Object(o), Value::Object(a), Value::Object(b)] = sides.as_slice() else {
         return;
     };
-    let ab = fhirsync_core::merge::merge3(o, a, b);
-    let ba = fhirsync_core::merge::merge3(o, b, a);
+    let ab = fhirsync_core::merge::merge3(o.clone(), a.clone(), b.clone());
+    let ba = fhirsync_core::merge::merge3(o.clone(), b.clone(), a.clone());
     match (ab, ba) {
         (Ok(x), Ok(y)) => assert_eq!(
             Value::Object(x.resource).to_string(),

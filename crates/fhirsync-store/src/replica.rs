@@ -7,7 +7,7 @@
 use fhirsync_core::replicate::{self, Decision, Policy, Side, Winner};
 use fhirsync_core::{Causality, VersionVector};
 
-use crate::engine::{atomically, CurrentVersion, NewVersion, Stamp, WriteTx};
+use crate::engine::{CurrentVersion, NewVersion, Stamp, WriteTx};
 use crate::sync::*;
 use crate::types::*;
 use crate::StoreError;
@@ -17,30 +17,25 @@ pub const ANCESTOR_SEARCH_MAX: usize = 64;
 
 pub fn apply(tx: &mut dyn WriteTx, req: ApplyRequest) -> Result<ApplyReport, StoreError> {
     let mut rep = ApplyReport::default();
-    let mut last_ok: Option<u64> = None;
     let total = req.versions.len();
-    for v in &req.versions {
-        let r = atomically(tx, |tx| apply_one(tx, &req, v));
-        match r {
-            Ok(a) => {
-                match &a {
-                    Applied::Stored => rep.stored += 1,
-                    Applied::Skipped => rep.skipped += 1,
-                    Applied::Conflict { .. } => rep.conflicts += 1,
-                    Applied::Failed { .. } => {}
-                }
-                rep.results.push(a);
-                last_ok = Some(v.seq);
-            }
-            Err(e) => {
-                tracing::warn!(edge = %req.edge, rtype = %v.rtype, id = %v.id, error = %e, "version not applied");
-                rep.results.push(Applied::Failed {
-                    status: e.status(),
-                    reason: e.to_string(),
-                });
-                break;
-            }
+    let (applied, failed) = apply_prefix(tx, &req)?;
+    let last_ok = applied.len().checked_sub(1).map(|i| req.versions[i].seq);
+    for a in applied {
+        match &a {
+            Applied::Stored => rep.stored += 1,
+            Applied::Skipped => rep.skipped += 1,
+            Applied::Conflict { .. } => rep.conflicts += 1,
+            Applied::Failed { .. } => {}
         }
+        rep.results.push(a);
+    }
+    if let Some((i, e)) = failed {
+        let v = &req.versions[i];
+        tracing::warn!(edge = %req.edge, rtype = %v.rtype, id = %v.id, error = %e, "version not applied");
+        rep.results.push(Applied::Failed {
+            status: e.status(),
+            reason: e.to_string(),
+        });
     }
     let complete = rep.results.len() == total && rep.failed().is_none();
     for l in &req.dead_letters {
@@ -80,6 +75,51 @@ pub fn apply(tx: &mut dyn WriteTx, req: ApplyRequest) -> Result<ApplyReport, Sto
         tx.add_audit(&a)?;
     }
     Ok(rep)
+}
+
+/// The index of the version that failed, and why.
+type Failure = (usize, StoreError);
+
+/// Applies the request's versions in order inside one savepoint and keeps
+/// the longest prefix that applies: when version `i` fails, everything is
+/// rolled back and the versions before `i` are applied again, so exactly
+/// those are kept and `i`'s error is returned with them. One savepoint per
+/// version would cost more than the version itself (SQLite walks its
+/// in-memory statement journal on every release; PostgreSQL pays two round
+/// trips), and failures are rare.
+fn apply_prefix(
+    tx: &mut dyn WriteTx,
+    req: &ApplyRequest,
+) -> Result<(Vec<Applied>, Option<Failure>), StoreError> {
+    let mut upto = req.versions.len();
+    let mut failed = None;
+    loop {
+        tx.savepoint()?;
+        let mut applied = Vec::with_capacity(upto);
+        let mut error = None;
+        for (i, v) in req.versions[..upto].iter().enumerate() {
+            match apply_one(tx, req, v) {
+                Ok(a) => applied.push(a),
+                Err(e) => {
+                    error = Some((i, e));
+                    break;
+                }
+            }
+        }
+        match error {
+            None => {
+                tx.release()?;
+                return Ok((applied, failed));
+            }
+            // Applying again is deterministic; should an earlier version
+            // fail this time, it is the one reported.
+            Some((i, e)) => {
+                tx.rollback()?;
+                upto = i;
+                failed = Some((i, e));
+            }
+        }
+    }
 }
 
 /// The key under which an edge direction's cursor is stored.
@@ -345,21 +385,34 @@ fn merged(
     let (Some(remote), false) = (v.raw.as_deref(), cur.deleted) else {
         return Ok(Err("a delete against an edit".into()));
     };
-    let local = side_of_current(tx, cur, &v.rtype, &v.id)?;
     // The common ancestor both ends find: the version whose vector is the
     // meet of the two sides' (every node merging the pair merges against
-    // the same content, or, lacking it, none merges).
+    // the same content, or, lacking it, none merges). The lineage starts
+    // with the current version: the local side.
     let meet = cur.vv.meet(&v.vv);
-    let anc = tx
+    let mut lineage = tx
         .lineage(&v.rtype, &v.id, ANCESTOR_SEARCH_MAX)?
-        .into_iter()
-        .find(|s| s.vv == meet)
-        .map(|s| ConflictSide {
-            vv: s.vv,
-            hlc: s.hlc,
-            origin: s.origin,
+        .into_iter();
+    let local = match lineage.next() {
+        Some(s) if s.vid == cur.vid => ConflictSide {
+            vv: cur.vv.clone(),
+            hlc: cur.hlc,
+            origin: cur.origin.clone(),
             body: s.body.map(|b| b.to_string()),
-        });
+        },
+        _ => {
+            return Err(StoreError::Backend(format!(
+                "{}/{} changed while merging",
+                v.rtype, v.id
+            )))
+        }
+    };
+    let anc = lineage.find(|s| s.vv == meet).map(|s| ConflictSide {
+        vv: s.vv,
+        hlc: s.hlc,
+        origin: s.origin,
+        body: s.body.map(|b| b.to_string()),
+    });
     let (Some(l), Some(o)) = (
         local.body.as_deref(),
         anc.as_ref().and_then(|a| a.body.as_deref()),
@@ -370,7 +423,7 @@ fn merged(
     let (Ok(o), Ok(l), Ok(r)) = (parse(o), parse(l), parse(remote)) else {
         return Ok(Err("a side is not a JSON object".into()));
     };
-    let m = match fhirsync_core::merge::merge3(&o, &l, &r) {
+    let m = match fhirsync_core::merge::merge3(o, l, r) {
         Ok(m) => m,
         Err(clash) => return Ok(Err(clash.to_string())),
     };
@@ -750,4 +803,87 @@ pub fn sync_write(tx: &mut dyn WriteTx, w: SyncWrite) -> Result<WriteOutcome, St
         }
     }
     Ok(WriteOutcome::Done)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sqlite::{SqliteConfig, SqliteStore};
+    use crate::{Store, WriteOutcome, WriteRequest};
+
+    fn page(ids: &[&str]) -> ApplyRequest {
+        let versions = ids
+            .iter()
+            .enumerate()
+            .map(|(i, id)| {
+                let body = serde_json::json!({"resourceType": "Patient", "id": id});
+                RemoteVersion {
+                    rtype: "Patient".into(),
+                    id: (*id).into(),
+                    res: Some(Prepared::new(
+                        "Patient".into(),
+                        body.as_object().cloned().unwrap_or_default(),
+                    )),
+                    raw: Some(body.to_string().into()),
+                    origin: "p".into(),
+                    vv: VersionVector::new().bumped("p").bumped("p"),
+                    hlc: fhirsync_core::Hlc::new(1_700_000_000_000 + i as u64, 0),
+                    seq: i as u64 + 1,
+                }
+            })
+            .collect();
+        ApplyRequest {
+            edge: "e".into(),
+            direction: Direction::Pull,
+            peer: "p".into(),
+            policy: Policy::Manual,
+            versions,
+            cursor: Some(99),
+            dead_letters: Vec::new(),
+            record_peer: false,
+        }
+    }
+
+    async fn apply(store: &SqliteStore, req: ApplyRequest) -> ApplyReport {
+        match store.write(WriteRequest::Apply(Box::new(req))).await {
+            Ok(WriteOutcome::Applied(rep)) => rep,
+            o => panic!("not applied: {o:?}"),
+        }
+    }
+
+    /// A version that fails keeps exactly the versions before it (applied
+    /// once, though the page is applied again after the failure), and the
+    /// cursor stops there; delivered again, the page completes.
+    #[tokio::test]
+    async fn a_failed_version_keeps_exactly_the_ones_before_it() {
+        let d = tempfile::tempdir().unwrap();
+        let path = SqliteStore::db_path(d.path());
+        let mut cfg = SqliteConfig::new(path.clone());
+        cfg.node_id = Some("here".into());
+        let store = SqliteStore::open(cfg).unwrap();
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        conn.execute_batch(
+            "CREATE TRIGGER refuse BEFORE INSERT ON versions WHEN NEW.id = 'bad'
+             BEGIN SELECT RAISE(ABORT, 'refused by the test'); END;",
+        )
+        .unwrap();
+        let rep = apply(&store, page(&["a", "b", "bad", "c"])).await;
+        assert_eq!((rep.stored, rep.results.len()), (2, 3));
+        let (i, _, why) = rep.failed().expect("the third version failed");
+        assert_eq!(i, 2);
+        assert!(why.contains("refused by the test"), "{why}");
+        assert_eq!(rep.cursor, Some(2), "the cursor stops before the failure");
+        let count = |sql: &str| conn.query_row(sql, [], |r| r.get::<_, i64>(0)).unwrap();
+        assert_eq!(
+            count("SELECT count(*) FROM versions"),
+            2,
+            "a and b, once each"
+        );
+        assert_eq!(count("SELECT count(*) FROM versions WHERE id = 'c'"), 0);
+        conn.execute_batch("DROP TRIGGER refuse").unwrap();
+        let rep = apply(&store, page(&["a", "b", "bad", "c"])).await;
+        assert_eq!((rep.skipped, rep.stored, rep.cursor), (2, 2, Some(99)));
+        assert_eq!(count("SELECT count(*) FROM versions"), 4);
+        store.shutdown();
+    }
 }

@@ -269,6 +269,30 @@ impl ConflictSide {
             "resource": body,
         })
     }
+    /// [`Self::to_json`] as text, the body spliced in as it is (checked,
+    /// not parsed into a tree): what a conflict row stores.
+    pub fn to_json_text(&self) -> String {
+        #[derive(serde::Serialize)]
+        struct Text<'a> {
+            vector: &'a VersionVector,
+            hlc: String,
+            origin: &'a str,
+            deleted: bool,
+            resource: Option<Box<serde_json::value::RawValue>>,
+        }
+        let resource = self
+            .body
+            .as_deref()
+            .and_then(|b| serde_json::value::RawValue::from_string(b.to_owned()).ok());
+        serde_json::to_string(&Text {
+            vector: &self.vv,
+            hlc: self.hlc.to_string(),
+            origin: &self.origin,
+            deleted: self.body.is_none(),
+            resource,
+        })
+        .unwrap_or_else(|_| self.to_json().to_string())
+    }
     pub fn from_json(v: &Value) -> Option<ConflictSide> {
         Some(ConflictSide {
             vv: serde_json::from_value(v.get("vector")?.clone()).ok()?,

@@ -54,12 +54,12 @@ pub fn open_conflicts(db: &dyn Db, rtype: &str, id: &str) -> Result<Vec<Conflict
 
 /// Inserts (`id == 0`) or updates a conflict; returns its id.
 pub fn put_conflict(db: &dyn Db, c: &Conflict) -> Result<u64, StoreError> {
-    let local = Sql::Text(c.local.to_json().to_string());
-    let remote = Sql::Text(c.remote.to_json().to_string());
+    let local = Sql::Text(c.local.to_json_text());
+    let remote = Sql::Text(c.remote.to_json_text());
     let ancestor = c
         .ancestor
         .as_ref()
-        .map_or(Sql::Null, |a| Sql::Text(a.to_json().to_string()));
+        .map_or(Sql::Null, |a| Sql::Text(a.to_json_text()));
     let closed = on(c.closed_ms);
     if c.id == 0 {
         let id = int(
