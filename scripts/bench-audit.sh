@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
-# Release-mode benchmark of the API with its audit trail: 10,000 writes and
-# 10,000 reads (8 clients each) against a real node, and whether the node's
-# AuditEvents number its requests. Pass a second binary (an older build) to
-# compare: scripts/bench-audit.sh [WORKDIR] [OTHER_FHIRSYNC_BINARY]
-set -euo pipefail
-root=$(cd "$(dirname "$0")/.." && pwd)
-work="${1:-$(mktemp -d)}"
-cd "$root"
-cargo build --release -q -p fhirsync -p fhirsync-testkit
-for bin in "$root/target/release/fhirsync" ${2:+"$2"}; do
-  echo "== $bin"
-  "$root/target/release/fhirsync-bench" audit --bin "$bin" --count 10000 --work "$work"
+# Benchmark of the API with its audit trail: COUNT writes and COUNT reads
+# (8 clients each) against a real node, and whether the node's AuditEvents
+# number its requests; then with `[api] audit_wait = true`. OTHER, a second
+# `fhirsync` binary (an older build), is measured the same way to compare.
+# Usage: scripts/bench-audit.sh [--smoke] [WORKDIR] [OTHER]
+#   default: 10,000 requests each way (release build)
+#   --smoke: 200 each way, debug build (CI runs it)
+smoke_counts=()
+full_counts=()
+source "$(dirname "$0")/lib-bench.sh"
+other="${counts[0]:-}"
+if [ $smoke = 1 ]; then n=200; else n=10000; fi
+for b in "$bin" ${other:+"$other"}; do
+  echo "== $b"
+  "$bench" audit --bin "$b" --count "$n" --work "$work"
 done
-echo "== $root/target/release/fhirsync with [api] audit_wait = true"
-"$root/target/release/fhirsync-bench" audit --bin "$root/target/release/fhirsync" --count 10000 --wait --work "$work"
+echo "== $bin with [api] audit_wait = true"
+"$bench" audit --bin "$bin" --count "$n" --wait --work "$work"

@@ -125,7 +125,8 @@ pub async fn metadata(
     let mut body = json!({
         "resourceType": "CapabilityStatement",
         "status": "active",
-        "date": "2026-11-22",
+        // When this node started: the statement is the running process's.
+        "date": fhirsync_core::instant::format_instant(state.deployment.process.started_ms),
         "kind": "instance",
         "software": {"name": "fhirsync", "version": env!("CARGO_PKG_VERSION")},
         "implementation": {"description": format!("fhirsync node {}", state.store.node_id()), "url": base},

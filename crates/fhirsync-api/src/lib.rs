@@ -126,7 +126,12 @@ impl AppState {
             deployment: Arc::new(Deployment {
                 backend: "sqlite",
                 database: String::new(),
-                process: fhirsync_store::ProcessInfo::this("", 0),
+                process: fhirsync_store::ProcessInfo::this(
+                    "",
+                    std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_millis() as u64),
+                ),
             }),
         }
     }

@@ -10,6 +10,11 @@ use fhirsync_api::console::db::DbReceiverLink;
 use fhirsync_api::console::{users, ConsoleConfig, Role};
 use serde::Deserialize;
 
+/// Where the console listens unless `[console] listen` says otherwise. Taken
+/// (a second node on the machine), the node starts with its console off
+/// and says so; an address set by the operator must be free.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8081";
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ConsoleSection {
@@ -30,7 +35,7 @@ impl Default for ConsoleSection {
     fn default() -> Self {
         let d = ConsoleConfig::new(PathBuf::new());
         ConsoleSection {
-            listen: "127.0.0.1:8081".into(),
+            listen: DEFAULT_LISTEN.into(),
             users_file: None,
             session_idle_s: d.session_idle_s,
             lockout_failures: d.lockout_failures,

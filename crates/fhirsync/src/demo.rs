@@ -35,7 +35,9 @@ struct Node {
     store: Arc<SqliteStore>,
     replicator: Option<Arc<Replicator>>,
     edge: Option<EdgeConfig>,
-    _stop: watch::Sender<bool>,
+    stop: watch::Sender<bool>,
+    server: tokio::task::JoinHandle<()>,
+    auditor: fhirsync_api::auditor::Auditor,
 }
 
 impl Node {
@@ -69,7 +71,8 @@ impl Node {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let mut rx2 = rx;
-        tokio::spawn(async move {
+        let auditor = state.auditor.clone();
+        let server = tokio::spawn(async move {
             let _ = axum::serve(listener, fhirsync_api::service(state))
                 .with_graceful_shutdown(async move {
                     let _ = rx2.wait_for(|v| *v).await;
@@ -82,8 +85,24 @@ impl Node {
             store,
             replicator,
             edge,
-            _stop: stop,
+            stop,
+            server,
+            auditor,
         })
+    }
+
+    /// Stops as `fhirsync serve` does: replication, then the API (open
+    /// long-polls answered), the audit records of the last answers, and
+    /// the store last, so that nothing is cut off mid-answer.
+    async fn stop(mut self) {
+        if let Some(r) = self.replicator.take() {
+            r.shutdown().await;
+        }
+        let _ = self.stop.send(true);
+        let _ = self.server.await;
+        self.auditor.flush().await;
+        let s = self.store.clone();
+        let _ = tokio::task::spawn_blocking(move || s.shutdown()).await;
     }
 
     async fn put(&self, http: &reqwest::Client, res: &Value) -> anyhow::Result<()> {
@@ -372,10 +391,9 @@ async fn demo(a: DemoArgs) -> anyhow::Result<()> {
         );
         tokio::signal::ctrl_c().await?;
     }
-    for n in [&clinic_a, &clinic_b] {
-        if let Some(r) = &n.replicator {
-            r.shutdown().await;
-        }
+    // The clinics first: their long-polls at the district end with them.
+    for n in [clinic_a, clinic_b, district] {
+        n.stop().await;
     }
     if a.dir.is_none() {
         let _ = std::fs::remove_dir_all(&dir);

@@ -146,9 +146,20 @@ async fn start_console(
         println!("console: off");
         return Ok(None);
     };
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("console: cannot listen on {addr}"))?;
+    let listener = match tokio::net::TcpListener::bind(addr).await {
+        Ok(l) => l,
+        Err(e)
+            if e.kind() == std::io::ErrorKind::AddrInUse
+                && cfg.console.listen == crate::console_cfg::DEFAULT_LISTEN =>
+        {
+            tracing::warn!(%addr, "the console's default address is taken (another node on this machine?); the console is off");
+            println!(
+                "console: off ({addr} is taken; set [console] listen or --console-listen to another address)"
+            );
+            return Ok(None);
+        }
+        Err(e) => return Err(e).with_context(|| format!("console: cannot listen on {addr}")),
+    };
     let local = listener.local_addr()?;
     let ccfg = cfg.console.config(&cfg.data_dir, tls);
     let users = fhirsync_api::console::users::load(&ccfg.users_file)?;

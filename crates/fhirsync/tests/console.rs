@@ -481,3 +481,46 @@ fn user_command_and_console_start_line() {
         "{all}"
     );
 }
+
+/// A second node on the machine: the console's default address taken, the
+/// node starts with its console off and says so; an address set by the
+/// operator that is taken stops the start with one line.
+#[test]
+fn a_taken_default_console_address_leaves_the_console_off() {
+    // Held here (or already held by someone else: taken either way).
+    let _hold = std::net::TcpListener::bind("127.0.0.1:8081");
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    let mut child = std::process::Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir", d])
+        .env_remove("FHIRSYNC_CONSOLE_LISTEN")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(child.stdout.take().unwrap()));
+    let line = lines
+        .by_ref()
+        .map_while(Result::ok)
+        .find(|l| l.starts_with("console"))
+        .unwrap_or_default();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let running = child.try_wait().unwrap().is_none();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        line.starts_with("console: off (127.0.0.1:8081 is taken"),
+        "{line}"
+    );
+    assert!(running, "the node keeps serving without its console");
+
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let o = std::process::Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir", d])
+        .arg("--console-listen")
+        .arg(taken.local_addr().unwrap().to_string())
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("console: cannot listen on"), "{err}");
+}

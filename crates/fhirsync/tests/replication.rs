@@ -768,6 +768,8 @@ async fn demo_runs_and_converges() {
         out.contains("conflict") && out.contains("resolution replicated"),
         "{out}"
     );
+    // A clean demo ends cleanly: no errors from its own shutdown.
+    assert!(!err.contains("ERROR") && !err.contains("WARN"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -402,10 +402,20 @@ async fn body_limit_gives_413() {
 
 #[tokio::test]
 async fn capability_statement_tells_the_truth() {
+    let before = fhirsync_core::instant::format_instant(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64,
+    );
     let s = InProcess::start().await;
     let (st, c) = status_json(get(&s, "metadata").await).await;
     assert_eq!(st, 200);
     assert_eq!(c["resourceType"], "CapabilityStatement");
+    // The node's start, not a fixed day; the crate's version.
+    let date = c["date"].as_str().unwrap();
+    assert!(date >= before.as_str(), "{date} is before {before}");
+    assert_eq!(c["software"]["version"], env!("CARGO_PKG_VERSION"));
     assert_eq!(c["fhirVersion"], "4.0.1");
     let rest = &c["rest"][0];
     let types: Vec<&str> = rest["resource"]

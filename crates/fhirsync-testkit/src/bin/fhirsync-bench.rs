@@ -1467,19 +1467,19 @@ async fn subs_bench(
     );
     for k in 0..subs {
         let s = serde_json::json!({
-            "resourceType": "Subscription", "id": format!("s{k}"), "status": "requested",
+            "resourceType": "Subscription", "id": format!("s{k}"), "status": "requested", "reason": "bench",
             "criteria": "http://bench/topic/named",
             "_criteria": {"extension": [{"url": format!("{BACKPORT}/backport-filter-criteria"), "valueString": format!("Patient?identifier=g{k}")}]},
             "channel": {"type": "rest-hook", "endpoint": hook.url(), "payload": "application/fhir+json",
                 "_payload": {"extension": [{"url": format!("{BACKPORT}/backport-payload-content"), "valueCode": "id-only"}]},
                 "extension": [{"url": format!("{BACKPORT}/backport-max-count"), "valueUnsignedInt": 100}]},
         });
+        let r = put(format!("Subscription/s{k}"), s).await?;
+        let status = r.status();
         anyhow::ensure!(
-            put(format!("Subscription/s{k}"), s)
-                .await?
-                .status()
-                .is_success(),
-            "subscription"
+            status.is_success(),
+            "subscription s{k}: {status} {}",
+            r.text().await.unwrap_or_default()
         );
     }
     hook.wait(60, "handshakes", |g| g.len() >= subs).await;
