@@ -17,7 +17,7 @@ use fhirsync_store::{
 };
 use fhirsync_sync::retry::{backoff, Jitter};
 use serde_json::{json, Value};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
 use crate::config::{EdgeConfig, OnError};
 use crate::filter::Filter;
@@ -25,6 +25,11 @@ use crate::verify::VerifyState;
 
 /// Seconds a request may take beyond the long-poll wait.
 pub const REQUEST_TIMEOUT_S: u64 = 60;
+/// Pages of the parent's feed fetched ahead of the ones being stored.
+pub const PULL_PAGES_AHEAD: usize = 4;
+/// Most pulled versions stored in one transaction: pages that arrived
+/// while the writer was busy are stored together.
+pub const PULL_APPLY_MAX: usize = 4000;
 
 /// Counters and state of one direction.
 #[derive(Debug, Default)]
@@ -129,6 +134,54 @@ fn page_extension<'a>(page: &'a Value, name: &str) -> Option<&'a Value> {
         .as_array()?
         .iter()
         .find(|x| x["url"].as_str() == Some(url.as_str()))
+}
+
+fn page_entries(page: &Value) -> &[Value] {
+    page.get("entry")
+        .and_then(Value::as_array)
+        .map_or(&[][..], |v| v)
+}
+
+/// A page of the parent's feed, fetched ahead and read.
+struct Fetched {
+    page: Value,
+    read: Result<PageRead, String>,
+}
+
+impl Fetched {
+    fn versions(&self) -> usize {
+        self.read.as_ref().map_or(0, |r| r.versions.len())
+    }
+
+    /// Read without an unreadable entry: later pages may join it.
+    fn whole(&self) -> bool {
+        self.read.as_ref().is_ok_and(|r| r.bad.is_none())
+    }
+}
+
+/// The pages [`Edge::fetch_chain`] fetches ahead; dropping it stops it.
+struct Chain {
+    /// The `since` of the next page to come.
+    since: u64,
+    rx: mpsc::Receiver<(u64, Fetched)>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Chain {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// What [`Edge::read_page`] made of a page's entries.
+struct PageRead {
+    versions: Vec<RemoteVersion>,
+    /// Each version's index among the page's entries.
+    from_entry: Vec<usize>,
+    /// Entries the pull filter left out.
+    filtered: u64,
+    /// The first unreadable entry: its index, `seq` and why.
+    bad: Option<(usize, u64, String)>,
 }
 
 fn page_decimal(page: &Value, name: &str) -> Option<u64> {
@@ -467,8 +520,9 @@ impl Edge {
         }
     }
 
-    /// GETs one page of the parent's feed after `since`.
-    async fn fetch(self: Arc<Self>, since: u64) -> Result<Value, Failure> {
+    /// GETs one page of the parent's feed after `since` and reads its
+    /// entries on a blocking thread (while the page before is applied).
+    async fn fetch(self: Arc<Self>, since: u64) -> Result<Fetched, Failure> {
         let mut url = format!(
             "{}/$changes?since={since}&_count={}&wait={}",
             self.cfg.url, self.cfg.batch_size_max, self.cfg.long_poll_s
@@ -476,19 +530,86 @@ impl Edge {
         if !self.pull_filter.types.is_empty() {
             url.push_str(&format!("&_type={}", self.pull_filter.types.join(",")));
         }
-        self.send(self.http.get(&url)).await
+        let page = self.send(self.http.get(&url)).await?;
+        tokio::task::spawn_blocking(move || {
+            let read = self.read_page(&page);
+            Fetched { page, read }
+        })
+        .await
+        .map_err(|e| Failure {
+            status: None,
+            reason: format!("reading a page failed: {e}"),
+        })
     }
 
-    /// Pulls the parent's change feed until `stop`. While a page is being
-    /// applied, the next one is already on its way (its `since` is the
-    /// page's `next` cursor); it is dropped if the page is not applied whole.
+    /// The versions of a page that pass the pull filter, up to its first
+    /// unreadable entry.
+    fn read_page(&self, page: &Value) -> Result<PageRead, String> {
+        let entries = page_entries(page);
+        let mut r = PageRead {
+            versions: Vec::with_capacity(entries.len()),
+            from_entry: Vec::with_capacity(entries.len()),
+            filtered: 0,
+            bad: None,
+        };
+        for (i, e) in entries.iter().enumerate() {
+            match RemoteVersion::from_entry(e, self.cfg.validation) {
+                Ok(v) => {
+                    if self.pull_filter.passes(&v.rtype, e.get("resource")) {
+                        r.versions.push(v);
+                        r.from_entry.push(i);
+                    } else {
+                        r.filtered += 1;
+                    }
+                }
+                Err(why) => {
+                    let seq = entry_seq(e)
+                        .ok_or_else(|| format!("the parent sent an entry without seq: {why}"))?;
+                    r.bad = Some((i, seq, why));
+                    break;
+                }
+            }
+        }
+        Ok(r)
+    }
+
+    /// Fetches the parent's feed from `since` on, page after page (each
+    /// page's `since` is the one before's `next` cursor), into `out`. It
+    /// ends after a page it could not fetch, or when `out` is dropped.
+    async fn fetch_chain(self: Arc<Self>, mut since: u64, out: mpsc::Sender<(u64, Fetched)>) {
+        loop {
+            let r = self.clone().fetch(since).await;
+            let next = r
+                .as_ref()
+                .ok()
+                .and_then(|f| page_decimal(&f.page, "changes-next-since"));
+            let failed = r.is_err();
+            let item = r.unwrap_or_else(|f| Fetched {
+                page: Value::Null,
+                read: Err(f.reason),
+            });
+            if out.send((since, item)).await.is_err() || failed {
+                return;
+            }
+            match next {
+                Some(n) => since = n,
+                None => return,
+            }
+        }
+    }
+
+    /// Pulls the parent's change feed until `stop`. Pages are fetched
+    /// ahead by [`Self::fetch_chain`] (up to [`PULL_PAGES_AHEAD`]) while the
+    /// writer stores the ones before; what has arrived meanwhile is stored
+    /// in one transaction (up to [`PULL_APPLY_MAX`] versions). Pages fetched
+    /// ahead are dropped when what came before them is not stored whole.
     pub async fn run_pull(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
         let key = cursor_key(&self.cfg.name, Direction::Pull);
         let mut attempt = 0u32;
         let mut failing: Option<Failing> = None;
         // The cursor as last committed; `None`: read it from the store.
         let mut known: Option<u64> = None;
-        let mut ahead: Option<(u64, tokio::task::JoinHandle<Result<Value, Failure>>)> = None;
+        let mut chain: Option<Chain> = None;
         self.pull.set_state("starting", None);
         while !*stop.borrow() {
             let since = match known {
@@ -507,48 +628,71 @@ impl Edge {
             };
             known = Some(since);
             self.pull.cursor.store(since, Ordering::Relaxed);
-            let task = match ahead.take() {
-                Some((s, t)) if s == since => t,
-                other => {
-                    if let Some((_, t)) = other {
-                        t.abort();
-                    }
-                    tokio::spawn(self.clone().fetch(since))
+            let ch = match chain.take() {
+                Some(c) if c.since == since => chain.insert(c),
+                _ => {
+                    let (tx, rx) = mpsc::channel(PULL_PAGES_AHEAD);
+                    let task = tokio::spawn(self.clone().fetch_chain(since, tx));
+                    chain.insert(Chain { since, rx, task })
                 }
             };
-            let fetched = tokio::select! {
-                r = task => r.unwrap_or_else(|e| Err(Failure { status: None, reason: format!("fetch task failed: {e}") })),
+            let first = tokio::select! {
+                r = ch.rx.recv() => r,
                 _ = stop.changed() => break,
             };
-            let page = match fetched {
-                Ok(p) => {
-                    attempt = 0;
-                    p
+            let Some((from, first)) = first.filter(|(s, _)| *s == since) else {
+                chain = None;
+                continue;
+            };
+            if first.page.is_null() {
+                chain = None;
+                self.pull.errors.fetch_add(1, Ordering::Relaxed);
+                self.pull.set_state("retrying", first.read.err());
+                if !self.pause(self.delay(attempt), &mut stop).await {
+                    break;
                 }
-                Err(f) => {
-                    self.pull.errors.fetch_add(1, Ordering::Relaxed);
-                    self.pull.set_state("retrying", Some(f.reason));
-                    if !self.pause(self.delay(attempt), &mut stop).await {
+                attempt += 1;
+                continue;
+            }
+            attempt = 0;
+            // Whatever else has arrived joins this transaction; a page that
+            // could not be fetched or read ends the chain (it is fetched
+            // again), one with an unreadable entry ends the transaction.
+            let mut pages = vec![first];
+            let mut versions = pages[0].versions();
+            let mut restart = false;
+            while versions < PULL_APPLY_MAX && pages.last().is_some_and(Fetched::whole) {
+                match ch.rx.try_recv() {
+                    Ok((_, f)) if !f.page.is_null() && f.read.is_ok() => {
+                        versions += f.versions();
+                        pages.push(f);
+                    }
+                    Ok(_) => {
+                        restart = true;
                         break;
                     }
-                    attempt += 1;
-                    continue;
+                    Err(_) => break,
                 }
-            };
-            let next = page_decimal(&page, "changes-next-since");
-            if let Some(n) = next {
-                ahead = Some((n, tokio::spawn(self.clone().fetch(n))));
             }
-            match self.apply_page(since, &page, &mut failing).await {
+            let next = pages
+                .last()
+                .and_then(|p| page_decimal(&p.page, "changes-next-since"));
+            ch.since = next.unwrap_or(from);
+            if restart {
+                chain = None;
+            }
+            match self.apply_pages(since, pages, &mut failing).await {
                 Ok(None) => known = next,
                 Ok(Some(wait)) => {
                     known = None;
+                    chain = None;
                     if !self.pause(wait, &mut stop).await {
                         break;
                     }
                 }
                 Err(e) => {
                     known = None;
+                    chain = None;
                     self.pull.errors.fetch_add(1, Ordering::Relaxed);
                     self.pull.set_state("retrying", Some(e));
                     if !self.pause(self.delay(attempt), &mut stop).await {
@@ -558,55 +702,46 @@ impl Edge {
                 }
             }
         }
-        if let Some((_, t)) = ahead {
-            t.abort();
-        }
+        drop(chain);
         tracing::debug!(edge = %self.cfg.name, "pull stopped");
     }
 
-    /// Applies one page of the parent's feed with its cursor. `Ok(Some)`:
-    /// a record failed; wait that long before the next attempt.
-    async fn apply_page(
+    /// Stores consecutive pages of the parent's feed, with the cursor, in
+    /// one transaction. `Ok(Some)`: a record failed; wait that long before
+    /// the next attempt.
+    async fn apply_pages(
         &self,
         since: u64,
-        page: &Value,
+        mut pages: Vec<Fetched>,
         failing: &mut Option<Failing>,
     ) -> Result<Option<Duration>, String> {
-        let parent = page_extension(page, "node-id")
+        let head = &pages[0].page;
+        let parent = page_extension(head, "node-id")
             .and_then(|x| x["valueString"].as_str().map(str::to_owned))
             .ok_or("the parent's feed has no node-id")?;
         self.learn_parent(&parent);
-        let next = page_decimal(page, "changes-next-since")
+        let tail = &pages[pages.len() - 1].page;
+        let next = page_decimal(tail, "changes-next-since")
             .ok_or("the parent's feed has no next cursor")?;
-        let last = page_decimal(page, "changes-last-seq").unwrap_or(next);
-        let entries = page
-            .get("entry")
-            .and_then(Value::as_array)
-            .map_or(&[][..], |v| v);
-        let mut versions = Vec::with_capacity(entries.len());
-        let mut from_entry = Vec::with_capacity(entries.len());
+        let last = page_decimal(tail, "changes-last-seq").unwrap_or(next);
+        let mut versions = Vec::new();
+        // Each version's page and entry.
+        let mut from_entry = Vec::new();
         let mut bad = None;
-        for (i, e) in entries.iter().enumerate() {
-            match RemoteVersion::from_entry(e, self.cfg.validation) {
-                Ok(v) => {
-                    if self.pull_filter.passes(&v.rtype, e.get("resource")) {
-                        versions.push(v);
-                        from_entry.push(i);
-                    } else {
-                        self.pull.filtered.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-                Err(why) => {
-                    let seq = entry_seq(e)
-                        .ok_or_else(|| format!("the parent sent an entry without seq: {why}"))?;
-                    bad = Some((i, seq, why));
-                    break;
-                }
+        for (p, f) in pages.iter_mut().enumerate() {
+            let read = std::mem::replace(&mut f.read, Err(String::new()))?;
+            self.pull
+                .filtered
+                .fetch_add(read.filtered, Ordering::Relaxed);
+            from_entry.extend(read.from_entry.iter().map(|&i| (p, i)));
+            versions.extend(read.versions);
+            if let Some((i, seq, why)) = read.bad {
+                bad = Some((p, i, seq, why));
             }
         }
         let cursor = match &bad {
             None => next,
-            Some((_, seq, _)) => seq.saturating_sub(1).max(since),
+            Some((_, _, seq, _)) => seq.saturating_sub(1).max(since),
         };
         let out = self
             .store
@@ -631,9 +766,11 @@ impl Edge {
         self.pull
             .lag
             .store(last.saturating_sub(now), Ordering::Relaxed);
+        let entry = |p: usize, i: usize| &page_entries(&pages[p].page)[i];
         let failed = match (rep.failed(), bad) {
             (Some((i, status, why)), _) => {
-                let e = &entries[from_entry[i]];
+                let (p, n) = from_entry[i];
+                let e = entry(p, n);
                 let v =
                     RemoteVersion::from_entry(e, self.cfg.validation).map_err(|w| w.to_string())?;
                 Some(self.letter(
@@ -645,8 +782,8 @@ impl Edge {
                     format!("{status}: {why}"),
                 ))
             }
-            (None, Some((i, seq, why))) => {
-                let e = &entries[i];
+            (None, Some((p, i, seq, why))) => {
+                let e = entry(p, i);
                 let url = e
                     .pointer("/request/url")
                     .and_then(Value::as_str)

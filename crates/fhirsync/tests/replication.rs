@@ -1103,3 +1103,46 @@ async fn versions_that_fail_validation_follow_on_error_in_both_directions() {
     );
     assert!(!has(&child, "Patient/bad").await);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pages_pulled_ahead_are_stored_once_in_order_and_stop_at_a_bad_entry() {
+    // Small pages, so that the child fetches many ahead and stores those
+    // that arrived together in one transaction; one version in the
+    // middle fails the child's validation.
+    let parent = InProcess::start_with(Options {
+        node_id: Some("p3".into()),
+        children: vec![child_cfg("c3")],
+        api: lenient_api(),
+        ..Options::default()
+    })
+    .await;
+    let bad = json!({"resourceType": "Patient", "id": "p060", "notAnElement": true});
+    for i in 0..120 {
+        let id = format!("p{i:03}");
+        let body = if i == 60 { bad.clone() } else { pat(&id) };
+        let path = format!("Patient/{id}");
+        assert_eq!(put(&parent, &path, &body).await.status(), 201);
+    }
+    let mut e = edge_to(&parent, "c3");
+    e.push = false;
+    e.batch_size_max = 7;
+    e.on_error = OnError::DeadLetter;
+    e.retry_max = 1;
+    e.retry_delay_ms_max = 50;
+    let child = child_with("c3", e, vec![], Arc::new(SystemClock)).await;
+    eventually("the last Patient pulled", 30, || async {
+        has(&child, "Patient/p119").await
+    })
+    .await;
+    let got = digest(&child).await;
+    assert_eq!(got.len(), 119, "{got:?}");
+    assert!(!has(&child, "Patient/p060").await);
+    let history = get(&child, "_history?_count=1000").await;
+    let history: Value = history.json().await.unwrap();
+    let entries = history["entry"].as_array().unwrap();
+    assert_eq!(entries.len(), 119, "each version stored once");
+    let dl = admin(&child, "deadletters?direction=pull").await;
+    let items = dl["items"].as_array().unwrap();
+    assert_eq!(items.len(), 1, "{dl}");
+    assert!(dl.to_string().contains("Patient/p060"), "{dl}");
+}

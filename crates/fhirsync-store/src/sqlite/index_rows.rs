@@ -106,6 +106,16 @@ impl Pending {
         self.0.extend(entries.into_iter().map(|e| (seq, e)));
     }
 
+    /// How many entries are held.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Drops the entries held after the first `n`.
+    pub fn truncate(&mut self, n: usize) {
+        self.0.truncate(n);
+    }
+
     /// Writes what is held, in key order.
     pub fn flush(&mut self, conn: &Connection) -> Result<(), StoreError> {
         if self.0.is_empty() {

@@ -1,6 +1,7 @@
 //! The embedded SQLite backend: one writer thread with group commit, a pool
 //! of read connections, WAL mode.
 
+mod checkpoint;
 mod index_rows;
 pub mod reindex;
 pub(crate) mod schema;
@@ -97,6 +98,8 @@ pub struct SqliteStore {
     node_id: String,
     jobs: Mutex<Option<mpsc::Sender<writer::Job>>>,
     writer: Mutex<Option<JoinHandle<()>>>,
+    /// See [`checkpoint`]; joined after the writer.
+    checkpointer: Mutex<Option<JoinHandle<()>>>,
     readers: Arc<Readers>,
     seq_rx: watch::Receiver<u64>,
     reindex_rx: watch::Receiver<ReindexStatus>,
@@ -188,10 +191,12 @@ impl SqliteStore {
             next_seq: None,
             reindex,
             pending: None,
+            held_at: Vec::new(),
             custom_source: custom_source.clone(),
             custom_dirty: false,
             reindex_tx,
         };
+        let checkpointer = checkpoint::start(&cfg.path, cfg.sync, seq_rx.clone())?;
         let handle = std::thread::Builder::new()
             .name("fhirsync-writer".into())
             .spawn(move || w.run(jobs_rx))
@@ -201,6 +206,7 @@ impl SqliteStore {
             node_id,
             jobs: Mutex::new(Some(jobs_tx)),
             writer: Mutex::new(Some(handle)),
+            checkpointer: Mutex::new(Some(checkpointer)),
             readers: Arc::new(Readers {
                 path: cfg.path,
                 idle: Mutex::new(Vec::new()),
@@ -357,6 +363,10 @@ crate::sql::store_impl! {
         if let Some(h) = handle {
             let _ = h.join();
             custom_params::forget(&self.custom_source);
+        }
+        let handle = self.checkpointer.lock().ok().and_then(|mut h| h.take());
+        if let Some(h) = handle {
+            let _ = h.join();
         }
     }
 

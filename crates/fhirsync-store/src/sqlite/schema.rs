@@ -199,8 +199,7 @@ pub enum SyncMode {
     Normal,
 }
 
-pub fn configure_writer(conn: &Connection, sync: SyncMode) -> rusqlite::Result<()> {
-    conn.pragma_update(None, "journal_mode", "WAL")?;
+fn set_sync(conn: &Connection, sync: SyncMode) -> rusqlite::Result<()> {
     conn.pragma_update(
         None,
         "synchronous",
@@ -208,12 +207,29 @@ pub fn configure_writer(conn: &Connection, sync: SyncMode) -> rusqlite::Result<(
             SyncMode::Full => "FULL",
             SyncMode::Normal => "NORMAL",
         },
+    )
+}
+
+pub fn configure_writer(conn: &Connection, sync: SyncMode) -> rusqlite::Result<()> {
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    set_sync(conn, sync)?;
+    conn.pragma_update(
+        None,
+        "wal_autocheckpoint",
+        super::checkpoint::WRITER_BACKSTOP_PAGES,
     )?;
     conn.pragma_update(None, "cache_size", -65536)?;
     conn.pragma_update(None, "temp_store", "MEMORY")?;
     conn.busy_timeout(std::time::Duration::from_secs(10))?;
     conn.set_prepared_statement_cache_capacity(64);
     Ok(())
+}
+
+/// The checkpoint thread's connection: it syncs the database file as the
+/// writer would before the WAL starts over.
+pub fn configure_checkpointer(conn: &Connection, sync: SyncMode) -> rusqlite::Result<()> {
+    set_sync(conn, sync)?;
+    conn.busy_timeout(std::time::Duration::from_secs(10))
 }
 
 pub fn configure_reader(conn: &Connection) -> rusqlite::Result<()> {

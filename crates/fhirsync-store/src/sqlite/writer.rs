@@ -76,6 +76,9 @@ pub struct Writer {
     /// During a streamed load: index entries held back to be written
     /// sorted at the end of each batch (and before any search).
     pub pending: Option<index_rows::Pending>,
+    /// For each open savepoint, how many entries `pending` held when it
+    /// was set: a rollback to it drops those held since.
+    pub held_at: Vec<usize>,
     /// Names this store's custom search parameters (its database path).
     pub custom_source: String,
     /// A `SearchParameter` version was written since the last commit: the
@@ -249,13 +252,19 @@ impl Writer {
     /// Runs one request in its savepoint. A panic in it (a bug) rolls that
     /// request back and becomes an error; the writer, and the node, go on.
     ///
-    /// A transaction Bundle's index rows are held back and written sorted
-    /// at its end (or before a search in it): all or nothing, none of its
-    /// versions outlives a failure, so none of the rows held may either.
+    /// The index rows of a transaction Bundle and of a page of received
+    /// versions are held back and written sorted at the request's end (or
+    /// before a search in it); a rollback to a savepoint drops the rows
+    /// held since it was set.
     fn execute_guarded(&mut self, req: WriteRequest) -> Result<WriteOutcome, StoreError> {
         let hold = self.pending.is_none()
-            && matches!(&req, WriteRequest::Bundle(b)
-                if b.get("type").and_then(serde_json::Value::as_str) == Some("transaction"));
+            && match &req {
+                WriteRequest::Bundle(b) => {
+                    b.get("type").and_then(serde_json::Value::as_str) == Some("transaction")
+                }
+                WriteRequest::Apply(_) => true,
+                _ => false,
+            };
         if hold {
             self.pending = Some(index_rows::Pending::default());
         }
@@ -272,6 +281,7 @@ impl Writer {
         r.unwrap_or_else(|_| {
             tracing::error!("a write request panicked; it was rolled back");
             self.next_seq = None;
+            self.held_at.clear();
             let _ = self.conn.execute_batch("ROLLBACK TO sp; RELEASE sp");
             Err(StoreError::Backend("internal error while writing".into()))
         })
@@ -507,15 +517,23 @@ impl WriteTx for Writer {
     }
 
     fn savepoint(&mut self) -> Result<(), StoreError> {
-        Ok(self.conn.execute_batch("SAVEPOINT sp")?)
+        self.conn.execute_batch("SAVEPOINT sp")?;
+        self.held_at
+            .push(self.pending.as_ref().map_or(0, index_rows::Pending::len));
+        Ok(())
     }
 
     fn release(&mut self) -> Result<(), StoreError> {
+        self.held_at.pop();
         Ok(self.conn.execute_batch("RELEASE sp")?)
     }
 
     fn rollback(&mut self) -> Result<(), StoreError> {
         self.next_seq = None;
+        let held = self.held_at.pop().unwrap_or(0);
+        if let Some(p) = self.pending.as_mut() {
+            p.truncate(held);
+        }
         Ok(self.conn.execute_batch("ROLLBACK TO sp; RELEASE sp")?)
     }
 }
