@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Benchmarks of parent/child replication between two `fhirsync serve`
-# processes: initial pull (pages of 500 and 1,000), and lag from a commit
+# processes: initial pull and initial push (pages of 500 and 1,000), and lag from a commit
 # on a child to its visibility at the parent at 100 writes/s and at
 # 1,000 writes/s from 8 writers.
 # Usage: scripts/bench-replication.sh [--smoke] [WORKDIR] [COUNTS...]
@@ -13,6 +13,7 @@ if [ $smoke = 1 ]; then seconds=2; rate=(20 100); else seconds=30; rate=(100 100
 for n in "${counts[@]}"; do
   for batch in 500 1000; do
     "$bench" replicate-pull --bin "$bin" --count "$n" --work "$work" --batch "$batch"
+    "$bench" replicate-pull --bin "$bin" --count "$n" --work "$work" --batch "$batch" --push
   done
 done
 "$bench" replicate-lag --bin "$bin" --rate "${rate[0]}" --seconds "$seconds" --work "$work"

@@ -117,8 +117,11 @@ fn parse(bytes: &[u8], push_types: &[String], validation: Mode) -> Result<Parsed
         ));
     }
     let mut versions = Vec::with_capacity(entries.len());
-    for (i, e) in entries.iter().enumerate() {
-        match RemoteVersion::from_entry(e, validation) {
+    for (i, read) in RemoteVersion::from_entries(entries, validation)
+        .into_iter()
+        .enumerate()
+    {
+        match read {
             Ok(v) if !push_types.is_empty() && !push_types.contains(&v.rtype) => {
                 let why = format!("entry {i}: this child may not push {} resources", v.rtype);
                 return Ok((policy, versions, Some((403, why))));

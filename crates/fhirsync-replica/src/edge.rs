@@ -173,6 +173,9 @@ impl Drop for Chain {
     }
 }
 
+/// A push cursor being stored.
+type CursorWrite = tokio::task::JoinHandle<Result<(), fhirsync_store::StoreError>>;
+
 /// What [`Edge::read_page`] made of a page's entries.
 struct PageRead {
     versions: Vec<RemoteVersion>,
@@ -552,8 +555,9 @@ impl Edge {
             filtered: 0,
             bad: None,
         };
-        for (i, e) in entries.iter().enumerate() {
-            match RemoteVersion::from_entry(e, self.cfg.validation) {
+        let reads = RemoteVersion::from_entries(entries, self.cfg.validation);
+        for (i, (e, read)) in entries.iter().zip(reads).enumerate() {
+            match read {
                 Ok(v) => {
                     if self.pull_filter.passes(&v.rtype, e.get("resource")) {
                         r.versions.push(v);
@@ -803,6 +807,21 @@ impl Edge {
         }
     }
 
+    /// Waits for a push cursor's write; a failure is said, not retried.
+    async fn stored_cursor(&self, w: CursorWrite) {
+        match w.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(edge = %self.cfg.name, error = %e, "cannot store the push cursor");
+                self.push.set_state(
+                    "retrying",
+                    Some(format!("cannot store the push cursor: {e}")),
+                );
+            }
+            Err(e) => tracing::warn!(edge = %self.cfg.name, error = %e, "push cursor task failed"),
+        }
+    }
+
     /// Pushes this node's change log to the parent until `stop`.
     pub async fn run_push(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
         let key = cursor_key(&self.cfg.name, Direction::Push);
@@ -842,6 +861,7 @@ impl Edge {
         self.learn_parent(&parent);
         let mut seq_rx = self.store.watch_seq();
         let mut failing: Option<Failing> = None;
+        let mut cursor_write: Option<CursorWrite> = None;
         attempt = 0;
         self.push.set_state("ok", None);
         while !*stop.borrow() {
@@ -959,21 +979,17 @@ impl Edge {
                 seq: to,
                 audit: Some(audit),
             };
-            if let Err(e) = self.store.write(WriteRequest::Sync(w)).await {
-                // The parent has the records; sending them again is harmless.
-                self.push.set_state(
-                    "retrying",
-                    Some(format!("cannot store the push cursor: {e}")),
-                );
-                if !self
-                    .pause_noting_lag(self.delay(attempt), cursor, &mut stop)
-                    .await
-                {
-                    break;
-                }
-                attempt += 1;
-                continue;
+            // The cursor is stored while the next batch goes out (the one
+            // before is waited for first, so cursors are stored in order).
+            // Should it fail, the parent has the records: a restart sends
+            // them again, harmlessly.
+            if let Some(prev) = cursor_write.take() {
+                self.stored_cursor(prev).await;
             }
+            let store = self.store.clone();
+            cursor_write = Some(tokio::spawn(async move {
+                store.write(WriteRequest::Sync(w)).await.map(|_| ())
+            }));
             cursor = to;
             self.note_push_lag(cursor);
             match ans.failed {
@@ -982,6 +998,10 @@ impl Edge {
                     self.push.set_state("ok", None);
                 }
                 Some((i, status, why)) => {
+                    // The dead letter's own cursor must come after it.
+                    if let Some(w) = cursor_write.take() {
+                        self.stored_cursor(w).await;
+                    }
                     let Some(v) = sel.get(i) else { continue };
                     let l = self.letter(
                         Direction::Push,
@@ -1000,6 +1020,9 @@ impl Edge {
                     }
                 }
             }
+        }
+        if let Some(w) = cursor_write.take() {
+            self.stored_cursor(w).await;
         }
         tracing::debug!(edge = %self.cfg.name, "push stopped");
     }

@@ -115,6 +115,9 @@ pub fn entry_seq(e: &Value) -> Option<u64> {
         .ok()
 }
 
+/// Entries one parallel task of [`RemoteVersion::from_entries`] reads.
+const ENTRIES_PER_TASK: usize = 64;
+
 impl RemoteVersion {
     /// Reads a change record from a Bundle entry of `$changes` or `$apply`;
     /// its resource is validated as `validation` says (a refusal is the
@@ -180,6 +183,17 @@ impl RemoteVersion {
             hlc,
             seq,
         })
+    }
+
+    /// [`Self::from_entry`] of each entry, read in parallel (a page of a
+    /// thousand is validated and indexed on every core).
+    pub fn from_entries(entries: &[Value], validation: Mode) -> Vec<Result<RemoteVersion, String>> {
+        use rayon::prelude::*;
+        entries
+            .par_iter()
+            .with_min_len(ENTRIES_PER_TASK)
+            .map(|e| RemoteVersion::from_entry(e, validation))
+            .collect()
     }
 
     /// The content hash (`None` for a tombstone).

@@ -20,7 +20,7 @@ use super::schema::{self, SyncMode};
 use crate::StoreError;
 
 /// Longest time committed pages wait before they are copied.
-pub const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
+pub const CHECKPOINT_EVERY: Duration = Duration::from_millis(1000);
 /// WAL pages after which the writer checkpoints by itself (64 MB of 4 KB
 /// pages): only reached when this thread falls behind.
 pub const WRITER_BACKSTOP_PAGES: i64 = 16_384;

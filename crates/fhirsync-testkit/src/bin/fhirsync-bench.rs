@@ -94,6 +94,10 @@ enum Cmd {
         /// `[parent] batch_size_max` of the child.
         #[arg(long, default_value_t = 500)]
         batch: usize,
+        /// The other way: the child holds the resources and pushes them to
+        /// an empty parent.
+        #[arg(long)]
+        push: bool,
     },
     /// Anti-entropy between a parent and a child that hold COUNT identical
     /// resources (the child's store a copy of the parent's) plus DIFFS
@@ -295,9 +299,10 @@ fn main() -> anyhow::Result<()> {
             count,
             work,
             batch,
+            push,
         } => {
             let rt = tokio::runtime::Runtime::new()?;
-            rt.block_on(replicate_pull(bin, count, work, batch))
+            rt.block_on(replicate_pull(bin, count, work, batch, push))
         }
         Cmd::Merge { count, page, work } => {
             let rt = tokio::runtime::Runtime::new()?;
@@ -606,6 +611,7 @@ async fn replicate_pull(
     count: u64,
     work: std::path::PathBuf,
     batch: usize,
+    push: bool,
 ) -> anyhow::Result<()> {
     use fhirsync_testkit::NodeProcess;
     std::fs::create_dir_all(&work)?;
@@ -613,7 +619,16 @@ async fn replicate_pull(
     let (pdir, cdir) = (work.join("parent"), work.join("child"));
     let _ = std::fs::remove_dir_all(&pdir);
     let _ = std::fs::remove_dir_all(&cdir);
-    import(&bin, "parent", &pdir, &data)?;
+    let (dir, direction) = match push {
+        false => {
+            import(&bin, "parent", &pdir, &data)?;
+            ("pull", "initial pull")
+        }
+        true => {
+            import(&bin, "child", &cdir, &data)?;
+            ("push", "initial push")
+        }
+    };
     let (pcfg, _) = replication_configs(&work, None, batch)?;
     let parent = NodeProcess::spawn(&bin, &pdir, &["--config", pcfg.to_str().unwrap_or("")])?;
     let (_, ccfg) = replication_configs(&work, Some(&parent.base), batch)?;
@@ -623,14 +638,14 @@ async fn replicate_pull(
     let http = reqwest::Client::new();
     loop {
         let v: serde_json::Value = http.get(&status).send().await?.json().await?;
-        if v["edges"][0]["pull"]["cursor"].as_u64().unwrap_or(0) >= count {
+        if v["edges"][0][dir]["cursor"].as_u64().unwrap_or(0) >= count {
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let secs = t0.elapsed().as_secs_f64();
     println!(
-        "initial pull of {count} resources (batch {batch}): {secs:.2} s, {:.0} resources/s",
+        "{direction} of {count} resources (batch {batch}): {secs:.2} s, {:.0} resources/s",
         count as f64 / secs
     );
     drop(child);
