@@ -162,8 +162,11 @@ fn object(
             .filter_map(|k| choice_stem(k))
             .collect()
     }
+    // The first such element by name, so that either side's key order
+    // reports the same one.
     let stems_a = only(o, &a, &b);
-    if let Some(stem) = only(o, &b, &a).into_iter().find(|s| stems_a.contains(s)) {
+    let stems_b = only(o, &b, &a);
+    if let Some(stem) = stems_a.iter().filter(|s| stems_b.contains(s)).min() {
         let at = format!("{path}/{stem}[x]");
         return Err(clash(&at, "two choices of one element added"));
     }
