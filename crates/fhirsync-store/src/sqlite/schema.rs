@@ -239,3 +239,21 @@ pub fn configure_reader(conn: &Connection) -> rusqlite::Result<()> {
     conn.set_prepared_statement_cache_capacity(64);
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    /// `.cargo/config.toml` compiles SQLite without allocation statistics:
+    /// they take one process-wide mutex on every allocation.
+    #[test]
+    fn sqlite_keeps_no_allocation_statistics() {
+        let conn = rusqlite::Connection::open_in_memory().unwrap();
+        let used: i64 = conn
+            .query_row(
+                "SELECT sqlite_compileoption_used('DEFAULT_MEMSTATUS=0')",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(used, 1, "SQLite was built with allocation statistics on");
+    }
+}
