@@ -2,8 +2,8 @@
 //! CapabilityStatement and SMART discovery) and every token request becomes
 //! one `AuditEvent`, refused ones included, committed in batches by the
 //! [`crate::auditor::Auditor`] (before the answer with `audit_wait`, else
-//! within `LINGER`, 50 ms, of it); with `audit_wait`, a read whose record cannot be
-//! stored is answered 503, not with the data. `GET /fhir/AuditEvent` searches the trail, which
+//! within `LINGER`, 50 ms, of it); with `audit_wait`, a read whose record
+//! cannot be stored is answered 503, not with the data. `GET /fhir/AuditEvent` searches the trail, which
 //! deletes of patient data never touch.
 
 use axum::body::{to_bytes, Body};

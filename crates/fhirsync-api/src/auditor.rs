@@ -13,8 +13,9 @@ use fhirsync_store::{Store, SyncWrite, WriteRequest};
 use tokio::sync::{mpsc, oneshot};
 
 /// Longest time a record waits for its batch. Every commit costs the
-/// writer, and each reader its page cache: 50 ms read 5–10 % faster under
-/// load than 10 ms (`docs/benchmarks.md`).
+/// writer, and each reader its page cache: under load, 100 ms read about
+/// 8 % faster than 10 ms (`docs/benchmarks.md`); 50 ms keeps records
+/// closer to their answers.
 pub const LINGER: Duration = Duration::from_millis(50);
 /// Most records in one commit.
 const BATCH_MAX: usize = 2048;
