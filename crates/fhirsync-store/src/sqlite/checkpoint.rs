@@ -26,7 +26,8 @@ pub const CHECKPOINT_EVERY: Duration = Duration::from_millis(1000);
 pub const WRITER_BACKSTOP_PAGES: i64 = 16_384;
 
 /// Starts the checkpoint thread for the database at `path`; it ends once
-/// the writer (the sender of `seq`) is gone.
+/// the writer (the sender of `seq`) is gone and the thread is unparked or
+/// its interval passes.
 pub fn start(
     path: &Path,
     sync: SyncMode,
@@ -37,7 +38,9 @@ pub fn start(
     std::thread::Builder::new()
         .name("fhirsync-ckpt".into())
         .spawn(move || loop {
-            std::thread::sleep(CHECKPOINT_EVERY);
+            // Parked, not asleep: a closing store unparks it, so that
+            // closing never waits out the interval.
+            std::thread::park_timeout(CHECKPOINT_EVERY);
             match seq.has_changed() {
                 Err(_) => break,
                 Ok(false) => continue,
@@ -50,4 +53,23 @@ pub fn start(
             }
         })
         .map_err(|e| StoreError::Backend(format!("cannot start the checkpointer: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::CHECKPOINT_EVERY;
+    use crate::sqlite::{SqliteConfig, SqliteStore};
+    use crate::Store;
+
+    /// Closing a store just opened (its checkpoint thread has just begun
+    /// its first wait) does not wait out the interval.
+    #[test]
+    fn closing_does_not_wait_for_the_checkpoint_interval() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(SqliteConfig::new(dir.path().join("fhirsync.db"))).unwrap();
+        let t = std::time::Instant::now();
+        store.shutdown();
+        let took = t.elapsed();
+        assert!(took < CHECKPOINT_EVERY / 2, "closing took {took:?}");
+    }
 }

@@ -366,6 +366,7 @@ crate::sql::store_impl! {
         }
         let handle = self.checkpointer.lock().ok().and_then(|mut h| h.take());
         if let Some(h) = handle {
+            h.thread().unpark();
             let _ = h.join();
         }
     }
