@@ -547,11 +547,10 @@ async fn migrate_moves_a_node_with_its_sync_state() {
     .await;
     // The child edits what it pulled: wait for the pull, or the edit is a
     // create (201) racing it.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while child.store.last_seq() < 30 {
-        assert!(Instant::now() < deadline, "the child did not pull");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    common::eventually("the child pulled", 30, || async {
+        child.store.last_seq() >= 30
+    })
+    .await;
     let r = put(
         &child,
         "Patient/p3",
