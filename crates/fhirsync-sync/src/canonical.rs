@@ -32,36 +32,54 @@ fn write(v: &Value, h: &mut Xxh3, top: bool) {
             h.update(b"]");
         }
         Value::Object(m) => {
-            let mut keys: Vec<&String> = m.keys().collect();
-            keys.sort();
+            // Members in key order, each with its value: no lookups by key.
+            let mut members: Vec<(&String, &Value)> = m.iter().collect();
+            members.sort_unstable_by(|a, b| a.0.cmp(b.0));
             h.update(b"{");
-            for k in keys {
-                let val = &m[k.as_str()];
+            for (k, val) in members {
                 if top && k == "id" {
                     continue;
                 }
                 if top && k == "meta" {
-                    let mut meta = val.clone();
-                    if let Some(mm) = meta.as_object_mut() {
-                        for f in ["versionId", "lastUpdated", "source"] {
-                            mm.remove(f);
-                        }
-                        if mm.is_empty() {
-                            continue;
-                        }
+                    if let Value::Object(meta) = val {
+                        write_meta(meta, h);
+                        continue;
                     }
-                    h.update(k.as_bytes());
-                    write(&meta, h, false);
-                    continue;
                 }
-                h.update(&(k.len() as u64).to_le_bytes());
-                h.update(k.as_bytes());
+                write_key(k, h);
                 write(val, h, false);
             }
             h.update(b"}");
         }
     }
 }
+
+fn write_key(k: &str, h: &mut Xxh3) {
+    h.update(&(k.len() as u64).to_le_bytes());
+    h.update(k.as_bytes());
+}
+
+/// `meta` without the fields a server sets; nothing when that leaves it
+/// empty.
+fn write_meta(meta: &serde_json::Map<String, Value>, h: &mut Xxh3) {
+    let mut members: Vec<(&String, &Value)> = meta
+        .iter()
+        .filter(|(k, _)| !SERVER_META.contains(&k.as_str()))
+        .collect();
+    if members.is_empty() {
+        return;
+    }
+    members.sort_unstable_by(|a, b| a.0.cmp(b.0));
+    h.update(b"meta{");
+    for (k, val) in members {
+        write_key(k, h);
+        write(val, h, false);
+    }
+    h.update(b"}");
+}
+
+/// The members of `meta` a server sets on its own.
+const SERVER_META: [&str; 3] = ["versionId", "lastUpdated", "source"];
 
 /// One text per numeric value: no trailing fractional zeros, no `+` or
 /// leading zeros in the exponent, lower-case `e`.

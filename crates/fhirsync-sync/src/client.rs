@@ -218,14 +218,17 @@ impl FhirClient {
                         .get("etag")
                         .and_then(|v| v.to_str().ok())
                         .map(str::to_owned);
-                    let text = resp.text().await.map_err(|e| SyncError::Http {
+                    let bytes = resp.bytes().await.map_err(|e| SyncError::Http {
                         url: url.clone(),
                         reason: format!("reading the answer failed: {e}"),
                     })?;
-                    let body = if text.trim().is_empty() {
+                    // Parsed from the bytes as they came: no copy into a String.
+                    let body = if bytes.trim_ascii().is_empty() {
                         Value::Null
                     } else {
-                        serde_json::from_str(&text).unwrap_or(Value::String(text))
+                        serde_json::from_slice(&bytes).unwrap_or_else(|_| {
+                            Value::String(String::from_utf8_lossy(&bytes).into_owned())
+                        })
                     };
                     return Ok(Reply {
                         status,

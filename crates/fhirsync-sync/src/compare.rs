@@ -1,8 +1,17 @@
-//! COMPARE: both sides go into a temporary on-disk index (constant memory),
+//! COMPARE: both sides go into temporary on-disk indexes (constant memory),
 //! content hashes that ignore server-set fields are compared, and only
 //! what is missing or different is uploaded; what the source no longer has
 //! is deleted on the target (unless `--no-delete`).
+//!
+//! Each side has its own index file, so the two readers never wait on one
+//! another's write lock, and the source's bodies go to a flat file beside
+//! them: the joins scan rows of a few dozen bytes, and only bodies to send
+//! are read back.
 
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rusqlite::{params, Connection};
@@ -21,18 +30,74 @@ use crate::SyncError;
 /// Rows inserted per index transaction.
 const INDEX_BATCH: usize = 2000;
 
-/// Fills `table` from `rx`; items without an id cannot be compared and fail.
+/// The temporary files of one COMPARE run.
+struct Index {
+    /// The source's keys and hashes, and where each body is in `bodies`.
+    src: PathBuf,
+    /// The target's keys and hashes.
+    tgt: PathBuf,
+    /// The source's resources as JSON text, one after another.
+    bodies: PathBuf,
+}
+
+impl Index {
+    fn new(dir: &Path) -> Result<Index, SyncError> {
+        let ix = Index {
+            src: dir.join("source.db"),
+            tgt: dir.join("target.db"),
+            bodies: dir.join("source.bodies"),
+        };
+        open_index(&ix.src)?.execute_batch(
+            "CREATE TABLE src (type TEXT NOT NULL, id TEXT NOT NULL, hash BLOB NOT NULL, pos INTEGER NOT NULL, len INTEGER NOT NULL, PRIMARY KEY (type, id)) WITHOUT ROWID;
+             CREATE TABLE src_types (type TEXT PRIMARY KEY) WITHOUT ROWID;",
+        )?;
+        open_index(&ix.tgt)?.execute_batch(
+            "CREATE TABLE tgt (type TEXT NOT NULL, id TEXT NOT NULL, hash BLOB NOT NULL, PRIMARY KEY (type, id)) WITHOUT ROWID;",
+        )?;
+        Ok(ix)
+    }
+
+    /// The source's index with the target's attached as `t`.
+    fn joined(&self) -> Result<Connection, SyncError> {
+        let c = open_index(&self.src)?;
+        c.execute("ATTACH DATABASE ?1 AS t", [self.tgt.to_string_lossy()])?;
+        Ok(c)
+    }
+}
+
+fn open_index(path: &Path) -> Result<Connection, SyncError> {
+    let c = Connection::open(path)?;
+    c.execute_batch(
+        "PRAGMA journal_mode = MEMORY; PRAGMA synchronous = OFF; PRAGMA cache_size = -32768;",
+    )?;
+    Ok(c)
+}
+
+fn index_error(e: std::io::Error) -> SyncError {
+    SyncError::Index(format!("the temporary index: {e}"))
+}
+
+/// Where a side's rows go: the source's bodies are kept for the upload.
+enum Side {
+    Source(BufWriter<File>),
+    Target,
+}
+
+/// Fills one side's index from `rx`; source items without an id cannot be
+/// compared and fail.
 fn fill(
     conn: &mut Connection,
-    table: &str,
+    mut side: Side,
     mut rx: mpsc::Receiver<Item>,
     shared: &Shared,
 ) -> Result<(), SyncError> {
-    let sql = if table == "src" {
-        "INSERT OR REPLACE INTO src (type, id, hash, body) VALUES (?1, ?2, ?3, ?4)"
-    } else {
-        "INSERT OR REPLACE INTO tgt (type, id, hash) VALUES (?1, ?2, ?3)"
+    let sql = match side {
+        Side::Source(_) => {
+            "INSERT OR REPLACE INTO src (type, id, hash, pos, len) VALUES (?1, ?2, ?3, ?4, ?5)"
+        }
+        Side::Target => "INSERT OR REPLACE INTO tgt (type, id, hash) VALUES (?1, ?2, ?3)",
     };
+    let mut pos = 0u64;
     loop {
         let tx = conn.transaction()?;
         let mut n = 0;
@@ -43,17 +108,21 @@ fn fill(
                     break;
                 };
                 n += 1;
-                match item {
-                    Item::Resource { rtype, id: Some(id), res, .. } => {
+                match (item, &mut side) {
+                    (Item::Resource { rtype, id: Some(id), res, .. }, Side::Source(bodies)) => {
                         let v = Value::Object(res);
                         let hash = content_hash(&v).to_be_bytes();
-                        if table == "src" {
-                            st.execute(params![rtype, id, &hash[..], v.to_string()])?;
-                        } else {
-                            st.execute(params![rtype, id, &hash[..]])?;
-                        }
+                        let text = v.to_string();
+                        bodies.write_all(text.as_bytes()).map_err(index_error)?;
+                        let len = text.len() as u64;
+                        st.execute(params![rtype, id, &hash[..], pos as i64, len as i64])?;
+                        pos += len;
                     }
-                    other if table == "src" => shared.fail(
+                    (Item::Resource { rtype, id: Some(id), res, .. }, Side::Target) => {
+                        let hash = content_hash(&Value::Object(res)).to_be_bytes();
+                        st.execute(params![rtype, id, &hash[..]])?;
+                    }
+                    (other, Side::Source(_)) => shared.fail(
                         other.rtype(),
                         Failure {
                             resource: other.origin().to_owned(),
@@ -68,45 +137,32 @@ fn fill(
         }
         tx.commit()?;
         if n < INDEX_BATCH {
+            if let Side::Source(bodies) = &mut side {
+                bodies.flush().map_err(index_error)?;
+            }
             return Ok(());
         }
     }
 }
 
-fn open_index_tables(c: &Connection) -> Result<(), SyncError> {
-    c.execute_batch(
-        "PRAGMA journal_mode = WAL; PRAGMA synchronous = OFF;
-         CREATE TABLE IF NOT EXISTS src (type TEXT NOT NULL, id TEXT NOT NULL, hash BLOB NOT NULL, body TEXT NOT NULL, PRIMARY KEY (type, id)) WITHOUT ROWID;
-         CREATE TABLE IF NOT EXISTS tgt (type TEXT NOT NULL, id TEXT NOT NULL, hash BLOB NOT NULL, PRIMARY KEY (type, id)) WITHOUT ROWID;",
-    )?;
-    Ok(())
-}
-
-fn open_index(path: &std::path::Path) -> Result<Connection, SyncError> {
-    let c = Connection::open(path)?;
-    c.busy_timeout(std::time::Duration::from_secs(60))?;
-    c.execute_batch("PRAGMA synchronous = OFF; PRAGMA cache_size = -32768;")?;
-    Ok(c)
-}
-
 /// Reads the source (transformed: prefixed ids, so keys match the
-/// target's) into `src`; returns the types it covered.
+/// target's) into its index; returns the types it covered.
 async fn fill_source(
     opts: &SyncOptions,
     source: Option<FhirClient>,
     up: &Arc<Uploader>,
     shared: &Arc<Shared>,
-    path: &std::path::Path,
+    ix: &Index,
 ) -> Result<Vec<String>, SyncError> {
     let n = opts.thread_count;
     let (tx, rx) = mpsc::channel::<Item>(n * 8);
     let reader = spawn_reader(opts, source, tx, shared.clone(), false);
     // Id prefixing between reader and writers.
     let (trx, transform) = up.spawn_transform(rx, n * 4);
-    let (p, sh) = (path.to_owned(), shared.clone());
+    let (p, b, sh) = (ix.src.clone(), ix.bodies.clone(), shared.clone());
     let filler = tokio::task::spawn_blocking(move || -> Result<(), SyncError> {
-        let mut c = open_index(&p)?;
-        fill(&mut c, "src", trx, &sh)
+        let bodies = BufWriter::with_capacity(1 << 20, File::create(&b).map_err(index_error)?);
+        fill(&mut open_index(&p)?, Side::Source(bodies), trx, &sh)
     });
     let types = reader.await.map_err(|e| SyncError::Index(e.to_string()))?;
     let _ = transform.await;
@@ -116,19 +172,18 @@ async fn fill_source(
     types
 }
 
-/// Reads the target's resources of `types` into `tgt`.
+/// Reads the target's resources of `types` into its index.
 async fn fill_target(
     target: &FhirClient,
     types: &[String],
     shared: &Arc<Shared>,
-    path: &std::path::Path,
+    ix: &Index,
     n: usize,
 ) -> Result<(), SyncError> {
     let (tx, trx) = mpsc::channel::<Item>(n * 8);
-    let (p, sh) = (path.to_owned(), shared.clone());
+    let (p, sh) = (ix.tgt.clone(), shared.clone());
     let filler = tokio::task::spawn_blocking(move || -> Result<(), SyncError> {
-        let mut c = open_index(&p)?;
-        fill(&mut c, "tgt", trx, &sh)
+        fill(&mut open_index(&p)?, Side::Target, trx, &sh)
     });
     for t in types {
         // A type the target cannot search holds nothing to compare or delete.
@@ -149,7 +204,7 @@ pub async fn compare(
 ) -> Result<(), SyncError> {
     let dir = tempfile::tempdir()
         .map_err(|e| SyncError::Index(format!("no temporary directory: {e}")))?;
-    let path = dir.path().join("compare.db");
+    let ix = Index::new(dir.path())?;
     let n = opts.thread_count;
 
     // For a server source the types are known up front, so both sides are
@@ -164,8 +219,7 @@ pub async fn compare(
     if let Some(t) = &known_types {
         opts_src.resource_types = t.clone();
     }
-    open_index_tables(&Connection::open(&path)?)?;
-    let source_side = fill_source(&opts_src, source, up, shared, &path);
+    let source_side = fill_source(&opts_src, source, up, shared, &ix);
     let target = FhirClient::new(
         up.targets[0].base(),
         opts.target_auth.clone(),
@@ -175,21 +229,20 @@ pub async fn compare(
     )?;
     let source_types = match known_types {
         Some(types) => {
-            let target_side = fill_target(&target, &types, shared, &path, n);
+            let target_side = fill_target(&target, &types, shared, &ix, n);
             let (a, b) = tokio::join!(source_side, target_side);
             b?;
             a?
         }
         None => {
             let types = source_side.await?;
-            fill_target(&target, &types, shared, &path, n).await?;
+            fill_target(&target, &types, shared, &ix, n).await?;
             types
         }
     };
     // Only types the source could be read for are compared for deletes.
     {
-        let c = Connection::open(&path)?;
-        c.execute_batch("CREATE TABLE src_types (type TEXT PRIMARY KEY) WITHOUT ROWID")?;
+        let c = open_index(&ix.src)?;
         let mut st = c.prepare("INSERT OR IGNORE INTO src_types (type) VALUES (?1)")?;
         for t in &source_types {
             st.execute([t])?;
@@ -201,8 +254,8 @@ pub async fn compare(
 
     // Equal content: counted, not sent.
     {
-        let c = Connection::open(&path)?;
-        let mut st = c.prepare("SELECT s.type, count(*) FROM src s JOIN tgt t ON s.type = t.type AND s.id = t.id AND s.hash = t.hash GROUP BY s.type")?;
+        let c = ix.joined()?;
+        let mut st = c.prepare("SELECT s.type, count(*) FROM src s JOIN t.tgt t ON s.type = t.type AND s.id = t.id AND s.hash = t.hash GROUP BY s.type")?;
         let rows = st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
         for row in rows {
             let (t, k) = row?;
@@ -212,17 +265,22 @@ pub async fn compare(
 
     // Missing or different: uploaded.
     let (tx, rx) = mpsc::channel::<Item>(n * 4);
-    let p = path.clone();
+    let (c, bodies) = (ix.joined()?, File::open(&ix.bodies).map_err(index_error)?);
     let feeder = tokio::task::spawn_blocking(move || -> Result<(), SyncError> {
-        let c = Connection::open(&p)?;
         let mut st = c.prepare(
-            "SELECT s.type, s.id, s.body FROM src s LEFT JOIN tgt t ON s.type = t.type AND s.id = t.id
+            "SELECT s.type, s.id, s.pos, s.len FROM src s LEFT JOIN t.tgt t ON s.type = t.type AND s.id = t.id
              WHERE t.hash IS NULL OR t.hash != s.hash",
         )?;
         let mut rows = st.query([])?;
+        let mut body = Vec::new();
         while let Some(r) = rows.next()? {
-            let (rtype, id, body): (String, String, String) = (r.get(0)?, r.get(1)?, r.get(2)?);
-            let Ok(Value::Object(res)) = serde_json::from_str::<Value>(&body) else {
+            let (rtype, id, pos, len): (String, String, i64, i64) =
+                (r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?);
+            body.resize(len as usize, 0);
+            bodies
+                .read_exact_at(&mut body, pos as u64)
+                .map_err(index_error)?;
+            let Ok(Value::Object(res)) = serde_json::from_slice::<Value>(&body) else {
                 continue;
             };
             let origin = format!("{rtype}/{id}");
@@ -261,11 +319,10 @@ pub async fn compare(
         return Ok(());
     }
     let (tx, rx) = mpsc::channel::<Item>(n * 4);
-    let p = path.clone();
+    let c = ix.joined()?;
     let feeder = tokio::task::spawn_blocking(move || -> Result<(), SyncError> {
-        let c = Connection::open(&p)?;
         let mut st = c.prepare(
-            "SELECT t.type, t.id FROM tgt t LEFT JOIN src s ON s.type = t.type AND s.id = t.id
+            "SELECT t.type, t.id FROM t.tgt t LEFT JOIN src s ON s.type = t.type AND s.id = t.id
              WHERE s.id IS NULL AND t.type IN (SELECT type FROM src_types)",
         )?;
         let mut rows = st.query([])?;

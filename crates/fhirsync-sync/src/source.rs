@@ -225,29 +225,35 @@ pub async fn read_search(
                 &r.body,
             ));
         }
-        let b = r.body;
+        let mut b = r.body;
         if b["resourceType"] != "Bundle" {
             return Err(SyncError::Http {
                 url,
                 reason: "the answer is not a Bundle".into(),
             });
         }
-        for e in b["entry"].as_array().map(Vec::as_slice).unwrap_or(&[]) {
+        let entries = match b.get_mut("entry").map(Value::take) {
+            Some(Value::Array(a)) => a,
+            _ => Vec::new(),
+        };
+        for mut e in entries {
             let mode = e["search"]["mode"].as_str().unwrap_or("match");
-            let Some(res) = e["resource"].as_object() else {
-                continue;
-            };
-            if mode != "match" || is_infrastructure(res) {
+            if mode != "match" {
                 continue;
             }
             let origin = e["fullUrl"].as_str().unwrap_or(&url).to_owned();
-            let item =
-                Item::from_resource(res.clone(), origin, bundles_as_tx).map_err(|reason| {
-                    SyncError::Http {
-                        url: url.clone(),
-                        reason,
-                    }
-                })?;
+            let Some(Value::Object(res)) = e.get_mut("resource").map(Value::take) else {
+                continue;
+            };
+            if is_infrastructure(&res) {
+                continue;
+            }
+            let item = Item::from_resource(res, origin, bundles_as_tx).map_err(|reason| {
+                SyncError::Http {
+                    url: url.clone(),
+                    reason,
+                }
+            })?;
             on_page(&item);
             if tx.send(item).await.is_err() {
                 return Ok(Searched::Read); // the run is stopping
