@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Benchmarks of `fhirsync sync`: COPY of an NDJSON directory into an empty
-# node, COPY node to node, and COMPARE of the two then identical nodes.
+# node, COPY node to node, and COMPARE of the two then identical nodes (by
+# summaries, and as against a generic FHIR server).
 # Usage: scripts/bench-sync.sh [--smoke] [WORKDIR] [COUNTS...]
 #   default counts: 100000 1000000 (release build; ~8 GB of free disk)
 #   --smoke: 500 resources, debug build (CI runs it)
@@ -21,6 +22,8 @@ for n in "${counts[@]}"; do
   timed "$bin" sync -s "$a" -t "$b" -m COPY 2>&1 | tail -2
   echo "-- COMPARE identical nodes A, B"
   timed "$bin" sync -s "$a" -t "$b" -m COMPARE 2>&1 | tail -2
+  echo "-- COMPARE identical nodes A, B as generic servers (--no-summary: every resource read)"
+  timed "$bin" sync -s "$a" -t "$b" -m COMPARE --no-summary 2>&1 | tail -2
   for t in Patient Observation; do
     ca=$(count_of "$a" "$t"); cb=$(count_of "$b" "$t")
     [ "$ca" = "$cb" ] && [ "$ca" -gt 0 ] || { echo "bench-sync: $t: A holds $ca, B holds $cb" >&2; exit 1; }

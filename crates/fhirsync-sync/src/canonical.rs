@@ -17,7 +17,13 @@ fn write(v: &Value, h: &mut Xxh3, top: bool) {
         Value::Bool(b) => h.update(if *b { b"t" } else { b"f" }),
         Value::Number(n) => {
             h.update(b"#");
-            h.update(normalize_number(&n.to_string()).as_bytes());
+            // The number as it was written (arbitrary precision keeps it).
+            let text = n.as_str();
+            if is_normal_number(text) {
+                h.update(text.as_bytes());
+            } else {
+                h.update(normalize_number(text).as_bytes());
+            }
         }
         Value::String(s) => {
             h.update(b"\"");
@@ -81,6 +87,12 @@ fn write_meta(meta: &serde_json::Map<String, Value>, h: &mut Xxh3) {
 /// The members of `meta` a server sets on its own.
 const SERVER_META: [&str; 3] = ["versionId", "lastUpdated", "source"];
 
+/// Whether `s` is already as [`normalize_number`] writes it: an integer
+/// other than `-0` (the usual case, checked without allocating).
+fn is_normal_number(s: &str) -> bool {
+    !s.is_empty() && s != "-0" && s.bytes().all(|b| b.is_ascii_digit() || b == b'-')
+}
+
 /// One text per numeric value: no trailing fractional zeros, no `+` or
 /// leading zeros in the exponent, lower-case `e`.
 pub fn normalize_number(s: &str) -> String {
@@ -132,8 +144,16 @@ mod tests {
             ("1E2", "1e2"),
             ("-0.0", "0"),
             ("100", "100"),
+            ("-0", "0"),
+            ("-12", "-12"),
         ] {
             assert_eq!(normalize_number(a), b, "{a}");
+            let n: serde_json::Number = serde_json::from_str(a).unwrap();
+            assert_eq!(
+                h(&format!("{{\"x\":{n}}}")),
+                h(&format!("{{\"x\":{b}}}")),
+                "{a}"
+            );
         }
     }
 

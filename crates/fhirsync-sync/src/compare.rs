@@ -97,7 +97,7 @@ fn fill(
         }
         Side::Target => "INSERT OR REPLACE INTO tgt (type, id, hash) VALUES (?1, ?2, ?3)",
     };
-    let mut pos = 0u64;
+    let (mut pos, mut text) = (0u64, Vec::new());
     loop {
         let tx = conn.transaction()?;
         let mut n = 0;
@@ -112,8 +112,11 @@ fn fill(
                     (Item::Resource { rtype, id: Some(id), res, .. }, Side::Source(bodies)) => {
                         let v = Value::Object(res);
                         let hash = content_hash(&v).to_be_bytes();
-                        let text = v.to_string();
-                        bodies.write_all(text.as_bytes()).map_err(index_error)?;
+                        // Straight into bytes: `to_string` would go through `fmt`.
+                        text.clear();
+                        serde_json::to_writer(&mut text, &v)
+                            .map_err(|e| SyncError::Index(e.to_string()))?;
+                        bodies.write_all(&text).map_err(index_error)?;
                         let len = text.len() as u64;
                         st.execute(params![rtype, id, &hash[..], pos as i64, len as i64])?;
                         pos += len;
@@ -219,7 +222,12 @@ pub async fn compare(
     if let Some(t) = &known_types {
         opts_src.resource_types = t.clone();
     }
-    let source_side = fill_source(&opts_src, source, up, shared, &ix);
+    let started = std::time::Instant::now();
+    let source_side = async {
+        let types = fill_source(&opts_src, source, up, shared, &ix).await;
+        tracing::debug!(elapsed = ?started.elapsed(), "the source is indexed");
+        types
+    };
     let target = FhirClient::new(
         up.targets[0].base(),
         opts.target_auth.clone(),
@@ -227,18 +235,19 @@ pub async fn compare(
         SOURCE_RETRY_COUNT,
         opts.target_tls.as_ref(),
     )?;
+    let target_side = |types: Vec<String>| async {
+        fill_target(&target, &types, shared, &ix, n).await?;
+        tracing::debug!(elapsed = ?started.elapsed(), "the target is indexed");
+        Ok::<_, SyncError>(types)
+    };
     let source_types = match known_types {
         Some(types) => {
-            let target_side = fill_target(&target, &types, shared, &ix, n);
+            let target_side = target_side(types);
             let (a, b) = tokio::join!(source_side, target_side);
             b?;
             a?
         }
-        None => {
-            let types = source_side.await?;
-            fill_target(&target, &types, shared, &ix, n).await?;
-            types
-        }
+        None => target_side(source_side.await?).await?,
     };
     // Only types the source could be read for are compared for deletes.
     {

@@ -202,8 +202,14 @@ pub enum Searched {
     NotSupported,
 }
 
+/// Pages of one search a reader follows at most (a server whose `next`
+/// links never end is cut off here).
+pub const SEARCH_PAGES_MAX: u64 = 10_000_000;
+
 /// Every page of a search, from `first`; resources that matched are sent
-/// (server infrastructure is left out, see [`is_infrastructure`]).
+/// (server infrastructure is left out, see [`is_infrastructure`]). The next
+/// page is requested while this one's resources are handed on, so the
+/// server builds it while the reader's consumers work.
 pub async fn read_search(
     client: &FhirClient,
     first: &str,
@@ -212,61 +218,75 @@ pub async fn read_search(
     mut on_page: impl FnMut(&Item),
 ) -> Result<Searched, SyncError> {
     let mut url = first.to_owned();
+    let mut reply = client.send(reqwest::Method::GET, &url, None).await?;
     let mut pages = 0u64;
     loop {
-        let r = client.send(reqwest::Method::GET, &url, None).await?;
-        if pages == 0 && matches!(r.status, 400 | 404 | 405 | 501) {
+        if pages == 0 && matches!(reply.status, 400 | 404 | 405 | 501) {
             return Ok(Searched::NotSupported);
         }
-        if !(200..300).contains(&r.status) {
+        if !(200..300).contains(&reply.status) {
             return Err(crate::client::status_error(
                 &client.url(&url),
-                r.status,
-                &r.body,
+                reply.status,
+                &reply.body,
             ));
         }
-        let mut b = r.body;
+        let mut b = reply.body;
         if b["resourceType"] != "Bundle" {
             return Err(SyncError::Http {
                 url,
                 reason: "the answer is not a Bundle".into(),
             });
         }
-        let entries = match b.get_mut("entry").map(Value::take) {
-            Some(Value::Array(a)) => a,
-            _ => Vec::new(),
-        };
-        for mut e in entries {
-            let mode = e["search"]["mode"].as_str().unwrap_or("match");
-            if mode != "match" {
-                continue;
-            }
-            let origin = e["fullUrl"].as_str().unwrap_or(&url).to_owned();
-            let Some(Value::Object(res)) = e.get_mut("resource").map(Value::take) else {
-                continue;
-            };
-            if is_infrastructure(&res) {
-                continue;
-            }
-            let item = Item::from_resource(res, origin, bundles_as_tx).map_err(|reason| {
-                SyncError::Http {
-                    url: url.clone(),
-                    reason,
-                }
-            })?;
-            on_page(&item);
-            if tx.send(item).await.is_err() {
-                return Ok(Searched::Read); // the run is stopping
-            }
-        }
+        pages += 1;
         let next = b["link"]
             .as_array()
             .and_then(|l| l.iter().find(|l| l["relation"] == "next"))
             .and_then(|l| l["url"].as_str())
+            .filter(|n| *n != url && pages < SEARCH_PAGES_MAX)
             .map(str::to_owned);
-        pages += 1;
-        match next {
-            Some(n) if n != url && pages < 10_000_000 => url = n,
+        let entries = match b.get_mut("entry").map(Value::take) {
+            Some(Value::Array(a)) => a,
+            _ => Vec::new(),
+        };
+        let hand_on = async {
+            for mut e in entries {
+                let mode = e["search"]["mode"].as_str().unwrap_or("match");
+                if mode != "match" {
+                    continue;
+                }
+                let origin = e["fullUrl"].as_str().unwrap_or(&url).to_owned();
+                let Some(Value::Object(res)) = e.get_mut("resource").map(Value::take) else {
+                    continue;
+                };
+                if is_infrastructure(&res) {
+                    continue;
+                }
+                let item = Item::from_resource(res, origin, bundles_as_tx).map_err(|reason| {
+                    SyncError::Http {
+                        url: url.clone(),
+                        reason,
+                    }
+                })?;
+                on_page(&item);
+                if tx.send(item).await.is_err() {
+                    return Ok(false); // the run is stopping
+                }
+            }
+            Ok::<bool, SyncError>(true)
+        };
+        let fetch_next = async {
+            match &next {
+                Some(n) => Some(client.send(reqwest::Method::GET, n, None).await),
+                None => None,
+            }
+        };
+        let (handed_on, fetched) = tokio::join!(hand_on, fetch_next);
+        match (handed_on?, next, fetched) {
+            (true, Some(n), Some(r)) => {
+                url = n;
+                reply = r?;
+            }
             _ => return Ok(Searched::Read),
         }
     }
