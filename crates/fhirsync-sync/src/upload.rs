@@ -5,11 +5,11 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
-use serde_json::json;
 use std::sync::{Arc, Mutex};
 
 use reqwest::Method;
-use serde_json::Value;
+use serde::Serialize;
+use serde_json::{Map, Value};
 use tokio::sync::mpsc::Receiver;
 
 use crate::client::{outcome_text, FhirClient};
@@ -138,19 +138,7 @@ impl Uploader {
             }
             return;
         }
-        let entries: Vec<Value> = items
-            .iter()
-            .map(|i| match i {
-                Item::Resource { rtype, id: Some(id), res, .. } => {
-                    json!({"resource": res, "request": {"method": "PUT", "url": format!("{rtype}/{id}")}})
-                }
-                Item::Resource { rtype, res, .. } => json!({"resource": res, "request": {"method": "POST", "url": rtype}}),
-                Item::Delete { rtype, id, .. } => json!({"request": {"method": "DELETE", "url": format!("{rtype}/{id}")}}),
-                Item::Bundle { .. } => Value::Null,
-            })
-            .collect();
-        let bundle =
-            json!({"resourceType": "Bundle", "type": "batch", "entry": entries}).to_string();
+        let bundle = batch_text(&items);
         let target = self.target();
         let r = match target.send(Method::POST, "", Some(&bundle)).await {
             Ok(r) => r,
@@ -290,26 +278,14 @@ impl Uploader {
                 id: Some(id),
                 res,
                 ..
-            } => (
-                Method::PUT,
-                format!("{rtype}/{id}"),
-                Some(Value::Object(res.clone()).to_string()),
-            ),
+            } => (Method::PUT, format!("{rtype}/{id}"), Some(json_text(res))),
             Item::Resource {
                 rtype,
                 id: None,
                 res,
                 ..
-            } => (
-                Method::POST,
-                rtype.clone(),
-                Some(Value::Object(res.clone()).to_string()),
-            ),
-            Item::Bundle { res, .. } => (
-                Method::POST,
-                String::new(),
-                Some(Value::Object(res.clone()).to_string()),
-            ),
+            } => (Method::POST, rtype.clone(), Some(json_text(res))),
+            Item::Bundle { res, .. } => (Method::POST, String::new(), Some(json_text(res))),
             Item::Delete { rtype, id, .. } => (Method::DELETE, format!("{rtype}/{id}"), None),
         };
         if self.dry_run {
@@ -567,4 +543,108 @@ fn entry_types(res: &serde_json::Map<String, Value>) -> Vec<String> {
                 .collect()
         })
         .unwrap_or_default()
+}
+
+/// A resource as JSON text, serialized straight into bytes (no copy of the
+/// resource, no `fmt`). A map with string keys always serializes.
+fn json_text(res: &Map<String, Value>) -> String {
+    serde_json::to_string(res).unwrap_or_default()
+}
+
+/// One entry of a `batch` Bundle, borrowing its resource.
+#[derive(Serialize)]
+struct BatchEntry<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    resource: Option<&'a Map<String, Value>>,
+    request: BatchRequest,
+}
+
+#[derive(Serialize)]
+struct BatchRequest {
+    method: &'static str,
+    url: String,
+}
+
+/// The `batch` Bundle of `items` as JSON text (a nested Bundle item, which
+/// no batch holds, is a `null` entry).
+fn batch_text(items: &[Item]) -> String {
+    let entry: Vec<Option<BatchEntry>> = items
+        .iter()
+        .map(|i| {
+            let (resource, method, url) = match i {
+                Item::Resource {
+                    rtype,
+                    id: Some(id),
+                    res,
+                    ..
+                } => (Some(res), "PUT", format!("{rtype}/{id}")),
+                Item::Resource { rtype, res, .. } => (Some(res), "POST", rtype.clone()),
+                Item::Delete { rtype, id, .. } => (None, "DELETE", format!("{rtype}/{id}")),
+                Item::Bundle { .. } => return None,
+            };
+            Some(BatchEntry {
+                resource,
+                request: BatchRequest { method, url },
+            })
+        })
+        .collect();
+    #[derive(Serialize)]
+    struct Batch<'a> {
+        #[serde(rename = "resourceType")]
+        resource_type: &'static str,
+        #[serde(rename = "type")]
+        kind: &'static str,
+        entry: Vec<Option<BatchEntry<'a>>>,
+    }
+    serde_json::to_string(&Batch {
+        resource_type: "Bundle",
+        kind: "batch",
+        entry,
+    })
+    .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_batch_text_is_the_bundle_it_stands_for() {
+        let res = |id: &str| match serde_json::json!({"resourceType": "Patient", "id": id, "active": true})
+        {
+            Value::Object(m) => m,
+            _ => unreachable!(),
+        };
+        let origin = String::new;
+        let items = vec![
+            Item::Resource {
+                rtype: "Patient".into(),
+                id: Some("a".into()),
+                res: res("a"),
+                origin: origin(),
+            },
+            Item::Resource {
+                rtype: "Patient".into(),
+                id: None,
+                res: res("b"),
+                origin: origin(),
+            },
+            Item::Delete {
+                rtype: "Patient".into(),
+                id: "c".into(),
+                origin: origin(),
+            },
+        ];
+        let got: Value = serde_json::from_str(&batch_text(&items)).unwrap();
+        let want = serde_json::json!({"resourceType": "Bundle", "type": "batch", "entry": [
+            {"resource": res("a"), "request": {"method": "PUT", "url": "Patient/a"}},
+            {"resource": res("b"), "request": {"method": "POST", "url": "Patient"}},
+            {"request": {"method": "DELETE", "url": "Patient/c"}},
+        ]});
+        assert_eq!(got, want);
+        assert_eq!(
+            json_text(&res("a")),
+            r#"{"resourceType":"Patient","id":"a","active":true}"#
+        );
+    }
 }
