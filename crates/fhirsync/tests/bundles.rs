@@ -199,6 +199,31 @@ async fn batch_entries_succeed_or_fail_alone() {
 }
 
 #[tokio::test]
+async fn batch_entries_that_all_succeed_see_each_other_in_order() {
+    // No entry fails: the entries run together (one savepoint), still in
+    // order and each as if alone.
+    let s = InProcess::start().await;
+    let mut second = pat("c1");
+    second["active"] = json!(false);
+    let b = json!({"resourceType": "Bundle", "type": "batch", "entry": [
+        {"resource": pat("c1"), "request": {"method": "PUT", "url": "Patient/c1"}},
+        {"resource": second, "request": {"method": "PUT", "url": "Patient/c1"}},
+        {"request": {"method": "GET", "url": "Patient/c1"}},
+        {"resource": pat("c2"), "request": {"method": "POST", "url": "Patient"}},
+        {"request": {"method": "DELETE", "url": "Patient/c1"}}
+    ]});
+    let (st, r) = status_json(post(&s, "", &b).await).await;
+    assert_eq!(st, 200, "{r}");
+    assert_eq!(
+        entry_statuses(&r),
+        ["201 Created", "200 OK", "200 OK", "201 Created", "204 No Content"]
+    );
+    assert_eq!(r["entry"][2]["resource"]["meta"]["versionId"], "2");
+    assert_eq!(r["entry"][2]["resource"]["active"], false);
+    assert_eq!(s.store.last_seq(), 4);
+}
+
+#[tokio::test]
 async fn synthea_sized_patient_in_one_transaction() {
     let s = InProcess::start().await;
     let b = synthea_like_bundle(&mut Rng::new(42), 50, 16);
