@@ -216,7 +216,13 @@ async fn batch_entries_that_all_succeed_see_each_other_in_order() {
     assert_eq!(st, 200, "{r}");
     assert_eq!(
         entry_statuses(&r),
-        ["201 Created", "200 OK", "200 OK", "201 Created", "204 No Content"]
+        [
+            "201 Created",
+            "200 OK",
+            "200 OK",
+            "201 Created",
+            "204 No Content"
+        ]
     );
     assert_eq!(r["entry"][2]["resource"]["meta"]["versionId"], "2");
     assert_eq!(r["entry"][2]["resource"]["active"], false);
