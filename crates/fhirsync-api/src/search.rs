@@ -17,6 +17,7 @@ use crate::error::outcome;
 use crate::http::{base_url, check_accept, check_type, fhir_json, prefer, query_pairs};
 use crate::render::{full_url, BundleBuilder};
 use crate::{ApiError, AppState};
+use fhirsync_store::sql::search::INCLUDED_MAX;
 
 pub async fn type_search(
     State(state): State<AppState>,
@@ -272,14 +273,21 @@ pub fn searchset(
             );
         }
     }
-    if let Some(w) = warning {
-        let oo = outcome("warning", "not-supported", w).to_string();
-        b.entry(
-            None,
-            None,
-            Some(&oo),
-            json!({"search": {"mode": "outcome"}}),
-        );
+    let cut = page.included_cut.then(|| {
+        format!(
+            "_include and _revinclude added only the first {INCLUDED_MAX} resources (INCLUDED_MAX) to this page; ask for a smaller _count to get the rest"
+        )
+    });
+    for (code, w) in [("not-supported", warning), ("incomplete", cut.as_deref())] {
+        if let Some(w) = w {
+            let oo = outcome("warning", code, w).to_string();
+            b.entry(
+                None,
+                None,
+                Some(&oo),
+                json!({"search": {"mode": "outcome"}}),
+            );
+        }
     }
     b.finish()
 }

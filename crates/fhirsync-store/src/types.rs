@@ -184,6 +184,8 @@ pub struct SearchPage {
     pub items: Vec<StoredVersion>,
     /// What `_include` and `_revinclude` added (`search.mode` include).
     pub included: Vec<StoredVersion>,
+    /// Whether `included` stopped at `INCLUDED_MAX` with more to add.
+    pub included_cut: bool,
     /// Position to continue from, when more results exist: the last `seq`
     /// returned in change-log order, the matches returned when sorted.
     pub next_cursor: Option<u64>,

@@ -324,3 +324,48 @@ async fn search_paging_is_stable_under_writes() {
         "a page showed a later write: {seen:?}"
     );
 }
+
+/// The outcome entries of a searchset that name `INCLUDED_MAX`.
+fn cut_warnings(b: &serde_json::Value) -> usize {
+    b["entry"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| e["search"]["mode"] == "outcome")
+        .filter(|e| {
+            e["resource"]["issue"][0]["diagnostics"]
+                .as_str()
+                .is_some_and(|d| d.contains("INCLUDED_MAX"))
+        })
+        .count()
+}
+
+#[tokio::test]
+async fn includes_cut_at_their_limit_say_so() {
+    let s = InProcess::start().await;
+    let max = fhirsync_store::sql::search::INCLUDED_MAX;
+    let obs = |i: usize| {
+        json!({"resource": {"resourceType": "Observation", "id": format!("o{i}"), "status": "final",
+            "code": {"text": "x"}, "subject": {"reference": "Patient/p"}},
+            "request": {"method": "PUT", "url": format!("Observation/o{i}")}})
+    };
+    let mut entries =
+        vec![json!({"resource": pat("p"), "request": {"method": "PUT", "url": "Patient/p"}})];
+    entries.extend((0..max).map(obs));
+    let b = json!({"resourceType": "Bundle", "type": "batch", "entry": entries});
+    let (st, _) = status_json(post(&s, "", &b).await).await;
+    assert_eq!(st, 200);
+    let q = "Patient?_id=p&_revinclude=Observation:subject";
+    // Exactly the limit: everything, and no warning.
+    let (_, page) = status_json(get(&s, q).await).await;
+    assert_eq!(entry_ids(&page).len(), 1 + max);
+    assert_eq!(cut_warnings(&page), 0, "{}", page["entry"][max + 1]);
+    // One more than the limit: the first INCLUDED_MAX, and a warning.
+    let b = json!({"resourceType": "Bundle", "type": "batch", "entry": [obs(max)]});
+    let (st, _) = status_json(post(&s, "", &b).await).await;
+    assert_eq!(st, 200);
+    let (st, page) = status_json(get(&s, q).await).await;
+    assert_eq!(st, 200);
+    assert_eq!(entry_ids(&page).len(), 1 + max);
+    assert_eq!(cut_warnings(&page), 1);
+}

@@ -776,6 +776,7 @@ pub fn search(conn: &dyn Db, q: &SearchQuery) -> Result<SearchPage, StoreError> 
             total,
             items: Vec::new(),
             included: Vec::new(),
+            included_cut: false,
             next_cursor: None,
         });
     }
@@ -826,12 +827,13 @@ pub fn search(conn: &dyn Db, q: &SearchQuery) -> Result<SearchPage, StoreError> 
     if total.is_none() && q.total == TotalMode::Estimate && first_page && next_cursor.is_none() {
         total = Some(items.len() as u64);
     }
-    let included = includes(conn, q, snapshot, &items)?;
+    let (included, included_cut) = includes(conn, q, snapshot, &items)?;
     Ok(SearchPage {
         snapshot,
         total,
         items,
         included,
+        included_cut,
         next_cursor,
     })
 }
@@ -862,15 +864,16 @@ fn read_at(
 }
 
 /// `_include` and `_revinclude` of a page, at the page's snapshot; with
-/// `:iterate` also of what they added, up to [`INCLUDED_MAX`] resources.
+/// `:iterate` also of what they added, up to [`INCLUDED_MAX`] resources;
+/// true when that limit left some out.
 fn includes(
     conn: &dyn Db,
     q: &SearchQuery,
     snapshot: u64,
     items: &[StoredVersion],
-) -> Result<Vec<StoredVersion>, StoreError> {
+) -> Result<(Vec<StoredVersion>, bool), StoreError> {
     if q.includes.is_empty() && q.revincludes.is_empty() {
-        return Ok(Vec::new());
+        return Ok((Vec::new(), false));
     }
     let mut seen: HashSet<(String, String)> = items
         .iter()
@@ -961,14 +964,15 @@ fn includes(
             break;
         }
         let room = INCLUDED_MAX.saturating_sub(out.len());
-        added.truncate(room);
-        out.extend(added.iter().cloned());
-        if out.len() >= INCLUDED_MAX {
-            break;
+        if added.len() > room {
+            added.truncate(room);
+            out.extend(added);
+            return Ok((out, true));
         }
+        out.extend(added.iter().cloned());
         frontier = added;
     }
-    Ok(out)
+    Ok((out, false))
 }
 
 /// Whether the version at `seq` matches `q` at the snapshot `seq` (for
