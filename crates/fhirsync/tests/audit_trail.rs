@@ -412,3 +412,32 @@ async fn a_clean_stop_keeps_every_record() {
         .unwrap();
     assert_eq!(v["total"], 150, "{v}");
 }
+
+/// The trail's commits add no version, so they wake no change-log listener
+/// (long polls, the subscription matcher, the edges); a write does.
+#[tokio::test]
+async fn audit_commits_do_not_wake_change_listeners() {
+    let s = InProcess::start_with(Options {
+        api: ApiConfig {
+            audit_wait: true,
+            ..ApiConfig::default()
+        },
+        ..Options::default()
+    })
+    .await;
+    let p = json!({"resourceType": "Patient", "id": "w"});
+    assert_eq!(put(&s, "Patient/w", &p).await.status(), 201);
+    let mut rx = fhirsync_store::Store::watch_seq(s.store.as_ref());
+    rx.borrow_and_update();
+    for _ in 0..5 {
+        // Each read's record is committed before its answer (audit_wait).
+        assert_eq!(get(&s, "Patient/w").await.status(), 200);
+    }
+    assert!(
+        !rx.has_changed().unwrap(),
+        "an audit commit woke the listeners"
+    );
+    let p = json!({"resourceType": "Patient", "id": "w", "active": true});
+    assert_eq!(put(&s, "Patient/w", &p).await.status(), 200);
+    assert!(rx.has_changed().unwrap());
+}

@@ -296,10 +296,17 @@ impl Writer {
         }
     }
 
+    /// Tells the change log's listeners the last `seq`; only a commit that
+    /// moved it wakes them (the trail's and other commits without new
+    /// versions do not).
     fn publish_seq(&self) {
         match query::last_seq(&self.conn) {
             Ok(s) => {
-                self.seq_tx.send_replace(s);
+                self.seq_tx.send_if_modified(|v| {
+                    let moved = *v != s;
+                    *v = s;
+                    moved
+                });
             }
             Err(e) => tracing::error!(error = %e, "cannot read last seq"),
         }
