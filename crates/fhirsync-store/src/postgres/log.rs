@@ -27,6 +27,7 @@ use postgres::GenericClient;
 use tokio::sync::watch;
 
 use super::PgConfig;
+use crate::sql::raise;
 use crate::StoreError;
 
 /// The channel commits are announced on (payload: the new head `seq`).
@@ -84,16 +85,6 @@ pub fn read_head(client: &mut impl GenericClient) -> Result<Head, StoreError> {
 pub struct Listener {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
-}
-
-fn raise(tx: &watch::Sender<u64>, seq: u64) {
-    tx.send_if_modified(|v| {
-        let up = seq > *v;
-        if up {
-            *v = seq;
-        }
-        up
-    });
 }
 
 impl Listener {

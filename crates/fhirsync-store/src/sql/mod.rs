@@ -5,8 +5,9 @@
 //! translated asks [`Db::dialect`].
 //!
 //! Shared here: the reads of versions ([`query`]), search ([`search`]),
-//! the replication and audit tables ([`sync_rows`], [`audit_rows`]) and
-//! the stored `SearchParameter`s ([`custom_params`]). The writers' hot
+//! the replication and audit tables ([`sync_rows`], [`audit_rows`]),
+//! the stored `SearchParameter`s ([`custom_params`]), and how the
+//! watched last `seq` is raised ([`raise`]). The writers' hot
 //! paths (appending versions and their index rows) stay each backend's own.
 
 pub mod audit_rows;
@@ -387,3 +388,15 @@ macro_rules! write_tx_rows {
     };
 }
 pub(crate) use write_tx_rows;
+
+/// Raises the change log's watched last `seq` to `seq` (never lowers it);
+/// its listeners wake only when it moved. Both backends publish through it.
+pub(crate) fn raise(tx: &tokio::sync::watch::Sender<u64>, seq: u64) {
+    tx.send_if_modified(|v| {
+        let up = seq > *v;
+        if up {
+            *v = seq;
+        }
+        up
+    });
+}

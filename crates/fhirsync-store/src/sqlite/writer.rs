@@ -301,13 +301,7 @@ impl Writer {
     /// versions do not).
     fn publish_seq(&self) {
         match query::last_seq(&self.conn) {
-            Ok(s) => {
-                self.seq_tx.send_if_modified(|v| {
-                    let moved = *v != s;
-                    *v = s;
-                    moved
-                });
-            }
+            Ok(s) => crate::sql::raise(&self.seq_tx, s),
             Err(e) => tracing::error!(error = %e, "cannot read last seq"),
         }
     }
