@@ -32,6 +32,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("db_batch", db_batch),
     ("bulk_params", bulk_params),
     ("merge", merge),
+    ("sync_page", sync_page),
 ];
 
 /// The resource FHIRPath expressions are evaluated on.
@@ -258,5 +259,16 @@ pub fn merge(data: &[u8]) {
         ),
         (Err(x), Err(y)) => assert_eq!(x.path, y.path, "a clash is found either way"),
         (x, y) => panic!("merged one way only: {x:?} / {y:?}"),
+    }
+}
+
+/// What `fhirsync sync -m COMPARE` reads from a server as text: a search
+/// page (its entries' resources hashed without being parsed into values)
+/// and one resource's canonical hash. Any JSON object has a hash.
+pub fn sync_page(data: &[u8]) {
+    let _ = fhirsync_sync::compare::page_keys(data);
+    let hashed = fhirsync_sync::canonical::hash_text(data);
+    if let Ok(Value::Object(_)) = serde_json::from_slice::<Value>(data) {
+        hashed.expect("a JSON object has a canonical hash");
     }
 }

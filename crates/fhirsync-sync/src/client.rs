@@ -64,6 +64,35 @@ pub struct Reply {
     pub headers: reqwest::header::HeaderMap,
 }
 
+/// What a server answered, as the bytes it sent.
+#[derive(Debug)]
+pub struct RawReply {
+    pub status: u16,
+    pub body: bytes::Bytes,
+    /// The `ETag` header, if any.
+    pub etag: Option<String>,
+    pub headers: reqwest::header::HeaderMap,
+}
+
+impl RawReply {
+    /// The body as JSON (a non-JSON body as one string, an empty one as
+    /// null), parsed from the bytes as they came: no copy into a `String`.
+    pub fn parsed(self) -> Reply {
+        let body = if self.body.trim_ascii().is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&self.body)
+                .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&self.body).into_owned()))
+        };
+        Reply {
+            status: self.status,
+            body,
+            etag: self.etag,
+            headers: self.headers,
+        }
+    }
+}
+
 /// Whether a request may be repeated after an ambiguous failure (the
 /// server may have done it): PUT, DELETE and GET may; POST may only when
 /// the server clearly did nothing (connection refused, 429, 503).
@@ -180,6 +209,17 @@ impl FhirClient {
         body: Option<&str>,
         extra: &[(&str, &str)],
     ) -> Result<Reply, SyncError> {
+        Ok(self.send_raw(method, path, body, extra).await?.parsed())
+    }
+
+    /// [`FhirClient::send_with`] without parsing the answer.
+    pub async fn send_raw(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&str>,
+        extra: &[(&str, &str)],
+    ) -> Result<RawReply, SyncError> {
         let url = self.url(path);
         let mut attempt = 0u32;
         loop {
@@ -222,17 +262,9 @@ impl FhirClient {
                         url: url.clone(),
                         reason: format!("reading the answer failed: {e}"),
                     })?;
-                    // Parsed from the bytes as they came: no copy into a String.
-                    let body = if bytes.trim_ascii().is_empty() {
-                        Value::Null
-                    } else {
-                        serde_json::from_slice(&bytes).unwrap_or_else(|_| {
-                            Value::String(String::from_utf8_lossy(&bytes).into_owned())
-                        })
-                    };
-                    return Ok(Reply {
+                    return Ok(RawReply {
                         status,
-                        body,
+                        body: bytes,
                         etag,
                         headers,
                     });

@@ -249,21 +249,14 @@ pub fn spawn_reader(
                     t.dedup();
                     return Ok(t);
                 }
-                let why = if bulk == BulkRead::Never {
-                    "--no-bulk"
-                } else if bulk == BulkRead::Always
-                    || crate::bulk::advertises_export(&c.get_json("metadata").await?)
-                {
-                    if let Some(read) = read_bulk(&c, &types, &tx, bundles_as_tx, &shared).await? {
-                        return Ok(read);
-                    }
-                    "the source refused $export"
-                } else {
-                    "the source does not offer $export"
+                let why = match bulk_refusal(&c, bulk).await? {
+                    None => match read_bulk(&c, &types, &tx, bundles_as_tx, &shared).await? {
+                        Some(read) => return Ok(read),
+                        None => "the source refused $export",
+                    },
+                    Some(why) => why,
                 };
-                shared.note(format!(
-                    "read the source page by page through searches ({why})"
-                ));
+                note_paging(&shared, why);
                 let types = server_types(&c, &types).await?;
                 let mut read = Vec::with_capacity(types.len());
                 for t in types {
@@ -280,14 +273,68 @@ pub fn spawn_reader(
     })
 }
 
+/// Why a server source is not read through bulk export; `None` when it
+/// is to be.
+pub(crate) async fn bulk_refusal(
+    c: &FhirClient,
+    bulk: BulkRead,
+) -> Result<Option<&'static str>, SyncError> {
+    Ok(if bulk == BulkRead::Never {
+        Some("--no-bulk")
+    } else if bulk == BulkRead::Always
+        || crate::bulk::advertises_export(&c.get_json("metadata").await?)
+    {
+        None
+    } else {
+        Some("the source does not offer $export")
+    })
+}
+
+/// Says in the report that the source is read by searches, and why.
+pub(crate) fn note_paging(shared: &Shared, why: &str) {
+    shared.note(format!(
+        "read the source page by page through searches ({why})"
+    ));
+}
+
+/// What a line of a bulk export file becomes for a reader's consumer.
+pub(crate) trait FromLine: Sized + Send + 'static {
+    /// `None`: left out (it describes the server, see [`is_infrastructure`]).
+    fn from_line(line: &[u8], at: String, bundles_as_tx: bool) -> Result<Option<Self>, SyncError>;
+    fn rtype(&self) -> &str;
+}
+
+impl FromLine for Item {
+    fn from_line(line: &[u8], at: String, bundles_as_tx: bool) -> Result<Option<Item>, SyncError> {
+        let Ok(Value::Object(res)) = serde_json::from_slice::<Value>(line) else {
+            return Err(SyncError::File {
+                path: at,
+                reason: "not a JSON object".into(),
+            });
+        };
+        if is_infrastructure(&res) {
+            return Ok(None);
+        }
+        Item::from_resource(res, at.clone(), bundles_as_tx)
+            .map(Some)
+            .map_err(|e| SyncError::File {
+                path: at,
+                reason: e,
+            })
+    }
+    fn rtype(&self) -> &str {
+        Item::rtype(self)
+    }
+}
+
 /// Reads a server through bulk export: the files are read as they
 /// download, in the order reference targets first; `None` when the server
 /// refuses the export. What describes the server (see
 /// [`is_infrastructure`]) is left out, as when paging.
-async fn read_bulk(
+pub(crate) async fn read_bulk<T: FromLine>(
     c: &FhirClient,
     types: &[String],
-    tx: &mpsc::Sender<Item>,
+    tx: &mpsc::Sender<T>,
     bundles_as_tx: bool,
     shared: &Arc<Shared>,
 ) -> Result<Option<Vec<String>>, SyncError> {
@@ -330,33 +377,14 @@ async fn read_bulk(
                     .iter()
                     .enumerate()
                     .map(|(i, l)| {
-                        let at = format!("{url}:{}", first + i as u64 + 1);
-                        match serde_json::from_slice::<Value>(l) {
-                            Ok(Value::Object(res)) => {
-                                Item::from_resource(res, at.clone(), bundles_as_tx).map_err(|e| {
-                                    SyncError::File {
-                                        path: at,
-                                        reason: e,
-                                    }
-                                })
-                            }
-                            _ => Err(SyncError::File {
-                                path: at,
-                                reason: "not a JSON object".into(),
-                            }),
-                        }
+                        T::from_line(l, format!("{url}:{}", first + i as u64 + 1), bundles_as_tx)
                     })
                     .collect::<Vec<_>>()
             })
             .await
             .map_err(|e| SyncError::Index(e.to_string()))?;
             for item in items {
-                let item = item?;
-                if let Item::Resource { res, .. } = &item {
-                    if is_infrastructure(res) {
-                        continue;
-                    }
-                }
+                let Some(item) = item? else { continue };
                 shared.count(item.rtype(), Count::Read);
                 n += 1;
                 if tx.send(item).await.is_err() {
