@@ -329,7 +329,8 @@ impl FromLine for Item {
 
 /// Reads a server through bulk export: the files are read as they
 /// download, in the order reference targets first; `None` when the server
-/// refuses the export. What describes the server (see
+/// refuses the export, else the types read (those asked for, or those
+/// with files when none were named). What describes the server (see
 /// [`is_infrastructure`]) is left out, as when paging.
 pub(crate) async fn read_bulk<T: FromLine>(
     c: &FhirClient,
@@ -399,6 +400,15 @@ pub(crate) async fn read_bulk<T: FromLine>(
         "read the source through bulk export: {files_read} files, {n} resources at {}",
         m.transaction_time
     ));
+    // An export covers every type it was asked for, those it had no file
+    // for too (the source holds none of them).
+    if !types.is_empty() {
+        read = types
+            .iter()
+            .filter(|t| !INFRASTRUCTURE.contains(&t.as_str()))
+            .cloned()
+            .collect();
+    }
     Ok(Some(read))
 }
 

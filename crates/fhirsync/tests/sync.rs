@@ -286,6 +286,39 @@ async fn compare_between_two_nodes_reads_only_what_differs() {
     assert!(!notes(&rp).contains("compared by summaries"), "{rp}");
     assert_eq!((total(&rp, "read"), written(&rp)), (3000, 0), "{rp}");
 
+    // Differences found the long way too: both sides read as text and
+    // walked together in key order.
+    let mut edits = Vec::new();
+    for i in [1usize, 500, 1498] {
+        let mut p = people(1500)[2 * i].clone();
+        p["birthDate"] = json!("1981-08-08");
+        edits.push(p);
+    }
+    edits.push(json!({"resourceType": "Observation", "id": "zz-new-2", "status": "final", "code": {"text": "t"}}));
+    load(&a, &edits).await;
+    delete(&a, "Observation/o43").await;
+    load(
+        &b,
+        &[
+            json!({"resourceType": "Patient", "id": "0-only-on-target-2"}),
+            json!({"resourceType": "Encounter", "id": "e-only-on-target-2", "status": "finished", "class": {"code": "AMB"}}),
+        ],
+    )
+    .await;
+    let rp = sync_report(&[&compare[..], &["--no-summary"]].concat(), &rep).await;
+    assert_eq!(total(&rp, "read"), 3000, "{rp}");
+    assert_eq!(
+        [
+            total(&rp, "created"),
+            total(&rp, "updated"),
+            total(&rp, "deleted"),
+            total(&rp, "unchanged")
+        ],
+        [1, 3, 3, 2996],
+        "{rp}"
+    );
+    assert_eq!(content(&a, &types).await, content(&b, &types).await);
+
     // A target that refuses summaries to this caller: compared the long way.
     let proxy = Proxy::start(
         &b.base,
