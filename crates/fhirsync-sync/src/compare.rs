@@ -441,11 +441,19 @@ async fn fill_target(
     let filler = tokio::task::spawn_blocking(move || -> Result<(), SyncError> {
         fill(&mut open_index(&p)?, None, trx, &sh)
     });
-    for t in types {
-        // A type the target cannot search holds nothing to compare or delete.
-        read_pages(target, &type_url(t), &tx, false, None).await?;
-    }
+    // Types are taken in turn by two searches at once, so the node builds
+    // one page while another is hashed.
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let lane = || async {
+        while let Some(t) = types.get(next.fetch_add(1, std::sync::atomic::Ordering::Relaxed)) {
+            // A type the target cannot search holds nothing to compare or delete.
+            read_pages(target, &type_url(t), &tx, false, None).await?;
+        }
+        Ok::<(), SyncError>(())
+    };
+    let (a, b) = tokio::join!(lane(), lane());
     drop(tx);
+    a.and(b)?;
     filler
         .await
         .map_err(|e| SyncError::Index(e.to_string()))??;
