@@ -25,7 +25,8 @@ while [ $# -gt 0 ]; do
     *) targets+=("$1"); shift ;;
   esac
 done
-all=(fhirpath ingest bundle search change_record db_batch bulk_params merge)
+# Every target fuzz/Cargo.toml declares, so a new one is never left out.
+mapfile -t all < <(sed -n 's/^name = "\(.*\)"$/\1/p' fuzz/Cargo.toml | grep -vx "fhirsync-fuzz")
 [ ${#targets[@]} -gt 0 ] || targets=("${all[@]}")
 
 if ! cargo +nightly --version >/dev/null 2>&1; then
