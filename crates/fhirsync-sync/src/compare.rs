@@ -14,7 +14,6 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use fhirsync_core::resource::is_resource_type;
 use rusqlite::{params, Connection};
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -27,7 +26,7 @@ use crate::options::{SourceSpec, SyncOptions, SOURCE_RETRY_COUNT};
 use crate::report::{Count, Failure};
 use crate::run::{bulk_refusal, note_paging, read_bulk, spawn_reader, FromLine};
 use crate::source::{
-    is_infrastructure, type_url, Item, Searched, INFRASTRUCTURE, SEARCH_PAGES_MAX,
+    checked_type, is_infrastructure, type_url, Item, Searched, INFRASTRUCTURE, SEARCH_PAGES_MAX,
 };
 use crate::upload::{Shared, Uploader};
 use crate::SyncError;
@@ -97,11 +96,7 @@ struct Row {
 /// [`is_infrastructure`]), which is left out as other readers leave it.
 fn row_of_text(text: &[u8], origin: String, keep: bool) -> Result<Option<Row>, String> {
     let h = hash_text(text).map_err(|e| format!("not a resource: {e}"))?;
-    let rtype = match h.rtype {
-        Some(t) if is_resource_type(&t) => t,
-        Some(t) => return Err(format!("unknown resourceType '{t}'")),
-        None => return Err("no resourceType".into()),
-    };
+    let rtype = checked_type(h.rtype.as_deref())?;
     if INFRASTRUCTURE.contains(&rtype.as_str()) || (rtype == "Basic" && infrastructure_text(text)) {
         return Ok(None);
     }

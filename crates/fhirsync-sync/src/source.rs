@@ -68,11 +68,7 @@ impl Item {
         origin: String,
         bundles_as_tx: bool,
     ) -> Result<Item, String> {
-        let rtype = match res.get("resourceType").and_then(Value::as_str) {
-            Some(t) if is_resource_type(t) => t.to_owned(),
-            Some(t) => return Err(format!("unknown resourceType '{t}'")),
-            None => return Err("no resourceType".into()),
-        };
+        let rtype = checked_type(res.get("resourceType").and_then(Value::as_str))?;
         if rtype == "Bundle" && bundles_as_tx {
             let mut res = res;
             res.insert("type".into(), Value::String("transaction".into()));
@@ -85,6 +81,15 @@ impl Item {
             res,
             origin,
         })
+    }
+}
+
+/// A resource's `resourceType`, refused when absent or not an R4 type.
+pub fn checked_type(t: Option<&str>) -> Result<String, String> {
+    match t {
+        Some(t) if is_resource_type(t) => Ok(t.to_owned()),
+        Some(t) => Err(format!("unknown resourceType '{t}'")),
+        None => Err("no resourceType".into()),
     }
 }
 
