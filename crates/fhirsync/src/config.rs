@@ -445,6 +445,16 @@ impl Config {
     /// Opens the configured store. Blocks: call it outside the async
     /// runtime's threads (or in `block_in_place`).
     pub fn open_store(&self) -> anyhow::Result<std::sync::Arc<dyn fhirsync_store::Store>> {
+        self.store(false)
+    }
+
+    /// [`Config::open_store`] for a command that alone uses the store,
+    /// holding the data directory's lock (see [`SqliteConfig::offline`]).
+    pub fn open_store_offline(&self) -> anyhow::Result<std::sync::Arc<dyn fhirsync_store::Store>> {
+        self.store(true)
+    }
+
+    fn store(&self, offline: bool) -> anyhow::Result<std::sync::Arc<dyn fhirsync_store::Store>> {
         Ok(match self.postgres()? {
             Some(pg) => {
                 let node = fhirsync_store::postgres::PgNode {
@@ -457,10 +467,14 @@ impl Config {
                         .context("cannot open the store")?,
                 )
             }
-            None => std::sync::Arc::new(
-                fhirsync_store::sqlite::SqliteStore::open(self.sqlite()?)
-                    .context("cannot open the store")?,
-            ),
+            None => {
+                let mut cfg = self.sqlite()?;
+                cfg.offline = offline;
+                std::sync::Arc::new(
+                    fhirsync_store::sqlite::SqliteStore::open(cfg)
+                        .context("cannot open the store")?,
+                )
+            }
         })
     }
 

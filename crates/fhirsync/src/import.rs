@@ -53,7 +53,7 @@ pub fn run(cfg: Config, batch_size: usize, paths: &[PathBuf]) -> anyhow::Result<
         .map(|m| m.len())
         .sum();
     let _lock = lock_data_dir(&cfg.data_dir)?;
-    let store = cfg.open_store()?;
+    let store = cfg.open_store_offline()?;
     let (tx, done) = store.load_stream(PIPELINE_DEPTH)?;
 
     let bar = ProgressBar::new(total_bytes);

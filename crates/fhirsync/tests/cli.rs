@@ -229,6 +229,69 @@ async fn bad_import_names_file_and_line_and_changes_nothing() {
     assert!(feed["entry"].as_array().unwrap().is_empty());
 }
 
+/// An import goes through a rollback journal (the store is its alone): one
+/// killed midway leaves that journal, which undoes it at the next open;
+/// the store is back in WAL mode after an import that ends.
+#[tokio::test]
+async fn an_import_killed_midway_changes_nothing() {
+    let data = tempfile::tempdir().unwrap();
+    let src = tempfile::tempdir().unwrap();
+    let d = data.path().to_str().unwrap();
+    let (first, big) = (
+        src.path().join("first.ndjson"),
+        src.path().join("big.ndjson"),
+    );
+    write_ndjson(&first, 0, 2000);
+    write_ndjson(&big, 2000, 30_000);
+    let o = fhirsync(&["import", "--data-dir", d, first.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let (db, journal) = (
+        data.path().join("fhirsync.db"),
+        data.path().join("fhirsync.db-journal"),
+    );
+    assert!(!journal.exists());
+
+    let mut child = Command::new(BIN)
+        .args(["import", "--data-dir", d, big.to_str().unwrap()])
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let waited = std::time::Instant::now();
+    while std::fs::metadata(&journal).map_or(0, |m| m.len()) == 0 {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the import ended first"
+        );
+        assert!(waited.elapsed() < Duration::from_secs(60), "no journal");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(journal.exists(), "the killed import left no journal");
+
+    let node = NodeProcess::spawn(BIN.as_ref(), data.path(), &[]).unwrap();
+    assert_eq!(
+        count(&node, "Patient").await,
+        400,
+        "the killed import landed in part"
+    );
+    assert_eq!(count(&node, "Observation").await, 1600);
+    drop(node);
+    assert!(!journal.exists());
+
+    let o = fhirsync(&["import", "--data-dir", d, big.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(!journal.exists());
+    let mode: String = rusqlite::Connection::open(&db)
+        .unwrap()
+        .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(mode, "wal");
+    let node = NodeProcess::spawn(BIN.as_ref(), data.path(), &[]).unwrap();
+    assert_eq!(count(&node, "Patient").await, 6_400);
+}
+
 #[tokio::test]
 async fn one_process_per_data_dir() {
     let data = tempfile::tempdir().unwrap();

@@ -40,6 +40,11 @@ pub struct SqliteConfig {
     pub write_queue_max: usize,
     /// Read connections kept open.
     pub readers_max: usize,
+    /// This process alone uses the store (`fhirsync import`, under the data
+    /// directory's lock): there is no checkpoint thread, and a load stream
+    /// writes through a rollback journal instead of the WAL (see
+    /// [`writer`]'s `run_stream`).
+    pub offline: bool,
 }
 
 impl SqliteConfig {
@@ -51,6 +56,7 @@ impl SqliteConfig {
             group_commit_max: 256,
             write_queue_max: 4096,
             readers_max: 16,
+            offline: false,
         }
     }
 }
@@ -195,8 +201,14 @@ impl SqliteStore {
             custom_source: custom_source.clone(),
             custom_dirty: false,
             reindex_tx,
+            offline: cfg.offline,
         };
-        let checkpointer = checkpoint::start(&cfg.path, cfg.sync, seq_rx.clone())?;
+        // Offline, the checkpoint thread's connection would also keep the
+        // writer from leaving WAL mode for a load.
+        let checkpointer = match cfg.offline {
+            true => None,
+            false => Some(checkpoint::start(&cfg.path, cfg.sync, seq_rx.clone())?),
+        };
         let handle = std::thread::Builder::new()
             .name("fhirsync-writer".into())
             .spawn(move || w.run(jobs_rx))
@@ -206,7 +218,7 @@ impl SqliteStore {
             node_id,
             jobs: Mutex::new(Some(jobs_tx)),
             writer: Mutex::new(Some(handle)),
-            checkpointer: Mutex::new(Some(checkpointer)),
+            checkpointer: Mutex::new(checkpointer),
             readers: Arc::new(Readers {
                 path: cfg.path,
                 idle: Mutex::new(Vec::new()),

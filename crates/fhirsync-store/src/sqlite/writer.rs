@@ -86,6 +86,8 @@ pub struct Writer {
     pub custom_dirty: bool,
     /// Progress of the reindex, for readers.
     pub reindex_tx: watch::Sender<ReindexStatus>,
+    /// No other connection uses the database: see [`Writer::run_stream`].
+    pub offline: bool,
 }
 
 impl Writer {
@@ -219,7 +221,23 @@ impl Writer {
         }
     }
 
-    fn run_stream(&mut self, mut rx: mpsc::Receiver<StreamMsg>) -> Result<LoadSummary, StoreError> {
+    /// Applies a load as one transaction. Offline, the load goes through a
+    /// rollback journal rather than the WAL: each page is written once into
+    /// the database (into a WAL, then again by the checkpoint after), pages
+    /// read back are not looked up among the WAL's frames (which grew with
+    /// the load), and a load killed midway is still undone at the next
+    /// open (the journal is hot). WAL mode is put back when the load ends.
+    fn run_stream(&mut self, rx: mpsc::Receiver<StreamMsg>) -> Result<LoadSummary, StoreError> {
+        let journaled = self.offline && set_journal_mode(&self.conn, "delete");
+        let r = self.load(rx);
+        if journaled && !set_journal_mode(&self.conn, "wal") {
+            // The next open of the store puts it back.
+            tracing::warn!("the store stays out of WAL mode until it is opened again");
+        }
+        r
+    }
+
+    fn load(&mut self, mut rx: mpsc::Receiver<StreamMsg>) -> Result<LoadSummary, StoreError> {
         self.conn.execute_batch("BEGIN IMMEDIATE")?;
         self.pending = Some(index_rows::Pending::default());
         let mut sum = LoadSummary::default();
@@ -303,6 +321,21 @@ impl Writer {
         match query::last_seq(&self.conn) {
             Ok(s) => crate::sql::raise(&self.seq_tx, s),
             Err(e) => tracing::error!(error = %e, "cannot read last seq"),
+        }
+    }
+}
+
+/// Sets the journal mode; `false` (logged) when SQLite would not, for
+/// instance while another connection has the database open.
+fn set_journal_mode(conn: &Connection, mode: &str) -> bool {
+    let r = conn.query_row(&format!("PRAGMA journal_mode = {mode}"), [], |r| {
+        r.get::<_, String>(0)
+    });
+    match r {
+        Ok(m) if m.eq_ignore_ascii_case(mode) => true,
+        other => {
+            tracing::debug!(mode, now = ?other, "journal mode unchanged");
+            false
         }
     }
 }
