@@ -26,7 +26,7 @@ use crate::options::{SourceSpec, SyncOptions, SOURCE_RETRY_COUNT};
 use crate::report::{Count, Failure};
 use crate::run::{bulk_refusal, note_paging, read_bulk, spawn_reader, FromLine};
 use crate::source::{
-    checked_type, is_infrastructure, type_url, Item, Searched, INFRASTRUCTURE, SEARCH_PAGES_MAX,
+    checked_type, is_infrastructure, type_url, Item, PageTrail, Searched, INFRASTRUCTURE,
 };
 use crate::upload::{Shared, Uploader};
 use crate::SyncError;
@@ -290,10 +290,10 @@ pub fn page_keys(page: &[u8]) -> Result<(Option<String>, usize), SyncError> {
 }
 
 /// Every page of the search `first`, its resources sent as rows (with
-/// their text when `keep`, counted as read when `counted`). A type the
-/// server cannot search (its first page refused with 400, 404, 405 or
-/// 501) sends nothing. The next page is requested while this one is
-/// hashed and handed on.
+/// their text when `keep`, counted as read when `counted`); `next` links
+/// are followed as [`PageTrail`] says. A type the server cannot search
+/// (its first page refused with 400, 404, 405 or 501) sends nothing. The
+/// next page is requested while this one is hashed and handed on.
 async fn read_pages(
     client: &FhirClient,
     first: &str,
@@ -306,9 +306,11 @@ async fn read_pages(
         (url, r)
     };
     let (mut url, mut reply) = get(first.to_owned()).await;
-    for pages in 1..=SEARCH_PAGES_MAX {
+    let mut trail = PageTrail::new(first);
+    let mut first_page = true;
+    loop {
         let r = reply?;
-        if pages == 1 && matches!(r.status, 400 | 404 | 405 | 501) {
+        if first_page && matches!(r.status, 400 | 404 | 405 | 501) {
             return Ok(Searched::NotSupported);
         }
         if !(200..300).contains(&r.status) {
@@ -320,11 +322,12 @@ async fn read_pages(
                 &body,
             ));
         }
+        first_page = false;
         let at = url.clone();
         let (next, rows) = tokio::task::spawn_blocking(move || page_rows(&at, &r.body, keep))
             .await
             .map_err(|e| SyncError::Index(e.to_string()))??;
-        let next = next.filter(|n| *n != url && pages < SEARCH_PAGES_MAX);
+        let next = trail.follow(&url, next.as_deref())?;
         let hand_on = async {
             for row in rows {
                 if let Some(shared) = counted {
@@ -346,7 +349,6 @@ async fn read_pages(
         }
         (url, reply) = fetched;
     }
-    Ok(Searched::Read)
 }
 
 /// Reads the source into its index and bodies file; returns the types it

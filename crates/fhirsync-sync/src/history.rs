@@ -17,7 +17,7 @@ use crate::client::FhirClient;
 use crate::incremental::{apply, State};
 use crate::options::{SyncOptions, PAGE_COUNT};
 use crate::report::Count;
-use crate::source::{is_infrastructure, Item};
+use crate::source::{is_infrastructure, Item, PageTrail};
 use crate::upload::{Shared, Uploader};
 use crate::SyncError;
 
@@ -107,6 +107,7 @@ async fn read_window(
     )?;
     let mut ord: i64 = 0;
     for first in firsts {
+        let mut trail = PageTrail::new(&first);
         let mut url = first;
         loop {
             let b = source.get_json(&url).await?;
@@ -139,13 +140,13 @@ async fn read_window(
                 )?;
             }
             tx.commit()?;
-            match b["link"]
+            let next = b["link"]
                 .as_array()
                 .and_then(|l| l.iter().find(|l| l["relation"] == "next"))
-                .and_then(|l| l["url"].as_str())
-            {
-                Some(n) if n != url => url = n.to_owned(),
-                _ => break,
+                .and_then(|l| l["url"].as_str());
+            match trail.follow(&url, next)? {
+                Some(n) => url = n,
+                None => break,
             }
         }
     }

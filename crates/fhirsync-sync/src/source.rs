@@ -207,9 +207,70 @@ pub enum Searched {
     NotSupported,
 }
 
-/// Pages of one search a reader follows at most (a server whose `next`
-/// links never end is cut off here).
+/// Pages of one search a reader follows at most: a server whose `next`
+/// links never end fails the read here.
 pub const SEARCH_PAGES_MAX: u64 = 10_000_000;
+
+/// The `next` links of one search as a reader follows them. A link back to
+/// a page already read (the server's paging loops) and a search longer
+/// than [`SEARCH_PAGES_MAX`] pages fail the read: ending it quietly would
+/// pass a part of the server for the whole (and COMPARE would delete the
+/// rest on the target). Loops are found in constant memory (Brent's
+/// method: the link is compared with one page kept, which moves on after
+/// 1, 2, 4, ... pages), at most twice the loop's length after it starts.
+pub struct PageTrail {
+    kept: String,
+    power: u64,
+    steps: u64,
+    pages: u64,
+    max: u64,
+}
+
+impl PageTrail {
+    /// A trail that starts with the page at `first`.
+    pub fn new(first: &str) -> Self {
+        Self::with_max(first, SEARCH_PAGES_MAX)
+    }
+
+    fn with_max(first: &str, max: u64) -> Self {
+        PageTrail {
+            kept: first.to_owned(),
+            power: 1,
+            steps: 0,
+            pages: 1,
+            max,
+        }
+    }
+
+    /// The page to read after the one at `url`, whose `next` link is
+    /// `next`; `None` at the end of the search.
+    pub fn follow(&mut self, url: &str, next: Option<&str>) -> Result<Option<String>, SyncError> {
+        let Some(next) = next else { return Ok(None) };
+        let stop = |reason: String| SyncError::Http {
+            url: url.to_owned(),
+            reason,
+        };
+        if next == url || next == self.kept {
+            return Err(stop(format!(
+                "its next link leads back to a page already read ({next}): the server's paging loops"
+            )));
+        }
+        if self.pages >= self.max {
+            return Err(stop(format!(
+                "the search has more than SEARCH_PAGES_MAX ({}) pages",
+                self.max
+            )));
+        }
+        self.pages += 1;
+        self.steps += 1;
+        if self.steps == self.power {
+            next.clone_into(&mut self.kept);
+            self.power *= 2;
+            self.steps = 0;
+        }
+        Ok(Some(next.to_owned()))
+    }
+}
 
 /// Every page of a search, from `first`; resources that matched are sent
 /// (server infrastructure is left out, see [`is_infrastructure`]). The next
@@ -224,9 +285,10 @@ pub async fn read_search(
 ) -> Result<Searched, SyncError> {
     let mut url = first.to_owned();
     let mut reply = client.send(reqwest::Method::GET, &url, None).await?;
-    let mut pages = 0u64;
+    let mut trail = PageTrail::new(first);
+    let mut first_page = true;
     loop {
-        if pages == 0 && matches!(reply.status, 400 | 404 | 405 | 501) {
+        if first_page && matches!(reply.status, 400 | 404 | 405 | 501) {
             return Ok(Searched::NotSupported);
         }
         if !(200..300).contains(&reply.status) {
@@ -243,13 +305,14 @@ pub async fn read_search(
                 reason: "the answer is not a Bundle".into(),
             });
         }
-        pages += 1;
-        let next = b["link"]
-            .as_array()
-            .and_then(|l| l.iter().find(|l| l["relation"] == "next"))
-            .and_then(|l| l["url"].as_str())
-            .filter(|n| *n != url && pages < SEARCH_PAGES_MAX)
-            .map(str::to_owned);
+        first_page = false;
+        let next = trail.follow(
+            &url,
+            b["link"]
+                .as_array()
+                .and_then(|l| l.iter().find(|l| l["relation"] == "next"))
+                .and_then(|l| l["url"].as_str()),
+        )?;
         let entries = match b.get_mut("entry").map(Value::take) {
             Some(Value::Array(a)) => a,
             _ => Vec::new(),
@@ -388,4 +451,57 @@ fn file_items(
                 .map_err(|m| format!("entry {i}: {m}")),
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::PageTrail;
+
+    /// Follows `links` (page → its next link) from page 0 until the end or
+    /// a refusal; returns the pages read and the refusal.
+    fn walk(links: &[Option<usize>], max: u64) -> (Vec<usize>, Option<String>) {
+        let name = |i: usize| format!("http://server/page{i}");
+        let mut trail = PageTrail::with_max(&name(0), max);
+        let (mut read, mut at) = (vec![0], 0);
+        loop {
+            let next = links[at].map(name);
+            match trail.follow(&name(at), next.as_deref()) {
+                Ok(None) => return (read, None),
+                Ok(Some(n)) => {
+                    at = n.trim_start_matches("http://server/page").parse().unwrap();
+                    read.push(at);
+                }
+                Err(e) => return (read, Some(e.to_string())),
+            }
+        }
+    }
+
+    #[test]
+    fn a_search_ends_where_its_links_end() {
+        let links: Vec<Option<usize>> = (1..=50).map(Some).chain([None]).collect();
+        assert_eq!(walk(&links, 1000), ((0..=50).collect(), None));
+    }
+
+    #[test]
+    fn links_that_loop_fail_the_read_soon_after_the_loop_starts() {
+        // A page that names itself, and loops of 2 and 7 pages after 3 good ones.
+        let (read, e) = walk(&[Some(1), Some(1)], 1000);
+        assert_eq!(read, [0, 1]);
+        assert!(e.unwrap().contains("the server's paging loops"));
+        for len in [2, 7] {
+            let mut links: Vec<Option<usize>> = (1..3 + len).map(Some).collect();
+            links.push(Some(3));
+            let (read, e) = walk(&links, 1000);
+            assert!(e.unwrap().contains("leads back to a page already read"));
+            assert!(read.len() <= 3 + 2 * len + 2, "{len}: {read:?}");
+        }
+    }
+
+    #[test]
+    fn a_search_longer_than_its_page_limit_fails() {
+        let links: Vec<Option<usize>> = (1..=50).map(Some).chain([None]).collect();
+        let (read, e) = walk(&links, 10);
+        assert_eq!(read.len(), 10);
+        assert!(e.unwrap().contains("more than SEARCH_PAGES_MAX (10) pages"));
+    }
 }

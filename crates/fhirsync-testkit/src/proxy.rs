@@ -33,6 +33,10 @@ pub struct ProxyOptions {
     /// Requests whose path ends with this are refused (403), as a server
     /// that does not let this caller use an operation.
     pub refuse_path: Option<String>,
+    /// The pages of a search after its first link `next` back to the first
+    /// (as a server whose paging loops); with `forward_host`, so that the
+    /// node's links lead through the proxy.
+    pub loop_paging: bool,
 }
 
 #[derive(Debug, Default)]
@@ -57,6 +61,8 @@ struct Ctx {
     opts: ProxyOptions,
     stats: Arc<ProxyStats>,
     client: reqwest::Client,
+    /// With `loop_paging`: the first page's URL of each search path.
+    first_pages: Mutex<std::collections::HashMap<String, String>>,
 }
 
 pub struct Proxy {
@@ -80,6 +86,7 @@ impl Proxy {
             opts,
             stats: stats.clone(),
             client: reqwest::Client::new(),
+            first_pages: Mutex::default(),
         });
         let app = axum::Router::new().fallback(handle).with_state(ctx);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -195,7 +202,14 @@ async fn handle(State(ctx): State<Arc<Ctx>>, req: Request) -> Response {
         .request(parts.method.clone(), format!("{}{rest}", ctx.target))
         .body(bytes);
     for (k, v) in &parts.headers {
-        if (k != "host" || ctx.opts.forward_host) && k != "content-length" {
+        // Pages to rewrite are asked for uncompressed.
+        let keep = match k.as_str() {
+            "host" => ctx.opts.forward_host,
+            "content-length" => false,
+            "accept-encoding" => !ctx.opts.loop_paging,
+            _ => true,
+        };
+        if keep {
             rb = rb.header(k, v);
         }
     }
@@ -213,7 +227,14 @@ async fn handle(State(ctx): State<Arc<Ctx>>, req: Request) -> Response {
         Ok(r) => {
             let code = r.status().as_u16();
             let headers = r.headers().clone();
-            let body = r.bytes().await.unwrap_or_default();
+            let mut body = r.bytes().await.unwrap_or_default();
+            if ctx.opts.loop_paging && parts.method == "GET" {
+                let host = parts.headers.get("host").and_then(|h| h.to_str().ok());
+                let url = format!("http://{}{path}", host.unwrap_or_default());
+                if let Some(looped) = loop_next(&ctx, parts.uri.path(), &url, &body) {
+                    body = looped.into();
+                }
+            }
             let cut = path.contains("$bulk-file")
                 && ctx
                     .opts
@@ -240,6 +261,25 @@ async fn handle(State(ctx): State<Arc<Ctx>>, req: Request) -> Response {
         }
         Err(_) => status(502, "", None),
     }
+}
+
+/// A search page at `url` (not its search's first) with its `next` link
+/// turned back to the first page of its search path.
+fn loop_next(ctx: &Ctx, path: &str, url: &str, body: &[u8]) -> Option<Vec<u8>> {
+    let mut b: serde_json::Value = serde_json::from_slice(body).ok()?;
+    let next = b["link"]
+        .as_array_mut()?
+        .iter_mut()
+        .find(|l| l["relation"] == "next")?;
+    let mut firsts = ctx.first_pages.lock().ok()?;
+    let first = firsts
+        .entry(path.to_owned())
+        .or_insert_with(|| url.to_owned());
+    if first == url {
+        return None;
+    }
+    next["url"] = serde_json::Value::String(first.clone());
+    serde_json::to_vec(&b).ok()
 }
 
 fn status(code: u16, body: &'static str, retry_after: Option<&str>) -> Response {

@@ -333,6 +333,41 @@ async fn compare_between_two_nodes_reads_only_what_differs() {
     assert_eq!((total(&rp, "read"), written(&rp)), (3000, 0), "{rp}");
 }
 
+/// A source whose paging loops (a later page's `next` leads back to the
+/// first) fails the run with the reason, and nothing is deleted: ending
+/// the read quietly would pass a part of the source for all of it, and
+/// COMPARE would delete the rest on the target.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_source_whose_paging_loops_fails_the_run_and_deletes_nothing() {
+    let (a, b) = (InProcess::start().await, InProcess::start().await);
+    // Three pages of each type: the second's link is turned back.
+    load(&a, &people(2100)).await;
+    let r = sync(&["-s", &a.base, "-t", &b.base, "-m", "COPY"]).await;
+    assert!(r.ok, "{}", r.stderr);
+    let proxy = Proxy::start(
+        &a.base,
+        ProxyOptions {
+            loop_paging: true,
+            forward_host: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    let from_proxy = ["-s", &proxy.base, "-t", &b.base, "--no-bulk", "-m"];
+    for mode in [&["COMPARE", "--no-summary"][..], &["COPY"]] {
+        let r = sync(&[&from_proxy[..], mode].concat()).await;
+        assert!(!r.ok, "{mode:?} ended: {}", r.stderr);
+        assert!(
+            r.stderr.contains("the server's paging loops"),
+            "{}",
+            r.stderr
+        );
+    }
+    let types = ["Patient", "Observation"];
+    assert_eq!(content(&b, &types).await.len(), 4200);
+    assert_eq!(content(&a, &types).await, content(&b, &types).await);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn directory_in_reverse_reference_order_with_bundles_and_ndjson() {
     let b = InProcess::start().await;
