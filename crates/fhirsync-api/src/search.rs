@@ -10,14 +10,14 @@ use fhirsync_core::search::{
     Clause, SearchQuery, Summary, PARAM_CURSOR, PARAM_OFFSET, PARAM_SNAPSHOT, PARAM_SNAPSHOT_TOTAL,
 };
 use fhirsync_core::spec;
-use fhirsync_store::{SearchPage, StoreError};
+use fhirsync_store::{IncludedCut, SearchPage, StoreError};
 use serde_json::{json, Value};
 
 use crate::error::outcome;
 use crate::http::{base_url, check_accept, check_type, fhir_json, prefer, query_pairs};
 use crate::render::{full_url, BundleBuilder};
 use crate::{ApiError, AppState};
-use fhirsync_store::sql::search::INCLUDED_MAX;
+use fhirsync_store::sql::search::{INCLUDED_MAX, ITERATE_ROUNDS_MAX};
 
 pub async fn type_search(
     State(state): State<AppState>,
@@ -273,10 +273,13 @@ pub fn searchset(
             );
         }
     }
-    let cut = page.included_cut.then(|| {
-        format!(
+    let cut = page.included_cut.map(|cut| match cut {
+        IncludedCut::Count => format!(
             "_include and _revinclude added only the first {INCLUDED_MAX} resources (INCLUDED_MAX) to this page; ask for a smaller _count to get the rest"
-        )
+        ),
+        IncludedCut::Rounds => format!(
+            ":iterate followed what was included {ITERATE_ROUNDS_MAX} levels deep (ITERATE_ROUNDS_MAX) and left the rest out"
+        ),
     });
     for (code, w) in [("not-supported", warning), ("incomplete", cut.as_deref())] {
         if let Some(w) = w {

@@ -177,6 +177,16 @@ pub enum EntryResult {
 }
 
 /// One page of search results, evaluated at `snapshot` (a `seq`).
+/// The limit that left resources out of a page's `_include`s.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IncludedCut {
+    /// `INCLUDED_MAX` resources were added.
+    Count,
+    /// `:iterate` went `ITERATE_ROUNDS_MAX` rounds deep, and a further
+    /// round would have added more.
+    Rounds,
+}
+
 #[derive(Debug)]
 pub struct SearchPage {
     pub snapshot: u64,
@@ -184,8 +194,8 @@ pub struct SearchPage {
     pub items: Vec<StoredVersion>,
     /// What `_include` and `_revinclude` added (`search.mode` include).
     pub included: Vec<StoredVersion>,
-    /// Whether `included` stopped at `INCLUDED_MAX` with more to add.
-    pub included_cut: bool,
+    /// Why `included` stopped with more to add, if it did.
+    pub included_cut: Option<IncludedCut>,
     /// Position to continue from, when more results exist: the last `seq`
     /// returned in change-log order, the matches returned when sorted.
     pub next_cursor: Option<u64>,

@@ -325,8 +325,8 @@ async fn search_paging_is_stable_under_writes() {
     );
 }
 
-/// The outcome entries of a searchset that name `INCLUDED_MAX`.
-fn cut_warnings(b: &serde_json::Value) -> usize {
+/// The outcome entries of a searchset that name `limit`.
+fn cut_warnings_of(b: &serde_json::Value, limit: &str) -> usize {
     b["entry"]
         .as_array()
         .into_iter()
@@ -335,9 +335,41 @@ fn cut_warnings(b: &serde_json::Value) -> usize {
         .filter(|e| {
             e["resource"]["issue"][0]["diagnostics"]
                 .as_str()
-                .is_some_and(|d| d.contains("INCLUDED_MAX"))
+                .is_some_and(|d| d.contains(limit))
         })
         .count()
+}
+
+fn cut_warnings(b: &serde_json::Value) -> usize {
+    cut_warnings_of(b, "INCLUDED_MAX")
+}
+
+/// `:iterate` goes `ITERATE_ROUNDS_MAX` levels deep; a chain one longer
+/// is cut there, with a warning that names the limit.
+#[tokio::test]
+async fn iterated_includes_cut_at_their_depth_say_so() {
+    let s = InProcess::start().await;
+    let max = fhirsync_store::sql::search::ITERATE_ROUNDS_MAX;
+    // org0 is part of org1, org1 of org2, ...
+    let org = |i: usize| {
+        json!({"resource": {"resourceType": "Organization", "id": format!("org{i}"),
+            "partOf": {"reference": format!("Organization/org{}", i + 1)}},
+            "request": {"method": "PUT", "url": format!("Organization/org{i}")}})
+    };
+    let put = |entries: Vec<serde_json::Value>| json!({"resourceType": "Bundle", "type": "batch", "entry": entries});
+    let (st, _) = status_json(post(&s, "", &put((0..=max).map(org).collect())).await).await;
+    assert_eq!(st, 200);
+    let q = "Organization?_id=org0&_include:iterate=Organization:partof";
+    // org0 and the max levels above it; org{max} links to no one stored.
+    let (_, page) = status_json(get(&s, q).await).await;
+    assert_eq!(entry_ids(&page).len(), 1 + max);
+    assert_eq!(cut_warnings_of(&page, "ITERATE_ROUNDS_MAX"), 0);
+    // One level more than the limit: left out, and said.
+    let (st, _) = status_json(post(&s, "", &put(vec![org(max + 1)])).await).await;
+    assert_eq!(st, 200);
+    let (_, page) = status_json(get(&s, q).await).await;
+    assert_eq!(entry_ids(&page).len(), 1 + max);
+    assert_eq!(cut_warnings_of(&page, "ITERATE_ROUNDS_MAX"), 1, "{page}");
 }
 
 #[tokio::test]

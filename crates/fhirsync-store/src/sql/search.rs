@@ -12,7 +12,7 @@ use fhirsync_core::search::{
 use fhirsync_core::spec::Kind;
 
 use super::query::{last_seq, row_to_version, COLS};
-use crate::types::{DeletedQuery, SearchPage, StoredVersion};
+use crate::types::{DeletedQuery, IncludedCut, SearchPage, StoredVersion};
 use crate::StoreError;
 
 /// Most resources `_include` and `_revinclude` add to one page.
@@ -776,7 +776,7 @@ pub fn search(conn: &dyn Db, q: &SearchQuery) -> Result<SearchPage, StoreError> 
             total,
             items: Vec::new(),
             included: Vec::new(),
-            included_cut: false,
+            included_cut: None,
             next_cursor: None,
         });
     }
@@ -864,16 +864,17 @@ fn read_at(
 }
 
 /// `_include` and `_revinclude` of a page, at the page's snapshot; with
-/// `:iterate` also of what they added, up to [`INCLUDED_MAX`] resources;
-/// true when that limit left some out.
+/// `:iterate` also of what they added, up to [`INCLUDED_MAX`] resources
+/// and [`ITERATE_ROUNDS_MAX`] rounds; with the limit that left some out.
+/// (A round past the last is run to know whether it would add any.)
 fn includes(
     conn: &dyn Db,
     q: &SearchQuery,
     snapshot: u64,
     items: &[StoredVersion],
-) -> Result<(Vec<StoredVersion>, bool), StoreError> {
+) -> Result<(Vec<StoredVersion>, Option<IncludedCut>), StoreError> {
     if q.includes.is_empty() && q.revincludes.is_empty() {
-        return Ok((Vec::new(), false));
+        return Ok((Vec::new(), None));
     }
     let mut seen: HashSet<(String, String)> = items
         .iter()
@@ -881,7 +882,7 @@ fn includes(
         .collect();
     let mut out: Vec<StoredVersion> = Vec::new();
     let mut frontier: Vec<StoredVersion> = items.to_vec();
-    for round in 0..ITERATE_ROUNDS_MAX {
+    for round in 0..=ITERATE_ROUNDS_MAX {
         let mut added = Vec::new();
         for inc in &q.includes {
             if round > 0 && !inc.iterate {
@@ -963,16 +964,19 @@ fn includes(
         if added.is_empty() {
             break;
         }
+        if round == ITERATE_ROUNDS_MAX {
+            return Ok((out, Some(IncludedCut::Rounds)));
+        }
         let room = INCLUDED_MAX.saturating_sub(out.len());
         if added.len() > room {
             added.truncate(room);
             out.extend(added);
-            return Ok((out, true));
+            return Ok((out, Some(IncludedCut::Count)));
         }
         out.extend(added.iter().cloned());
         frontier = added;
     }
-    Ok((out, false))
+    Ok((out, None))
 }
 
 /// Whether the version at `seq` matches `q` at the snapshot `seq` (for
