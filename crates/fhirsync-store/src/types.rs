@@ -176,7 +176,6 @@ pub enum EntryResult {
     Failed(crate::StoreError),
 }
 
-/// One page of search results, evaluated at `snapshot` (a `seq`).
 /// The limit that left resources out of a page's `_include`s.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum IncludedCut {
@@ -187,6 +186,7 @@ pub enum IncludedCut {
     Rounds,
 }
 
+/// One page of search results, evaluated at `snapshot` (a `seq`).
 #[derive(Debug)]
 pub struct SearchPage {
     pub snapshot: u64,

@@ -222,11 +222,12 @@ impl Writer {
     }
 
     /// Applies a load as one transaction. Offline, the load goes through a
-    /// rollback journal rather than the WAL: each page is written once into
-    /// the database (into a WAL, then again by the checkpoint after), pages
-    /// read back are not looked up among the WAL's frames (which grew with
-    /// the load), and a load killed midway is still undone at the next
-    /// open (the journal is hot). WAL mode is put back when the load ends.
+    /// rollback journal rather than the WAL: each page is written once,
+    /// into the database file (through a WAL it is written there again by
+    /// the checkpoint after), pages read back are not looked up among the
+    /// WAL's frames (which grow with the load), and a load killed midway
+    /// is still undone at the next open (its journal is hot). WAL mode is
+    /// put back when the load ends.
     fn run_stream(&mut self, rx: mpsc::Receiver<StreamMsg>) -> Result<LoadSummary, StoreError> {
         let journaled = self.offline && set_journal_mode(&self.conn, "delete");
         let r = self.load(rx);
