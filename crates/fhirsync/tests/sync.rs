@@ -887,6 +887,10 @@ async fn bad_input_is_one_line_and_writes_nothing() {
         ),
         (vec!["-s", &b.base, "-t", &b.base, "-v", "R5"], "only R4"),
         (
+            vec!["-s", &b.base, "-t", &b.base, "--no-summary"],
+            "--no-summary applies to COMPARE only",
+        ),
+        (
             vec![
                 "-s",
                 &b.base,
