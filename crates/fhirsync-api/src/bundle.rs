@@ -29,7 +29,10 @@ pub async fn process(
     if let Some(axum::Extension(p)) = principal {
         crate::auth::check_bundle(&p, &res)?;
     }
-    let out = state.store.write(WriteRequest::Bundle(res)).await?;
+    let planned = tokio::task::spawn_blocking(move || fhirsync_store::bundle::plan(res))
+        .await
+        .map_err(|e| StoreError::Backend(format!("planning the Bundle failed: {e}")))??;
+    let out = state.store.write(WriteRequest::Bundle(planned)).await?;
     let WriteOutcome::Bundle(out) = out else {
         return Err(ApiError::new(
             500,

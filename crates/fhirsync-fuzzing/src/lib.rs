@@ -132,7 +132,10 @@ pub fn bundle(data: &[u8]) {
         return;
     }
     let n = node();
-    let _ = n.rt.block_on(n.store.write(WriteRequest::Bundle(res)));
+    let Ok(planned) = fhirsync_store::bundle::plan(res) else {
+        return;
+    };
+    let _ = n.rt.block_on(n.store.write(WriteRequest::Bundle(planned)));
 }
 
 /// A search's query string, for a type and for the whole system; what is

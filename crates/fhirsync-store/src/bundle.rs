@@ -59,16 +59,33 @@ enum Op {
     },
 }
 
+/// One entry, parsed and checked.
 #[derive(Debug, Clone)]
 struct Planned {
     full_url: Option<String>,
     op: Op,
+    /// A batch entry's resource, prepared (serialized, hashed, indexed)
+    /// before the Bundle reaches the writer; the op's own `res` is then
+    /// left empty. `None` for transactions (their references name ids the
+    /// writer assigns) and for entries with conditional references (their
+    /// searches run in the writer).
+    ready: Option<Prepared>,
 }
 
-pub fn execute(
-    tx: &mut dyn WriteTx,
-    mut bundle: Map<String, Value>,
-) -> Result<BundleOutcome, StoreError> {
+/// A Bundle parsed, checked and planned before the writer (see [`plan`]):
+/// the writer only resolves and stores.
+#[derive(Debug)]
+pub struct PlannedBundle {
+    pub kind: BundleKind,
+    entries: Vec<Result<Planned, StoreError>>,
+}
+
+/// Checks a `transaction` or `batch` Bundle and plans its entries. Meant
+/// to run before the writer, off the async runtime: a batch's resources
+/// are prepared here, in parallel, so the writer's thread is left with
+/// its SQL (preparing them there was a sixth of its time in a COPY).
+pub fn plan(mut bundle: Map<String, Value>) -> Result<PlannedBundle, StoreError> {
+    use rayon::prelude::*;
     if bundle.get("resourceType").and_then(Value::as_str) != Some("Bundle") {
         return Err(StoreError::BadRequest(
             "POST to the base URL takes a Bundle".into(),
@@ -99,16 +116,43 @@ pub fn execute(
             ))
         }
     };
-    let planned: Vec<Result<Planned, StoreError>> = entries.into_iter().map(plan_entry).collect();
+    let entries = match kind {
+        BundleKind::Transaction => entries.into_iter().map(plan_entry).collect(),
+        BundleKind::Batch => entries
+            .into_par_iter()
+            .map(|e| plan_entry(e).and_then(prepare_batch_entry))
+            .collect(),
+    };
+    Ok(PlannedBundle { kind, entries })
+}
+
+/// Prepares a batch entry's resource unless a conditional reference in it
+/// is left for the writer to resolve; a `urn:` reference (it can name no
+/// entry of a batch) fails the entry.
+fn prepare_batch_entry(mut p: Planned) -> Result<Planned, StoreError> {
+    if let Op::Create { res, rtype, .. }
+    | Op::Update { res, rtype, .. }
+    | Op::CondUpdate { res, rtype, .. } = &mut p.op
+    {
+        let wanted = rewrite_local(res, &HashMap::new())?;
+        if wanted.is_empty() {
+            p.ready = Some(Prepared::new(rtype.clone(), std::mem::take(res)));
+        }
+    }
+    Ok(p)
+}
+
+pub fn execute(tx: &mut dyn WriteTx, bundle: PlannedBundle) -> Result<BundleOutcome, StoreError> {
+    let PlannedBundle { kind, entries } = bundle;
     let entries = match kind {
         BundleKind::Transaction => {
-            let mut ok = Vec::with_capacity(planned.len());
-            for (index, p) in planned.into_iter().enumerate() {
+            let mut ok = Vec::with_capacity(entries.len());
+            for (index, p) in entries.into_iter().enumerate() {
                 ok.push(p.map_err(|e| entry_err(index, e))?);
             }
             transaction(tx, ok)?
         }
-        BundleKind::Batch => batch(tx, planned),
+        BundleKind::Batch => batch(tx, entries),
     };
     Ok(BundleOutcome { kind, entries })
 }
@@ -275,7 +319,11 @@ fn plan_entry(entry: Value) -> Result<Planned, StoreError> {
             )))
         }
     };
-    Ok(Planned { full_url, op })
+    Ok(Planned {
+        full_url,
+        op,
+        ready: None,
+    })
 }
 
 /// Splits an entry URL (relative, or absolute to this server) into path
@@ -334,18 +382,23 @@ pub fn parse_etag(s: &str) -> Option<u64> {
 
 /// Runs one batch entry on its own.
 fn run_alone(tx: &mut dyn WriteTx, p: Planned) -> Result<EntryResult, StoreError> {
-    let mut op = p.op;
-    if let Op::Create { res, .. } | Op::Update { res, .. } | Op::CondUpdate { res, .. } = &mut op {
-        let wanted = rewrite_local(res, &HashMap::new())?;
-        resolve_conditional(tx, res, wanted)?;
-    }
-    match op {
+    let mut ready = p.ready;
+    let mut prepare = |tx: &mut dyn WriteTx, rtype: String, mut res: Map<String, Value>| {
+        if let Some(r) = ready.take() {
+            return Ok(r);
+        }
+        let wanted = rewrite_local(&mut res, &HashMap::new())?;
+        resolve_conditional(tx, &mut res, wanted)?;
+        Ok::<_, StoreError>(Prepared::new(rtype, res))
+    };
+    match p.op {
         Op::Create {
             res,
             rtype,
             if_none_exist,
         } => {
-            let out = engine::create(tx, Prepared::new(rtype, res), if_none_exist.as_ref())?;
+            let res = prepare(tx, rtype, res)?;
+            let out = engine::create(tx, res, if_none_exist.as_ref())?;
             Ok(write_result(out))
         }
         Op::Update {
@@ -353,23 +406,21 @@ fn run_alone(tx: &mut dyn WriteTx, p: Planned) -> Result<EntryResult, StoreError
             res,
             rtype,
             if_match,
-        } => Ok(write_result(engine::update(
-            tx,
-            &id,
-            Prepared::new(rtype, res),
-            if_match,
-        )?)),
+        } => {
+            let res = prepare(tx, rtype, res)?;
+            Ok(write_result(engine::update(tx, &id, res, if_match)?))
+        }
         Op::CondUpdate {
             rtype,
             query,
             res,
             if_match,
-        } => Ok(write_result(engine::conditional_update(
-            tx,
-            &query,
-            Prepared::new(rtype, res),
-            if_match,
-        )?)),
+        } => {
+            let res = prepare(tx, rtype, res)?;
+            Ok(write_result(engine::conditional_update(
+                tx, &query, res, if_match,
+            )?))
+        }
         Op::Delete {
             rtype,
             id,

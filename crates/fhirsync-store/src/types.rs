@@ -116,8 +116,9 @@ pub enum WriteRequest {
     },
     /// DELETE `Type?query`: deletes the single match, if any.
     ConditionalDelete { query: SearchQuery },
-    /// A `transaction` (all or nothing) or `batch` Bundle.
-    Bundle(Map<String, Value>),
+    /// A `transaction` (all or nothing) or `batch` Bundle, planned by
+    /// [`crate::bundle::plan`].
+    Bundle(crate::bundle::PlannedBundle),
     /// Versions received from a peer.
     Apply(Box<crate::sync::ApplyRequest>),
     /// Replication bookkeeping.

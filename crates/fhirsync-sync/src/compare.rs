@@ -383,7 +383,7 @@ async fn fill_source(
             let (tx, rx) = mpsc::channel::<Item>(n * 8);
             let reader = spawn_reader(opts, source, tx, shared.clone(), false);
             // Id prefixing between reader and index.
-            let (trx, transform) = up.spawn_transform(rx, n * 4);
+            let (trx, transform) = up.spawn_transform(rx, crate::upload::queue_depth(n));
             let rows = tokio::task::spawn_blocking(move || rows_of_items(trx, rtx));
             let types = reader.await.map_err(|e| SyncError::Index(e.to_string()));
             let _ = transform.await;
@@ -643,7 +643,7 @@ pub async fn compare(
     } else {
         true
     };
-    let (tx, rx) = mpsc::channel::<Item>(n * 4);
+    let (tx, rx) = mpsc::channel::<Item>(crate::upload::queue_depth(n));
     let (c, bodies) = (ix.joined()?, File::open(&ix.bodies).map_err(index_error)?);
     let sh = shared.clone();
     let feeder = tokio::task::spawn_blocking(move || -> Result<(), SyncError> {
@@ -660,7 +660,7 @@ pub async fn compare(
     if !deletes || shared.aborted() {
         return Ok(());
     }
-    let (tx, rx) = mpsc::channel::<Item>(n * 4);
+    let (tx, rx) = mpsc::channel::<Item>(crate::upload::queue_depth(n));
     let c = ix.joined()?;
     let feeder = tokio::task::spawn_blocking(move || -> Result<(), SyncError> {
         let mut st = c.prepare("SELECT type, id FROM gone")?;

@@ -419,7 +419,7 @@ async fn copy(
     shared: &Arc<Shared>,
 ) -> Result<(), SyncError> {
     let n = opts.thread_count;
-    let (tx, rx) = mpsc::channel::<Item>(n * 4);
+    let (tx, rx) = mpsc::channel::<Item>(crate::upload::queue_depth(n));
     let reader = spawn_reader(
         opts,
         source,
@@ -428,7 +428,7 @@ async fn copy(
         opts.upload_bundles_as_transactions,
     );
     // Id prefixing between reader and writers.
-    let (trx, transform) = up.spawn_transform(rx, n * 4);
+    let (trx, transform) = up.spawn_transform(rx, crate::upload::queue_depth(n));
     up.drain(trx, n, shared, true).await;
     let _ = transform.await;
     let read = reader.await.map_err(|e| SyncError::Index(e.to_string()))?;

@@ -409,7 +409,7 @@ pub async fn compare(
         same += d.unchanged;
         read += d.write.len() as u64;
         if !d.write.is_empty() {
-            let (tx, rx) = mpsc::channel::<Item>(n * 4);
+            let (tx, rx) = mpsc::channel::<Item>(crate::upload::queue_depth(n));
             let writers = up.drain(rx, n, shared, true);
             let reader = async {
                 let r = fetch(&src, rtype, &d.write, &tx, shared, &mut stats).await;
@@ -436,7 +436,7 @@ pub async fn compare(
         }
         return Ok(true);
     }
-    let (tx, rx) = mpsc::channel::<Item>(n * 4);
+    let (tx, rx) = mpsc::channel::<Item>(crate::upload::queue_depth(n));
     let feeder = async move {
         for (rtype, ids) in deletes {
             for id in ids {

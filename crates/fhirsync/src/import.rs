@@ -193,7 +193,9 @@ fn file_requests(bytes: &[u8], checker: &Checker) -> Result<Vec<WriteRequest>, S
     split_file(res, false)?
         .into_iter()
         .map(|part| match part {
-            FilePart::Bundle(b) => Ok(WriteRequest::Bundle(checker.check_map(b)?)),
+            FilePart::Bundle(b) => Ok(WriteRequest::Bundle(
+                fhirsync_store::bundle::plan(checker.check_map(b)?).map_err(|e| e.to_string())?,
+            )),
             FilePart::Resource { res, entry: None } => resource_request(res, checker),
             FilePart::Resource {
                 res,

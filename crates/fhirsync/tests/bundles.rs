@@ -230,6 +230,46 @@ async fn batch_entries_that_all_succeed_see_each_other_in_order() {
 }
 
 #[tokio::test]
+async fn batch_entries_prepared_before_the_writer_are_found_by_later_entries() {
+    // Entries without conditional references are prepared (hashed,
+    // indexed) before the writer, and their index rows are written sorted
+    // when the Bundle ends: a search in a later entry, and a conditional
+    // reference resolved by the writer, must still find them, and a
+    // `urn:` reference (it names no entry of a batch) fails its entry only.
+    let s = InProcess::start().await;
+    let patient = json!({"resourceType": "Patient", "id": "d1",
+                         "identifier": [{"system": "urn:mrn", "value": "d1"}]});
+    let obs = |subject: &str| {
+        json!({"resourceType": "Observation", "status": "final",
+               "code": {"text": "x"}, "subject": {"reference": subject}})
+    };
+    let b = json!({"resourceType": "Bundle", "type": "batch", "entry": [
+        {"resource": patient, "request": {"method": "PUT", "url": "Patient/d1"}},
+        {"request": {"method": "GET", "url": "Patient?identifier=urn:mrn|d1"}},
+        {"resource": obs("Patient?identifier=urn:mrn|d1"), "request": {"method": "POST", "url": "Observation"}},
+        {"resource": obs("urn:uuid:00000000-0000-4000-8000-00000000beef"), "request": {"method": "POST", "url": "Observation"}},
+        {"resource": obs("Patient/d1"), "request": {"method": "POST", "url": "Observation"}}
+    ]});
+    let (st, r) = status_json(post(&s, "", &b).await).await;
+    assert_eq!(st, 200, "{r}");
+    assert_eq!(
+        entry_statuses(&r),
+        [
+            "201 Created",
+            "200 OK",
+            "201 Created",
+            "400 Bad Request",
+            "201 Created"
+        ]
+    );
+    assert_eq!(r["entry"][1]["resource"]["total"], 1, "{r}");
+    let (st, found) = status_json(get(&s, "Observation?subject=Patient/d1").await).await;
+    assert_eq!(st, 200, "{found}");
+    assert_eq!(entry_ids(&found).len(), 2, "{found}");
+    assert_eq!(s.store.last_seq(), 3);
+}
+
+#[tokio::test]
 async fn synthea_sized_patient_in_one_transaction() {
     let s = InProcess::start().await;
     let b = synthea_like_bundle(&mut Rng::new(42), 50, 16);

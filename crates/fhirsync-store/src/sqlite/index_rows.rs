@@ -337,7 +337,15 @@ mod tests {
                 res: resource(1),
                 if_match: None,
             },
-            WriteRequest::Bundle(serde_json::Map::new()),
+            WriteRequest::Bundle(
+                crate::bundle::plan(
+                    serde_json::json!({"resourceType": "Bundle", "type": "batch"})
+                        .as_object()
+                        .cloned()
+                        .unwrap(),
+                )
+                .unwrap(),
+            ),
         ];
         assert!(Presorted::take(&mut mixed).0.is_empty());
         assert!(matches!(&mixed[0], WriteRequest::Update { res, .. } if !res.index.is_empty()));

@@ -271,19 +271,13 @@ impl Writer {
     /// Runs one request in its savepoint. A panic in it (a bug) rolls that
     /// request back and becomes an error; the writer, and the node, go on.
     ///
-    /// The index rows of a transaction Bundle and of a page of received
+    /// The index rows of a Bundle and of a page of received
     /// versions are held back and written sorted at the request's end (or
     /// before a search in it); a rollback to a savepoint drops the rows
     /// held since it was set.
     fn execute_guarded(&mut self, req: WriteRequest) -> Result<WriteOutcome, StoreError> {
         let hold = self.pending.is_none()
-            && match &req {
-                WriteRequest::Bundle(b) => {
-                    b.get("type").and_then(serde_json::Value::as_str) == Some("transaction")
-                }
-                WriteRequest::Apply(_) => true,
-                _ => false,
-            };
+            && matches!(req, WriteRequest::Bundle(_) | WriteRequest::Apply(_));
         if hold {
             self.pending = Some(index_rows::Pending::default());
         }
