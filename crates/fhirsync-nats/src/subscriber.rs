@@ -76,8 +76,9 @@ pub async fn run(
             }
         };
         // A pump task owns the message stream (its `next()` is never
-        // cancelled half-way); batches are cut from the channel.
-        let (tx, mut rx) = tokio::sync::mpsc::channel(cfg.batch_size_max * 2);
+        // cancelled half-way); a cutter task cuts batches from its channel
+        // and parses them, so the next batch is read while one is stored.
+        let (tx, rx) = tokio::sync::mpsc::channel(cfg.batch_size_max * 2);
         let pump = tokio::spawn(async move {
             let mut messages = messages;
             while let Some(m) = messages.next().await {
@@ -87,50 +88,43 @@ pub async fn run(
                 }
             }
         });
+        let (btx, mut brx) = tokio::sync::mpsc::channel(1);
+        let cutter = tokio::spawn(cut_batches(rx, btx, cfg.batch_size_max, cfg.validation));
         stats.set_state("ok", None);
         loop {
-            let first = tokio::select! {
-                m = rx.recv() => m,
+            let next = tokio::select! {
+                b = brx.recv() => b,
                 _ = stop.changed() => {
                     pump.abort();
+                    cutter.abort();
                     return;
                 }
             };
-            let mut batch = Vec::with_capacity(cfg.batch_size_max);
-            match first {
-                Some(Ok(m)) => batch.push(m),
-                Some(Err(e)) => {
+            let (batch, parsed) = match next {
+                Some(Ok(b)) => b,
+                Some(Err(why)) => {
                     // Heartbeats missed, server gone: make the consumer again.
                     stats.errors.fetch_add(1, Ordering::Relaxed);
-                    stats.set_state("retrying", Some(e.to_string()));
+                    stats.set_state("retrying", Some(why));
                     break;
                 }
                 None => break,
-            }
-            // What queued up meanwhile joins the batch; nothing waits for more,
-            // so a lone write is applied at once and a burst in one commit.
-            while batch.len() < cfg.batch_size_max {
-                match rx.try_recv() {
-                    Ok(Ok(m)) => batch.push(m),
-                    Ok(Err(e)) => {
-                        tracing::debug!(error = %e, "consumer stream error after a message");
-                        break;
-                    }
-                    Err(_) => break,
-                }
-            }
+            };
             attempt = 0;
-            if let Err(why) = apply_batch(&store, &cfg, &follow, &edge, &stats, batch).await {
+            if let Err(why) = apply_batch(&store, &cfg, &follow, &edge, &stats, batch, parsed).await
+            {
                 stats.errors.fetch_add(1, Ordering::Relaxed);
                 stats.set_state("retrying", Some(why));
                 if pause(backoff(attempt, 0.5), &mut stop).await {
                     pump.abort();
+                    cutter.abort();
                     return;
                 }
             } else {
                 stats.set_state("ok", None);
             }
         }
+        cutter.abort();
         pump.abort();
         if pause(backoff(attempt, 0.5), &mut stop).await {
             break;
@@ -150,6 +144,7 @@ async fn apply_batch(
     edge: &str,
     stats: &DirStats,
     batch: Vec<async_nats::jetstream::Message>,
+    parsed: Vec<Result<RemoteVersion, String>>,
 ) -> Result<(), String> {
     let mut versions = Vec::with_capacity(batch.len());
     // Index in `batch` of each version; messages acked without applying.
@@ -157,8 +152,8 @@ async fn apply_batch(
     let mut ack_now = Vec::new();
     let mut letters = Vec::new();
     let mut nak = Vec::new();
-    for (i, m) in batch.iter().enumerate() {
-        match parse(&m.payload, cfg.validation) {
+    for (i, (m, read)) in batch.iter().zip(parsed).enumerate() {
+        match read {
             Ok(v) if !follow.types.is_empty() && !follow.types.contains(&v.rtype) => {
                 stats.filtered.fetch_add(1, Ordering::Relaxed);
                 ack_now.push(i);
@@ -233,11 +228,66 @@ async fn apply_batch(
     Ok(())
 }
 
-/// A change record from a message payload.
-fn parse(payload: &[u8], validation: ValidationMode) -> Result<RemoteVersion, String> {
-    let entry: Value =
-        serde_json::from_slice(payload).map_err(|e| format!("message is not JSON: {e}"))?;
-    RemoteVersion::from_entry(&entry, validation)
+/// A message of the consumer, or why none came.
+type Received =
+    Result<async_nats::jetstream::Message, async_nats::jetstream::consumer::pull::MessagesError>;
+
+/// A batch of messages and what each holds.
+type Cut = (
+    Vec<async_nats::jetstream::Message>,
+    Vec<Result<RemoteVersion, String>>,
+);
+
+/// Cuts batches from the messages received: the first one waited for,
+/// then what queued up meanwhile (nothing waits for more, so a lone write
+/// is applied at once and a burst in one commit), up to `max`. Each is
+/// parsed in parallel off the runtime and handed on; a consumer error ends
+/// the cutting.
+async fn cut_batches(
+    mut rx: tokio::sync::mpsc::Receiver<Received>,
+    out: tokio::sync::mpsc::Sender<Result<Cut, String>>,
+    max: usize,
+    validation: ValidationMode,
+) {
+    loop {
+        let mut batch = Vec::with_capacity(max);
+        match rx.recv().await {
+            Some(Ok(m)) => batch.push(m),
+            Some(Err(e)) => {
+                let _ = out.send(Err(e.to_string())).await;
+                return;
+            }
+            None => return,
+        }
+        while batch.len() < max {
+            match rx.try_recv() {
+                Ok(Ok(m)) => batch.push(m),
+                Ok(Err(e)) => {
+                    tracing::debug!(error = %e, "consumer stream error after a message");
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+        let parsed = parse_all(batch.iter().map(|m| m.payload.clone()), validation).await;
+        if out.send(Ok((batch, parsed))).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// What each payload holds, read in parallel off the runtime. Should
+/// that fail (a bug), each message fails with the reason, as an unreadable
+/// one does.
+async fn parse_all(
+    payloads: impl Iterator<Item = bytes::Bytes>,
+    validation: ValidationMode,
+) -> Vec<Result<RemoteVersion, String>> {
+    let payloads: Vec<bytes::Bytes> = payloads.collect();
+    let n = payloads.len();
+    tokio::task::spawn_blocking(move || RemoteVersion::from_payloads(&payloads, validation))
+        .await
+        .unwrap_or_else(|e| vec![Err(format!("parsing messages failed: {e}")); n])
 }
 
 /// Best-effort following over core NATS: live messages only, applied in
@@ -281,10 +331,11 @@ pub async fn run_core(
                 _ => break,
             }
         }
+        let parsed = parse_all(batch.iter().map(|m| m.payload.clone()), cfg.validation).await;
         let mut versions = Vec::with_capacity(batch.len());
         let mut letters = Vec::new();
-        for m in &batch {
-            match parse(&m.payload, cfg.validation) {
+        for (m, read) in batch.iter().zip(parsed) {
+            match read {
                 Ok(v) if !follow.types.is_empty() && !follow.types.contains(&v.rtype) => {
                     stats.filtered.fetch_add(1, Ordering::Relaxed);
                 }

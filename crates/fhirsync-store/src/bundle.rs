@@ -382,22 +382,14 @@ pub fn parse_etag(s: &str) -> Option<u64> {
 
 /// Runs one batch entry on its own.
 fn run_alone(tx: &mut dyn WriteTx, p: Planned) -> Result<EntryResult, StoreError> {
-    let mut ready = p.ready;
-    let mut prepare = |tx: &mut dyn WriteTx, rtype: String, mut res: Map<String, Value>| {
-        if let Some(r) = ready.take() {
-            return Ok(r);
-        }
-        let wanted = rewrite_local(&mut res, &HashMap::new())?;
-        resolve_conditional(tx, &mut res, wanted)?;
-        Ok::<_, StoreError>(Prepared::new(rtype, res))
-    };
-    match p.op {
+    let Planned { op, ready, .. } = p;
+    match op {
         Op::Create {
             res,
             rtype,
             if_none_exist,
         } => {
-            let res = prepare(tx, rtype, res)?;
+            let res = prepared(tx, ready, rtype, res)?;
             let out = engine::create(tx, res, if_none_exist.as_ref())?;
             Ok(write_result(out))
         }
@@ -407,7 +399,7 @@ fn run_alone(tx: &mut dyn WriteTx, p: Planned) -> Result<EntryResult, StoreError
             rtype,
             if_match,
         } => {
-            let res = prepare(tx, rtype, res)?;
+            let res = prepared(tx, ready, rtype, res)?;
             Ok(write_result(engine::update(tx, &id, res, if_match)?))
         }
         Op::CondUpdate {
@@ -416,7 +408,7 @@ fn run_alone(tx: &mut dyn WriteTx, p: Planned) -> Result<EntryResult, StoreError
             res,
             if_match,
         } => {
-            let res = prepare(tx, rtype, res)?;
+            let res = prepared(tx, ready, rtype, res)?;
             Ok(write_result(engine::conditional_update(
                 tx, &query, res, if_match,
             )?))
@@ -429,6 +421,22 @@ fn run_alone(tx: &mut dyn WriteTx, p: Planned) -> Result<EntryResult, StoreError
         Op::CondDelete { query } => cond_delete(tx, &query),
         op => read_op(tx, op),
     }
+}
+
+/// A batch entry's resource: as [`plan`] prepared it, or prepared here
+/// after its conditional references are resolved.
+fn prepared(
+    tx: &mut dyn WriteTx,
+    ready: Option<Prepared>,
+    rtype: String,
+    mut res: Map<String, Value>,
+) -> Result<Prepared, StoreError> {
+    if let Some(r) = ready {
+        return Ok(r);
+    }
+    let wanted = rewrite_local(&mut res, &HashMap::new())?;
+    resolve_conditional(tx, &mut res, wanted)?;
+    Ok(Prepared::new(rtype, res))
 }
 
 fn cond_delete(tx: &mut dyn WriteTx, q: &SearchQuery) -> Result<EntryResult, StoreError> {

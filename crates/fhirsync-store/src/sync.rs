@@ -196,6 +196,24 @@ impl RemoteVersion {
             .collect()
     }
 
+    /// Change records from payloads that each hold one entry as JSON (a
+    /// NATS message's), parsed and read in parallel.
+    pub fn from_payloads<P: AsRef<[u8]> + Sync>(
+        payloads: &[P],
+        validation: Mode,
+    ) -> Vec<Result<RemoteVersion, String>> {
+        use rayon::prelude::*;
+        payloads
+            .par_iter()
+            .with_min_len(ENTRIES_PER_TASK)
+            .map(|p| {
+                let entry: Value = serde_json::from_slice(p.as_ref())
+                    .map_err(|e| format!("message is not JSON: {e}"))?;
+                RemoteVersion::from_entry(&entry, validation)
+            })
+            .collect()
+    }
+
     /// The content hash (`None` for a tombstone).
     pub fn hash(&self) -> Option<u128> {
         self.res.as_ref().map(|r| r.hash)

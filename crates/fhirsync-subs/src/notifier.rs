@@ -9,13 +9,14 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use fhirsync_api::agent::EdgeCounters;
 use fhirsync_api::SyncAgent;
-use fhirsync_core::search::SearchQuery;
+use fhirsync_core::index::{self, IndexEntry};
+use fhirsync_core::search::{judge, SearchQuery};
 use fhirsync_core::subscription::Channel;
 use fhirsync_core::subscription::{
     basic, notification_bundle, search_of, Event, Interaction, NoteKind, Payload, Status,
@@ -84,6 +85,25 @@ struct Change<'a> {
     prev_seq: Option<u64>,
     /// This version's JSON (none for a delete).
     current: Option<Value>,
+    /// The index entries of `current` and of `previous`, made at the first
+    /// search judged on each.
+    current_index: OnceLock<Vec<IndexEntry>>,
+    previous_index: OnceLock<Vec<IndexEntry>>,
+}
+
+impl Change<'_> {
+    /// The index entries of the version at `seq` (this change's or the
+    /// one before), if its resource is at hand.
+    fn index_at(&self, seq: u64) -> Option<&[IndexEntry]> {
+        let (body, cell) = if seq == self.v.seq {
+            (self.current.as_ref()?, &self.current_index)
+        } else if Some(seq) == self.prev_seq {
+            (self.previous.as_ref()?, &self.previous_index)
+        } else {
+            return None;
+        };
+        Some(cell.get_or_init(|| index::extract(&self.v.rtype, body)))
+    }
 }
 
 /// The subscriptions agent of a node.
@@ -497,6 +517,8 @@ impl Inner {
                 prev_seq: previous.as_ref().map(|p| p.seq),
                 previous: previous.as_ref().and_then(body_json),
                 current,
+                current_index: OnceLock::new(),
+                previous_index: OnceLock::new(),
             };
             // a topic is decided once per change, however many
             // subscriptions share it; the filters run first
@@ -517,7 +539,7 @@ impl Inner {
                             }
                         }
                     }
-                    (None, Some(q)) => self.holds(q.clone(), v.seq).await?,
+                    (None, Some(q)) => self.holds(q.clone(), &change, v.seq).await?,
                     (None, None) => false,
                 };
                 if !hit {
@@ -554,8 +576,17 @@ impl Inner {
         Ok(last)
     }
 
-    /// Whether the version at `seq` satisfies a search as it was written.
-    async fn holds(&self, q: SearchQuery, seq: u64) -> Result<bool, String> {
+    /// Whether the version at `seq` (the change's or the one before)
+    /// satisfies a search as it was written: judged on the version's own
+    /// index entries when that gives the store's answer (see
+    /// [`judge`]), otherwise by the store.
+    async fn holds(&self, q: SearchQuery, c: &Change<'_>, seq: u64) -> Result<bool, String> {
+        if let Some(entries) = c.index_at(seq) {
+            let id = &c.v.id;
+            if let Some(b) = judge(&q, &c.v.rtype, id, entries) {
+                return Ok(b);
+            }
+        }
         self.store
             .version_matches(q, seq)
             .await
@@ -577,7 +608,7 @@ impl Inner {
                 continue;
             }
             let ok = match f.search(&c.v.rtype) {
-                Some(q) => self.holds(q, seq).await?,
+                Some(q) => self.holds(q, c, seq).await?,
                 None => f.matches_elements(focus),
             };
             if !ok {
@@ -604,13 +635,13 @@ impl Inner {
             let test = |text: &Option<String>| text.as_deref().map(|t| search_of(rtype, t));
             let previous = match (test(&qc.previous), c.prev_seq) {
                 (None, _) => None,
-                (Some(q), Some(s)) => Some(self.holds(q?, s).await?),
+                (Some(q), Some(s)) => Some(self.holds(q?, c, s).await?),
                 (Some(_), None) => Some(qc.create_passes),
             };
             let current = match test(&qc.current) {
                 None => None,
                 Some(_) if c.v.deleted => Some(qc.delete_passes),
-                Some(q) => Some(self.holds(q?, c.v.seq).await?),
+                Some(q) => Some(self.holds(q?, c, c.v.seq).await?),
             };
             if qc.decide(previous, current) {
                 return Ok(true);

@@ -382,8 +382,9 @@ async fn fill_source(
         source => {
             let (tx, rx) = mpsc::channel::<Item>(n * 8);
             let reader = spawn_reader(opts, source, tx, shared.clone(), false);
-            // Id prefixing between reader and index.
-            let (trx, transform) = up.spawn_transform(rx, crate::upload::queue_depth(n));
+            // Id prefixing between reader and index (not upload workers:
+            // a few items per thread keep the index fed).
+            let (trx, transform) = up.spawn_transform(rx, n * 4);
             let rows = tokio::task::spawn_blocking(move || rows_of_items(trx, rtx));
             let types = reader.await.map_err(|e| SyncError::Index(e.to_string()));
             let _ = transform.await;

@@ -1146,3 +1146,54 @@ async fn pages_pulled_ahead_are_stored_once_in_order_and_stop_at_a_bad_entry() {
     assert_eq!(items.len(), 1, "{dl}");
     assert!(dl.to_string().contains("Patient/p060"), "{dl}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn full_push_batches_are_sent_once_in_order_and_stop_at_a_refused_entry() {
+    // 120 records in one commit at the child, pushed in full batches of 7.
+    // The parent refuses the Observation in the middle: the records before
+    // it in its batch are kept, those after it are sent again, once.
+    let parent = patients_only_parent().await;
+    let mut e = edge_to(&parent, "c1");
+    e.pull = false;
+    e.batch_size_max = 7;
+    e.on_error = OnError::DeadLetter;
+    e.retry_max = 2;
+    e.retry_delay_ms_max = 50;
+    let child = child_with("c1", e, vec![], Arc::new(SystemClock)).await;
+    let entries: Vec<Value> = (0..120)
+        .map(|i| {
+            let (path, res) = match i {
+                60 => ("Observation/o060".to_owned(), obs("o060", "1")),
+                i => (format!("Patient/p{i:03}"), pat(&format!("p{i:03}"))),
+            };
+            json!({"resource": res, "request": {"method": "PUT", "url": path}})
+        })
+        .collect();
+    let bundle = json!({"resourceType": "Bundle", "type": "transaction", "entry": entries});
+    let r = child
+        .client
+        .post(&child.base)
+        .json(&bundle)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    eventually("the last Patient pushed", 30, || async {
+        has(&parent, "Patient/p119").await
+    })
+    .await;
+    let got = digest(&parent).await;
+    assert_eq!(got.len(), 119, "{got:?}");
+    assert!(!has(&parent, "Observation/o060").await);
+    let history: Value = get(&parent, "_history?_count=1000")
+        .await
+        .json()
+        .await
+        .unwrap();
+    let n = history["entry"].as_array().map_or(0, Vec::len);
+    assert_eq!(n, 119, "each version stored once at the parent");
+    let dl = admin(&child, "deadletters?direction=push").await;
+    let items = dl["items"].as_array().unwrap();
+    assert_eq!(items.len(), 1, "{dl}");
+    assert_eq!(items[0]["resourceId"], "o060", "{dl}");
+}

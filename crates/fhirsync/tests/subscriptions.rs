@@ -1180,3 +1180,113 @@ async fn basic_topics_with_query_criteria_and_search_parameter_filters() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(events_of(&hook.received()), vec![1, 2]);
 }
+
+#[tokio::test]
+async fn filters_judged_in_memory_give_the_stores_answer() {
+    // The matcher judges simple filters on a version's own index entries
+    // instead of asking the store; for each version and each search here,
+    // wherever it does, its answer must be the store's.
+    use fhirsync_core::index;
+    use fhirsync_core::search::{judge, SearchQuery};
+    let n = InProcess::start().await;
+    let resources = [
+        json!({"resourceType": "Patient", "id": "a", "gender": "female", "active": true,
+               "identifier": [{"system": "urn:mrn", "value": "g5"}, {"value": "G5"}],
+               "name": [{"family": "Ødegård", "given": ["Anne-Marie"]}],
+               "managingOrganization": {"reference": "Organization/o1"}}),
+        json!({"resourceType": "Patient", "id": "b", "gender": "male",
+               "identifier": [{"system": "urn:other", "value": "g50"}],
+               "name": [{"family": "Odegard", "given": ["Bo"]}],
+               "generalPractitioner": [{"reference": "http://elsewhere.example/fhir/Practitioner/x"}]}),
+        json!({"resourceType": "Observation", "id": "o", "status": "final",
+               "code": {"coding": [{"system": "http://loinc.org", "code": "8310-5"}], "text": "Body temperature"},
+               "category": [{"coding": [{"code": "vital-signs"}]}],
+               "subject": {"reference": "Patient/a"}, "valueString": "warm"}),
+        json!({"resourceType": "Observation", "id": "p", "status": "amended",
+               "code": {"text": "weight"}, "subject": {"reference": "Group/g"}}),
+    ];
+    let mut versions = Vec::new();
+    for r in &resources {
+        let path = format!(
+            "{}/{}",
+            r["resourceType"].as_str().unwrap(),
+            r["id"].as_str().unwrap()
+        );
+        assert_eq!(put(&n, &path, r).await.status(), 201);
+        let v = n
+            .store
+            .read(
+                r["resourceType"].as_str().unwrap(),
+                r["id"].as_str().unwrap(),
+            )
+            .await
+            .unwrap()
+            .unwrap();
+        versions.push(v);
+    }
+    let searches = [
+        ("Patient", "identifier=g5"),
+        ("Patient", "identifier=G5"),
+        ("Patient", "identifier=urn:mrn|g5"),
+        ("Patient", "identifier=urn:other|g5"),
+        ("Patient", "identifier=|G5"),
+        ("Patient", "identifier=urn:mrn|"),
+        ("Patient", "identifier=g5,g50"),
+        ("Patient", "gender=female&identifier=g50"),
+        ("Patient", "gender=male,female"),
+        ("Patient", "active=true"),
+        ("Patient", "family=ode"),
+        ("Patient", "family=Øde"),
+        ("Patient", "family:exact=Ødegård"),
+        ("Patient", "family:exact=odegard"),
+        ("Patient", "family:contains=EGA"),
+        ("Patient", "name=anne"),
+        ("Patient", "given=marie"),
+        ("Patient", "organization=Organization/o1"),
+        ("Patient", "organization=o1"),
+        ("Patient", "organization=o2"),
+        (
+            "Patient",
+            "general-practitioner=http://elsewhere.example/fhir/Practitioner/x",
+        ),
+        ("Patient", "_id=a"),
+        ("Patient", "_id=b,c"),
+        ("Patient", "identifier:text=g"),
+        ("Observation", "subject=Patient/a"),
+        ("Observation", "subject=a"),
+        ("Observation", "patient=a"),
+        ("Observation", "patient=Patient/a"),
+        ("Observation", "subject=Group/g"),
+        ("Observation", "subject:Patient=a"),
+        ("Observation", "code=http://loinc.org|8310-5"),
+        ("Observation", "code=8310-5"),
+        ("Observation", "code:text=body"),
+        ("Observation", "code:text=weight"),
+        ("Observation", "category=vital-signs&status=final"),
+        ("Observation", "status=final,amended"),
+        ("Observation", "value-string=war"),
+        // judged by the store: the matcher must leave these to it
+        ("Observation", "status:not=final"),
+        ("Observation", "subject:missing=true"),
+        ("Patient", "birthdate=ge2000"),
+        ("Observation", "subject:Patient.gender=female"),
+    ];
+    let (mut judged, mut left) = (0, 0);
+    for v in &versions {
+        let body: Value = serde_json::from_str(v.body.as_deref().unwrap()).unwrap();
+        let entries = index::extract(&v.rtype, &body);
+        for (t, s) in searches {
+            let q = SearchQuery::parse_query_string(Some(t), s).unwrap();
+            let store = n.store.version_matches(q.clone(), v.seq).await.unwrap();
+            match judge(&q, &v.rtype, &v.id, &entries) {
+                Some(mem) => {
+                    judged += 1;
+                    assert_eq!(mem, store, "{}/{} against {t}?{s}", v.rtype, v.id);
+                }
+                None => left += 1,
+            }
+        }
+    }
+    assert!(judged >= 150, "judged in memory: {judged}");
+    assert!(left >= 8, "left to the store: {left}");
+}

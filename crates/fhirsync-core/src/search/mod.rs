@@ -4,7 +4,10 @@
 //! `_summary`, `_elements`, `_total`, plus the paging positions this server
 //! writes into its own links.
 
+mod judge;
 mod value;
+
+pub use judge::judge;
 
 use crate::index;
 use crate::resource::{is_resource_type, is_valid_id};
