@@ -156,10 +156,9 @@ pub fn search(data: &[u8]) {
 /// sync-metadata extension), and the resource it holds as the replica
 /// stores it.
 pub fn change_record(data: &[u8]) {
-    let Ok(entry) = serde_json::from_slice::<Value>(data) else {
-        return;
-    };
-    let Ok(v) = RemoteVersion::from_entry(&entry, fhirsync_core::validate::Mode::Strict) else {
+    // as a NATS subscriber reads a message
+    let read = RemoteVersion::from_payloads(&[data], fhirsync_core::validate::Mode::Strict);
+    let Some(Ok(v)) = read.into_iter().next() else {
         return;
     };
     if let Some(p) = &v.res {
