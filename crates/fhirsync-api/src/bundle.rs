@@ -25,7 +25,7 @@ pub async fn process(
     let mut res = parse_client_resource(&bytes).map_err(StoreError::from)?;
     check_resource(&res, Some("Bundle")).map_err(StoreError::from)?;
     let mut refused = refuse_invalid_batch_entries(&state, &mut res);
-    let warnings = crate::validation::check(&state, &mut res)?;
+    let warnings = crate::validation::check(&state, &res)?;
     if let Some(axum::Extension(p)) = principal {
         crate::auth::check_bundle(&p, &res)?;
     }

@@ -27,9 +27,9 @@ async fn prepared_body(
     rtype: &str,
 ) -> Result<(Prepared, Vec<Issue>), ApiError> {
     let bytes = read_body(state, headers, body).await?;
-    let mut res = parse_client_resource(&bytes).map_err(StoreError::from)?;
+    let res = parse_client_resource(&bytes).map_err(StoreError::from)?;
     let t = check_resource(&res, Some(rtype)).map_err(StoreError::from)?;
-    let warnings = crate::validation::check(state, &mut res)?;
+    let warnings = crate::validation::check(state, &res)?;
     Ok((Prepared::new(t, res), warnings))
 }
 

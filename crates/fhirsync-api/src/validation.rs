@@ -8,7 +8,7 @@ use axum::http::HeaderMap;
 use axum::response::Response;
 use fhirsync_core::index::custom::Definition;
 use fhirsync_core::resource::{check_resource, parse_client_resource};
-use fhirsync_core::validate::{summary, validate, Issue};
+use fhirsync_core::validate::{summary, validate_object, Issue};
 use fhirsync_store::StoreError;
 use serde_json::{json, Map, Value};
 
@@ -43,21 +43,13 @@ pub fn outcome(issues: &[Issue], severity: &str) -> Value {
 /// Validates a resource a client writes, as the node's mode says: an
 /// error in strict mode; in lenient mode the problems, which the answer
 /// carries as warnings (empty when there are none).
-///
-/// The resource is lent to the validator as a `Value` and given back, not
-/// copied (a `batch` of 100 entries was copied whole at each request).
-pub fn check(state: &AppState, res: &mut Map<String, Value>) -> Result<Vec<Issue>, ApiError> {
+pub fn check(state: &AppState, res: &Map<String, Value>) -> Result<Vec<Issue>, ApiError> {
     check_search_parameters(res)?;
     let mode = state.cfg.validation;
     if mode == Mode::Off {
         return Ok(Vec::new());
     }
-    let lent = Value::Object(std::mem::take(res));
-    let checked = mode.check(&lent);
-    if let Value::Object(m) = lent {
-        *res = m;
-    }
-    match checked {
+    match mode.check_object(res) {
         Ok(issues) => {
             if !issues.is_empty() {
                 tracing::warn!(problems = %summary(&issues), "stored a resource that fails validation (lenient mode)");
@@ -151,6 +143,6 @@ pub async fn validate_op(
         res = inner;
     }
     check_resource(&res, Some(&rtype)).map_err(StoreError::from)?;
-    let issues = validate(&Value::Object(res));
+    let issues = validate_object(&res);
     Ok(fhir_json(outcome(&issues, "error").to_string()))
 }

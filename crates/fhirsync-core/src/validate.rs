@@ -56,7 +56,20 @@ impl Mode {
     /// Checks `v` as this mode says: `Err` with the problems when they
     /// refuse it, else `Ok` with those to report as warnings (lenient).
     pub fn check(self, v: &Value) -> Result<Vec<Issue>, Vec<Issue>> {
-        let issues = self.issues(v);
+        self.verdict(self.issues(v))
+    }
+
+    /// [`Mode::check`] of a resource held as its members (no `Value` is
+    /// built around it).
+    pub fn check_object(self, o: &Map<String, Value>) -> Result<Vec<Issue>, Vec<Issue>> {
+        let issues = match self {
+            Mode::Off => Vec::new(),
+            Mode::Strict | Mode::Lenient => validate_object(o),
+        };
+        self.verdict(issues)
+    }
+
+    fn verdict(self, issues: Vec<Issue>) -> Result<Vec<Issue>, Vec<Issue>> {
         if !issues.is_empty() && self.refuses() {
             Err(issues)
         } else {
@@ -85,6 +98,16 @@ pub fn validate(v: &Value) -> Vec<Issue> {
         path: String::new(),
     };
     cx.resource(v);
+    cx.issues
+}
+
+/// [`validate`] of a resource held as its members.
+pub fn validate_object(o: &Map<String, Value>) -> Vec<Issue> {
+    let mut cx = Cx {
+        issues: Vec::new(),
+        path: String::new(),
+    };
+    cx.resource_object(o);
     cx.issues
 }
 
@@ -125,6 +148,10 @@ impl Cx {
             self.issue("a resource must be a JSON object".into());
             return;
         };
+        self.resource_object(o);
+    }
+
+    fn resource_object(&mut self, o: &Map<String, Value>) {
         let Some(t) = o.get("resourceType").and_then(Value::as_str) else {
             self.issue("resourceType is missing".into());
             return;

@@ -82,7 +82,7 @@ pub fn ingest(data: &[u8]) {
     let Ok(rtype) = check_resource(&res, None) else {
         return;
     };
-    let issues = fhirsync_core::validate::validate(&serde_json::Value::Object(res.clone()));
+    let issues = fhirsync_core::validate::validate_object(&res);
     assert!(issues.len() <= fhirsync_core::validate::ISSUES_MAX);
     let p = Prepared::new(rtype, res);
     let body = p.body(

@@ -33,18 +33,14 @@ impl Checker {
 
     /// The resource, or the problems in one line when the mode refuses them.
     pub fn check_map(&self, res: Map<String, Value>) -> Result<Map<String, Value>, String> {
-        let res = Value::Object(res);
         let issues = self
             .mode
-            .check(&res)
+            .check_object(&res)
             .map_err(|i| format!("fails validation: {}", summary(&i)))?;
         if !issues.is_empty() {
             self.lenient.fetch_add(1, Ordering::Relaxed);
         }
-        match res {
-            Value::Object(m) => Ok(m),
-            _ => Err("not a JSON object".into()),
-        }
+        Ok(res)
     }
 }
 

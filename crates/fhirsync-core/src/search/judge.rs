@@ -35,15 +35,6 @@ pub fn judge(q: &SearchQuery, rtype: &str, id: &str, entries: &[IndexEntry]) -> 
 }
 
 fn cond_holds(c: &Cond, rt: Option<&str>, id: &str, entries: &[IndexEntry]) -> Option<bool> {
-    let rows = |param: &str| {
-        let (names, typed) = index::storage(rt, param);
-        let rows: Vec<&Key> = entries
-            .iter()
-            .filter(|e| names.iter().any(|n| **n == *e.param))
-            .map(|e| &e.key)
-            .collect();
-        (rows, typed)
-    };
     Some(match c {
         Cond::Id(x) => x == id,
         Cond::Token {
@@ -51,8 +42,8 @@ fn cond_holds(c: &Cond, rt: Option<&str>, id: &str, entries: &[IndexEntry]) -> O
             system,
             value,
         } => {
-            let (rows, typed) = rows(param);
-            rows.iter().any(|k| match k {
+            let (names, typed) = index::storage(rt, param);
+            let found = keys(entries, &names).any(|k| match k {
                 Key::Token {
                     system: s,
                     value: v,
@@ -62,23 +53,33 @@ fn cond_holds(c: &Cond, rt: Option<&str>, id: &str, entries: &[IndexEntry]) -> O
                         && system.as_ref().is_none_or(|x| x == s)
                 }
                 _ => false,
-            })
+            });
+            found
         }
         Cond::Text { param, op, value } => {
-            let (rows, typed) = rows(param);
+            let (names, typed) = index::storage(rt, param);
             if typed.is_some() {
                 return None;
             }
             let exact = (*op == TextOp::Exact).then(|| index::fold(value));
-            rows.iter().any(|k| match k {
+            let found = keys(entries, &names).any(|k| match k {
                 Key::Text { norm, raw } => match op {
                     TextOp::Starts => norm.starts_with(value.as_str()),
                     TextOp::Exact => exact.as_deref() == Some(norm.as_str()) && raw == value,
                     TextOp::Contains => norm.contains(value.as_str()),
                 },
                 _ => false,
-            })
+            });
+            found
         }
         _ => return None,
     })
+}
+
+/// The keys of the entries stored under one of `names`.
+fn keys<'a>(entries: &'a [IndexEntry], names: &'a [String]) -> impl Iterator<Item = &'a Key> {
+    entries
+        .iter()
+        .filter(|e| names.iter().any(|n| **n == *e.param))
+        .map(|e| &e.key)
 }
