@@ -3,7 +3,9 @@
 //! in one transaction; applying the same batch again changes nothing, so a
 //! child may resend whenever it did not see the answer. Each version is
 //! validated as the node's `[validation] mode` says; a refused one stops
-//! the batch there with a 422, which the child's `on_error` takes.
+//! the batch there with a 422, which the child's `on_error` takes. A batch
+//! that names its push stream waits for the stream's batch before it
+//! ([`crate::push_order`]), so a child may send batches back to back.
 
 use axum::body::Body;
 use axum::extract::State;
@@ -16,6 +18,7 @@ use serde_json::{json, Value};
 
 use crate::http::{fhir_json, read_body};
 use crate::peers::Access;
+use crate::push_order::{Batch, BATCH_EXTENSION, ORDER_PARAMETER, STREAM_EXTENSION};
 use crate::{ApiError, AppState};
 
 /// Extension of the request Bundle naming the edge's conflict policy.
@@ -24,14 +27,12 @@ pub const POLICY_EXTENSION: &str = "conflict-policy";
 /// Most entries one `$apply` call takes.
 pub const APPLY_ENTRIES_MAX: usize = 5_000;
 
-fn bundle_extension<'a>(b: &'a Value, name: &str) -> Option<&'a str> {
+fn bundle_extension<'a>(b: &'a Value, name: &str) -> Option<&'a Value> {
     let url = format!("{}/{name}", fhirsync_store::EXTENSION_BASE);
     b.get("extension")?
         .as_array()?
         .iter()
-        .find(|e| e.get("url").and_then(Value::as_str) == Some(&url))?
-        .get("valueCode")?
-        .as_str()
+        .find(|e| e.get("url").and_then(Value::as_str) == Some(&url))
 }
 
 pub async fn apply(
@@ -45,23 +46,45 @@ pub async fn apply(
     let parsed = tokio::task::spawn_blocking(move || parse(&bytes, &child.push_types, validation))
         .await
         .map_err(|e| ApiError::new(500, "exception", format!("parser failed: {e}")))??;
-    let (policy, versions, refused) = parsed;
+    let Parsed {
+        policy,
+        versions,
+        refused,
+        stream,
+    } = parsed;
     let received = versions.len() + usize::from(refused.is_some());
-    let out = state
-        .store
-        .write(WriteRequest::Apply(Box::new(ApplyRequest {
-            edge: child.node_id.clone(),
-            direction: Direction::Push,
-            peer: child.node_id.clone(),
-            policy,
-            versions,
-            cursor: None,
-            dead_letters: Vec::new(),
-            record_peer: true,
-        })))
-        .await?;
-    let WriteOutcome::Applied(rep) = out else {
-        return Err(ApiError::new(500, "exception", "unexpected write outcome"));
+    let rep = match stream {
+        Some((id, n)) => {
+            let batch = Batch {
+                policy,
+                versions,
+                refused: refused.clone(),
+            };
+            state
+                .children
+                .push_order
+                .apply(&state.store, &child.node_id, &id, n, batch)
+                .await?
+        }
+        None => {
+            let out = state
+                .store
+                .write(WriteRequest::Apply(Box::new(ApplyRequest {
+                    edge: child.node_id.clone(),
+                    direction: Direction::Push,
+                    peer: child.node_id.clone(),
+                    policy,
+                    versions,
+                    cursor: None,
+                    dead_letters: Vec::new(),
+                    record_peer: true,
+                })))
+                .await?;
+            let WriteOutcome::Applied(rep) = out else {
+                return Err(ApiError::new(500, "exception", "unexpected write outcome"));
+            };
+            rep
+        }
     };
     let mut failure = rep
         .failed()
@@ -78,6 +101,7 @@ pub async fn apply(
         json!({"name": "skipped", "valueInteger": rep.skipped}),
         json!({"name": "conflicts", "valueInteger": rep.conflicts}),
         json!({"name": "last-seq", "valueDecimal": state.store.last_seq()}),
+        json!({"name": ORDER_PARAMETER, "valueBoolean": true}),
     ];
     if let Some((i, status, why)) = failure {
         params.push(json!({"name": "failed-index", "valueInteger": i}));
@@ -89,10 +113,19 @@ pub async fn apply(
     ))
 }
 
-type Parsed = (Policy, Vec<RemoteVersion>, Option<(u16, String)>);
+/// A read `$apply` request.
+struct Parsed {
+    policy: Policy,
+    /// The versions up to the first entry that cannot be applied.
+    versions: Vec<RemoteVersion>,
+    /// That entry's status and reason.
+    refused: Option<(u16, String)>,
+    /// The push stream and the batch's number in it, when the child named them.
+    stream: Option<(String, u64)>,
+}
 
-/// The batch's policy and versions, up to the first entry that cannot be
-/// applied (its status and reason come back as the refusal).
+/// The batch's policy, stream and versions, up to the first entry that
+/// cannot be applied (its status and reason come back as the refusal).
 fn parse(bytes: &[u8], push_types: &[String], validation: Mode) -> Result<Parsed, ApiError> {
     let b: Value = serde_json::from_slice(bytes)
         .map_err(|e| ApiError::bad_request(format!("body is not JSON: {e}")))?;
@@ -102,9 +135,35 @@ fn parse(bytes: &[u8], push_types: &[String], validation: Mode) -> Result<Parsed
         ));
     }
     let policy = match bundle_extension(&b, POLICY_EXTENSION) {
-        Some(p) => p.parse::<Policy>().map_err(ApiError::bad_request)?,
+        Some(p) => p
+            .get("valueCode")
+            .and_then(Value::as_str)
+            .ok_or_else(|| ApiError::bad_request("the conflict-policy extension has no valueCode"))?
+            .parse::<Policy>()
+            .map_err(ApiError::bad_request)?,
         None => Policy::Manual,
     };
+    let stream =
+        match (
+            bundle_extension(&b, STREAM_EXTENSION),
+            bundle_extension(&b, BATCH_EXTENSION),
+        ) {
+            (None, None) => None,
+            (Some(s), Some(n)) => match (
+                s.get("valueString").and_then(Value::as_str),
+                n.get("valueInteger").and_then(Value::as_u64),
+            ) {
+                (Some(s), Some(n)) => Some((s.to_owned(), n)),
+                _ => return Err(ApiError::bad_request(
+                    "push-stream takes a valueString and push-batch a valueInteger of 0 or more",
+                )),
+            },
+            _ => {
+                return Err(ApiError::bad_request(
+                    "push-stream and push-batch come together",
+                ))
+            }
+        };
     let entries = b
         .get("entry")
         .and_then(Value::as_array)
@@ -117,6 +176,7 @@ fn parse(bytes: &[u8], push_types: &[String], validation: Mode) -> Result<Parsed
         ));
     }
     let mut versions = Vec::with_capacity(entries.len());
+    let mut refused = None;
     for (i, read) in RemoteVersion::from_entries(entries, validation)
         .into_iter()
         .enumerate()
@@ -124,11 +184,20 @@ fn parse(bytes: &[u8], push_types: &[String], validation: Mode) -> Result<Parsed
         match read {
             Ok(v) if !push_types.is_empty() && !push_types.contains(&v.rtype) => {
                 let why = format!("entry {i}: this child may not push {} resources", v.rtype);
-                return Ok((policy, versions, Some((403, why))));
+                refused = Some((403, why));
+                break;
             }
             Ok(v) => versions.push(v),
-            Err(why) => return Ok((policy, versions, Some((422, format!("entry {i}: {why}"))))),
+            Err(why) => {
+                refused = Some((422, format!("entry {i}: {why}")));
+                break;
+            }
         }
     }
-    Ok((policy, versions, None))
+    Ok(Parsed {
+        policy,
+        versions,
+        refused,
+        stream,
+    })
 }

@@ -20,6 +20,7 @@ mod history;
 mod http;
 pub mod http_metrics;
 pub mod peers;
+pub mod push_order;
 mod render;
 mod search;
 mod subs;

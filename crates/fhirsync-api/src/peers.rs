@@ -4,11 +4,12 @@
 //! `X-Fhirsync-Node: <its node id>`.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::http::{header, HeaderMap};
 
+use crate::push_order::PushOrder;
 use crate::ApiError;
 
 /// Header carrying the calling child's node id.
@@ -35,6 +36,8 @@ pub struct ChildConfig {
 pub struct Children {
     list: Vec<ChildConfig>,
     last_write: Mutex<HashMap<String, Instant>>,
+    /// The order of each child's pipelined pushes.
+    pub(crate) push_order: Arc<PushOrder>,
 }
 
 /// What a child asks to do.
@@ -59,6 +62,7 @@ impl Children {
         Children {
             list,
             last_write: Mutex::new(HashMap::new()),
+            push_order: Arc::default(),
         }
     }
 

@@ -9,11 +9,11 @@ use std::time::Duration;
 
 use fhirsync_api::agent::EdgeCounters;
 use fhirsync_api::peers::NODE_HEADER;
+use fhirsync_api::push_order::{BATCH_EXTENSION, ORDER_PARAMETER, STREAM_EXTENSION};
 use fhirsync_store::replica::cursor_key;
 use fhirsync_store::{
-    change_entry_text, entry_seq, ApplyReport, ApplyRequest, AuditEntry, ChangesQuery, DeadLetter,
-    Direction, NewDeadLetter, RemoteVersion, Store, StoredVersion, SyncWrite, WriteOutcome,
-    WriteRequest, EXTENSION_BASE,
+    entry_seq, ApplyReport, ApplyRequest, AuditEntry, DeadLetter, Direction, NewDeadLetter,
+    RemoteVersion, Store, SyncWrite, WriteOutcome, WriteRequest, EXTENSION_BASE,
 };
 use fhirsync_sync::retry::{backoff, Jitter};
 use serde_json::{json, Value};
@@ -22,6 +22,8 @@ use tokio::sync::{mpsc, watch};
 use crate::config::{EdgeConfig, OnError};
 use crate::filter::Filter;
 use crate::verify::VerifyState;
+
+mod push;
 
 /// Seconds a request may take beyond the long-poll wait.
 pub const REQUEST_TIMEOUT_S: u64 = 60;
@@ -110,6 +112,9 @@ pub struct ApplyAnswer {
     pub conflicts: u64,
     /// Index, status and reason of the entry that failed.
     pub failed: Option<(usize, u16, String)>,
+    /// The parent keeps the order of push streams, so batches may be sent
+    /// before the answer to the one before.
+    pub ordered: bool,
 }
 
 pub struct Edge {
@@ -172,9 +177,6 @@ impl Drop for Chain {
         self.task.abort();
     }
 }
-
-/// A push cursor being stored.
-type CursorWrite = tokio::task::JoinHandle<Result<(), fhirsync_store::StoreError>>;
 
 /// What [`Edge::read_page`] made of a page's entries.
 struct PageRead {
@@ -331,13 +333,27 @@ impl Edge {
 
     /// Sends change records (entry texts) to the parent's `$apply`.
     pub async fn post_apply(&self, entries: &[String]) -> Result<ApplyAnswer, Failure> {
+        self.post_apply_body(self.apply_body(entries, None)).await
+    }
+
+    /// An `$apply` request's Bundle of entry texts; `stream`: the push
+    /// stream and the batch's number in it.
+    fn apply_body(&self, entries: &[String], stream: Option<(&str, u64)>) -> String {
         let mut body =
-            String::with_capacity(entries.iter().map(|e| e.len() + 1).sum::<usize>() + 300);
+            String::with_capacity(entries.iter().map(|e| e.len() + 1).sum::<usize>() + 500);
+        let mut ext = vec![
+            json!({"url": format!("{EXTENSION_BASE}/conflict-policy"), "valueCode": self.cfg.conflict_policy.as_str()}),
+        ];
+        if let Some((id, n)) = stream {
+            ext.push(
+                json!({"url": format!("{EXTENSION_BASE}/{STREAM_EXTENSION}"), "valueString": id}),
+            );
+            ext.push(
+                json!({"url": format!("{EXTENSION_BASE}/{BATCH_EXTENSION}"), "valueInteger": n}),
+            );
+        }
         body.push_str(r#"{"resourceType":"Bundle","type":"collection","extension":"#);
-        body.push_str(
-            &json!([{"url": format!("{EXTENSION_BASE}/conflict-policy"), "valueCode": self.cfg.conflict_policy.as_str()}])
-                .to_string(),
-        );
+        body.push_str(&Value::Array(ext).to_string());
         body.push_str(r#","entry":["#);
         for (i, e) in entries.iter().enumerate() {
             if i > 0 {
@@ -346,6 +362,11 @@ impl Edge {
             body.push_str(e);
         }
         body.push_str("]}");
+        body
+    }
+
+    /// POSTs an [`Self::apply_body`] to the parent and reads its answer.
+    async fn post_apply_body(&self, body: String) -> Result<ApplyAnswer, Failure> {
         let v = self
             .send(
                 self.http
@@ -387,6 +408,7 @@ impl Edge {
             skipped: int("skipped"),
             conflicts: int("conflicts"),
             failed,
+            ordered: p(ORDER_PARAMETER).is_some_and(|x| x["valueBoolean"] == true),
         })
     }
 
@@ -398,39 +420,6 @@ impl Edge {
         tokio::select! {
             _ = tokio::time::sleep(d) => true,
             _ = stop.changed() => false,
-        }
-    }
-
-    /// The push cursor and its lag: this node's log past the cursor.
-    fn note_push_lag(&self, cursor: u64) {
-        self.push.cursor.store(cursor, Ordering::Relaxed);
-        self.push.lag.store(
-            self.store.last_seq().saturating_sub(cursor),
-            Ordering::Relaxed,
-        );
-    }
-
-    /// [`Self::pause`] for the push loop: the lag follows new local writes
-    /// while the loop waits to try again.
-    async fn pause_noting_lag(
-        &self,
-        d: Duration,
-        cursor: u64,
-        stop: &mut watch::Receiver<bool>,
-    ) -> bool {
-        let mut seq_rx = self.store.watch_seq();
-        let until = tokio::time::sleep(d);
-        tokio::pin!(until);
-        loop {
-            if *stop.borrow() {
-                return false;
-            }
-            self.note_push_lag(cursor);
-            tokio::select! {
-                _ = &mut until => return true,
-                _ = stop.changed() => return false,
-                r = seq_rx.changed() => if r.is_err() { return !*stop.borrow() },
-            }
         }
     }
 
@@ -805,226 +794,6 @@ impl Edge {
                 Ok(None)
             }
         }
-    }
-
-    /// Waits for a push cursor's write; a failure is said, not retried.
-    async fn stored_cursor(&self, w: CursorWrite) {
-        match w.await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                tracing::warn!(edge = %self.cfg.name, error = %e, "cannot store the push cursor");
-                self.push.set_state(
-                    "retrying",
-                    Some(format!("cannot store the push cursor: {e}")),
-                );
-            }
-            Err(e) => tracing::warn!(edge = %self.cfg.name, error = %e, "push cursor task failed"),
-        }
-    }
-
-    /// Pushes this node's change log to the parent until `stop`.
-    pub async fn run_push(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
-        let key = cursor_key(&self.cfg.name, Direction::Push);
-        self.push.set_state("starting", None);
-        let mut attempt = 0u32;
-        // The cursor first, so lag is true before the parent was ever
-        // reached (a wrong token, a parent that is down).
-        let mut cursor = match self.store.cursor(&key).await {
-            Ok(c) => c.unwrap_or(0),
-            Err(e) => {
-                self.push.set_state("blocked", Some(e.to_string()));
-                return;
-            }
-        };
-        self.note_push_lag(cursor);
-        // The parent's node id next: its own versions are never sent back.
-        let parent = loop {
-            let hello = tokio::select! {
-                r = self.post_apply(&[]) => r,
-                _ = stop.changed() => return,
-            };
-            match hello {
-                Ok(a) => break a.node_id,
-                Err(f) => {
-                    self.push.errors.fetch_add(1, Ordering::Relaxed);
-                    self.push.set_state("retrying", Some(f.reason));
-                    if !self
-                        .pause_noting_lag(self.delay(attempt), cursor, &mut stop)
-                        .await
-                    {
-                        return;
-                    }
-                    attempt += 1;
-                }
-            }
-        };
-        self.learn_parent(&parent);
-        let mut seq_rx = self.store.watch_seq();
-        let mut failing: Option<Failing> = None;
-        let mut cursor_write: Option<CursorWrite> = None;
-        attempt = 0;
-        self.push.set_state("ok", None);
-        while !*stop.borrow() {
-            let upper = *seq_rx.borrow_and_update();
-            let rows = match self
-                .store
-                .changes(ChangesQuery {
-                    since: cursor,
-                    count: self.cfg.batch_size_max,
-                    types: self.push_filter.types.clone(),
-                    exclude_via: Some(parent.clone()),
-                })
-                .await
-            {
-                Ok(r) => r,
-                Err(e) => {
-                    self.push.set_state("retrying", Some(e.to_string()));
-                    if !self
-                        .pause_noting_lag(self.delay(attempt), cursor, &mut stop)
-                        .await
-                    {
-                        break;
-                    }
-                    attempt += 1;
-                    continue;
-                }
-            };
-            let scanned = match rows.last() {
-                Some(v) if rows.len() >= self.cfg.batch_size_max => v.seq,
-                Some(v) => v.seq.max(upper),
-                None => upper.max(cursor),
-            };
-            self.note_push_lag(cursor);
-            let sel: Vec<&StoredVersion> = rows
-                .iter()
-                .filter(|v| {
-                    let body = if self.push_filter.has_expr() {
-                        v.body
-                            .as_deref()
-                            .and_then(|b| serde_json::from_str::<Value>(b).ok())
-                    } else {
-                        None
-                    };
-                    let pass = self.push_filter.passes(&v.rtype, body.as_ref());
-                    if !pass {
-                        self.push.filtered.fetch_add(1, Ordering::Relaxed);
-                    }
-                    pass
-                })
-                .collect();
-            if sel.is_empty() {
-                // Nothing to send up to `scanned`: remember it in memory only
-                // (a restart scans those rows again, harmlessly).
-                cursor = scanned;
-                self.note_push_lag(cursor);
-                if rows.is_empty() || scanned == upper {
-                    tokio::select! {
-                        r = seq_rx.changed() => if r.is_err() { break },
-                        _ = stop.changed() => break,
-                    }
-                }
-                continue;
-            }
-            let texts: Vec<String> = sel.iter().map(|v| change_entry_text(None, v)).collect();
-            let sent = tokio::select! {
-                r = self.post_apply(&texts) => r,
-                _ = stop.changed() => break,
-            };
-            let ans = match sent {
-                Ok(a) => {
-                    attempt = 0;
-                    a
-                }
-                Err(f) => {
-                    self.push.errors.fetch_add(1, Ordering::Relaxed);
-                    self.push.set_state("retrying", Some(f.reason));
-                    if !self
-                        .pause_noting_lag(self.delay(attempt), cursor, &mut stop)
-                        .await
-                    {
-                        break;
-                    }
-                    attempt += 1;
-                    continue;
-                }
-            };
-            self.push.stored.fetch_add(ans.stored, Ordering::Relaxed);
-            self.push.skipped.fetch_add(ans.skipped, Ordering::Relaxed);
-            self.push
-                .conflicts
-                .fetch_add(ans.conflicts, Ordering::Relaxed);
-            let (to, outcome) = match &ans.failed {
-                None => (scanned, "ok"),
-                Some((i, _, _)) => (
-                    sel.get(*i)
-                        .map_or(cursor, |v| v.seq.saturating_sub(1))
-                        .max(cursor),
-                    "partial",
-                ),
-            };
-            let mut audit = AuditEntry::new(
-                &self.cfg.name,
-                "push",
-                outcome,
-                ans.stored,
-                format!(
-                    "to {parent}: {} sent, {} stored, {} skipped, {} conflicts",
-                    ans.applied, ans.stored, ans.skipped, ans.conflicts
-                ),
-            );
-            audit.first_seq = sel.first().map(|v| v.seq);
-            audit.last_seq = Some(to);
-            let w = SyncWrite::SetCursor {
-                key: key.clone(),
-                seq: to,
-                audit: Some(audit),
-            };
-            // The cursor is stored while the next batch goes out (the one
-            // before is waited for first, so cursors are stored in order).
-            // Should it fail, the parent has the records: a restart sends
-            // them again, harmlessly.
-            if let Some(prev) = cursor_write.take() {
-                self.stored_cursor(prev).await;
-            }
-            let store = self.store.clone();
-            cursor_write = Some(tokio::spawn(async move {
-                store.write(WriteRequest::Sync(w)).await.map(|_| ())
-            }));
-            cursor = to;
-            self.note_push_lag(cursor);
-            match ans.failed {
-                None => {
-                    failing = None;
-                    self.push.set_state("ok", None);
-                }
-                Some((i, status, why)) => {
-                    // The dead letter's own cursor must come after it.
-                    if let Some(w) = cursor_write.take() {
-                        self.stored_cursor(w).await;
-                    }
-                    let Some(v) = sel.get(i) else { continue };
-                    let l = self.letter(
-                        Direction::Push,
-                        &v.rtype,
-                        &v.id,
-                        v.seq,
-                        texts[i].clone(),
-                        format!("{status}: {why}"),
-                    );
-                    let wait = self.record_failed(Direction::Push, &mut failing, l).await;
-                    if failing.is_none() {
-                        cursor = v.seq;
-                    }
-                    if !self.pause_noting_lag(wait, cursor, &mut stop).await {
-                        break;
-                    }
-                }
-            }
-        }
-        if let Some(w) = cursor_write.take() {
-            self.stored_cursor(w).await;
-        }
-        tracing::debug!(edge = %self.cfg.name, "push stopped");
     }
 
     /// Tries a dead letter again; removes it when it goes through.

@@ -510,6 +510,37 @@ async fn only_registered_children_with_their_token() {
     )
     .await;
     assert!(r.contains("Bundle"), "{r}");
+    // A push stream is named with its batch number, each of the right kind.
+    let base = fhirsync_store::EXTENSION_BASE;
+    let entry = json!({"resource": pat("p1"), "request": {"method": "PUT", "url": "Patient/p1"}});
+    for (ext, why) in [
+        (
+            json!([{"url": format!("{base}/push-stream"), "valueString": "s"}]),
+            "come together",
+        ),
+        (
+            json!([{"url": format!("{base}/push-stream"), "valueString": "s"},
+                   {"url": format!("{base}/push-batch"), "valueInteger": -1}]),
+            "valueInteger",
+        ),
+        (
+            json!([{"url": format!("{base}/push-stream"), "valueString": "s".repeat(65)},
+                   {"url": format!("{base}/push-batch"), "valueInteger": 0}]),
+            "characters",
+        ),
+        (
+            json!([{"url": format!("{base}/conflict-policy")}]),
+            "valueCode",
+        ),
+    ] {
+        let body = json!({"resourceType": "Bundle", "type": "collection", "extension": ext, "entry": [entry]});
+        let r = expect_outcome(
+            apply_as(&parent, "c1", "token-of-c1-0123456789", body.to_string()).await,
+            400,
+        )
+        .await;
+        assert!(r.contains(why), "{r}");
+    }
     assert_eq!(parent.store.last_seq(), 0, "refused calls change nothing");
 }
 
@@ -1147,6 +1178,61 @@ async fn pages_pulled_ahead_are_stored_once_in_order_and_stop_at_a_bad_entry() {
     assert!(dl.to_string().contains("Patient/p060"), "{dl}");
 }
 
+/// Commits `count` records in one transaction at `node`: Patients
+/// `p000`, `p001`, … with the Observation `o{at}` in place `at`.
+async fn patients_around_an_observation(node: &InProcess, count: usize, at: usize) {
+    let entries: Vec<Value> = (0..count)
+        .map(|i| {
+            let (path, res) = if i == at {
+                (
+                    format!("Observation/o{i:03}"),
+                    obs(&format!("o{i:03}"), "1"),
+                )
+            } else {
+                (format!("Patient/p{i:03}"), pat(&format!("p{i:03}")))
+            };
+            json!({"resource": res, "request": {"method": "PUT", "url": path}})
+        })
+        .collect();
+    let bundle = json!({"resourceType": "Bundle", "type": "transaction", "entry": entries});
+    let r = node
+        .client
+        .post(&node.base)
+        .json(&bundle)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pipelined_push_batches_stop_at_a_blocked_entry_with_nothing_after_it() {
+    // 300 records in one commit at the child, pushed in batches of 5 with
+    // several on their way at once; the parent refuses the Observation at
+    // 200 and the edge blocks there. The parent must hold the 200 Patients
+    // before it and none after it, though later batches were already sent.
+    let parent = patients_only_parent().await;
+    let mut e = edge_to(&parent, "c1");
+    e.pull = false;
+    e.batch_size_max = 5;
+    e.on_error = OnError::Block;
+    e.retry_max = 2;
+    e.retry_delay_ms_max = 50;
+    let child = child_with("c1", e, vec![], Arc::new(SystemClock)).await;
+    patients_around_an_observation(&child, 300, 200).await;
+    eventually("the push blocked", 30, || async {
+        admin(&child, "status").await["edges"][0]["push"]["state"] == "blocked"
+    })
+    .await;
+    for _ in 0..2 {
+        let got = digest(&parent).await;
+        assert_eq!(got.len(), 200, "Patients at the parent");
+        assert!(has(&parent, "Patient/p199").await);
+        assert!(!has(&parent, "Patient/p201").await);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn full_push_batches_are_sent_once_in_order_and_stop_at_a_refused_entry() {
     // 120 records in one commit at the child, pushed in full batches of 7.
@@ -1160,24 +1246,7 @@ async fn full_push_batches_are_sent_once_in_order_and_stop_at_a_refused_entry() 
     e.retry_max = 2;
     e.retry_delay_ms_max = 50;
     let child = child_with("c1", e, vec![], Arc::new(SystemClock)).await;
-    let entries: Vec<Value> = (0..120)
-        .map(|i| {
-            let (path, res) = match i {
-                60 => ("Observation/o060".to_owned(), obs("o060", "1")),
-                i => (format!("Patient/p{i:03}"), pat(&format!("p{i:03}"))),
-            };
-            json!({"resource": res, "request": {"method": "PUT", "url": path}})
-        })
-        .collect();
-    let bundle = json!({"resourceType": "Bundle", "type": "transaction", "entry": entries});
-    let r = child
-        .client
-        .post(&child.base)
-        .json(&bundle)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    patients_around_an_observation(&child, 120, 60).await;
     eventually("the last Patient pushed", 30, || async {
         has(&parent, "Patient/p119").await
     })
