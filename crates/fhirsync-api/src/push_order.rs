@@ -6,8 +6,10 @@
 //! [`PUSH_COMBINE_MAX`] versions); each batch still gets its own answer.
 //! After a batch that stopped (a refused entry, an error) every later
 //! batch of that stream is refused with 409, and the child sends again from
-//! its cursor under a new stream. A node keeps [`PUSH_STREAMS_MAX`] streams
-//! per child, the least recently used going first.
+//! its cursor under a new stream. A stream starts with its batch 0 (the
+//! child sends batch 1 only once batch 0 was answered), and a node keeps
+//! [`PUSH_STREAMS_MAX`] streams per child, the least recently used going
+//! first; a later batch of a stream not kept is refused (409) at once.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -85,7 +87,7 @@ type Streams = HashMap<String, Vec<Stream>>;
 
 /// The child's stream `id`, made if new (and the child's least recently
 /// used one dropped, past [`PUSH_STREAMS_MAX`]).
-fn stream_mut<'a>(streams: &'a mut Streams, child: &str, id: &str) -> &'a mut Stream {
+fn stream_new<'a>(streams: &'a mut Streams, child: &str, id: &str) -> &'a mut Stream {
     let list = streams.entry(child.to_owned()).or_default();
     let i = match list.iter().position(|s| s.id == id) {
         Some(i) => i,
@@ -175,7 +177,13 @@ impl PushOrder {
         let (reply, mut rx) = oneshot::channel();
         {
             let mut streams = self.lock();
-            let s = stream_mut(&mut streams, child, stream);
+            // A child sends batch 1 only once batch 0 was answered: a later
+            // batch of a stream not kept here is from before this node
+            // restarted, or from a stream the child gave up.
+            let s = match n {
+                0 => stream_new(&mut streams, child, stream),
+                _ => stream_kept(&mut streams, child, stream).ok_or_else(|| superseded(stream))?,
+            };
             s.used = Instant::now();
             if s.broken {
                 return Err(stopped(stream));
@@ -280,7 +288,7 @@ impl PushOrder {
 
 fn superseded(stream: &str) -> ApiError {
     conflict(format!(
-        "push stream {stream} is no longer kept here (more recent streams of this child came); send again from the cursor"
+        "push stream {stream} is not kept here (this node restarted, or more recent streams of this child came); send again from the cursor"
     ))
 }
 
@@ -377,18 +385,22 @@ mod tests {
     #[tokio::test]
     async fn a_batch_waits_for_the_one_before_and_a_stop_refuses_the_rest() {
         let (o, (_dir, s)) = (Arc::new(PushOrder::default()), store());
-        let (o1, s1) = (o.clone(), s.clone());
-        let second = tokio::spawn(async move { o1.apply(&s1, "c", "s", 1, empty()).await });
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        assert!(!second.is_finished(), "batch 1 went before batch 0");
+        // A stream not started here: refused at once.
+        let e = o.apply(&s, "c", "s", 1, empty()).await.unwrap_err();
+        assert!(e.diagnostics.contains("not kept"), "{}", e.diagnostics);
         o.apply(&s, "c", "s", 0, empty()).await.unwrap();
-        second.await.unwrap().unwrap();
-        // Batch 2 is refused: batch 3 after it is not stored.
+        let (o1, s1) = (o.clone(), s.clone());
+        let third = tokio::spawn(async move { o1.apply(&s1, "c", "s", 2, empty()).await });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!third.is_finished(), "batch 2 went before batch 1");
+        o.apply(&s, "c", "s", 1, empty()).await.unwrap();
+        third.await.unwrap().unwrap();
+        // Batch 3 is refused: batch 4 after it is not stored.
         let mut refused = empty();
         refused.refused = Some((422, "bad".into()));
-        let rep = o.apply(&s, "c", "s", 2, refused).await.unwrap();
+        let rep = o.apply(&s, "c", "s", 3, refused).await.unwrap();
         assert!(rep.results.is_empty());
-        let e = o.apply(&s, "c", "s", 3, empty()).await.unwrap_err();
+        let e = o.apply(&s, "c", "s", 4, empty()).await.unwrap_err();
         assert_eq!(e.status.as_u16(), 409);
         assert!(e.diagnostics.contains("stopped"), "{}", e.diagnostics);
         // Another stream is its own, and so are another child's.
@@ -405,8 +417,9 @@ mod tests {
         o.apply(&s, "d", "s", 0, empty()).await.unwrap();
         // Past PUSH_STREAMS_MAX streams, the least recently used goes, with
         // the batches waiting in it.
+        o.apply(&s, "c", "old", 0, empty()).await.unwrap();
         let (o1, s1) = (o.clone(), s.clone());
-        let waiting = tokio::spawn(async move { o1.apply(&s1, "c", "old", 1, empty()).await });
+        let waiting = tokio::spawn(async move { o1.apply(&s1, "c", "old", 2, empty()).await });
         tokio::time::sleep(Duration::from_millis(20)).await;
         for i in 0..PUSH_STREAMS_MAX {
             o.apply(&s, "c", &format!("new{i}"), 0, empty())
@@ -414,11 +427,7 @@ mod tests {
                 .unwrap();
         }
         let e = waiting.await.unwrap().unwrap_err();
-        assert!(
-            e.diagnostics.contains("no longer kept"),
-            "{}",
-            e.diagnostics
-        );
+        assert!(e.diagnostics.contains("not kept"), "{}", e.diagnostics);
     }
 
     #[tokio::test]

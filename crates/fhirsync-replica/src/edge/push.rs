@@ -52,6 +52,44 @@ struct Batch {
     answer: Option<Answer>,
 }
 
+/// The batches on their way, and where the next one starts.
+struct Ahead {
+    flight: VecDeque<Batch>,
+    stream: Stream,
+    /// Where the next read of the log starts.
+    since: u64,
+    /// The last read reached the log's end.
+    caught_up: bool,
+    /// One batch at a time until a whole success: at a stream's start (the
+    /// parent learns of a stream from its batch 0, and refuses a later
+    /// batch of one it does not know), and after a failure (a blocked
+    /// record is not sent again with batches behind it).
+    careful: bool,
+}
+
+impl Ahead {
+    fn new(cursor: u64) -> Self {
+        Ahead {
+            flight: VecDeque::new(),
+            stream: Stream::new(),
+            since: cursor,
+            caught_up: false,
+            careful: true,
+        }
+    }
+
+    /// Drops the batches on their way (the parent refuses them, or already
+    /// applied them, and applying again changes nothing); the next read
+    /// starts at `cursor` under a new stream.
+    fn restart(&mut self, cursor: u64) {
+        self.flight.clear();
+        self.stream = Stream::new();
+        self.since = cursor;
+        self.caught_up = false;
+        self.careful = true;
+    }
+}
+
 /// The loop's push stream: a fresh id per start and after each stop.
 struct Stream {
     id: String,
@@ -177,25 +215,24 @@ impl Edge {
         let mut seq_rx = self.store.watch_seq();
         let mut failing: Option<Failing> = None;
         let mut cursor_write: Option<CursorWrite> = None;
-        let mut flight: VecDeque<Batch> = VecDeque::new();
-        let mut stream = Stream::new();
-        // Where the next read of the log starts, and whether the last one
-        // reached its end.
-        let mut since = cursor;
-        let mut caught_up = false;
+        let mut ahead = Ahead::new(cursor);
         attempt = 0;
         self.push.set_state("ok", None);
         while !*stop.borrow() {
-            if caught_up && seq_rx.has_changed().unwrap_or(false) {
-                caught_up = false;
+            if ahead.caught_up && seq_rx.has_changed().unwrap_or(false) {
+                ahead.caught_up = false;
             }
-            let depth = if ordered { PUSH_IN_FLIGHT } else { 1 };
-            if !caught_up && flight.len() < depth {
+            let depth = if ordered && !ahead.careful {
+                PUSH_IN_FLIGHT
+            } else {
+                1
+            };
+            if !ahead.caught_up && ahead.flight.len() < depth {
                 let upper = *seq_rx.borrow_and_update();
                 let rows = match self
                     .store
                     .changes(ChangesQuery {
-                        since,
+                        since: ahead.since,
                         count: self.cfg.batch_size_max,
                         types: self.push_filter.types.clone(),
                         exclude_via: Some(parent.clone()),
@@ -204,9 +241,7 @@ impl Edge {
                 {
                     Ok(r) => r,
                     Err(e) => {
-                        flight.clear();
-                        stream = Stream::new();
-                        since = cursor;
+                        ahead.restart(cursor);
                         self.push.set_state("retrying", Some(e.to_string()));
                         if !self
                             .pause_noting_lag(self.delay(attempt), cursor, &mut stop)
@@ -221,28 +256,28 @@ impl Edge {
                 let scanned = match rows.last() {
                     Some(v) if rows.len() >= self.cfg.batch_size_max => v.seq,
                     Some(v) => v.seq.max(upper),
-                    None => upper.max(since),
+                    None => upper.max(ahead.since),
                 };
-                caught_up = rows.is_empty() || scanned == upper;
-                since = scanned;
-                let batch = self.batch(&rows, scanned, ordered.then_some(&mut stream));
-                if batch.answer.is_none() && flight.is_empty() {
+                ahead.caught_up = rows.is_empty() || scanned == upper;
+                ahead.since = scanned;
+                let batch = self.batch(&rows, scanned, ordered.then_some(&mut ahead.stream));
+                if batch.answer.is_none() && ahead.flight.is_empty() {
                     // Nothing to send up to `scanned`: remember it in memory
                     // only (a restart scans those rows again, harmlessly).
                     cursor = scanned;
                     self.note_push_lag(cursor);
                 } else {
-                    flight.push_back(batch);
+                    ahead.flight.push_back(batch);
                 }
                 continue;
             }
-            let Some(mut head) = flight.pop_front() else {
+            let Some(mut head) = ahead.flight.pop_front() else {
                 // Caught up, nothing on its way: wait for new writes.
                 tokio::select! {
                     r = seq_rx.changed() => if r.is_err() { break },
                     _ = stop.changed() => break,
                 }
-                caught_up = false;
+                ahead.caught_up = false;
                 continue;
             };
             let Some(mut answer) = head.answer.take() else {
@@ -264,10 +299,7 @@ impl Edge {
                     a
                 }
                 Err(f) => {
-                    flight.clear();
-                    stream = Stream::new();
-                    since = cursor;
-                    caught_up = false;
+                    ahead.restart(cursor);
                     if f.status == Some(409) && head.n > 0 {
                         // The parent no longer knows the stream (it
                         // restarted): a new one starts from the cursor.
@@ -331,15 +363,13 @@ impl Edge {
             match ans.failed {
                 None => {
                     failing = None;
+                    ahead.careful = false;
                     self.push.set_state("ok", None);
                 }
                 Some((i, status, why)) => {
                     // The batches after this one are not applied: they go
                     // again, from the cursor, under a new stream.
-                    flight.clear();
-                    stream = Stream::new();
-                    since = cursor;
-                    caught_up = false;
+                    ahead.restart(cursor);
                     // The dead letter's own cursor must come after it.
                     if let Some(w) = cursor_write.take() {
                         self.stored_cursor(w).await;
@@ -358,7 +388,7 @@ impl Edge {
                     let wait = self.record_failed(Direction::Push, &mut failing, l).await;
                     if failing.is_none() {
                         cursor = *seq;
-                        since = cursor;
+                        ahead.since = cursor;
                     }
                     if !self.pause_noting_lag(wait, cursor, &mut stop).await {
                         break;
@@ -366,7 +396,7 @@ impl Edge {
                 }
             }
         }
-        flight.clear();
+        ahead.flight.clear();
         if let Some(w) = cursor_write.take() {
             self.stored_cursor(w).await;
         }
