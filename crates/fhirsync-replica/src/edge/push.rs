@@ -24,7 +24,7 @@ use super::{ApplyAnswer, Edge, Failing, Failure};
 
 /// Most `$apply` batches on their way to the parent at once (to a parent
 /// that keeps the order of push streams; otherwise one).
-pub const PUSH_IN_FLIGHT: usize = 6;
+pub const PUSH_IN_FLIGHT: usize = 12;
 
 /// A push cursor being stored.
 type CursorWrite = JoinHandle<Result<(), StoreError>>;
