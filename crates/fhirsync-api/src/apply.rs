@@ -13,12 +13,12 @@ use axum::http::HeaderMap;
 use axum::response::Response;
 use fhirsync_core::replicate::Policy;
 use fhirsync_core::validate::Mode;
-use fhirsync_store::{ApplyRequest, Direction, RemoteVersion, WriteOutcome, WriteRequest};
+use fhirsync_store::RemoteVersion;
 use serde_json::{json, Value};
 
 use crate::http::{fhir_json, read_body};
 use crate::peers::Access;
-use crate::push_order::{Batch, BATCH_EXTENSION, ORDER_PARAMETER, STREAM_EXTENSION};
+use crate::push_order::{store_push, Batch, BATCH_EXTENSION, ORDER_PARAMETER, STREAM_EXTENSION};
 use crate::{ApiError, AppState};
 
 /// Extension of the request Bundle naming the edge's conflict policy.
@@ -66,25 +66,7 @@ pub async fn apply(
                 .apply(&state.store, &child.node_id, &id, n, batch)
                 .await?
         }
-        None => {
-            let out = state
-                .store
-                .write(WriteRequest::Apply(Box::new(ApplyRequest {
-                    edge: child.node_id.clone(),
-                    direction: Direction::Push,
-                    peer: child.node_id.clone(),
-                    policy,
-                    versions,
-                    cursor: None,
-                    dead_letters: Vec::new(),
-                    record_peer: true,
-                })))
-                .await?;
-            let WriteOutcome::Applied(rep) = out else {
-                return Err(ApiError::new(500, "exception", "unexpected write outcome"));
-            };
-            rep
-        }
+        None => store_push(&state.store, &child.node_id, policy, versions).await?,
     };
     let mut failure = rep
         .failed()

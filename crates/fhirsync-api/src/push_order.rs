@@ -292,6 +292,31 @@ fn superseded(stream: &str) -> ApiError {
     ))
 }
 
+/// Stores versions a child pushed, in one transaction.
+pub(crate) async fn store_push(
+    store: &Arc<dyn Store>,
+    child: &str,
+    policy: Policy,
+    versions: Vec<RemoteVersion>,
+) -> Result<ApplyReport, ApiError> {
+    let out = store
+        .write(WriteRequest::Apply(Box::new(ApplyRequest {
+            edge: child.to_owned(),
+            direction: Direction::Push,
+            peer: child.to_owned(),
+            policy,
+            versions,
+            cursor: None,
+            dead_letters: Vec::new(),
+            record_peer: true,
+        })))
+        .await?;
+    match out {
+        WriteOutcome::Applied(rep) => Ok(rep),
+        _ => Err(ApiError::new(500, "exception", "unexpected write outcome")),
+    }
+}
+
 /// Stores the batches in one write request and answers each; `true` when
 /// every one was stored in full.
 async fn store_together(
@@ -309,25 +334,9 @@ async fn store_together(
         parts.push((w.batch.versions.len(), w.batch.refused, w.reply));
         versions.extend(w.batch.versions);
     }
-    let out = store
-        .write(WriteRequest::Apply(Box::new(ApplyRequest {
-            edge: child.to_owned(),
-            direction: Direction::Push,
-            peer: child.to_owned(),
-            policy,
-            versions,
-            cursor: None,
-            dead_letters: Vec::new(),
-            record_peer: true,
-        })))
-        .await;
-    let mut results = match out {
-        Ok(WriteOutcome::Applied(rep)) => rep.results.into_iter(),
-        other => {
-            let e = match other {
-                Err(e) => ApiError::from(e),
-                Ok(_) => ApiError::new(500, "exception", "unexpected write outcome"),
-            };
+    let mut results = match store_push(store, child, policy, versions).await {
+        Ok(rep) => rep.results.into_iter(),
+        Err(e) => {
             for (_, _, reply) in parts {
                 let _ = reply.send(Err(ApiError::new(
                     e.status.as_u16(),

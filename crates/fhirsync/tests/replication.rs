@@ -1178,6 +1178,18 @@ async fn pages_pulled_ahead_are_stored_once_in_order_and_stop_at_a_bad_entry() {
     assert!(dl.to_string().contains("Patient/p060"), "{dl}");
 }
 
+/// A push-only child `c1` of `parent`, sending batches of `batch`, that
+/// gives up on a record after two attempts as `on_error` says.
+async fn pushing_child(parent: &InProcess, batch: usize, on_error: OnError) -> InProcess {
+    let mut e = edge_to(parent, "c1");
+    e.pull = false;
+    e.batch_size_max = batch;
+    e.on_error = on_error;
+    e.retry_max = 2;
+    e.retry_delay_ms_max = 50;
+    child_with("c1", e, vec![], Arc::new(SystemClock)).await
+}
+
 /// Commits `count` records in one transaction at `node`: Patients
 /// `p000`, `p001`, … with the Observation `o{at}` in place `at`.
 async fn patients_around_an_observation(node: &InProcess, count: usize, at: usize) {
@@ -1212,13 +1224,7 @@ async fn pipelined_push_batches_stop_at_a_blocked_entry_with_nothing_after_it() 
     // 200 and the edge blocks there. The parent must hold the 200 Patients
     // before it and none after it, though later batches were already sent.
     let parent = patients_only_parent().await;
-    let mut e = edge_to(&parent, "c1");
-    e.pull = false;
-    e.batch_size_max = 5;
-    e.on_error = OnError::Block;
-    e.retry_max = 2;
-    e.retry_delay_ms_max = 50;
-    let child = child_with("c1", e, vec![], Arc::new(SystemClock)).await;
+    let child = pushing_child(&parent, 5, OnError::Block).await;
     patients_around_an_observation(&child, 300, 200).await;
     eventually("the push blocked", 30, || async {
         admin(&child, "status").await["edges"][0]["push"]["state"] == "blocked"
@@ -1239,13 +1245,7 @@ async fn full_push_batches_are_sent_once_in_order_and_stop_at_a_refused_entry() 
     // The parent refuses the Observation in the middle: the records before
     // it in its batch are kept, those after it are sent again, once.
     let parent = patients_only_parent().await;
-    let mut e = edge_to(&parent, "c1");
-    e.pull = false;
-    e.batch_size_max = 7;
-    e.on_error = OnError::DeadLetter;
-    e.retry_max = 2;
-    e.retry_delay_ms_max = 50;
-    let child = child_with("c1", e, vec![], Arc::new(SystemClock)).await;
+    let child = pushing_child(&parent, 7, OnError::DeadLetter).await;
     patients_around_an_observation(&child, 120, 60).await;
     eventually("the last Patient pushed", 30, || async {
         has(&parent, "Patient/p119").await
