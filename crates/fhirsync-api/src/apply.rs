@@ -14,6 +14,7 @@ use axum::response::Response;
 use fhirsync_core::replicate::Policy;
 use fhirsync_core::validate::Mode;
 use fhirsync_store::RemoteVersion;
+use serde_json::value::RawValue;
 use serde_json::{json, Value};
 
 use crate::http::{fhir_json, read_body};
@@ -27,9 +28,10 @@ pub const POLICY_EXTENSION: &str = "conflict-policy";
 /// Most entries one `$apply` call takes.
 pub const APPLY_ENTRIES_MAX: usize = 5_000;
 
-fn bundle_extension<'a>(b: &'a Value, name: &str) -> Option<&'a Value> {
+/// The member named `name` of a Bundle's `extension` array.
+fn bundle_extension<'a>(extension: Option<&'a Value>, name: &str) -> Option<&'a Value> {
     let url = format!("{}/{name}", fhirsync_store::EXTENSION_BASE);
-    b.get("extension")?
+    extension?
         .as_array()?
         .iter()
         .find(|e| e.get("url").and_then(Value::as_str) == Some(&url))
@@ -106,17 +108,29 @@ struct Parsed {
     stream: Option<(String, u64)>,
 }
 
+/// The members of an `$apply` Bundle that are read; each entry stays text
+/// until the entries are read in parallel.
+#[derive(serde::Deserialize)]
+struct ApplyBundle<'a> {
+    #[serde(rename = "resourceType", default)]
+    resource_type: Option<Value>,
+    #[serde(default)]
+    extension: Option<Value>,
+    #[serde(default, borrow)]
+    entry: Option<Vec<&'a RawValue>>,
+}
+
 /// The batch's policy, stream and versions, up to the first entry that
 /// cannot be applied (its status and reason come back as the refusal).
 fn parse(bytes: &[u8], push_types: &[String], validation: Mode) -> Result<Parsed, ApiError> {
-    let b: Value = serde_json::from_slice(bytes)
-        .map_err(|e| ApiError::bad_request(format!("body is not JSON: {e}")))?;
-    if b.get("resourceType").and_then(Value::as_str) != Some("Bundle") {
+    let b: ApplyBundle = serde_json::from_slice(bytes)
+        .map_err(|e| ApiError::bad_request(format!("body is not a JSON Bundle: {e}")))?;
+    if b.resource_type.as_ref().and_then(Value::as_str) != Some("Bundle") {
         return Err(ApiError::bad_request(
             "$apply takes a Bundle of change records",
         ));
     }
-    let policy = match bundle_extension(&b, POLICY_EXTENSION) {
+    let policy = match bundle_extension(b.extension.as_ref(), POLICY_EXTENSION) {
         Some(p) => p
             .get("valueCode")
             .and_then(Value::as_str)
@@ -127,8 +141,8 @@ fn parse(bytes: &[u8], push_types: &[String], validation: Mode) -> Result<Parsed
     };
     let stream =
         match (
-            bundle_extension(&b, STREAM_EXTENSION),
-            bundle_extension(&b, BATCH_EXTENSION),
+            bundle_extension(b.extension.as_ref(), STREAM_EXTENSION),
+            bundle_extension(b.extension.as_ref(), BATCH_EXTENSION),
         ) {
             (None, None) => None,
             (Some(s), Some(n)) => match (
@@ -146,10 +160,12 @@ fn parse(bytes: &[u8], push_types: &[String], validation: Mode) -> Result<Parsed
                 ))
             }
         };
-    let entries = b
-        .get("entry")
-        .and_then(Value::as_array)
-        .map_or(&[][..], |v| v);
+    let entries: Vec<&[u8]> = b
+        .entry
+        .iter()
+        .flatten()
+        .map(|e| e.get().as_bytes())
+        .collect();
     if entries.len() > APPLY_ENTRIES_MAX {
         return Err(ApiError::new(
             413,
@@ -159,7 +175,7 @@ fn parse(bytes: &[u8], push_types: &[String], validation: Mode) -> Result<Parsed
     }
     let mut versions = Vec::with_capacity(entries.len());
     let mut refused = None;
-    for (i, read) in RemoteVersion::from_entries(entries, validation)
+    for (i, read) in RemoteVersion::from_payloads(&entries, validation)
         .into_iter()
         .enumerate()
     {

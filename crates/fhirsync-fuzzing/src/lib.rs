@@ -154,13 +154,28 @@ pub fn search(data: &[u8]) {
 
 /// A change record as `$apply` and NATS carry it (a Bundle entry with the
 /// sync-metadata extension), and the resource it holds as the replica
-/// stores it.
+/// stores it; read from its text and from its tree, the same record.
 pub fn change_record(data: &[u8]) {
     // as a NATS subscriber reads a message
-    let read = RemoteVersion::from_payloads(&[data], fhirsync_core::validate::Mode::Strict);
+    let strict = fhirsync_core::validate::Mode::Strict;
+    let read = RemoteVersion::from_payloads(&[data], strict);
     let Some(Ok(v)) = read.into_iter().next() else {
         return;
     };
+    // as a page of the change feed is read (a tree): where both read the
+    // record, they read the same one
+    if let Ok(tree) = serde_json::from_slice::<serde_json::Value>(data) {
+        if let Ok(t) = RemoteVersion::from_entry(&tree, strict) {
+            assert_eq!(
+                (&t.rtype, &t.id, t.seq, &t.origin),
+                (&v.rtype, &v.id, v.seq, &v.origin)
+            );
+            assert_eq!(
+                (t.vv.to_json(), t.hlc, t.hash()),
+                (v.vv.to_json(), v.hlc, v.hash())
+            );
+        }
+    }
     if let Some(p) = &v.res {
         let body = p.body(&v.id, 1, "2026-01-02T03:04:05.678Z");
         parse_resource(body.as_bytes()).expect("the stored form is JSON");

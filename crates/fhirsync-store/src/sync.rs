@@ -11,7 +11,8 @@ use fhirsync_core::replicate::Policy;
 use fhirsync_core::resource::{check_resource, is_resource_type};
 use fhirsync_core::validate::{summary, Mode};
 use fhirsync_core::{Hlc, VersionVector};
-use serde_json::{json, Value};
+use serde_json::value::RawValue;
+use serde_json::{json, Map, Value};
 
 use crate::types::{Prepared, StoredVersion};
 
@@ -93,10 +94,11 @@ pub fn change_entry_text(base: Option<&str>, v: &StoredVersion) -> String {
     out
 }
 
-/// The members of an entry's `sync-metadata` extension.
-fn sync_metadata(e: &Value) -> Option<&Vec<Value>> {
+/// The members of the `sync-metadata` extension among an entry's
+/// `extension` array.
+fn sync_metadata(extension: Option<&Value>) -> Option<&Vec<Value>> {
     let url = format!("{EXTENSION_BASE}/sync-metadata");
-    e.get("extension")?
+    extension?
         .as_array()?
         .iter()
         .find(|x| x.get("url").and_then(Value::as_str) == Some(&url))?
@@ -104,10 +106,10 @@ fn sync_metadata(e: &Value) -> Option<&Vec<Value>> {
         .as_array()
 }
 
-/// The sender's `seq` of a change record, if it can be read.
-pub fn entry_seq(e: &Value) -> Option<u64> {
-    sync_metadata(e)?
-        .iter()
+/// The `seq` member of a `sync-metadata` extension, if it is a
+/// non-negative integer.
+fn metadata_seq(meta: &[Value]) -> Option<u64> {
+    meta.iter()
         .find(|x| x.get("url").and_then(Value::as_str) == Some("seq"))?
         .get("valueDecimal")?
         .to_string()
@@ -115,15 +117,66 @@ pub fn entry_seq(e: &Value) -> Option<u64> {
         .ok()
 }
 
+/// The sender's `seq` of a change record, if it can be read.
+pub fn entry_seq(e: &Value) -> Option<u64> {
+    metadata_seq(sync_metadata(e.get("extension"))?)
+}
+
 /// Entries one parallel task of [`RemoteVersion::from_entries`] reads.
 const ENTRIES_PER_TASK: usize = 64;
+
+/// The members of a change record's entry that are read, with its
+/// resource left as text until the entry is read (so a batch's entries
+/// are parsed in parallel, and the text is kept as received without
+/// writing it again).
+#[derive(serde::Deserialize)]
+struct EntryText<'a> {
+    #[serde(default)]
+    extension: Option<Value>,
+    #[serde(default)]
+    request: Option<Value>,
+    #[serde(default, borrow)]
+    resource: Option<&'a RawValue>,
+}
+
+/// An entry's resource: a parsed tree, or its text.
+enum Resource<'a> {
+    Tree(&'a Value),
+    Text(&'a RawValue),
+}
 
 impl RemoteVersion {
     /// Reads a change record from a Bundle entry of `$changes` or `$apply`;
     /// its resource is validated as `validation` says (a refusal is the
     /// record's error, which the receiver's retry and dead-letter rules take).
     pub fn from_entry(e: &Value, validation: Mode) -> Result<RemoteVersion, String> {
-        let meta = sync_metadata(e).ok_or("entry has no sync-metadata extension")?;
+        Self::read(
+            e.get("extension"),
+            e.get("request"),
+            e.get("resource").map(Resource::Tree),
+            validation,
+        )
+    }
+
+    /// [`Self::from_entry`] of an entry's JSON text.
+    pub fn from_entry_text(text: &[u8], validation: Mode) -> Result<RemoteVersion, String> {
+        let e: EntryText = serde_json::from_slice(text)
+            .map_err(|e| format!("entry is not a change record: {e}"))?;
+        Self::read(
+            e.extension.as_ref(),
+            e.request.as_ref(),
+            e.resource.map(Resource::Text),
+            validation,
+        )
+    }
+
+    fn read(
+        extension: Option<&Value>,
+        request: Option<&Value>,
+        resource: Option<Resource>,
+        validation: Mode,
+    ) -> Result<RemoteVersion, String> {
+        let meta = sync_metadata(extension).ok_or("entry has no sync-metadata extension")?;
         let field = |name: &str, kind: &str| {
             meta.iter()
                 .find(|x| x.get("url").and_then(Value::as_str) == Some(name))
@@ -131,7 +184,7 @@ impl RemoteVersion {
                 .ok_or_else(|| format!("sync-metadata has no '{name}'"))
         };
         field("seq", "valueDecimal")?;
-        let seq = entry_seq(e).ok_or("sync-metadata 'seq' is not a non-negative integer")?;
+        let seq = metadata_seq(meta).ok_or("sync-metadata 'seq' is not a non-negative integer")?;
         let origin = field("origin", "valueString")?
             .as_str()
             .ok_or("sync-metadata 'origin' is not a string")?
@@ -144,33 +197,43 @@ impl RemoteVersion {
             .as_str()
             .and_then(Hlc::parse)
             .ok_or("sync-metadata 'hlc' is not an HLC timestamp")?;
-        let url = e
-            .pointer("/request/url")
+        let url = request
+            .and_then(|r| r.get("url"))
             .and_then(Value::as_str)
             .ok_or("entry has no request.url")?;
         let (rtype, id) = url
             .split_once('/')
             .filter(|(t, i)| is_resource_type(t) && !i.is_empty() && !i.contains('/'))
             .ok_or_else(|| format!("request.url '{url}' is not Type/id"))?;
-        let deleted = e.pointer("/request/method").and_then(Value::as_str) == Some("DELETE");
+        let deleted = request
+            .and_then(|r| r.get("method"))
+            .and_then(Value::as_str)
+            == Some("DELETE");
         let (res, raw) = if deleted {
             (None, None)
         } else {
-            let r = e.get("resource").ok_or("entry has no resource")?;
-            let Value::Object(map) = r.clone() else {
-                return Err("resource is not a JSON object".into());
-            };
+            let not_object = || "resource is not a JSON object".to_owned();
+            let (map, raw): (Map<String, Value>, Arc<str>) =
+                match resource.ok_or("entry has no resource")? {
+                    Resource::Tree(r) => {
+                        let map = r.as_object().ok_or_else(not_object)?.clone();
+                        (map, Arc::from(r.to_string()))
+                    }
+                    Resource::Text(t) => (
+                        serde_json::from_str(t.get()).map_err(|_| not_object())?,
+                        Arc::from(t.get()),
+                    ),
+                };
             check_resource(&map, Some(rtype)).map_err(|err| err.to_string())?;
             if fhirsync_core::resource::body_id(&map) != Some(id) {
                 return Err(format!("resource id is not '{id}'"));
             }
             let issues = validation
-                .check(r)
+                .check_object(&map)
                 .map_err(|i| format!("{url} fails validation: {}", summary(&i)))?;
             if !issues.is_empty() {
                 tracing::warn!(resource = %url, problems = %summary(&issues), "received a version that fails validation (lenient mode)");
             }
-            let raw: Arc<str> = Arc::from(r.to_string());
             (Some(Prepared::new(rtype.to_owned(), map)), Some(raw))
         };
         Ok(RemoteVersion {
@@ -196,8 +259,9 @@ impl RemoteVersion {
             .collect()
     }
 
-    /// Change records from payloads that each hold one entry as JSON (a
-    /// NATS message's), parsed and read in parallel.
+    /// Change records from texts that each hold one entry as JSON (a NATS
+    /// message's, or an entry of a Bundle read as text), parsed and read
+    /// in parallel.
     pub fn from_payloads<P: AsRef<[u8]> + Sync>(
         payloads: &[P],
         validation: Mode,
@@ -206,11 +270,7 @@ impl RemoteVersion {
         payloads
             .par_iter()
             .with_min_len(ENTRIES_PER_TASK)
-            .map(|p| {
-                let entry: Value = serde_json::from_slice(p.as_ref())
-                    .map_err(|e| format!("message is not JSON: {e}"))?;
-                RemoteVersion::from_entry(&entry, validation)
-            })
+            .map(|p| RemoteVersion::from_entry_text(p.as_ref(), validation))
             .collect()
     }
 
@@ -648,4 +708,104 @@ pub struct ListQuery {
     pub edge: Option<String>,
     pub before: Option<u64>,
     pub count: usize,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::types::Method;
+
+    fn stored(seq: u64, body: Option<&str>) -> StoredVersion {
+        StoredVersion {
+            seq,
+            rtype: "Patient".into(),
+            id: "p1".into(),
+            vid: 2,
+            last_updated_ms: 1_700_000_000_000,
+            deleted: body.is_none(),
+            method: if body.is_some() {
+                Method::Put
+            } else {
+                Method::Delete
+            },
+            origin: "clinic-a".into(),
+            vv: VersionVector::new().bumped("clinic-a").bumped("clinic-a"),
+            hlc: Hlc::new(1_700_000_000_000, 3),
+            body: body.map(Arc::from),
+        }
+    }
+
+    /// An entry read from its text is the entry read from its tree: the
+    /// same record, index and hash; the text keeps the resource as it
+    /// came, the tree writes it again.
+    #[test]
+    fn an_entry_read_as_text_is_the_entry_read_as_a_tree() {
+        let body = r#"{"resourceType":"Patient","id":"p1","name":[{"family":"Odhiambo","given":["Amani"]}],"birthDate":"1990-01-02","gender":"female"}"#;
+        for v in [stored(7, Some(body)), stored(8, None)] {
+            let text = change_entry_text(Some("https://a.example/fhir"), &v);
+            let tree: Value = serde_json::from_str(&text).unwrap();
+            let a = RemoteVersion::from_entry_text(text.as_bytes(), Mode::Strict).unwrap();
+            let b = RemoteVersion::from_entry(&tree, Mode::Strict).unwrap();
+            assert_eq!(
+                (a.seq, &a.rtype, &a.id, &a.origin),
+                (v.seq, &v.rtype, &v.id, &v.origin)
+            );
+            assert_eq!((a.vv.to_json(), a.hlc), (v.vv.to_json(), v.hlc));
+            assert_eq!(a.hash(), b.hash());
+            assert_eq!(a.raw, b.raw);
+            assert_eq!(
+                a.res.as_ref().map(|p| format!("{:?}", p.index)),
+                b.res.as_ref().map(|p| format!("{:?}", p.index))
+            );
+            assert_eq!(a.res.is_none(), v.deleted);
+        }
+        // spaces in the resource's text are kept as received
+        let spaced = change_entry_text(None, &stored(9, Some(body)))
+            .replace(r#""id":"p1","#, r#""id" : "p1" ,"#);
+        let a = RemoteVersion::from_entry_text(spaced.as_bytes(), Mode::Strict).unwrap();
+        assert!(a.raw.as_deref().unwrap().contains(r#""id" : "p1" ,"#));
+    }
+
+    /// What a tree refuses, the text refuses, with the same reason.
+    #[test]
+    fn a_bad_entry_text_is_refused_with_its_reason() {
+        let good = change_entry_text(
+            None,
+            &stored(3, Some(r#"{"resourceType":"Patient","id":"p1"}"#)),
+        );
+        let cases = [
+            (
+                good.replace(r#""id":"p1""#, r#""id":"p2""#),
+                "resource id is not 'p1'",
+            ),
+            (
+                good.replace(
+                    r#""resource":{"resourceType":"Patient","id":"p1"}"#,
+                    r#""resource":[1]"#,
+                ),
+                "resource is not a JSON object",
+            ),
+            (
+                good.replace(r#""url":"Patient/p1""#, r#""url":"Patient""#),
+                "is not Type/id",
+            ),
+            (good.replace("sync-metadata", "other"), "no sync-metadata"),
+            (
+                good.replace(r#","resource":{"resourceType":"Patient","id":"p1"}"#, ""),
+                "entry has no resource",
+            ),
+        ];
+        for (text, why) in cases {
+            let tree: Value = serde_json::from_str(&text).unwrap();
+            let a = RemoteVersion::from_entry_text(text.as_bytes(), Mode::Strict).unwrap_err();
+            let b = RemoteVersion::from_entry(&tree, Mode::Strict).unwrap_err();
+            assert!(a.contains(why), "{a} for {text}");
+            assert_eq!(a, b);
+        }
+        for text in ["{", "7", r#"{"resource":{},"resource":{}}"#] {
+            let e = RemoteVersion::from_entry_text(text.as_bytes(), Mode::Strict).unwrap_err();
+            assert!(e.starts_with("entry is not a change record"), "{e}");
+        }
+        assert!(RemoteVersion::from_entry_text(b"[]", Mode::Strict).is_err());
+    }
 }
