@@ -16,6 +16,7 @@ use fhirsync_store::{
     RemoteVersion, Store, SyncWrite, WriteOutcome, WriteRequest, EXTENSION_BASE,
 };
 use fhirsync_sync::retry::{backoff, Jitter};
+use serde_json::value::RawValue;
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, watch};
 
@@ -132,24 +133,79 @@ pub struct Edge {
     jitter: Mutex<Jitter>,
 }
 
-/// A Bundle-level fhirsync extension of a feed page.
-fn page_extension<'a>(page: &'a Value, name: &str) -> Option<&'a Value> {
-    let url = format!("{EXTENSION_BASE}/{name}");
-    page.get("extension")?
-        .as_array()?
-        .iter()
-        .find(|x| x["url"].as_str() == Some(url.as_str()))
+/// A page of the parent's feed as fetched: its Bundle-level extensions
+/// (cursors, the parent's node id) read, its entries left as text, each
+/// read on its own, in parallel, by [`Edge::read_page`].
+struct Page {
+    /// The Bundle's `extension` array.
+    extension: Value,
+    text: Vec<u8>,
+    /// Where each entry is in `text`.
+    entries: Vec<std::ops::Range<usize>>,
 }
 
-fn page_entries(page: &Value) -> &[Value] {
-    page.get("entry")
-        .and_then(Value::as_array)
-        .map_or(&[][..], |v| v)
+/// The members of a feed page that are read as a tree.
+#[derive(serde::Deserialize)]
+struct PageShell<'a> {
+    #[serde(default)]
+    extension: Value,
+    #[serde(default, borrow)]
+    entry: Vec<&'a RawValue>,
 }
 
-/// A page of the parent's feed, fetched ahead and read.
+impl Page {
+    fn read(text: Vec<u8>) -> Result<Page, String> {
+        let shell: PageShell = serde_json::from_slice(&text)
+            .map_err(|e| format!("the parent's page is not a Bundle: {e}"))?;
+        let start = text.as_ptr() as usize;
+        let entries = shell
+            .entry
+            .iter()
+            .map(|e| {
+                let at = (e.get().as_ptr() as usize).saturating_sub(start);
+                at..at + e.get().len()
+            })
+            .collect();
+        Ok(Page {
+            extension: shell.extension,
+            entries,
+            text,
+        })
+    }
+
+    fn entry_text(&self, i: usize) -> &[u8] {
+        self.entries
+            .get(i)
+            .and_then(|r| self.text.get(r.clone()))
+            .unwrap_or_default()
+    }
+
+    /// Entry `i` as a tree (for a record that is not applied).
+    fn entry(&self, i: usize) -> Value {
+        serde_json::from_slice(self.entry_text(i)).unwrap_or(Value::Null)
+    }
+
+    /// A Bundle-level fhirsync extension.
+    fn extension(&self, name: &str) -> Option<&Value> {
+        let url = format!("{EXTENSION_BASE}/{name}");
+        self.extension
+            .as_array()?
+            .iter()
+            .find(|x| x["url"].as_str() == Some(url.as_str()))
+    }
+
+    fn decimal(&self, name: &str) -> Option<u64> {
+        self.extension(name)?["valueDecimal"]
+            .to_string()
+            .parse()
+            .ok()
+    }
+}
+
+/// A page of the parent's feed, fetched ahead and read (`page` is `None`
+/// when it could not be fetched).
 struct Fetched {
-    page: Value,
+    page: Option<Page>,
     read: Result<PageRead, String>,
 }
 
@@ -187,13 +243,6 @@ struct PageRead {
     filtered: u64,
     /// The first unreadable entry: its index, `seq` and why.
     bad: Option<(usize, u64, String)>,
-}
-
-fn page_decimal(page: &Value, name: &str) -> Option<u64> {
-    page_extension(page, name)?["valueDecimal"]
-        .to_string()
-        .parse()
-        .ok()
 }
 
 /// The edge's TLS settings: extra trusted roots, and a client certificate
@@ -286,13 +335,9 @@ impl Edge {
             .header("accept", "application/fhir+json")
     }
 
-    async fn send(&self, rb: reqwest::RequestBuilder) -> Result<Value, Failure> {
-        Ok(self.send_counted(rb).await?.0)
-    }
-
-    /// Sends a request to the parent; its JSON answer and the answer's
-    /// size in bytes, or why not.
-    async fn send_counted(&self, rb: reqwest::RequestBuilder) -> Result<(Value, usize), Failure> {
+    /// Sends a request to the parent; its answer's text when it is a 200,
+    /// or why not.
+    async fn send_text(&self, rb: reqwest::RequestBuilder) -> Result<Vec<u8>, Failure> {
         let resp = self.request(rb).send().await.map_err(|e| Failure {
             status: None,
             reason: format!("cannot reach the parent: {e}"),
@@ -302,8 +347,8 @@ impl Edge {
             status: Some(status),
             reason: format!("the parent's answer broke off: {e}"),
         })?;
-        let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
         if status != 200 {
+            let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
             return Err(Failure {
                 status: Some(status),
                 reason: format!(
@@ -312,7 +357,15 @@ impl Edge {
                 ),
             });
         }
-        Ok((body, bytes.len()))
+        Ok(bytes.into())
+    }
+
+    /// Sends a request to the parent; its JSON answer and the answer's
+    /// size in bytes, or why not.
+    async fn send_counted(&self, rb: reqwest::RequestBuilder) -> Result<(Value, usize), Failure> {
+        let text = self.send_text(rb).await?;
+        let body: Value = serde_json::from_slice(&text).unwrap_or(Value::Null);
+        Ok((body, text.len()))
     }
 
     /// POSTs a JSON body to one of the parent's operations; the answer and
@@ -367,8 +420,8 @@ impl Edge {
 
     /// POSTs an [`Self::apply_body`] to the parent and reads its answer.
     async fn post_apply_body(&self, body: String) -> Result<ApplyAnswer, Failure> {
-        let v = self
-            .send(
+        let (v, _) = self
+            .send_counted(
                 self.http
                     .post(format!("{}/$apply", self.cfg.url))
                     .header("content-type", "application/fhir+json")
@@ -512,8 +565,8 @@ impl Edge {
         }
     }
 
-    /// GETs one page of the parent's feed after `since` and reads its
-    /// entries on a blocking thread (while the page before is applied).
+    /// GETs one page of the parent's feed after `since` and reads it and
+    /// its entries on a blocking thread (while the page before is applied).
     async fn fetch(self: Arc<Self>, since: u64) -> Result<Fetched, Failure> {
         let mut url = format!(
             "{}/$changes?since={since}&_count={}&wait={}",
@@ -522,10 +575,19 @@ impl Edge {
         if !self.pull_filter.types.is_empty() {
             url.push_str(&format!("&_type={}", self.pull_filter.types.join(",")));
         }
-        let page = self.send(self.http.get(&url)).await?;
-        tokio::task::spawn_blocking(move || {
-            let read = self.read_page(&page);
-            Fetched { page, read }
+        let text = self.send_text(self.http.get(&url)).await?;
+        tokio::task::spawn_blocking(move || match Page::read(text) {
+            Ok(page) => {
+                let read = self.read_page(&page);
+                Fetched {
+                    page: Some(page),
+                    read,
+                }
+            }
+            Err(why) => Fetched {
+                page: None,
+                read: Err(why),
+            },
         })
         .await
         .map_err(|e| Failure {
@@ -536,19 +598,25 @@ impl Edge {
 
     /// The versions of a page that pass the pull filter, up to its first
     /// unreadable entry.
-    fn read_page(&self, page: &Value) -> Result<PageRead, String> {
-        let entries = page_entries(page);
+    fn read_page(&self, page: &Page) -> Result<PageRead, String> {
+        let n = page.entries.len();
         let mut r = PageRead {
-            versions: Vec::with_capacity(entries.len()),
-            from_entry: Vec::with_capacity(entries.len()),
+            versions: Vec::with_capacity(n),
+            from_entry: Vec::with_capacity(n),
             filtered: 0,
             bad: None,
         };
-        let reads = RemoteVersion::from_entries(entries, self.cfg.validation);
-        for (i, (e, read)) in entries.iter().zip(reads).enumerate() {
+        let texts: Vec<&[u8]> = (0..n).map(|i| page.entry_text(i)).collect();
+        let reads = RemoteVersion::from_payloads(&texts, self.cfg.validation);
+        for (i, read) in reads.into_iter().enumerate() {
             match read {
                 Ok(v) => {
-                    if self.pull_filter.passes(&v.rtype, e.get("resource")) {
+                    // An expression is judged on the resource as a tree.
+                    let tree = match &v.raw {
+                        Some(raw) if self.pull_filter.has_expr() => serde_json::from_str(raw).ok(),
+                        _ => None,
+                    };
+                    if self.pull_filter.passes(&v.rtype, tree.as_ref()) {
                         r.versions.push(v);
                         r.from_entry.push(i);
                     } else {
@@ -556,7 +624,7 @@ impl Edge {
                     }
                 }
                 Err(why) => {
-                    let seq = entry_seq(e)
+                    let seq = entry_seq(&page.entry(i))
                         .ok_or_else(|| format!("the parent sent an entry without seq: {why}"))?;
                     r.bad = Some((i, seq, why));
                     break;
@@ -575,10 +643,10 @@ impl Edge {
             let next = r
                 .as_ref()
                 .ok()
-                .and_then(|f| page_decimal(&f.page, "changes-next-since"));
+                .and_then(|f| f.page.as_ref()?.decimal("changes-next-since"));
             let failed = r.is_err();
             let item = r.unwrap_or_else(|f| Fetched {
-                page: Value::Null,
+                page: None,
                 read: Err(f.reason),
             });
             if out.send((since, item)).await.is_err() || failed {
@@ -637,7 +705,7 @@ impl Edge {
                 chain = None;
                 continue;
             };
-            if first.page.is_null() {
+            if first.page.is_none() {
                 chain = None;
                 self.pull.errors.fetch_add(1, Ordering::Relaxed);
                 self.pull.set_state("retrying", first.read.err());
@@ -656,7 +724,7 @@ impl Edge {
             let mut restart = false;
             while versions < PULL_APPLY_MAX && pages.last().is_some_and(Fetched::whole) {
                 match ch.rx.try_recv() {
-                    Ok((_, f)) if !f.page.is_null() && f.read.is_ok() => {
+                    Ok((_, f)) if f.page.is_some() && f.read.is_ok() => {
                         versions += f.versions();
                         pages.push(f);
                     }
@@ -669,7 +737,7 @@ impl Edge {
             }
             let next = pages
                 .last()
-                .and_then(|p| page_decimal(&p.page, "changes-next-since"));
+                .and_then(|p| p.page.as_ref()?.decimal("changes-next-since"));
             ch.since = next.unwrap_or(from);
             if restart {
                 chain = None;
@@ -708,15 +776,21 @@ impl Edge {
         mut pages: Vec<Fetched>,
         failing: &mut Option<Failing>,
     ) -> Result<Option<Duration>, String> {
-        let head = &pages[0].page;
-        let parent = page_extension(head, "node-id")
+        fn fetched(f: &Fetched) -> Result<&Page, &'static str> {
+            f.page
+                .as_ref()
+                .ok_or("a page of the parent's feed was not fetched")
+        }
+        let parent = fetched(&pages[0])?
+            .extension("node-id")
             .and_then(|x| x["valueString"].as_str().map(str::to_owned))
             .ok_or("the parent's feed has no node-id")?;
         self.learn_parent(&parent);
-        let tail = &pages[pages.len() - 1].page;
-        let next = page_decimal(tail, "changes-next-since")
+        let tail = fetched(&pages[pages.len() - 1])?;
+        let next = tail
+            .decimal("changes-next-since")
             .ok_or("the parent's feed has no next cursor")?;
-        let last = page_decimal(tail, "changes-last-seq").unwrap_or(next);
+        let last = tail.decimal("changes-last-seq").unwrap_or(next);
         let mut versions = Vec::new();
         // Each version's page and entry.
         let mut from_entry = Vec::new();
@@ -759,13 +833,13 @@ impl Edge {
         self.pull
             .lag
             .store(last.saturating_sub(now), Ordering::Relaxed);
-        let entry = |p: usize, i: usize| &page_entries(&pages[p].page)[i];
+        let entry = |p: usize, i: usize| pages[p].page.as_ref().map_or(Value::Null, |g| g.entry(i));
         let failed = match (rep.failed(), bad) {
             (Some((i, status, why)), _) => {
                 let (p, n) = from_entry[i];
                 let e = entry(p, n);
-                let v =
-                    RemoteVersion::from_entry(e, self.cfg.validation).map_err(|w| w.to_string())?;
+                let v = RemoteVersion::from_entry(&e, self.cfg.validation)
+                    .map_err(|w| w.to_string())?;
                 Some(self.letter(
                     Direction::Pull,
                     &v.rtype,
@@ -884,4 +958,44 @@ pub async fn drop_dead_letter(store: &Arc<dyn Store>, d: &DeadLetter) -> Result<
         .await
         .map_err(|e| (e.status(), e.to_string()))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A page's entries are found in its text as they are in its tree,
+    /// whatever the spacing and escapes; its cursors are read.
+    #[test]
+    fn a_page_read_as_text_holds_the_entries_of_its_tree() {
+        let ext = |name: &str| format!("{EXTENSION_BASE}/{name}");
+        let text = format!(
+            r#"{{ "resourceType" : "Bundle",
+                 "extension" : [ {{"url": "{}", "valueDecimal": 42}},
+                                 {{"url": "{}", "valueString": "parent-1"}} ],
+                 "entry" : [ {{"request": {{"url": "Patient\/p1"}}, "resource": {{"name": "O\u2019Brien"}}}},
+                             [ 1, {{ }} ] , "x\"y",
+                             {{}} ] }}"#,
+            ext("changes-next-since"),
+            ext("node-id"),
+        );
+        let tree: Value = serde_json::from_str(&text).unwrap();
+        let page = Page::read(text.into_bytes()).unwrap();
+        let entries = tree["entry"].as_array().unwrap();
+        assert_eq!(page.entries.len(), entries.len());
+        for (i, e) in entries.iter().enumerate() {
+            assert_eq!(&page.entry(i), e);
+        }
+        assert_eq!(page.entry(9), Value::Null);
+        assert_eq!(page.decimal("changes-next-since"), Some(42));
+        assert_eq!(
+            page.extension("node-id").unwrap()["valueString"],
+            "parent-1"
+        );
+        assert_eq!(page.decimal("changes-last-seq"), None);
+        for bad in [&b"7"[..], b"{\"entry\": 7}", b"{", b""] {
+            let why = Page::read(bad.to_vec()).err().expect("refused");
+            assert!(why.contains("not a Bundle"), "{why}");
+        }
+    }
 }

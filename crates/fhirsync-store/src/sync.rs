@@ -122,7 +122,7 @@ pub fn entry_seq(e: &Value) -> Option<u64> {
     metadata_seq(sync_metadata(e.get("extension"))?)
 }
 
-/// Entries one parallel task of [`RemoteVersion::from_entries`] reads.
+/// Entries one parallel task of [`RemoteVersion::from_payloads`] reads.
 const ENTRIES_PER_TASK: usize = 64;
 
 /// The members of a change record's entry that are read, with its
@@ -248,20 +248,10 @@ impl RemoteVersion {
         })
     }
 
-    /// [`Self::from_entry`] of each entry, read in parallel (a page of a
-    /// thousand is validated and indexed on every core).
-    pub fn from_entries(entries: &[Value], validation: Mode) -> Vec<Result<RemoteVersion, String>> {
-        use rayon::prelude::*;
-        entries
-            .par_iter()
-            .with_min_len(ENTRIES_PER_TASK)
-            .map(|e| RemoteVersion::from_entry(e, validation))
-            .collect()
-    }
-
     /// Change records from texts that each hold one entry as JSON (a NATS
-    /// message's, or an entry of a Bundle read as text), parsed and read
-    /// in parallel.
+    /// message's, or an entry of a `$changes` page or an `$apply` Bundle
+    /// read as text), parsed and read in parallel (a page of a thousand is
+    /// validated and indexed on every core).
     pub fn from_payloads<P: AsRef<[u8]> + Sync>(
         payloads: &[P],
         validation: Mode,
