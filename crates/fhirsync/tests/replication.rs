@@ -77,6 +77,17 @@ async fn digest(s: &InProcess) -> Digest {
     store_digest(s.store.as_ref()).await.0
 }
 
+/// How many Patients a search by an index row (`active`) finds: every
+/// stored one, when each version's rows were written with its `seq`.
+async fn found_active(s: &InProcess) -> u64 {
+    let b: Value = get(s, "Patient?active=true&_summary=count")
+        .await
+        .json()
+        .await
+        .unwrap();
+    b["total"].as_u64().unwrap()
+}
+
 async fn has(s: &InProcess, path: &str) -> bool {
     get(s, path).await.status() == 200
 }
@@ -1168,6 +1179,11 @@ async fn pages_pulled_ahead_are_stored_once_in_order_and_stop_at_a_bad_entry() {
     let got = digest(&child).await;
     assert_eq!(got.len(), 119, "{got:?}");
     assert!(!has(&child, "Patient/p060").await);
+    assert_eq!(
+        found_active(&child).await,
+        119,
+        "searched by their index rows"
+    );
     let history = get(&child, "_history?_count=1000").await;
     let history: Value = history.json().await.unwrap();
     let entries = history["entry"].as_array().unwrap();
@@ -1233,6 +1249,11 @@ async fn pipelined_push_batches_stop_at_a_blocked_entry_with_nothing_after_it() 
     for _ in 0..2 {
         let got = digest(&parent).await;
         assert_eq!(got.len(), 200, "Patients at the parent");
+        assert_eq!(
+            found_active(&parent).await,
+            200,
+            "searched by their index rows"
+        );
         assert!(has(&parent, "Patient/p199").await);
         assert!(!has(&parent, "Patient/p201").await);
         tokio::time::sleep(Duration::from_millis(300)).await;
@@ -1254,6 +1275,11 @@ async fn full_push_batches_are_sent_once_in_order_and_stop_at_a_refused_entry() 
     let got = digest(&parent).await;
     assert_eq!(got.len(), 119, "{got:?}");
     assert!(!has(&parent, "Observation/o060").await);
+    assert_eq!(
+        found_active(&parent).await,
+        119,
+        "searched by their index rows"
+    );
     let history: Value = get(&parent, "_history?_count=1000")
         .await
         .json()
