@@ -22,7 +22,8 @@ use crate::peers::Access;
 use crate::push_order::{store_push, Batch, BATCH_EXTENSION, ORDER_PARAMETER, STREAM_EXTENSION};
 use crate::{ApiError, AppState};
 
-/// Extension of the request Bundle naming the edge's conflict policy.
+/// Extension of an `$apply` Bundle naming the edge's conflict policy
+/// (`valueCode`).
 pub const POLICY_EXTENSION: &str = "conflict-policy";
 
 /// Most entries one `$apply` call takes.

@@ -35,6 +35,7 @@ use fhirsync_store::Store;
 use tokio::sync::watch;
 
 pub use agent::SyncAgent;
+pub use apply::POLICY_EXTENSION;
 pub use error::ApiError;
 pub use peers::{ChildConfig, Children};
 

@@ -10,6 +10,7 @@ use std::time::Duration;
 use fhirsync_api::agent::EdgeCounters;
 use fhirsync_api::peers::NODE_HEADER;
 use fhirsync_api::push_order::{BATCH_EXTENSION, ORDER_PARAMETER, STREAM_EXTENSION};
+use fhirsync_api::POLICY_EXTENSION;
 use fhirsync_store::replica::cursor_key;
 use fhirsync_store::{
     entry_seq, ApplyReport, ApplyRequest, AuditEntry, DeadLetter, Direction, NewDeadLetter,
@@ -395,7 +396,7 @@ impl Edge {
         let mut body =
             String::with_capacity(entries.iter().map(|e| e.len() + 1).sum::<usize>() + 500);
         let mut ext = vec![
-            json!({"url": format!("{EXTENSION_BASE}/conflict-policy"), "valueCode": self.cfg.conflict_policy.as_str()}),
+            json!({"url": format!("{EXTENSION_BASE}/{POLICY_EXTENSION}"), "valueCode": self.cfg.conflict_policy.as_str()}),
         ];
         if let Some((id, n)) = stream {
             ext.push(
