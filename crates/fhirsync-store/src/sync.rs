@@ -219,8 +219,15 @@ impl RemoteVersion {
                         let map = r.as_object().ok_or_else(not_object)?.clone();
                         (map, Arc::from(r.to_string()))
                     }
+                    // The entry's parse only skipped over the resource.
                     Resource::Text(t) => (
-                        serde_json::from_str(t.get()).map_err(|_| not_object())?,
+                        serde_json::from_str(t.get()).map_err(|e| {
+                            if e.is_data() {
+                                not_object()
+                            } else {
+                                format!("resource cannot be read: {e}")
+                            }
+                        })?,
                         Arc::from(t.get()),
                     ),
                 };
@@ -792,6 +799,15 @@ mod tests {
             assert!(a.contains(why), "{a} for {text}");
             assert_eq!(a, b);
         }
+        let deep = good.replace(
+            r#""id":"p1"}"#,
+            &format!(r#""id":"p1","x":{}{}}}"#, "[".repeat(200), "]".repeat(200)),
+        );
+        let why = RemoteVersion::from_entry_text(deep.as_bytes(), Mode::Strict).unwrap_err();
+        assert!(
+            why.starts_with("resource cannot be read: recursion limit"),
+            "{why}"
+        );
         for text in ["{", "7", r#"{"resource":{},"resource":{}}"#] {
             let e = RemoteVersion::from_entry_text(text.as_bytes(), Mode::Strict).unwrap_err();
             assert!(e.starts_with("entry is not a change record"), "{e}");
