@@ -162,8 +162,8 @@ pub fn change_record(data: &[u8]) {
     let Some(Ok(v)) = read.into_iter().next() else {
         return;
     };
-    // as a page of the change feed is read (a tree): where both read the
-    // record, they read the same one
+    // as anti-entropy and a dead letter's retry read it (a tree): where
+    // both read the record, they read the same one
     if let Ok(tree) = serde_json::from_slice::<serde_json::Value>(data) {
         if let Ok(t) = RemoteVersion::from_entry(&tree, strict) {
             assert_eq!(
