@@ -13,8 +13,7 @@ use axum::http::HeaderMap;
 use axum::response::Response;
 use fhirsync_core::replicate::Policy;
 use fhirsync_core::validate::Mode;
-use fhirsync_store::RemoteVersion;
-use serde_json::value::RawValue;
+use fhirsync_store::{BundleShell, RemoteVersion};
 use serde_json::{json, Value};
 
 use crate::http::{fhir_json, read_body};
@@ -28,15 +27,6 @@ pub const POLICY_EXTENSION: &str = "conflict-policy";
 
 /// Most entries one `$apply` call takes.
 pub const APPLY_ENTRIES_MAX: usize = 5_000;
-
-/// The member named `name` of a Bundle's `extension` array.
-fn bundle_extension<'a>(extension: Option<&'a Value>, name: &str) -> Option<&'a Value> {
-    let url = format!("{}/{name}", fhirsync_store::EXTENSION_BASE);
-    extension?
-        .as_array()?
-        .iter()
-        .find(|e| e.get("url").and_then(Value::as_str) == Some(&url))
-}
 
 pub async fn apply(
     State(state): State<AppState>,
@@ -109,29 +99,17 @@ struct Parsed {
     stream: Option<(String, u64)>,
 }
 
-/// The members of an `$apply` Bundle that are read; each entry stays text
-/// until the entries are read in parallel.
-#[derive(serde::Deserialize)]
-struct ApplyBundle<'a> {
-    #[serde(rename = "resourceType", default)]
-    resource_type: Option<Value>,
-    #[serde(default)]
-    extension: Option<Value>,
-    #[serde(default, borrow)]
-    entry: Option<Vec<&'a RawValue>>,
-}
-
 /// The batch's policy, stream and versions, up to the first entry that
 /// cannot be applied (its status and reason come back as the refusal).
 fn parse(bytes: &[u8], push_types: &[String], validation: Mode) -> Result<Parsed, ApiError> {
-    let b: ApplyBundle = serde_json::from_slice(bytes)
+    let b: BundleShell = serde_json::from_slice(bytes)
         .map_err(|e| ApiError::bad_request(format!("body is not a JSON Bundle: {e}")))?;
-    if b.resource_type.as_ref().and_then(Value::as_str) != Some("Bundle") {
+    if !b.is_bundle() {
         return Err(ApiError::bad_request(
             "$apply takes a Bundle of change records",
         ));
     }
-    let policy = match bundle_extension(b.extension.as_ref(), POLICY_EXTENSION) {
+    let policy = match b.extension(POLICY_EXTENSION) {
         Some(p) => p
             .get("valueCode")
             .and_then(Value::as_str)
@@ -141,10 +119,7 @@ fn parse(bytes: &[u8], push_types: &[String], validation: Mode) -> Result<Parsed
         None => Policy::Manual,
     };
     let stream =
-        match (
-            bundle_extension(b.extension.as_ref(), STREAM_EXTENSION),
-            bundle_extension(b.extension.as_ref(), BATCH_EXTENSION),
-        ) {
+        match (b.extension(STREAM_EXTENSION), b.extension(BATCH_EXTENSION)) {
             (None, None) => None,
             (Some(s), Some(n)) => match (
                 s.get("valueString").and_then(Value::as_str),

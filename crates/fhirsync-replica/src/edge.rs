@@ -13,11 +13,11 @@ use fhirsync_api::push_order::{BATCH_EXTENSION, ORDER_PARAMETER, STREAM_EXTENSIO
 use fhirsync_api::POLICY_EXTENSION;
 use fhirsync_store::replica::cursor_key;
 use fhirsync_store::{
-    entry_seq, ApplyReport, ApplyRequest, AuditEntry, DeadLetter, Direction, NewDeadLetter,
-    RemoteVersion, Store, SyncWrite, WriteOutcome, WriteRequest, EXTENSION_BASE,
+    entry_seq, find_extension, ApplyReport, ApplyRequest, AuditEntry, BundleShell, DeadLetter,
+    Direction, NewDeadLetter, RemoteVersion, Store, SyncWrite, WriteOutcome, WriteRequest,
+    EXTENSION_BASE,
 };
 use fhirsync_sync::retry::{backoff, Jitter};
-use serde_json::value::RawValue;
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, watch};
 
@@ -139,29 +139,24 @@ pub struct Edge {
 /// read on its own, in parallel, by [`Edge::read_page`].
 struct Page {
     /// The Bundle's `extension` array.
-    extension: Value,
+    extension: Option<Value>,
     text: Vec<u8>,
     /// Where each entry is in `text`.
     entries: Vec<std::ops::Range<usize>>,
 }
 
-/// The members of a feed page that are read as a tree.
-#[derive(serde::Deserialize)]
-struct PageShell<'a> {
-    #[serde(default)]
-    extension: Value,
-    #[serde(default, borrow)]
-    entry: Vec<&'a RawValue>,
-}
-
 impl Page {
     fn read(text: Vec<u8>) -> Result<Page, String> {
-        let shell: PageShell = serde_json::from_slice(&text)
+        let shell: BundleShell = serde_json::from_slice(&text)
             .map_err(|e| format!("the parent's page is not a Bundle: {e}"))?;
+        if !shell.is_bundle() {
+            return Err("the parent's page is not a Bundle".into());
+        }
         let start = text.as_ptr() as usize;
         let entries = shell
             .entry
             .iter()
+            .flatten()
             .map(|e| {
                 let at = (e.get().as_ptr() as usize).saturating_sub(start);
                 at..at + e.get().len()
@@ -188,11 +183,7 @@ impl Page {
 
     /// A Bundle-level fhirsync extension.
     fn extension(&self, name: &str) -> Option<&Value> {
-        let url = format!("{EXTENSION_BASE}/{name}");
-        self.extension
-            .as_array()?
-            .iter()
-            .find(|x| x["url"].as_str() == Some(url.as_str()))
+        find_extension(self.extension.as_ref(), name)
     }
 
     fn decimal(&self, name: &str) -> Option<u64> {
@@ -994,7 +985,14 @@ mod tests {
             "parent-1"
         );
         assert_eq!(page.decimal("changes-last-seq"), None);
-        for bad in [&b"7"[..], b"{\"entry\": 7}", b"{", b""] {
+        for bad in [
+            &b"7"[..],
+            br#"{"resourceType": "Bundle", "entry": 7}"#,
+            br#"{"resourceType": "Patient", "entry": []}"#,
+            br#"{"entry": []}"#,
+            b"{",
+            b"",
+        ] {
             let why = Page::read(bad.to_vec()).err().expect("refused");
             assert!(why.contains("not a Bundle"), "{why}");
         }

@@ -94,16 +94,47 @@ pub fn change_entry_text(base: Option<&str>, v: &StoredVersion) -> String {
     out
 }
 
-/// The members of the `sync-metadata` extension among an entry's
+/// The fhirsync extension `name` (its URL is `EXTENSION_BASE/name`) in an
 /// `extension` array.
-fn sync_metadata(extension: Option<&Value>) -> Option<&Vec<Value>> {
-    let url = format!("{EXTENSION_BASE}/sync-metadata");
+pub fn find_extension<'a>(extension: Option<&'a Value>, name: &str) -> Option<&'a Value> {
+    let url = format!("{EXTENSION_BASE}/{name}");
     extension?
         .as_array()?
         .iter()
-        .find(|x| x.get("url").and_then(Value::as_str) == Some(&url))?
+        .find(|x| x.get("url").and_then(Value::as_str) == Some(&url))
+}
+
+/// The members of the `sync-metadata` extension among an entry's
+/// `extension` array.
+fn sync_metadata(extension: Option<&Value>) -> Option<&Vec<Value>> {
+    find_extension(extension, "sync-metadata")?
         .get("extension")?
         .as_array()
+}
+
+/// A Bundle of change records (an `$apply` body, a `$changes` page) with
+/// its entries left as text, so each is read on its own, in parallel, by
+/// [`RemoteVersion::from_payloads`].
+#[derive(serde::Deserialize)]
+pub struct BundleShell<'a> {
+    #[serde(rename = "resourceType", default)]
+    pub resource_type: Option<Value>,
+    #[serde(default)]
+    pub extension: Option<Value>,
+    #[serde(default, borrow)]
+    pub entry: Option<Vec<&'a RawValue>>,
+}
+
+impl BundleShell<'_> {
+    /// Whether `resourceType` is `Bundle`.
+    pub fn is_bundle(&self) -> bool {
+        self.resource_type.as_ref().and_then(Value::as_str) == Some("Bundle")
+    }
+
+    /// The Bundle-level fhirsync extension `name`.
+    pub fn extension(&self, name: &str) -> Option<&Value> {
+        find_extension(self.extension.as_ref(), name)
+    }
 }
 
 /// The `seq` member of a `sync-metadata` extension, if it is a
