@@ -8,7 +8,7 @@ use std::fmt;
 use serde::de::{DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
 use serde_json::Value;
-use xxhash_rust::xxh3::Xxh3;
+use xxhash_rust::xxh3::xxh3_128;
 
 /// One resource's canonical hash, with the `resourceType` and `id` read on
 /// the way.
@@ -20,20 +20,32 @@ pub struct Hashed {
 }
 
 /// The canonical hash of a resource's JSON text, read straight from the
-/// text (no `Value` is built): every object's members are hashed on their
-/// own and taken in key order, so member order does not count.
+/// text (no `Value` is built): the resource is written again as one
+/// canonical byte string, every object's members in key order, which is
+/// hashed once.
+///
+/// The string is decodable from its start (so two different resources
+/// cannot write the same one): `n`, `t`, `f`; a number as `#`, its
+/// length and its text; a string as `"`, its length and its bytes; an
+/// array as `[`, its items and `]`; an object as `{`, its member count,
+/// then each member as `k`, its name's length and bytes, and its value.
+/// Lengths and counts are 4 bytes, little-endian.
 pub fn hash_text(text: &[u8]) -> Result<Hashed, serde_json::Error> {
     let mut de = serde_json::Deserializer::from_slice(text);
-    let mut h = Xxh3::new();
+    let mut w = Written {
+        out: Vec::with_capacity(text.len()),
+        members: Vec::new(),
+        spare: Vec::new(),
+    };
     let mut top = Top::default();
     Node {
-        h: &mut h,
+        w: &mut w,
         at: At::Top(&mut top),
     }
     .deserialize(&mut de)?;
     de.end()?;
     Ok(Hashed {
-        hash: h.digest128(),
+        hash: xxh3_128(&w.out),
         rtype: top.rtype,
         id: top.id,
     })
@@ -46,20 +58,31 @@ struct Top {
     id: Option<String>,
 }
 
-/// Where a value sits: the resource itself, its `meta`, or anywhere else.
+/// Where a value sits: the resource itself, its `meta` (which says
+/// whether anything but what a server sets is in it), or anywhere else.
 enum At<'t> {
     Top(&'t mut Top),
     Meta(&'t mut bool),
     Inner,
 }
 
-/// One JSON value, hashed into `h`.
-struct Node<'h, 't> {
-    h: &'h mut Xxh3,
+/// The canonical string being written, with room reused for every
+/// object: the members of the objects being read (each object's own at
+/// the end: its name and where it is on `out`), and a copy of an
+/// object's members while they are put in key order.
+struct Written<'de> {
+    out: Vec<u8>,
+    members: Vec<(Cow<'de, str>, std::ops::Range<usize>)>,
+    spare: Vec<u8>,
+}
+
+/// One JSON value, written canonically.
+struct Node<'w, 't, 'de> {
+    w: &'w mut Written<'de>,
     at: At<'t>,
 }
 
-impl<'de> DeserializeSeed<'de> for Node<'_, '_> {
+impl<'de> DeserializeSeed<'de> for Node<'_, '_, 'de> {
     type Value = ();
     fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
         d.deserialize_any(self)
@@ -95,7 +118,21 @@ impl<'de> Deserialize<'de> for Key<'de> {
     }
 }
 
-impl Node<'_, '_> {
+/// `tag`, then `bytes` with their length before them.
+fn put(out: &mut Vec<u8>, tag: u8, bytes: &[u8]) {
+    out.push(tag);
+    put_len(out, bytes.len());
+    out.extend_from_slice(bytes);
+}
+
+/// A length or count, as 4 bytes (a resource's text is far shorter than
+/// 4 GB; a longer one wraps, and the hash is still the same for the same
+/// content).
+fn put_len(out: &mut Vec<u8>, n: usize) {
+    out.extend_from_slice(&(n as u32).to_le_bytes());
+}
+
+impl Node<'_, '_, '_> {
     /// A resource is an object: anything else at the top is refused.
     fn inner<E: serde::de::Error>(&self) -> Result<(), E> {
         match self.at {
@@ -104,34 +141,24 @@ impl Node<'_, '_> {
         }
     }
     fn number(self, text: &str) {
-        self.h.update(b"#");
         if is_normal_number(text) {
-            self.h.update(text.as_bytes());
+            put(&mut self.w.out, b'#', text.as_bytes());
         } else {
-            self.h.update(normalize_number(text).as_bytes());
+            put(&mut self.w.out, b'#', normalize_number(text).as_bytes());
         }
     }
 }
 
-/// A top-level member the hash reads as a value (`resourceType`), hashed
-/// as [`hash_text`] hashes a member's value.
-fn member_hash(v: &Value) -> u128 {
-    let mut h = Xxh3::new();
+/// A top-level member the hash reads as a value (`resourceType`), written
+/// as [`hash_text`] writes a string.
+fn put_value(out: &mut Vec<u8>, v: &Value) {
     match v {
-        Value::String(s) => {
-            h.update(b"\"");
-            h.update(&(s.len() as u64).to_le_bytes());
-            h.update(s.as_bytes());
-        }
-        other => {
-            h.update(b"v");
-            h.update(other.to_string().as_bytes());
-        }
+        Value::String(s) => put(out, b'"', s.as_bytes()),
+        other => put(out, b'v', other.to_string().as_bytes()),
     }
-    h.digest128()
 }
 
-impl<'de> Visitor<'de> for Node<'_, '_> {
+impl<'de> Visitor<'de> for Node<'_, '_, 'de> {
     type Value = ();
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
         f.write_str(match self.at {
@@ -141,12 +168,12 @@ impl<'de> Visitor<'de> for Node<'_, '_> {
     }
     fn visit_unit<E: serde::de::Error>(self) -> Result<(), E> {
         self.inner()?;
-        self.h.update(b"n");
+        self.w.out.push(b'n');
         Ok(())
     }
     fn visit_bool<E: serde::de::Error>(self, b: bool) -> Result<(), E> {
         self.inner()?;
-        self.h.update(if b { b"t" } else { b"f" });
+        self.w.out.push(if b { b't' } else { b'f' });
         Ok(())
     }
     // Without `arbitrary_precision` numbers come as these three.
@@ -167,37 +194,42 @@ impl<'de> Visitor<'de> for Node<'_, '_> {
     }
     fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<(), E> {
         self.inner()?;
-        self.h.update(b"\"");
-        self.h.update(&(s.len() as u64).to_le_bytes());
-        self.h.update(s.as_bytes());
+        put(&mut self.w.out, b'"', s.as_bytes());
         Ok(())
     }
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
         self.inner()?;
-        self.h.update(b"[");
+        self.w.out.push(b'[');
         while seq
             .next_element_seed(Node {
-                h: &mut *self.h,
+                w: &mut *self.w,
                 at: At::Inner,
             })?
             .is_some()
         {}
-        self.h.update(b"]");
+        self.w.out.push(b']');
         Ok(())
     }
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
-        let mut members: Vec<(Cow<'de, str>, u128)> = Vec::new();
-        let Node { h, mut at } = self;
+        let Node { w, mut at } = self;
+        // This object's members are `w.members[first..]`.
+        let first = w.members.len();
+        let header = w.out.len();
+        w.out.push(b'{');
+        put_len(&mut w.out, 0); // the count, set below
+        let body = w.out.len();
         while let Some(Key(k)) = map.next_key::<Key<'de>>()? {
-            if k == NUMBER_TOKEN && members.is_empty() {
+            if k == NUMBER_TOKEN && w.members.len() == first {
                 // A number, as it was written (`arbitrary_precision`).
                 let text = map.next_value::<Key<'de>>()?.0;
                 if let At::Top(_) = at {
                     return Err(serde::de::Error::custom("a resource is a JSON object"));
                 }
-                Node { h, at: At::Inner }.number(&text);
+                w.out.truncate(header);
+                Node { w, at: At::Inner }.number(&text);
                 return Ok(());
             }
+            let start = w.out.len();
             match &mut at {
                 At::Top(top) if k == "id" => {
                     // Not hashed: servers assign ids; kept as the key.
@@ -208,7 +240,9 @@ impl<'de> Visitor<'de> for Node<'_, '_> {
                 At::Top(top) if k == "resourceType" => {
                     let v: Value = map.next_value()?;
                     top.rtype = v.as_str().map(str::to_owned);
-                    members.push((k, member_hash(&v)));
+                    put(&mut w.out, b'k', k.as_bytes());
+                    put_value(&mut w.out, &v);
+                    w.members.push((k, start..w.out.len()));
                     continue;
                 }
                 At::Meta(_) if SERVER_META.contains(&k.as_ref()) => {
@@ -217,32 +251,41 @@ impl<'de> Visitor<'de> for Node<'_, '_> {
                 }
                 _ => {}
             }
-            let mut sub = Xxh3::new();
+            put(&mut w.out, b'k', k.as_bytes());
             let mut any = true;
             let sub_at = match &at {
                 At::Top(_) if k == "meta" => At::Meta(&mut any),
                 _ => At::Inner,
             };
             map.next_value_seed(Node {
-                h: &mut sub,
+                w: &mut *w,
                 at: sub_at,
             })?;
             if any {
-                members.push((k, sub.digest128()));
+                w.members.push((k, start..w.out.len()));
+            } else {
+                w.out.truncate(start);
             }
         }
+        let members = &mut w.members[first..];
         if let At::Meta(any) = at {
             // `meta` that holds only what a server sets counts as absent.
             *any = !members.is_empty();
         }
-        members.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-        h.update(b"{");
-        for (k, sub) in members {
-            h.update(&(k.len() as u64).to_le_bytes());
-            h.update(k.as_bytes());
-            h.update(&sub.to_le_bytes());
+        let count = (members.len() as u32).to_le_bytes();
+        w.out[header + 1..body].copy_from_slice(&count);
+        if !members.windows(2).all(|m| m[0].0 <= m[1].0) {
+            // Members in key order (the text's order among equal names).
+            w.spare.clear();
+            w.spare.extend_from_slice(&w.out[body..]);
+            members.sort_by(|a, b| a.0.cmp(&b.0));
+            w.out.truncate(body);
+            for (_, at) in members.iter() {
+                w.out
+                    .extend_from_slice(&w.spare[at.start - body..at.end - body]);
+            }
         }
-        h.update(b"}");
+        w.members.truncate(first);
         Ok(())
     }
 }
@@ -342,6 +385,22 @@ mod tests {
         assert_ne!(h(r#"{"a":"bc","d":1}"#), h(r#"{"a":"b","cd":1}"#));
         assert_ne!(h(r#"{"a":{"b":1}}"#), h(r#"{"a":{"b":2}}"#));
         assert_ne!(h(r#"{"a":[[1],[2]]}"#), h(r#"{"a":[[1,2]]}"#));
+        // An object's members stay its own, whatever is written after it.
+        assert_ne!(h(r#"{"a":{"b":1},"c":2}"#), h(r#"{"a":{"b":1,"c":2}}"#));
+        assert_ne!(h(r#"{"a":[{"b":1}],"c":2}"#), h(r#"{"a":[{"b":1,"c":2}]}"#));
+        assert_ne!(h(r#"{"a":{}}"#), h(r#"{"a":[]}"#));
+        assert_ne!(h(r#"{"a":"1"}"#), h(r#"{"a":1}"#));
+        assert_ne!(h(r#"{"a":12,"b":3}"#), h(r#"{"a":1,"b":23}"#));
+        // Key order counts at every depth, in arrays too; a nested `meta`
+        // is data like any other.
+        assert_eq!(
+            h(r#"{"x":[{"b":{"d":1,"c":[{"f":2,"e":3}]},"a":0}]}"#),
+            h(r#"{"x":[{"a":0,"b":{"c":[{"e":3,"f":2}],"d":1}}]}"#)
+        );
+        assert_ne!(
+            h(r#"{"x":{"meta":{"versionId":"1"}}}"#),
+            h(r#"{"x":{"meta":{}}}"#)
+        );
     }
 
     #[test]
