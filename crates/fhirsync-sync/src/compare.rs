@@ -22,9 +22,9 @@ use tokio::sync::mpsc;
 
 use crate::canonical::hash_text;
 use crate::client::FhirClient;
-use crate::options::{SourceSpec, SyncOptions, SOURCE_RETRY_COUNT};
+use crate::options::{BulkRead, SourceSpec, SyncOptions, SOURCE_RETRY_COUNT};
 use crate::report::{Count, Failure};
-use crate::run::{bulk_refusal, note_paging, read_bulk, spawn_reader, FromLine};
+use crate::run::{bulk_refusal, note_paging, read_bulk, spawn_reader, FromLine, Side};
 use crate::source::{
     checked_type, is_infrastructure, type_url, Item, PageTrail, Searched, INFRASTRUCTURE,
 };
@@ -115,8 +115,10 @@ fn infrastructure_text(text: &[u8]) -> bool {
 }
 
 impl FromLine for Row {
-    fn from_line(line: &[u8], at: String, _: bool) -> Result<Option<Row>, SyncError> {
-        row_of_text(line, at.clone(), true).map_err(|reason| SyncError::File { path: at, reason })
+    /// Whether the text is kept (the source's is, to be sent).
+    type With = bool;
+    fn from_line(line: &[u8], at: String, keep: bool) -> Result<Option<Row>, SyncError> {
+        row_of_text(line, at.clone(), keep).map_err(|reason| SyncError::File { path: at, reason })
     }
     fn rtype(&self) -> &str {
         &self.rtype
@@ -406,14 +408,14 @@ async fn read_server_text(
     tx: &mpsc::Sender<Row>,
     shared: &Arc<Shared>,
 ) -> Result<Vec<String>, SyncError> {
-    let why = match bulk_refusal(c, opts.bulk).await? {
-        None => match read_bulk(c, &opts.resource_types, tx, false, shared).await? {
+    let why = match bulk_refusal(c, opts.bulk, Side::Source).await? {
+        None => match read_bulk(c, &opts.resource_types, tx, true, shared, Side::Source).await? {
             Some(read) => return Ok(read),
             None => "the source refused $export",
         },
         Some(why) => why,
     };
-    note_paging(shared, why);
+    note_paging(shared, Side::Source, why);
     let mut read = Vec::new();
     for t in crate::source::server_types(c, &opts.resource_types).await? {
         match read_pages(c, &type_url(&t), tx, true, Some(shared)).await? {
@@ -426,10 +428,12 @@ async fn read_server_text(
     Ok(read)
 }
 
-/// Reads the target's resources of `types` into its index.
+/// Reads the target's resources of `types` into its index: through bulk
+/// export as `bulk` says (its texts hashed, not kept), else page by page.
 async fn fill_target(
     target: &FhirClient,
     types: &[String],
+    bulk: BulkRead,
     shared: &Arc<Shared>,
     ix: &Index,
     n: usize,
@@ -439,19 +443,33 @@ async fn fill_target(
     let filler = tokio::task::spawn_blocking(move || -> Result<(), SyncError> {
         fill(&mut open_index(&p)?, None, trx, &sh)
     });
-    // Types are taken in turn by two searches at once, so the node builds
-    // one page while another is hashed.
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    let lane = || async {
-        while let Some(t) = types.get(next.fetch_add(1, std::sync::atomic::Ordering::Relaxed)) {
-            // A type the target cannot search holds nothing to compare or delete.
-            read_pages(target, &type_url(t), &tx, false, None).await?;
+    let why = if types.is_empty() {
+        None // nothing of the target to compare
+    } else {
+        match bulk_refusal(target, bulk, Side::Target).await? {
+            None => match read_bulk(target, types, &tx, false, shared, Side::Target).await? {
+                Some(_) => None,
+                None => Some("the target refused $export"),
+            },
+            why => why,
         }
-        Ok::<(), SyncError>(())
     };
-    let (a, b) = tokio::join!(lane(), lane());
+    if let Some(why) = why {
+        note_paging(shared, Side::Target, why);
+        // Types are taken in turn by two searches at once, so the node
+        // builds one page while another is hashed.
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let lane = || async {
+            while let Some(t) = types.get(next.fetch_add(1, std::sync::atomic::Ordering::Relaxed)) {
+                // A type the target cannot search holds nothing to compare or delete.
+                read_pages(target, &type_url(t), &tx, false, None).await?;
+            }
+            Ok::<(), SyncError>(())
+        };
+        let (a, b) = tokio::join!(lane(), lane());
+        a.and(b)?;
+    }
     drop(tx);
-    a.and(b)?;
     filler
         .await
         .map_err(|e| SyncError::Index(e.to_string()))??;
@@ -613,7 +631,7 @@ pub async fn compare(
         opts.target_tls.as_ref(),
     )?;
     let target_side = |types: Vec<String>| async {
-        fill_target(&target, &types, shared, &ix, n).await?;
+        fill_target(&target, &types, opts.bulk, shared, &ix, n).await?;
         tracing::debug!(elapsed = ?started.elapsed(), "the target is indexed");
         Ok::<_, SyncError>(types)
     };

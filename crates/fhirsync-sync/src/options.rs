@@ -107,17 +107,19 @@ pub struct SyncOptions {
     pub dry_run: bool,
     pub state: Option<PathBuf>,
     pub follow: bool,
-    /// COPY and COMPARE read a server source through bulk export.
+    /// COPY and COMPARE read a server source (and COMPARE its target)
+    /// through bulk export.
     pub bulk: BulkRead,
     /// COMPARE reads every resource even between two fhirsync nodes
     /// (which otherwise compare summaries; see `crate::summaries`).
     pub no_summary: bool,
 }
 
-/// Whether COPY and COMPARE read a server source through bulk export.
+/// Whether COPY and COMPARE read a server source (and COMPARE its
+/// target) through bulk export.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum BulkRead {
-    /// When the source's CapabilityStatement offers `$export`.
+    /// When the server's CapabilityStatement offers `$export`.
     #[default]
     Auto,
     /// Always try it (`--bulk`); page through searches if it is refused.

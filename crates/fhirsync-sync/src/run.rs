@@ -249,14 +249,16 @@ pub fn spawn_reader(
                     t.dedup();
                     return Ok(t);
                 }
-                let why = match bulk_refusal(&c, bulk).await? {
-                    None => match read_bulk(&c, &types, &tx, bundles_as_tx, &shared).await? {
+                let why = match bulk_refusal(&c, bulk, Side::Source).await? {
+                    None => match read_bulk(&c, &types, &tx, bundles_as_tx, &shared, Side::Source)
+                        .await?
+                    {
                         Some(read) => return Ok(read),
                         None => "the source refused $export",
                     },
                     Some(why) => why,
                 };
-                note_paging(&shared, why);
+                note_paging(&shared, Side::Source, why);
                 let types = server_types(&c, &types).await?;
                 let mut read = Vec::with_capacity(types.len());
                 for t in types {
@@ -273,11 +275,29 @@ pub fn spawn_reader(
     })
 }
 
-/// Why a server source is not read through bulk export; `None` when it
-/// is to be.
+/// Which server of a run is read: the source's resources are counted as
+/// read and its export's counts are the report's expected total; COMPARE
+/// reads the target whole too.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Side {
+    Source,
+    Target,
+}
+
+impl Side {
+    fn name(self) -> &'static str {
+        match self {
+            Side::Source => "source",
+            Side::Target => "target",
+        }
+    }
+}
+
+/// Why a server is not read through bulk export; `None` when it is to be.
 pub(crate) async fn bulk_refusal(
     c: &FhirClient,
     bulk: BulkRead,
+    side: Side,
 ) -> Result<Option<&'static str>, SyncError> {
     Ok(if bulk == BulkRead::Never {
         Some("--no-bulk")
@@ -286,25 +306,32 @@ pub(crate) async fn bulk_refusal(
     {
         None
     } else {
-        Some("the source does not offer $export")
+        Some(match side {
+            Side::Source => "the source does not offer $export",
+            Side::Target => "the target does not offer $export",
+        })
     })
 }
 
-/// Says in the report that the source is read by searches, and why.
-pub(crate) fn note_paging(shared: &Shared, why: &str) {
+/// Says in the report that a server is read by searches, and why.
+pub(crate) fn note_paging(shared: &Shared, side: Side, why: &str) {
     shared.note(format!(
-        "read the source page by page through searches ({why})"
+        "read the {} page by page through searches ({why})",
+        side.name()
     ));
 }
 
 /// What a line of a bulk export file becomes for a reader's consumer.
 pub(crate) trait FromLine: Sized + Send + 'static {
+    /// How lines are read (for items: whether Bundles become transactions).
+    type With: Copy + Send + 'static;
     /// `None`: left out (it describes the server, see [`is_infrastructure`]).
-    fn from_line(line: &[u8], at: String, bundles_as_tx: bool) -> Result<Option<Self>, SyncError>;
+    fn from_line(line: &[u8], at: String, with: Self::With) -> Result<Option<Self>, SyncError>;
     fn rtype(&self) -> &str;
 }
 
 impl FromLine for Item {
+    type With = bool;
     fn from_line(line: &[u8], at: String, bundles_as_tx: bool) -> Result<Option<Item>, SyncError> {
         let Ok(Value::Object(res)) = serde_json::from_slice::<Value>(line) else {
             return Err(SyncError::File {
@@ -336,8 +363,9 @@ pub(crate) async fn read_bulk<T: FromLine>(
     c: &FhirClient,
     types: &[String],
     tx: &mpsc::Sender<T>,
-    bundles_as_tx: bool,
+    with: T::With,
     shared: &Arc<Shared>,
+    side: Side,
 ) -> Result<Option<Vec<String>>, SyncError> {
     let req = crate::bulk::ExportRequest {
         types: types.to_vec(),
@@ -352,8 +380,10 @@ pub(crate) async fn read_bulk<T: FromLine>(
         &|p| tracing::debug!(progress = %p, "export"),
     )
     .await?;
-    if let Ok(mut r) = shared.report.lock() {
-        r.expected = m.output.iter().map(|f| f.count).sum();
+    if side == Side::Source {
+        if let Ok(mut r) = shared.report.lock() {
+            r.expected = m.output.iter().map(|f| f.count).sum();
+        }
     }
     let mut files = m.output.clone();
     let rank = |t: &str| FIRST.iter().position(|f| *f == t).unwrap_or(FIRST.len());
@@ -377,16 +407,16 @@ pub(crate) async fn read_bulk<T: FromLine>(
                 batch
                     .iter()
                     .enumerate()
-                    .map(|(i, l)| {
-                        T::from_line(l, format!("{url}:{}", first + i as u64 + 1), bundles_as_tx)
-                    })
+                    .map(|(i, l)| T::from_line(l, format!("{url}:{}", first + i as u64 + 1), with))
                     .collect::<Vec<_>>()
             })
             .await
             .map_err(|e| SyncError::Index(e.to_string()))?;
             for item in items {
                 let Some(item) = item? else { continue };
-                shared.count(item.rtype(), Count::Read);
+                if side == Side::Source {
+                    shared.count(item.rtype(), Count::Read);
+                }
                 n += 1;
                 if tx.send(item).await.is_err() {
                     return Ok(Some(read));
@@ -397,7 +427,8 @@ pub(crate) async fn read_bulk<T: FromLine>(
     // the server may drop the files now
     let _ = c.send(reqwest::Method::DELETE, &status_url, None).await;
     shared.note(format!(
-        "read the source through bulk export: {files_read} files, {n} resources at {}",
+        "read the {} through bulk export: {files_read} files, {n} resources at {}",
+        side.name(),
         m.transaction_time
     ));
     // An export covers every type it was asked for, those it had no file

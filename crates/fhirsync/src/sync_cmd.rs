@@ -79,8 +79,9 @@ pub struct SyncArgs {
     /// INCREMENTAL: keep polling for new changes until interrupted.
     #[arg(long)]
     pub follow: bool,
-    /// COPY/COMPARE: read the source through bulk export even when its
-    /// CapabilityStatement does not offer it (paging if it is refused).
+    /// COPY/COMPARE: read the source (and COMPARE's target) through bulk
+    /// export even when its CapabilityStatement does not offer it (paging
+    /// if it is refused).
     #[arg(long, conflicts_with = "no_bulk")]
     pub bulk: bool,
     /// COPY/COMPARE: never use bulk export; page through searches.

@@ -822,14 +822,21 @@ async fn sync_copy_and_compare_read_through_bulk_export() {
     assert_eq!(b["total"], 12);
     let (_, b) = status_json(get(&dst, "Patient?_summary=count").await).await;
     assert_eq!(b["total"], 6);
-    // COMPARE (told not to use summaries): a change on the source is
-    // found and written
+    // COMPARE (told not to use summaries) reads both sides through bulk
+    // export: a change on the source, a resource the target lost and one
+    // only the target holds are found and mended
     put(
         &src,
         "Patient/p1",
         &json!({"resourceType": "Patient", "id": "p1", "gender": "male"}),
     )
     .await;
+    assert!(delete(&dst, "Observation/o2-0").await.status().is_success());
+    let extra = json!({"resourceType": "Patient", "id": "only-here", "gender": "other"});
+    assert!(put(&dst, "Patient/only-here", &extra)
+        .await
+        .status()
+        .is_success());
     let (ok, _, stderr) = cli(&[
         "sync",
         "-s",
@@ -844,10 +851,22 @@ async fn sync_copy_and_compare_read_through_bulk_export() {
     ])
     .await;
     assert!(ok, "{stderr}");
-    assert!(stderr.contains("bulk export"), "{stderr}");
+    assert!(
+        stderr.contains("read the source through bulk export"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("read the target through bulk export"),
+        "{stderr}"
+    );
     let rep: Value = serde_json::from_slice(&std::fs::read(report.path()).unwrap()).unwrap();
     assert_eq!(rep["types"]["Patient"]["updated"], 1, "{rep}");
-    assert_eq!(rep["types"]["Observation"]["unchanged"], 12, "{rep}");
+    assert_eq!(rep["types"]["Patient"]["deleted"], 1, "{rep}");
+    assert_eq!(rep["types"]["Observation"]["created"], 1, "{rep}");
+    assert_eq!(rep["types"]["Observation"]["unchanged"], 11, "{rep}");
+    assert_eq!(get(&dst, "Patient/only-here").await.status(), 410);
+    let (_, b) = status_json(get(&dst, "Observation?_summary=count").await).await;
+    assert_eq!(b["total"], 12);
     // --no-bulk pages, and says so
     let (ok, _, stderr) = cli(&[
         "sync",
@@ -863,7 +882,11 @@ async fn sync_copy_and_compare_read_through_bulk_export() {
     .await;
     assert!(ok, "{stderr}");
     assert!(
-        stderr.contains("page by page through searches (--no-bulk)"),
+        stderr.contains("read the source page by page through searches (--no-bulk)"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("read the target page by page through searches (--no-bulk)"),
         "{stderr}"
     );
     // a source without bulk data: paging, and a note why
@@ -886,4 +909,43 @@ async fn sync_copy_and_compare_read_through_bulk_export() {
     .await;
     assert!(ok, "{stderr}");
     assert!(stderr.contains("the source refused $export"), "{stderr}");
+    // a target without bulk data is compared page by page, and the same
+    // differences are found: it lacks the source's other resources and
+    // holds its one Patient and Observation as the source does
+    let report = tempfile::NamedTempFile::new().unwrap();
+    let rp = report.path().to_str().unwrap().to_owned();
+    for bulk in [true, false] {
+        let mut args = vec![
+            "sync",
+            "-s",
+            &src.base,
+            "-t",
+            &plain.base,
+            "-m",
+            "COMPARE",
+            "--no-summary",
+            "--dry-run",
+            "--report",
+            &rp,
+        ];
+        if bulk {
+            args.push("--bulk");
+        }
+        let (ok, _, stderr) = cli(&args).await;
+        assert!(ok, "{stderr}");
+        let why = match bulk {
+            true => "the target refused $export",
+            false => "the target does not offer $export",
+        };
+        assert!(
+            stderr.contains(&format!(
+                "read the target page by page through searches ({why})"
+            )),
+            "{stderr}"
+        );
+        let rep: Value = serde_json::from_slice(&std::fs::read(report.path()).unwrap()).unwrap();
+        assert_eq!(rep["types"]["Patient"]["unchanged"], 1, "{rep}");
+        assert_eq!(rep["types"]["Patient"]["created"], 5, "{rep}");
+        assert_eq!(rep["types"]["Observation"]["created"], 11, "{rep}");
+    }
 }
