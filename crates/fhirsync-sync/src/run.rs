@@ -356,7 +356,8 @@ impl FromLine for Item {
 
 /// Reads a server through bulk export: the files are read as they
 /// download, in the order reference targets first; `None` when the server
-/// refuses the export, else the types read (those asked for, or those
+/// refuses the export (the target also when it refuses this caller with
+/// 401 or 403), else the types read (those asked for, or those
 /// with files when none were named). What describes the server (see
 /// [`is_infrastructure`]) is left out, as when paging.
 pub(crate) async fn read_bulk<T: FromLine>(
@@ -371,8 +372,15 @@ pub(crate) async fn read_bulk<T: FromLine>(
         types: types.to_vec(),
         ..Default::default()
     };
-    let Some(status_url) = crate::bulk::kick_off(c, &req).await? else {
-        return Ok(None);
+    let status_url = match crate::bulk::kick_off(c, &req).await {
+        Ok(Some(url)) => url,
+        Ok(None) => return Ok(None),
+        // Credentials that may search the target but not export it: the
+        // target is paged, as it was before it could be exported.
+        Err(SyncError::Status {
+            status: 401 | 403, ..
+        }) if side == Side::Target => return Ok(None),
+        Err(e) => return Err(e),
     };
     let m = crate::bulk::wait(
         c,

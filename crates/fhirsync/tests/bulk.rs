@@ -8,6 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use common::*;
+use fhirsync_testkit::proxy::{Proxy, ProxyOptions};
 use fhirsync_testkit::server::Options;
 use fhirsync_testkit::NodeProcess;
 use serde_json::{json, Value};
@@ -948,4 +949,48 @@ async fn sync_copy_and_compare_read_through_bulk_export() {
         assert_eq!(rep["types"]["Patient"]["created"], 5, "{rep}");
         assert_eq!(rep["types"]["Observation"]["created"], 11, "{rep}");
     }
+    // a target that offers $export but refuses it to this caller (403)
+    // is paged; the same source's export is not excused
+    let no_export = Proxy::start(
+        &plain.base,
+        ProxyOptions {
+            refuse_path: Some("$export".into()),
+            ..Default::default()
+        },
+    )
+    .await;
+    let (ok, _, stderr) = cli(&[
+        "sync",
+        "-s",
+        &src.base,
+        "-t",
+        &no_export.base,
+        "-m",
+        "COMPARE",
+        "--no-summary",
+        "--dry-run",
+        "--bulk",
+    ])
+    .await;
+    assert!(ok, "{stderr}");
+    assert!(
+        stderr
+            .contains("read the target page by page through searches (the target refused $export)"),
+        "{stderr}"
+    );
+    let (ok, _, stderr) = cli(&[
+        "sync",
+        "-s",
+        &no_export.base,
+        "-t",
+        &dst.base,
+        "-m",
+        "COMPARE",
+        "--no-summary",
+        "--dry-run",
+        "--bulk",
+    ])
+    .await;
+    assert!(!ok, "{stderr}");
+    assert!(stderr.contains("answered 403"), "{stderr}");
 }
