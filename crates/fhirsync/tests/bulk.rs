@@ -959,38 +959,30 @@ async fn sync_copy_and_compare_read_through_bulk_export() {
         },
     )
     .await;
-    let (ok, _, stderr) = cli(&[
-        "sync",
-        "-s",
-        &src.base,
-        "-t",
-        &no_export.base,
-        "-m",
-        "COMPARE",
-        "--no-summary",
-        "--dry-run",
-        "--bulk",
-    ])
-    .await;
+    let compare = |from: &str, to: &str| {
+        let args = [
+            "sync",
+            "-s",
+            from,
+            "-t",
+            to,
+            "-m",
+            "COMPARE",
+            "--no-summary",
+            "--dry-run",
+            "--bulk",
+        ]
+        .map(str::to_owned);
+        async move { cli(&args.each_ref().map(String::as_str)).await }
+    };
+    let (ok, _, stderr) = compare(&src.base, &no_export.base).await;
     assert!(ok, "{stderr}");
     assert!(
         stderr
             .contains("read the target page by page through searches (the target refused $export)"),
         "{stderr}"
     );
-    let (ok, _, stderr) = cli(&[
-        "sync",
-        "-s",
-        &no_export.base,
-        "-t",
-        &dst.base,
-        "-m",
-        "COMPARE",
-        "--no-summary",
-        "--dry-run",
-        "--bulk",
-    ])
-    .await;
+    let (ok, _, stderr) = compare(&no_export.base, &dst.base).await;
     assert!(!ok, "{stderr}");
     assert!(stderr.contains("answered 403"), "{stderr}");
 }
