@@ -24,7 +24,7 @@ use crate::canonical::hash_text;
 use crate::client::FhirClient;
 use crate::options::{BulkRead, SourceSpec, SyncOptions, SOURCE_RETRY_COUNT};
 use crate::report::{Count, Failure};
-use crate::run::{bulk_refusal, note_paging, read_bulk, spawn_reader, FromLine, Side};
+use crate::run::{read_bulk_or_page, spawn_reader, FromLine, Side};
 use crate::source::{
     checked_type, is_infrastructure, type_url, Item, PageTrail, Searched, INFRASTRUCTURE,
 };
@@ -408,16 +408,14 @@ async fn read_server_text(
     tx: &mpsc::Sender<Row>,
     shared: &Arc<Shared>,
 ) -> Result<Vec<String>, SyncError> {
-    let why = match bulk_refusal(c, opts.bulk, Side::Source).await? {
-        None => match read_bulk(c, &opts.resource_types, tx, true, shared, Side::Source).await? {
-            Some(read) => return Ok(read),
-            None => "the source refused $export",
-        },
-        Some(why) => why,
-    };
-    note_paging(shared, Side::Source, why);
+    let types = &opts.resource_types;
+    if let Some(read) =
+        read_bulk_or_page(c, opts.bulk, types, tx, true, shared, Side::Source).await?
+    {
+        return Ok(read);
+    }
     let mut read = Vec::new();
-    for t in crate::source::server_types(c, &opts.resource_types).await? {
+    for t in crate::source::server_types(c, types).await? {
         match read_pages(c, &type_url(&t), tx, true, Some(shared)).await? {
             Searched::Read => read.push(t),
             Searched::NotSupported => {
@@ -443,19 +441,12 @@ async fn fill_target(
     let filler = tokio::task::spawn_blocking(move || -> Result<(), SyncError> {
         fill(&mut open_index(&p)?, None, trx, &sh)
     });
-    let why = if types.is_empty() {
-        None // nothing of the target to compare
-    } else {
-        match bulk_refusal(target, bulk, Side::Target).await? {
-            None => match read_bulk(target, types, &tx, false, shared, Side::Target).await? {
-                Some(_) => None,
-                None => Some("the target refused $export"),
-            },
-            why => why,
-        }
-    };
-    if let Some(why) = why {
-        note_paging(shared, Side::Target, why);
+    // Without types there is nothing of the target to compare.
+    if !types.is_empty()
+        && read_bulk_or_page(target, bulk, types, &tx, false, shared, Side::Target)
+            .await?
+            .is_none()
+    {
         // Types are taken in turn by two searches at once, so the node
         // builds one page while another is hashed.
         let next = std::sync::atomic::AtomicUsize::new(0);

@@ -249,16 +249,12 @@ pub fn spawn_reader(
                     t.dedup();
                     return Ok(t);
                 }
-                let why = match bulk_refusal(&c, bulk, Side::Source).await? {
-                    None => match read_bulk(&c, &types, &tx, bundles_as_tx, &shared, Side::Source)
+                if let Some(read) =
+                    read_bulk_or_page(&c, bulk, &types, &tx, bundles_as_tx, &shared, Side::Source)
                         .await?
-                    {
-                        Some(read) => return Ok(read),
-                        None => "the source refused $export",
-                    },
-                    Some(why) => why,
-                };
-                note_paging(&shared, Side::Source, why);
+                {
+                    return Ok(read);
+                }
                 let types = server_types(&c, &types).await?;
                 let mut read = Vec::with_capacity(types.len());
                 for t in types {
@@ -293,32 +289,35 @@ impl Side {
     }
 }
 
-/// Why a server is not read through bulk export; `None` when it is to be.
-pub(crate) async fn bulk_refusal(
+/// Reads a server through bulk export when `bulk` allows it and the
+/// server offers and accepts one: the types read. `None`: the server is to
+/// be paged through searches instead, and the report says why.
+pub(crate) async fn read_bulk_or_page<T: FromLine>(
     c: &FhirClient,
     bulk: BulkRead,
+    types: &[String],
+    tx: &mpsc::Sender<T>,
+    with: T::With,
+    shared: &Arc<Shared>,
     side: Side,
-) -> Result<Option<&'static str>, SyncError> {
-    Ok(if bulk == BulkRead::Never {
-        Some("--no-bulk")
+) -> Result<Option<Vec<String>>, SyncError> {
+    let side_name = side.name();
+    let why = if bulk == BulkRead::Never {
+        "--no-bulk".to_owned()
     } else if bulk == BulkRead::Always
         || crate::bulk::advertises_export(&c.get_json("metadata").await?)
     {
-        None
+        match read_bulk(c, types, tx, with, shared, side).await? {
+            Some(read) => return Ok(Some(read)),
+            None => format!("the {side_name} refused $export"),
+        }
     } else {
-        Some(match side {
-            Side::Source => "the source does not offer $export",
-            Side::Target => "the target does not offer $export",
-        })
-    })
-}
-
-/// Says in the report that a server is read by searches, and why.
-pub(crate) fn note_paging(shared: &Shared, side: Side, why: &str) {
+        format!("the {side_name} does not offer $export")
+    };
     shared.note(format!(
-        "read the {} page by page through searches ({why})",
-        side.name()
+        "read the {side_name} page by page through searches ({why})"
     ));
+    Ok(None)
 }
 
 /// What a line of a bulk export file becomes for a reader's consumer.
@@ -360,7 +359,7 @@ impl FromLine for Item {
 /// 401 or 403), else the types read (those asked for, or those
 /// with files when none were named). What describes the server (see
 /// [`is_infrastructure`]) is left out, as when paging.
-pub(crate) async fn read_bulk<T: FromLine>(
+async fn read_bulk<T: FromLine>(
     c: &FhirClient,
     types: &[String],
     tx: &mpsc::Sender<T>,
