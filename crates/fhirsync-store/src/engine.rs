@@ -100,7 +100,10 @@ pub trait WriteTx {
     fn drop_dead_letter(&mut self, id: u64) -> Result<bool, StoreError>;
     fn add_audit(&mut self, a: &AuditEntry) -> Result<(), StoreError>;
     fn add_sub_event(&mut self, e: &crate::sync::SubEvent) -> Result<(), StoreError>;
-    fn add_audit_event(&mut self, r: &fhirsync_core::audit::AuditRecord) -> Result<(), StoreError>;
+    fn add_audit_events(
+        &mut self,
+        records: &[fhirsync_core::audit::AuditRecord],
+    ) -> Result<(), StoreError>;
     /// `false` when `key` is already marked used.
     fn claim_once(&mut self, key: &str, until_ms: u64) -> Result<bool, StoreError>;
     /// Writes what the store holds back (index rows written sorted), so

@@ -783,11 +783,7 @@ pub fn sync_write(tx: &mut dyn WriteTx, w: SyncWrite) -> Result<WriteOutcome, St
             tx.add_audit(&audit)?;
         }
         SyncWrite::Audit(a) => tx.add_audit(&a)?,
-        SyncWrite::AuditEvents(records) => {
-            for r in &records {
-                tx.add_audit_event(r)?;
-            }
-        }
+        SyncWrite::AuditEvents(records) => tx.add_audit_events(&records)?,
         SyncWrite::ClaimOnce { key, until_ms } => {
             if !tx.claim_once(&key, until_ms)? {
                 return Err(StoreError::State(format!("'{key}' has been used before")));

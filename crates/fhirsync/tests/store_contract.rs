@@ -11,8 +11,11 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use fhirsync_api::ChildConfig;
+use fhirsync_core::audit::{AuditRecord, Who};
 use fhirsync_replica::EdgeConfig;
-use fhirsync_store::{ChangesQuery, HistoryQuery, HistoryScope, ListQuery};
+use fhirsync_store::{
+    AuditQuery, ChangesQuery, HistoryQuery, HistoryScope, ListQuery, SyncWrite, WriteRequest,
+};
 use fhirsync_testkit::postgres::Postgres;
 use fhirsync_testkit::server::Options;
 use serde_json::{json, Value};
@@ -73,6 +76,7 @@ contract!(
     custom_search_parameters_and_export,
     a_load_in_bulk_keeps_every_version_and_index_row,
     anti_entropy_finds_exactly_the_differences_and_repairs_them,
+    audit_events_are_found_by_patient_entity_and_time,
 );
 
 fn obs(id: &str, patient: &str, code: &str, value: f64, when: &str) -> Value {
@@ -694,4 +698,93 @@ async fn anti_entropy_finds_exactly_the_differences_and_repairs_them(b: Backend)
     assert!(metrics(&child)
         .await
         .contains("fhirsync_verify_differences_total{edge=\"parent\"} 210"));
+}
+
+/// The trail's reference rows: a resource that is a record's patient and
+/// one of its entities (a Patient read) is found both ways, a patient named
+/// only as the subject of what was read is not found as an entity, and
+/// repeats within a record count once.
+async fn audit_events_are_found_by_patient_entity_and_time(b: Backend) {
+    let node = b.node(Options::default()).await;
+    let rec = |at_ms: u64, interaction: &str, entities: &[&str], patients: &[&str]| {
+        let mut r = AuditRecord::rest(at_ms, interaction, 200, Who::Anonymous, "n");
+        r.entities = entities.iter().map(|s| s.to_string()).collect();
+        r.patients = patients.iter().map(|s| s.to_string()).collect();
+        r
+    };
+    let records = vec![
+        rec(1_000, "read", &["Patient/a/_history/1"], &["Patient/a"]),
+        rec(
+            2_000,
+            "read",
+            &["Observation/o1/_history/2"],
+            &["Patient/a"],
+        ),
+        rec(
+            3_000,
+            "search-type",
+            &[
+                "Patient/a/_history/1",
+                "Patient/b/_history/1",
+                "Patient/a/_history/1",
+            ],
+            &["Patient/b", "Patient/a", "Patient/a"],
+        ),
+        rec(
+            4_000,
+            "read",
+            &["Observation/o1/_history/2"],
+            &["Patient/b"],
+        ),
+        rec(5_000, "create", &["Patient/c/_history/1"], &[]),
+    ];
+    node.store
+        .write(WriteRequest::Sync(SyncWrite::AuditEvents(records)))
+        .await
+        .unwrap();
+    let found = |q: AuditQuery| {
+        let store = node.store.clone();
+        async move {
+            let (page, total) = store
+                .audit_events(AuditQuery { count: 100, ..q })
+                .await
+                .unwrap();
+            let mut at: Vec<String> = page
+                .iter()
+                .map(|e| e["recorded"].as_str().unwrap()[17..19].to_owned())
+                .collect();
+            at.sort();
+            assert_eq!(total as usize, at.len());
+            at
+        }
+    };
+    let patient = |p: &str| AuditQuery {
+        patient: Some(p.into()),
+        ..Default::default()
+    };
+    let entity = |e: &str| AuditQuery {
+        entity: Some(e.into()),
+        ..Default::default()
+    };
+    // seconds of `recorded`: which records matched
+    assert_eq!(found(patient("Patient/a")).await, ["01", "02", "03"]);
+    assert_eq!(found(entity("Patient/a")).await, ["01", "03"]);
+    assert_eq!(found(patient("Patient/b")).await, ["03", "04"]);
+    assert_eq!(found(entity("Patient/b")).await, ["03"]);
+    assert_eq!(found(entity("Observation/o1")).await, ["02", "04"]);
+    assert_eq!(found(entity("Patient/c")).await, ["05"]);
+    assert!(found(patient("Patient/c")).await.is_empty());
+    let both = AuditQuery {
+        patient: Some("Patient/a".into()),
+        entity: Some("Patient/b".into()),
+        ..Default::default()
+    };
+    assert_eq!(found(both).await, ["03"]);
+    let window = AuditQuery {
+        patient: Some("Patient/a".into()),
+        from_ms: Some(2_000),
+        until_ms: Some(3_000),
+        ..Default::default()
+    };
+    assert_eq!(found(window).await, ["02"]);
 }

@@ -4,20 +4,23 @@
 use fhirsync_core::audit::{AuditKind, AuditRecord, Who};
 use serde_json::Value;
 
-use super::{all, int, n, ot, t, Db, Sql};
+use super::{all, int, n, ot, t, Db, Dialect, Sql};
 
 use crate::sync::AuditQuery;
 use crate::StoreError;
 
-/// Stores the record's fields; the AuditEvent JSON is made when read, so
-/// the writer spends no time on it.
-pub fn add_audit_event(db: &dyn Db, r: &AuditRecord) -> Result<(), StoreError> {
-    let aid = int(
-        db,
-        "INSERT INTO audit_events (at_ms, kind, subtype, action, outcome, who, address,
-                                   observer, entities, patients, query, detail)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12) RETURNING aid",
-        &[
+/// Stores the records' fields (the AuditEvent JSON is made when read, so
+/// the writer spends no time on it), then their reference rows in key
+/// order, so that each insert lands near the one before it. A resource
+/// that is both a record's patient and one of its entities (a Patient
+/// read or written) takes one row, `both|Patient/id`, not two.
+pub fn add_audit_events(db: &dyn Db, records: &[AuditRecord]) -> Result<(), StoreError> {
+    const INSERT: &str = "INSERT INTO audit_events (at_ms, kind, subtype, action, outcome, who,
+                              address, observer, entities, patients, query, detail)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)";
+    let mut refs: Vec<(String, i64)> = Vec::new();
+    for r in records {
+        let args = [
             n(r.at_ms),
             t(r.kind.as_str()),
             t(&r.subtype),
@@ -30,18 +33,42 @@ pub fn add_audit_event(db: &dyn Db, r: &AuditRecord) -> Result<(), StoreError> {
             Sql::Text(r.patients.join("\n")),
             ot(r.query.as_deref()),
             ot(r.outcome_desc.as_deref()),
-        ],
-    )?;
-    let ins = "INSERT INTO audit_event_refs (ref, aid) VALUES (?1, ?2) ON CONFLICT DO NOTHING";
-    for p in &r.patients {
-        db.exec(ins, &[Sql::Text(format!("patient|{p}")), Sql::Integer(aid)])?;
+        ];
+        // SQLite's RETURNING opens a statement journal for each row.
+        let aid = match db.dialect() {
+            Dialect::Sqlite => {
+                db.exec(INSERT, &args)?;
+                int(db, "SELECT last_insert_rowid()", &[])?
+            }
+            Dialect::Postgres => int(db, &format!("{INSERT} RETURNING aid"), &args)?,
+        };
+        // sorted, so that each is looked up in the other list in log time
+        let mut plain: Vec<&str> = r
+            .entities
+            .iter()
+            .map(|e| e.split("/_history/").next().unwrap_or(e))
+            .collect();
+        plain.sort_unstable();
+        let mut patients: Vec<&str> = r.patients.iter().map(String::as_str).collect();
+        patients.sort_unstable();
+        for p in &patients {
+            let role = match plain.binary_search(p) {
+                Ok(_) => "both",
+                Err(_) => "patient",
+            };
+            refs.push((format!("{role}|{p}"), aid));
+        }
+        for e in &plain {
+            if patients.binary_search(e).is_err() {
+                refs.push((format!("entity|{e}"), aid));
+            }
+        }
     }
-    for e in &r.entities {
-        let plain = e.split("/_history/").next().unwrap_or(e);
-        db.exec(
-            ins,
-            &[Sql::Text(format!("entity|{plain}")), Sql::Integer(aid)],
-        )?;
+    refs.sort_unstable();
+    refs.dedup();
+    let ins = "INSERT INTO audit_event_refs (ref, aid) VALUES (?1, ?2) ON CONFLICT DO NOTHING";
+    for (r, aid) in refs {
+        db.exec(ins, &[Sql::Text(r), Sql::Integer(aid)])?;
     }
     Ok(())
 }
@@ -73,8 +100,10 @@ fn where_sql(q: &AuditQuery) -> (String, Vec<Sql>) {
     }
     for (prefix, v) in [("patient", &q.patient), ("entity", &q.entity)] {
         if let Some(v) = v {
-            sql.push_str(" AND aid IN (SELECT aid FROM audit_event_refs WHERE ref = ?)");
+            // `both|` rows name a resource that is the patient and an entity.
+            sql.push_str(" AND aid IN (SELECT aid FROM audit_event_refs WHERE ref IN (?, ?))");
             args.push(Sql::Text(format!("{prefix}|{v}")));
+            args.push(Sql::Text(format!("both|{v}")));
         }
     }
     (sql, args)

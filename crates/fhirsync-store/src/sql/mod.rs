@@ -368,18 +368,21 @@ macro_rules! write_tx_rows {
         fn add_audit(&mut self, a: &$crate::AuditEntry) -> Result<(), $crate::StoreError> {
             let now = self.clock.now_ms();
             $crate::sql::sync_rows::add_audit(&self.conn, a, now)?;
-            $crate::sql::audit_rows::add_audit_event(&self.conn, &a.to_record(now, &self.node_id))
+            $crate::sql::audit_rows::add_audit_events(
+                &self.conn,
+                &[a.to_record(now, &self.node_id)],
+            )
         }
 
         fn add_sub_event(&mut self, e: &$crate::SubEvent) -> Result<(), $crate::StoreError> {
             $crate::sql::sync_rows::add_sub_event(&self.conn, e)
         }
 
-        fn add_audit_event(
+        fn add_audit_events(
             &mut self,
-            r: &fhirsync_core::audit::AuditRecord,
+            records: &[fhirsync_core::audit::AuditRecord],
         ) -> Result<(), $crate::StoreError> {
-            $crate::sql::audit_rows::add_audit_event(&self.conn, r)
+            $crate::sql::audit_rows::add_audit_events(&self.conn, records)
         }
 
         fn claim_once(&mut self, key: &str, until_ms: u64) -> Result<bool, $crate::StoreError> {
