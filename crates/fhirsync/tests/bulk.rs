@@ -959,22 +959,10 @@ async fn sync_copy_and_compare_read_through_bulk_export() {
         },
     )
     .await;
-    let compare = |from: &str, to: &str| {
-        let args = [
-            "sync",
-            "-s",
-            from,
-            "-t",
-            to,
-            "-m",
-            "COMPARE",
-            "--no-summary",
-            "--dry-run",
-            "--bulk",
-        ]
-        .map(str::to_owned);
-        async move { cli(&args.each_ref().map(String::as_str)).await }
-    };
+    async fn compare(from: &str, to: &str) -> (bool, String, String) {
+        let args = ["-m", "COMPARE", "--no-summary", "--dry-run", "--bulk"];
+        cli(&[&["sync", "-s", from, "-t", to][..], &args].concat()).await
+    }
     let (ok, _, stderr) = compare(&src.base, &no_export.base).await;
     assert!(ok, "{stderr}");
     assert!(
